@@ -1,0 +1,282 @@
+"""One decoder-only transformer that covers Llama, Mistral, Falcon, Pythia, Phi, Qwen, Gemma, StableLM and SmolLM.
+
+The families differ in a handful of switches, all in `Config`:
+  - attention: multi-head, grouped-query or multi-query (n_query_groups), RoPE on all or part of each head,
+    an optional sliding window, bias on q/k/v;
+  - block: sequential (x + attn, then + mlp) or parallel residual (x + attn(n1(x)) + mlp(n2(x)));
+  - norms: LayerNorm or RMSNorm (Gemma's scales by 1 + weight);
+  - MLP: GELU (fc -> gelu -> proj), SwiGLU (silu(gate) * up -> down) or GeGLU (gelu(gate) * up -> down);
+  - embeddings: tied or not, scaled by sqrt(n_embd) (Gemma).
+
+Shapes: B batch, T sequence length, C n_embd, nh heads, ng key/value heads, hs head size.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lora_lab.config import Config
+
+
+class GPT(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm_f = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.rope = RoPE(config)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: Union[str, Path], device=None, dtype=None) -> "GPT":
+        """Build the model described by `checkpoint_dir/model_config.json` and load its weights."""
+        from lora_lab.checkpoint import load_checkpoint
+
+        config, state_dict = load_checkpoint(checkpoint_dir)
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_weights(state_dict, source=checkpoint_dir)
+        return model.to(device=device, dtype=dtype)
+
+    def load_weights(self, state_dict: dict, source: Union[str, Path] = "state dict", strict: bool = True) -> None:
+        """Load weights, assigning the tensors (no copy); say in one line what does not fit."""
+        from lora_lab.checkpoint import check_state_dict
+
+        check_state_dict(self, state_dict, source, strict=strict)
+        self.load_state_dict(state_dict, strict=False, assign=True)
+        if self.config.tie_embeddings:  # assign=True replaced wte.weight: tie again
+            self.lm_head.weight = self.wte.weight
+
+    def set_kv_cache(self, batch_size: int, max_seq_length: Optional[int] = None, device=None, dtype=None) -> None:
+        """Preallocate a key/value cache in every block for generation; `clear_kv_cache` removes it."""
+        max_seq_length = max_seq_length or self.config.block_size
+        p = self.lm_head.weight
+        for block in self.blocks:
+            block.attn.kv_cache = KVCache(self.config, batch_size, max_seq_length, device or p.device, dtype or p.dtype)
+
+    def clear_kv_cache(self) -> None:
+        for block in self.blocks:
+            block.attn.kv_cache = None
+
+    def forward(self, idx: torch.Tensor, input_pos: Optional[int] = None, return_hidden: bool = False) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, vocab_size).
+
+        input_pos: with a KV cache, the position of idx[:, 0] (0 for the prompt, then one more per new token).
+        return_hidden: return the final normed hidden states (B, T, C) instead of logits, for a loss that
+        applies lm_head in chunks.
+        """
+        B, T = idx.shape
+        start = input_pos or 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"Sequence of {start + T} tokens is longer than the model's block_size {self.config.block_size}")
+        cos, sin = self.rope(start, T, idx.device)  # (T, rope_n_elem) each
+        x = self.wte(idx)  # (B, T, C)
+        if self.config.scale_embeddings:
+            # Gemma rounds the scale to the activation dtype before multiplying; do the same to match it
+            x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
+        for block in self.blocks:
+            x = block(x, cos, sin, input_pos)
+        x = self.norm_f(x)
+        if return_hidden:
+            return x
+        return self.lm_head(x)  # (B, T, vocab_size)
+
+
+class Block(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.norm_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config)
+        # Falcon-7B and Phi feed the MLP with the attention's norm: they have no second norm
+        self.norm_2 = None if config.parallel_residual and config.shared_attention_norm else make_norm(config)
+        self.mlp = make_mlp(config)
+        self.parallel_residual = config.parallel_residual
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[int]) -> torch.Tensor:
+        h = self.norm_1(x)
+        a = self.attn(h, cos, sin, input_pos)
+        if self.parallel_residual:
+            return x + a + self.mlp(h if self.norm_2 is None else self.norm_2(x))
+        x = x + a
+        return x + self.mlp(self.norm_2(x))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        hs, nh, ng = config.head_size, config.n_head, config.n_query_groups
+        self.q_proj = nn.Linear(config.n_embd, nh * hs, bias=config.attn_qkv_bias)
+        self.k_proj = nn.Linear(config.n_embd, ng * hs, bias=config.attn_qkv_bias)
+        self.v_proj = nn.Linear(config.n_embd, ng * hs, bias=config.attn_qkv_bias)
+        self.o_proj = nn.Linear(nh * hs, config.n_embd, bias=config.bias)
+        self.n_head, self.n_query_groups, self.head_size = nh, ng, hs
+        self.sliding_window = config.sliding_window
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[int]) -> torch.Tensor:
+        B, T, _ = x.shape
+        nh, ng, hs = self.n_head, self.n_query_groups, self.head_size
+        q = self.q_proj(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, ng, hs).transpose(1, 2)  # (B, ng, T, hs)
+        v = self.v_proj(x).view(B, T, ng, hs).transpose(1, 2)  # (B, ng, T, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        start = input_pos or 0
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(start, k, v)  # (B, ng, start + T, hs)
+        mask = attention_mask(T, k.size(2), start, self.sliding_window, q.device)
+        # grouped-query attention without copying k and v to nh heads: SDPA broadcasts each group itself
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=ng != nh)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, nh * hs)
+        return self.o_proj(y)
+
+
+def attention_mask(T: int, S: int, start: int, window: Optional[int], device) -> Optional[torch.Tensor]:
+    """Boolean (T, S) mask where True = may attend, or None when SDPA's own is_causal (or no mask) is right.
+
+    Query i sits at position start + i and sees keys 0..start + i (and, with a sliding window, only the last
+    `window` of them). SDPA's is_causal aligns the mask top-left, which is right only when T == S.
+    """
+    if (T == S or T == 1) and (window is None or S <= window):
+        return None
+    q_pos = torch.arange(start, start + T, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask  # (T, S)
+
+
+class RoPE:
+    """Rotary position embedding: pairs (x_i, x_{i + n/2}) of the first n = rope_n_elem dims of each head are
+    rotated by angle position * inv_freq_i. The cos/sin table is computed per call, in float32, for the
+    positions in use: nothing of size block_size is stored (Llama 3.1's block_size is 131072) and nothing
+    needs moving between devices."""
+
+    def __init__(self, config: Config) -> None:
+        n = config.rope_n_elem
+        inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, n, 2, dtype=torch.int64, device="cpu").float() / n))
+        if config.rope_scaling is not None:
+            inv_freq = llama3_scale(inv_freq, **config.rope_scaling)
+        self.inv_freq = inv_freq  # (n/2,)
+        self._cache: dict = {}
+
+    def __call__(self, start: int, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self._cache.get(device)
+        if inv_freq is None:
+            inv_freq = self._cache[device] = self.inv_freq.to(device)
+        pos = torch.arange(start, start + T, device=device, dtype=torch.float32)  # (T,)
+        freqs = torch.outer(pos, inv_freq)  # (T, n/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, n)
+        return emb.cos(), emb.sin()
+
+
+def llama3_scale(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+                 original_max_seq_len: int) -> torch.Tensor:
+    """Llama 3.1's frequency scaling: slow (long-wavelength) frequencies are divided by `factor`, fast ones are
+    kept, and the band between is interpolated smoothly."""
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen = original_max_seq_len / low_freq_factor
+    high_freq_wavelen = original_max_seq_len / high_freq_factor
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_max_seq_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, nh, T, hs); cos, sin (T, n) with n <= hs: rotate the first n dims, pass the rest through."""
+    n = cos.size(-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if n == x.size(-1):
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    x_rope, x_pass = x[..., :n], x[..., n:]
+    x1, x2 = x_rope.chunk(2, dim=-1)
+    return torch.cat((x_rope * cos + torch.cat((-x2, x1), dim=-1) * sin, x_pass), dim=-1)
+
+
+class KVCache(nn.Module):
+    """Keys and values of the positions seen so far, written in place so generation never re-encodes them."""
+
+    def __init__(self, config: Config, batch_size: int, max_seq_length: int, device, dtype) -> None:
+        super().__init__()
+        shape = (batch_size, config.n_query_groups, max_seq_length, config.head_size)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.size(2)
+        if end > self.k.size(2):
+            raise ValueError(f"KV cache holds {self.k.size(2)} positions, asked to write up to {end}")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]  # (B, ng, end, hs)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 (Gemma: * (1 + weight), so zeros mean identity)."""
+
+    def __init__(self, size: int, eps: float = 1e-5, unit_offset: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size) if not unit_offset else torch.zeros(size))
+        self.eps, self.unit_offset = eps, unit_offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (x * (1 + self.weight.float())).to(dtype)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(config: Config) -> nn.Module:
+    if config.norm_class == "RMSNorm":
+        return RMSNorm(config.n_embd, eps=config.norm_eps, unit_offset=config.norm_unit_offset)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+
+
+class GeluMLP(nn.Module):
+    """fc -> GELU -> proj (GPT-NeoX, Falcon, Phi)."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+        self.approximate = config.gelu_approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x), approximate=self.approximate))
+
+
+class GatedMLP(nn.Module):
+    """act(gate_proj(x)) * up_proj(x) -> down_proj: SwiGLU (act = SiLU: Llama, Mistral, Qwen, StableLM) or
+    GeGLU (act = GELU: Gemma)."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+        self.geglu = config.mlp_class == "geglu"
+        self.approximate = config.gelu_approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gate_proj(x)  # (B, T, intermediate)
+        act = F.gelu(gate, approximate=self.approximate) if self.geglu else F.silu(gate)
+        return self.down_proj(act * self.up_proj(x))
+
+
+def make_mlp(config: Config) -> nn.Module:
+    return GeluMLP(config) if config.mlp_class == "gelu" else GatedMLP(config)

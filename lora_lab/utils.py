@@ -1,0 +1,53 @@
+"""Small shared plumbing: the error type our command-line tools report in one line, and atomic file writes."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+
+class LoraLabError(Exception):
+    """A problem with the user's input (a file, a flag, a dataset row) that we can explain in one line.
+
+    Command-line entry points print it as `error: <message>` and exit with status 1, with no traceback."""
+
+
+@contextmanager
+def atomic_path(path: os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; when the block ends without an error, rename it onto `path`.
+
+    The rename is atomic on POSIX, so a reader (or a run interrupted halfway) sees the old file or the new
+    one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def cli(main: Callable) -> None:
+    """Run a jsonargparse CLI around `main`, printing a LoraLabError as one line instead of a traceback."""
+    from jsonargparse import CLI
+
+    try:
+        CLI(main, as_positional=False)
+    except LoraLabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
