@@ -1,0 +1,803 @@
+"""Hugging Face <-> lora_lab: convert a `transformers` checkpoint folder into a lora_lab checkpoint, and back.
+
+    convert_hf_checkpoint(hf_dir, out_dir)   config.json + model.safetensors / pytorch_model.bin (sharded or not)
+                                             -> model_config.json + model.safetensors under our parameter names
+    export_hf(checkpoint_dir, out_dir)       the reverse: a folder `AutoModelForCausalLM.from_pretrained` loads
+
+Each supported architecture is a `Family`: one table that maps our module names to its module names (used in both
+directions), the `transformers` defaults of the config.json fields we read (a config.json may leave them out), and
+two small functions that translate config.json <-> `Config`. The fields and layouts were checked against the
+transformers 5 modeling code of each class.
+
+Two families fuse q, k and v into one `query_key_value` matrix (GPT-NeoX, Falcon). Both use the same row layout:
+the key/value groups one after another, each holding its queries, then its key, then its value head:
+    (ng, nh / ng + 2, hs) rows
+GPT-NeoX is the case ng = nh ([q, k, v] per head), Falcon-7B's multi-query the case ng = 1 ([all q, k, v]).
+
+Weights are only read with safetensors or `torch.load(weights_only=True)`, one tensor at a time, so converting
+holds the model in memory once.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Union
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from lora_lab.checkpoint import copy_tokenizer_files, load_checkpoint, save_checkpoint
+from lora_lab.config import Config
+from lora_lab.utils import LoraLabError, atomic_path, atomic_write_text
+
+PathLike = Union[str, Path]
+# transformers writes the chat template to its own file since 4.43; keep it with the tokenizer files
+EXTRA_TOKENIZER_FILES = ("chat_template.jinja",)
+# buffers some checkpoints carry that are not weights (we compute them)
+IGNORED_HF_TENSORS = re.compile(r"(rotary_emb\.inv_freq|\.attention\.bias|\.attention\.masked_bias)$")
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Name tables: our module -> Hugging Face module ({i} is the layer index). A parameter keeps its suffix
+# (.weight / .bias). "blocks.{i}.attn.qkv" stands for q_proj, k_proj and v_proj fused into one matrix.
+# ------------------------------------------------------------------------------------------------------------
+def _llama_names(prefix: str = "model") -> dict[str, str]:
+    return {
+        "wte": f"{prefix}.embed_tokens",
+        "blocks.{i}.norm_1": f"{prefix}.layers.{{i}}.input_layernorm",
+        "blocks.{i}.attn.q_proj": f"{prefix}.layers.{{i}}.self_attn.q_proj",
+        "blocks.{i}.attn.k_proj": f"{prefix}.layers.{{i}}.self_attn.k_proj",
+        "blocks.{i}.attn.v_proj": f"{prefix}.layers.{{i}}.self_attn.v_proj",
+        "blocks.{i}.attn.o_proj": f"{prefix}.layers.{{i}}.self_attn.o_proj",
+        "blocks.{i}.norm_2": f"{prefix}.layers.{{i}}.post_attention_layernorm",
+        "blocks.{i}.mlp.gate_proj": f"{prefix}.layers.{{i}}.mlp.gate_proj",
+        "blocks.{i}.mlp.up_proj": f"{prefix}.layers.{{i}}.mlp.up_proj",
+        "blocks.{i}.mlp.down_proj": f"{prefix}.layers.{{i}}.mlp.down_proj",
+        "norm_f": f"{prefix}.norm",
+        "lm_head": "lm_head",
+    }
+
+
+LLAMA_NAMES = _llama_names()  # also Mistral, Qwen2, Gemma, StableLM
+
+PHI_NAMES = {
+    "wte": "model.embed_tokens",
+    "blocks.{i}.norm_1": "model.layers.{i}.input_layernorm",  # Phi has one norm per block
+    "blocks.{i}.attn.q_proj": "model.layers.{i}.self_attn.q_proj",
+    "blocks.{i}.attn.k_proj": "model.layers.{i}.self_attn.k_proj",
+    "blocks.{i}.attn.v_proj": "model.layers.{i}.self_attn.v_proj",
+    "blocks.{i}.attn.o_proj": "model.layers.{i}.self_attn.dense",
+    "blocks.{i}.mlp.up_proj": "model.layers.{i}.mlp.fc1",
+    "blocks.{i}.mlp.down_proj": "model.layers.{i}.mlp.fc2",
+    "norm_f": "model.final_layernorm",
+    "lm_head": "lm_head",
+}
+
+GPT_NEOX_NAMES = {
+    "wte": "gpt_neox.embed_in",
+    "blocks.{i}.norm_1": "gpt_neox.layers.{i}.input_layernorm",
+    "blocks.{i}.attn.qkv": "gpt_neox.layers.{i}.attention.query_key_value",
+    "blocks.{i}.attn.o_proj": "gpt_neox.layers.{i}.attention.dense",
+    "blocks.{i}.norm_2": "gpt_neox.layers.{i}.post_attention_layernorm",
+    "blocks.{i}.mlp.up_proj": "gpt_neox.layers.{i}.mlp.dense_h_to_4h",
+    "blocks.{i}.mlp.down_proj": "gpt_neox.layers.{i}.mlp.dense_4h_to_h",
+    "norm_f": "gpt_neox.final_layer_norm",
+    "lm_head": "embed_out",  # transformers 5 calls it lm_head in memory and embed_out in files
+}
+
+FALCON_NAMES = {
+    "wte": "transformer.word_embeddings",
+    "blocks.{i}.norm_1": "transformer.h.{i}.input_layernorm",
+    "blocks.{i}.attn.qkv": "transformer.h.{i}.self_attention.query_key_value",
+    "blocks.{i}.attn.o_proj": "transformer.h.{i}.self_attention.dense",
+    "blocks.{i}.norm_2": "transformer.h.{i}.post_attention_layernorm",  # only in the sequential (non-parallel) block
+    "blocks.{i}.mlp.up_proj": "transformer.h.{i}.mlp.dense_h_to_4h",
+    "blocks.{i}.mlp.down_proj": "transformer.h.{i}.mlp.dense_4h_to_h",
+    "norm_f": "transformer.ln_f",
+    "lm_head": "lm_head",
+}
+# Falcon-40B style (new_decoder_architecture, two norms): each branch has its own norm
+FALCON_TWO_NORM_NAMES = {**FALCON_NAMES, "blocks.{i}.norm_1": "transformer.h.{i}.ln_attn",
+                         "blocks.{i}.norm_2": "transformer.h.{i}.ln_mlp"}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Families
+# ------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Family:
+    architecture: str  # "LlamaForCausalLM"
+    model_type: str  # "llama"
+    names: dict[str, str]
+    defaults: dict  # transformers' defaults for the config.json fields we read
+    read: Callable[[dict], dict]  # config.json (defaults filled in) -> Config keyword arguments
+    write: Callable[[Config], dict]  # Config -> config.json fields; LoraLabError when the family cannot express it
+    aliases: dict = field(default_factory=dict)  # other names a file may use for a tensor -> our table's name
+
+    def names_for(self, config: Config) -> dict[str, str]:
+        if self.architecture == "FalconForCausalLM" and config.parallel_residual and not config.shared_attention_norm:
+            return FALCON_TWO_NORM_NAMES
+        return self.names
+
+
+class _CannotExpress(LoraLabError):
+    """Raised by a family's `write` when a Config has a feature that family's architecture lacks."""
+
+
+def _need(condition: bool, what: str) -> None:
+    if not condition:
+        raise _CannotExpress(what)
+
+
+# ---- config.json -> Config ---------------------------------------------------------------------------------
+def _mlp_from_act(act: str, gated: bool) -> dict:
+    """transformers activation name -> our mlp_class / gelu_approximate."""
+    tanh = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+    if act in ("silu", "swish") and gated:
+        return dict(mlp_class="swiglu")
+    if act == "gelu" or act in tanh:
+        return dict(mlp_class="geglu" if gated else "gelu", gelu_approximate="tanh" if act in tanh else "none")
+    raise LoraLabError(f"activation {act!r} is not supported (supported: silu for gated MLPs, gelu, gelu_new, "
+                       f"gelu_pytorch_tanh)")
+
+
+def _act_name(config: Config, tanh_name: str = "gelu_pytorch_tanh") -> str:
+    if config.mlp_class == "swiglu":
+        return "silu"
+    return tanh_name if config.gelu_approximate == "tanh" else "gelu"
+
+
+def _rope_from_hf(hf: dict, default_partial: float = 1.0) -> dict:
+    """rope_base, rope_scaling and rotary_percentage from either transformers 5 `rope_parameters` (rope_theta
+    inside) or the older top-level `rope_theta` + `rope_scaling` (+ GPT-NeoX's `rotary_emb_base`, `rotary_pct`)."""
+    params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    theta = params.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rotary_pct", default_partial)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    scaling = None
+    if rope_type == "llama3":
+        original = params.get("original_max_position_embeddings",
+                              hf.get("original_max_position_embeddings", hf["max_position_embeddings"]))
+        scaling = dict(factor=float(params["factor"]), low_freq_factor=float(params["low_freq_factor"]),
+                       high_freq_factor=float(params["high_freq_factor"]), original_max_seq_len=int(original))
+    elif rope_type != "default":
+        raise LoraLabError(f"rope type {rope_type!r} is not supported (supported: default, llama3)")
+    return dict(rope_base=float(theta), rope_scaling=scaling, rotary_percentage=float(partial))
+
+
+def _biases(qkv: bool, o: bool, mlp: bool) -> dict:
+    """Our model has a bias on q/k/v (attn_qkv_bias) and one switch for o_proj and the MLP together (bias)."""
+    if o != mlp:
+        raise LoraLabError(f"bias on the attention output ({o}) but not the MLP ({mlp}) or the reverse is not "
+                           f"supported")
+    return dict(bias=o, attn_qkv_bias=qkv)
+
+
+def _common(hf: dict, eps_key: str) -> dict:
+    return dict(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_embd=hf["hidden_size"],
+                n_head=hf["num_attention_heads"], block_size=hf["max_position_embeddings"],
+                norm_eps=float(hf[eps_key]), tie_embeddings=bool(hf["tie_word_embeddings"]))
+
+
+def _read_llama_like(hf: dict) -> dict:
+    """Llama, Mistral, Qwen2, Gemma: RMSNorm, gated MLP, head_dim may differ from hidden_size / heads."""
+    kw = _common(hf, "rms_norm_eps")
+    kw.update(_rope_from_hf(hf), norm_class="RMSNorm", n_query_groups=hf["num_key_value_heads"],
+              intermediate_size=hf["intermediate_size"], head_size=hf.get("head_dim"))
+    return kw
+
+
+def _read_llama(hf: dict) -> dict:
+    kw = _read_llama_like(hf)
+    kw.update(_mlp_from_act(hf["hidden_act"], gated=True))
+    kw.update(_biases(qkv=hf["attention_bias"], o=hf["attention_bias"], mlp=hf["mlp_bias"]))
+    return kw
+
+
+def _read_mistral(hf: dict) -> dict:
+    kw = _read_llama_like(hf)
+    kw.update(_mlp_from_act(hf["hidden_act"], gated=True), sliding_window=hf["sliding_window"])
+    return kw
+
+
+def _read_qwen2(hf: dict) -> dict:
+    kw = _read_llama_like(hf)
+    kw.update(_mlp_from_act(hf["hidden_act"], gated=True), attn_qkv_bias=True, bias=False)  # Qwen2 hard-codes these
+    # transformers: layer i slides when use_sliding_window and i >= max_window_layers (or as layer_types says)
+    window = hf["sliding_window"] if hf["use_sliding_window"] else None
+    types = hf.get("layer_types") or ["sliding_attention" if window is not None and i >= hf["max_window_layers"]
+                                      else "full_attention" for i in range(hf["num_hidden_layers"])]
+    if len(set(types)) > 1:
+        raise LoraLabError("Qwen2 with sliding-window attention on some layers only is not supported")
+    kw["sliding_window"] = window if types and types[0] == "sliding_attention" else None
+    return kw
+
+
+def _read_gemma(hf: dict) -> dict:
+    kw = _read_llama_like(hf)
+    # transformers 5 reads Gemma's legacy hidden_act "gelu" as the tanh approximation, as Gemma was trained
+    act = hf.get("hidden_activation") or hf["hidden_act"]
+    kw.update(_mlp_from_act("gelu_pytorch_tanh" if act == "gelu" else act, gated=True))
+    kw.update(_biases(qkv=hf["attention_bias"], o=hf["attention_bias"], mlp=False))
+    kw.update(norm_unit_offset=True, scale_embeddings=True)
+    return kw
+
+
+def _read_gpt_neox(hf: dict) -> dict:
+    kw = _common(hf, "layer_norm_eps")
+    kw.update(_rope_from_hf(hf, default_partial=0.25), _mlp_from_act(hf["hidden_act"], gated=False))
+    kw.update(_biases(qkv=hf["attention_bias"], o=hf["attention_bias"], mlp=True))
+    kw.update(norm_class="LayerNorm", intermediate_size=hf["intermediate_size"],
+              parallel_residual=bool(hf["use_parallel_residual"]), shared_attention_norm=False)
+    return kw
+
+
+def _read_falcon(hf: dict) -> dict:
+    if hf["alibi"]:
+        raise LoraLabError("Falcon with ALiBi positions (alibi: true) is not supported, only rotary")
+    kw = _common(hf, "layer_norm_epsilon")
+    kw.update(_rope_from_hf(hf), _mlp_from_act(hf["activation"], gated=False))
+    kw.update(norm_class="LayerNorm", intermediate_size=hf["ffn_hidden_size"] or 4 * hf["hidden_size"],
+              bias=bool(hf["bias"]))
+    n_head = hf["num_attention_heads"]
+    if hf["new_decoder_architecture"]:  # Falcon-40B: grouped KV heads, always parallel, 2 norms unless told 1
+        if not hf["parallel_attn"]:
+            raise LoraLabError("Falcon with new_decoder_architecture and parallel_attn: false is not supported")
+        n_ln = hf["num_ln_in_parallel_attn"] or 2
+        kw.update(n_query_groups=hf["num_kv_heads"] or n_head, parallel_residual=True, shared_attention_norm=n_ln == 1)
+    else:  # Falcon-7B: multi-query or multi-head; parallel branches share the one norm
+        if hf["parallel_attn"] and hf["num_ln_in_parallel_attn"] == 2:
+            raise LoraLabError("Falcon with two norms needs new_decoder_architecture: true")
+        kw.update(n_query_groups=1 if hf["multi_query"] else n_head, parallel_residual=bool(hf["parallel_attn"]),
+                  shared_attention_norm=bool(hf["parallel_attn"]))
+    return kw
+
+
+def _read_phi(hf: dict) -> dict:
+    if hf["qk_layernorm"]:
+        raise LoraLabError("Phi with qk_layernorm is not supported")
+    kw = _common(hf, "layer_norm_eps")
+    kw.update(_rope_from_hf(hf, default_partial=0.5), _mlp_from_act(hf["hidden_act"], gated=False))
+    kw.update(norm_class="LayerNorm", n_query_groups=hf["num_key_value_heads"], head_size=hf.get("head_dim"),
+              intermediate_size=hf["intermediate_size"], parallel_residual=True, shared_attention_norm=True,
+              bias=True, lm_head_bias=True)
+    return kw
+
+
+def _read_stablelm(hf: dict) -> dict:
+    if hf["qk_layernorm"]:
+        raise LoraLabError("StableLM with qk_layernorm is not supported")
+    kw = _common(hf, "layer_norm_eps")
+    kw.update(_rope_from_hf(hf, default_partial=0.25), _mlp_from_act(hf["hidden_act"], gated=True))
+    kw.update(norm_class="LayerNorm", n_query_groups=hf["num_key_value_heads"],
+              intermediate_size=hf["intermediate_size"], bias=False, attn_qkv_bias=bool(hf["use_qkv_bias"]),
+              parallel_residual=bool(hf["use_parallel_residual"]),
+              shared_attention_norm=bool(hf["use_parallel_residual"]))
+    return kw
+
+
+# ---- Config -> config.json ---------------------------------------------------------------------------------
+def _rope_to_hf(config: Config, partial: bool = False) -> dict:
+    """transformers 5 `rope_parameters`, plus the older top-level keys so other tools (transformers 4,
+    llama.cpp, vLLM) read the same values."""
+    params = {"rope_type": "default", "rope_theta": config.rope_base}
+    out = {}
+    if config.rope_scaling is not None:
+        s = config.rope_scaling
+        params.update(rope_type="llama3", factor=s["factor"], low_freq_factor=s["low_freq_factor"],
+                      high_freq_factor=s["high_freq_factor"], original_max_position_embeddings=s["original_max_seq_len"])
+        out["rope_scaling"] = dict(params)
+    if partial:
+        params["partial_rotary_factor"] = config.rotary_percentage
+        out["partial_rotary_factor"] = config.rotary_percentage
+    else:
+        _need(config.rotary_percentage == 1.0, "partial rotary embeddings")
+    return dict(rope_parameters=params, rope_theta=config.rope_base, **out)
+
+
+def _write_common(config: Config, eps_key: str, head_dim: bool = False, lm_head_bias: bool = False) -> dict:
+    _need(config.lm_head_bias == lm_head_bias, "a bias on lm_head" if config.lm_head_bias else "lm_head without bias")
+    if not head_dim:
+        _need(config.head_size * config.n_head == config.n_embd, "head_size != n_embd / n_head")
+    out = dict(vocab_size=config.vocab_size, hidden_size=config.n_embd, num_hidden_layers=config.n_layer,
+               num_attention_heads=config.n_head, max_position_embeddings=config.block_size,
+               tie_word_embeddings=config.tie_embeddings, **{eps_key: config.norm_eps})
+    if head_dim:
+        out["head_dim"] = config.head_size
+    return out
+
+
+def _write_llama_like(config: Config) -> dict:
+    _need(config.norm_class == "RMSNorm", "LayerNorm")
+    _need(config.mlp_class != "gelu", "a non-gated GELU MLP")
+    _need(not config.parallel_residual, "parallel residual blocks")
+    out = _write_common(config, "rms_norm_eps", head_dim=True)
+    out.update(_rope_to_hf(config), num_key_value_heads=config.n_query_groups,
+               intermediate_size=config.intermediate_size, hidden_act=_act_name(config))
+    return out
+
+
+def _write_llama(config: Config) -> dict:
+    _need(not config.norm_unit_offset and not config.scale_embeddings, "Gemma's norms and embedding scale")
+    _need(config.sliding_window is None, "a sliding window")
+    _need(config.attn_qkv_bias == config.bias, "a q/k/v bias without one on o_proj and the MLP")
+    return dict(_write_llama_like(config), attention_bias=config.bias, mlp_bias=config.bias)
+
+
+def _write_mistral(config: Config) -> dict:
+    _need(not config.norm_unit_offset and not config.scale_embeddings, "Gemma's norms and embedding scale")
+    _need(not config.bias and not config.attn_qkv_bias, "biases")
+    return dict(_write_llama_like(config), sliding_window=config.sliding_window)
+
+
+def _write_qwen2(config: Config) -> dict:
+    _need(not config.norm_unit_offset and not config.scale_embeddings, "Gemma's norms and embedding scale")
+    _need(config.attn_qkv_bias and not config.bias, "anything but a bias on q/k/v only")
+    window = config.sliding_window
+    return dict(_write_llama_like(config), use_sliding_window=window is not None, sliding_window=window,
+                max_window_layers=0 if window is not None else config.n_layer,
+                layer_types=[("sliding_attention" if window is not None else "full_attention")] * config.n_layer)
+
+
+def _write_gemma(config: Config) -> dict:
+    _need(config.norm_unit_offset and config.scale_embeddings, "plain RMSNorm or unscaled embeddings")
+    _need(config.mlp_class == "geglu" and config.gelu_approximate == "tanh", "an MLP other than tanh-GeGLU")
+    _need(config.sliding_window is None, "a sliding window")
+    _need(not config.bias and not config.attn_qkv_bias, "biases")
+    return dict(_write_llama_like(config), attention_bias=False)
+
+
+def _write_layernorm_family(config: Config, mlp_class: str) -> None:
+    _need(config.norm_class == "LayerNorm", "RMSNorm")
+    _need(config.mlp_class == mlp_class, f"a {config.mlp_class} MLP")
+    _need(config.sliding_window is None, "a sliding window")
+    _need(not config.norm_unit_offset and not config.scale_embeddings, "Gemma's norms and embedding scale")
+
+
+def _rotary_fits(config: Config) -> None:
+    # transformers rotates int(head_dim * partial_rotary_factor) dims of each head, we an even number of them
+    _need(int(config.head_size * config.rotary_percentage) == config.rope_n_elem, "an odd number of rotary dims")
+
+
+def _write_gpt_neox(config: Config) -> dict:
+    _write_layernorm_family(config, "gelu")
+    _need(config.bias and config.attn_qkv_bias, "linear layers without bias")
+    _need(config.n_query_groups == config.n_head, "grouped-query attention")
+    _need(not (config.parallel_residual and config.shared_attention_norm), "one norm shared by both branches")
+    _rotary_fits(config)
+    return dict(_write_common(config, "layer_norm_eps"), **_rope_to_hf(config, partial=True),
+                rotary_pct=config.rotary_percentage, intermediate_size=config.intermediate_size,
+                hidden_act=_act_name(config, "gelu_new"), use_parallel_residual=config.parallel_residual,
+                attention_bias=True)
+
+
+def _write_falcon(config: Config, new_arch: Optional[bool] = None) -> dict:
+    _write_layernorm_family(config, "gelu")
+    _need(config.attn_qkv_bias == config.bias, "a q/k/v bias without one on the other linear layers")
+    nh, ng = config.n_head, config.n_query_groups
+    # Falcon-7B's layout handles multi-query (ng = 1) or multi-head (ng = nh) attention with one shared norm or a
+    # sequential block; anything else needs Falcon-40B's new_decoder_architecture (always parallel)
+    fits_old = ng in (1, nh) and (config.shared_attention_norm or not config.parallel_residual)
+    if new_arch is None or (new_arch is False and not fits_old):
+        new_arch = not fits_old
+    if new_arch:
+        _need(config.parallel_residual, "a sequential block with grouped-query attention")
+    out = dict(_write_common(config, "layer_norm_epsilon"), **_rope_to_hf(config), alibi=False, bias=config.bias,
+               ffn_hidden_size=config.intermediate_size, activation=_act_name(config, "gelu_new"),
+               new_decoder_architecture=new_arch, parallel_attn=config.parallel_residual)
+    if new_arch:
+        out.update(num_kv_heads=ng, num_ln_in_parallel_attn=1 if config.shared_attention_norm else 2,
+                   multi_query=ng == 1)
+    else:
+        out.update(num_kv_heads=ng, multi_query=ng == 1, num_ln_in_parallel_attn=None)
+    return out
+
+
+def _write_phi(config: Config) -> dict:
+    _write_layernorm_family(config, "gelu")
+    _need(config.parallel_residual and config.shared_attention_norm, "anything but a parallel block with one norm")
+    _need(config.bias and config.attn_qkv_bias, "linear layers without bias")
+    _rotary_fits(config)
+    return dict(_write_common(config, "layer_norm_eps", lm_head_bias=True), **_rope_to_hf(config, partial=True),
+                num_key_value_heads=config.n_query_groups, intermediate_size=config.intermediate_size,
+                hidden_act=_act_name(config, "gelu_new"), qk_layernorm=False)
+
+
+def _write_stablelm(config: Config) -> dict:
+    _write_layernorm_family(config, "swiglu")
+    _need(not config.bias, "a bias on o_proj and the MLP")
+    _need(config.shared_attention_norm or not config.parallel_residual, "a parallel block with two norms")
+    _rotary_fits(config)
+    return dict(_write_common(config, "layer_norm_eps"), **_rope_to_hf(config, partial=True),
+                num_key_value_heads=config.n_query_groups, intermediate_size=config.intermediate_size,
+                hidden_act="silu", use_qkv_bias=config.attn_qkv_bias, qk_layernorm=False,
+                use_parallel_residual=config.parallel_residual)
+
+
+# transformers' class defaults of the fields each `read` uses (a config.json may omit a field at its default)
+_LLAMA_DEFAULTS = dict(max_position_embeddings=2048, rms_norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=False,
+                       attention_bias=False, mlp_bias=False, intermediate_size=11008, num_key_value_heads=None)
+FAMILIES: dict[str, Family] = {f.architecture: f for f in [
+    Family("LlamaForCausalLM", "llama", LLAMA_NAMES, _LLAMA_DEFAULTS, _read_llama, _write_llama),
+    Family("MistralForCausalLM", "mistral", LLAMA_NAMES,
+           dict(_LLAMA_DEFAULTS, max_position_embeddings=4096 * 32, intermediate_size=14336, num_key_value_heads=8,
+                sliding_window=4096), _read_mistral, _write_mistral),
+    Family("Qwen2ForCausalLM", "qwen2", LLAMA_NAMES,
+           dict(_LLAMA_DEFAULTS, max_position_embeddings=32768, intermediate_size=22016, num_key_value_heads=32,
+                use_sliding_window=False, sliding_window=4096, max_window_layers=28), _read_qwen2, _write_qwen2),
+    Family("GemmaForCausalLM", "gemma", LLAMA_NAMES,
+           dict(_LLAMA_DEFAULTS, max_position_embeddings=8192, intermediate_size=24576, num_key_value_heads=16,
+                head_dim=256, hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True), _read_gemma, _write_gemma),
+    Family("GPTNeoXForCausalLM", "gpt_neox", GPT_NEOX_NAMES,
+           dict(max_position_embeddings=2048, layer_norm_eps=1e-5, hidden_act="gelu", tie_word_embeddings=False,
+                use_parallel_residual=True, attention_bias=True, intermediate_size=24576),
+           _read_gpt_neox, _write_gpt_neox, aliases={"lm_head": "embed_out"}),
+    Family("FalconForCausalLM", "falcon", FALCON_NAMES,
+           dict(max_position_embeddings=2048, layer_norm_epsilon=1e-5, activation="gelu", tie_word_embeddings=True,
+                bias=False, alibi=False, multi_query=True, parallel_attn=True, new_decoder_architecture=False,
+                num_ln_in_parallel_attn=None, num_kv_heads=None, ffn_hidden_size=None), _read_falcon, _write_falcon),
+    Family("PhiForCausalLM", "phi", PHI_NAMES,
+           dict(max_position_embeddings=2048, layer_norm_eps=1e-5, hidden_act="gelu_new", tie_word_embeddings=False,
+                intermediate_size=8192, num_key_value_heads=None, qk_layernorm=False), _read_phi, _write_phi),
+    Family("StableLmForCausalLM", "stablelm", LLAMA_NAMES,
+           dict(max_position_embeddings=4096, layer_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=False,
+                intermediate_size=6912, num_key_value_heads=32, use_qkv_bias=False, qk_layernorm=False,
+                use_parallel_residual=False), _read_stablelm, _write_stablelm),
+]}
+# the order in which export tries the families for a config that does not say where it came from
+EXPORT_ORDER = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM",
+                "StableLmForCausalLM", "PhiForCausalLM", "GPTNeoXForCausalLM", "FalconForCausalLM"]
+_MODEL_TYPES = {f.model_type: f.architecture for f in FAMILIES.values()}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# config.json -> Config
+# ------------------------------------------------------------------------------------------------------------
+def prompt_style_from_chat_template(template: Optional[str]) -> str:
+    """Guess our prompt style from a tokenizer's Jinja chat template by the markers it uses."""
+    if not template:
+        return "plain"
+    if "<|im_start|>" in template:
+        return "chatml"
+    if "<|start_header_id|>" in template:
+        return "llama3"
+    if "[INST]" in template:
+        return "llama2-chat" if "<<SYS>>" in template else "mistral"
+    if "<start_of_turn>" in template:
+        return "gemma"
+    if "<|user|>" in template:
+        return "zephyr"
+    return "plain"
+
+
+def read_chat_template(model_dir: PathLike) -> Optional[str]:
+    """The chat template of a Hugging Face folder: tokenizer_config.json's `chat_template` (a string, or a list
+    of named templates) or the chat_template.jinja file newer transformers write."""
+    model_dir = Path(model_dir)
+    path = model_dir / "tokenizer_config.json"
+    template = _read_json(path).get("chat_template") if path.is_file() else None
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    if not template and (model_dir / "chat_template.jinja").is_file():
+        template = (model_dir / "chat_template.jinja").read_text()
+    return template if isinstance(template, str) else None
+
+
+def _architecture(hf_config: dict) -> str:
+    archs = hf_config.get("architectures") or []
+    arch = archs[0] if archs else _MODEL_TYPES.get(hf_config.get("model_type"), hf_config.get("model_type"))
+    if arch not in FAMILIES:
+        raise LoraLabError(f"architecture {arch!r} is not supported; supported: {', '.join(FAMILIES)}")
+    return arch
+
+
+def config_from_hf(hf_config: dict, name: str = "", chat_template: Optional[str] = None) -> Config:
+    """Our `Config` for a Hugging Face config.json dict (`chat_template` sets prompt_style when given).
+
+    Raises LoraLabError for an architecture or a feature we do not support (without naming the file: callers
+    that read one add its name)."""
+    family = FAMILIES[_architecture(hf_config)]
+    hf = {**family.defaults, **hf_config}
+    if "hidden_size" not in hf and "n_embed" in hf:  # Falcon's old name for it
+        hf["hidden_size"] = hf["n_embed"]
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+        if not isinstance(hf.get(key), int):
+            raise LoraLabError(f"{key} is missing from the config")
+    if hf.get("num_key_value_heads") is None:
+        hf["num_key_value_heads"] = hf["num_attention_heads"]
+    try:
+        kw = family.read(hf)
+    except KeyError as e:
+        raise LoraLabError(f"{e.args[0]} is missing from the config") from None
+    extra = {"hf_architecture": family.architecture}
+    extra.update({k: hf_config[k] for k in TOKEN_ID_KEYS if hf_config.get(k) is not None})
+    if family.architecture == "FalconForCausalLM":
+        extra["hf_new_decoder_architecture"] = bool(hf["new_decoder_architecture"])
+    try:
+        return Config(name=name, prompt_style=prompt_style_from_chat_template(chat_template), extra=extra, **kw)
+    except (ValueError, TypeError) as e:
+        raise LoraLabError(f"the config does not describe a valid model ({e})") from None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The name map: every parameter of our model <-> (Hugging Face tensor, which part of it)
+# ------------------------------------------------------------------------------------------------------------
+def expected_shapes(config: Config) -> dict[str, torch.Size]:
+    """Parameter name -> shape of our model for `config` (built on the meta device: no memory, no time)."""
+    from lora_lab.model import GPT
+
+    with torch.device("meta"):
+        model = GPT(config)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_embeddings:
+        shapes.pop("lm_head.weight")  # the same tensor as wte.weight
+    return shapes
+
+
+def name_map(config: Config, family: Family) -> dict[str, tuple[str, Optional[str]]]:
+    """Our parameter name -> (HF tensor name, part) where part is "q"/"k"/"v" of a fused query_key_value, else None."""
+    names = family.names_for(config)
+    out = {}
+    for key in expected_shapes(config):
+        module, suffix = key.rsplit(".", 1)  # "blocks.3.attn.q_proj", "weight"
+        m = re.match(r"blocks\.(\d+)\.(.+)$", module)
+        template, i = (f"blocks.{{i}}.{m.group(2)}", m.group(1)) if m else (module, None)
+        part = None
+        if template not in names and template.startswith("blocks.{i}.attn.") and "blocks.{i}.attn.qkv" in names:
+            part, template = template[len("blocks.{i}.attn.")], "blocks.{i}.attn.qkv"  # "q" from "q_proj"
+        if template not in names:
+            raise LoraLabError(f"{family.architecture} has no tensor for our {key}: this config cannot be "
+                               f"converted to or from it")
+        out[key] = (f"{names[template].format(i=i)}.{suffix}", part)
+    return out
+
+
+def split_qkv(fused: torch.Tensor, config: Config) -> dict[str, torch.Tensor]:
+    """query_key_value rows laid out (ng, nh/ng + 2, hs) -> q (nh*hs), k (ng*hs), v (ng*hs) rows."""
+    nh, ng, hs = config.n_head, config.n_query_groups, config.head_size
+    rest = fused.shape[1:]  # (C,) for a weight, () for a bias
+    grouped = fused.view(ng, nh // ng + 2, hs, *rest)
+    return {"q": grouped[:, :-2].reshape(nh * hs, *rest),
+            "k": grouped[:, -2].reshape(ng * hs, *rest),
+            "v": grouped[:, -1].reshape(ng * hs, *rest)}
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: Config) -> torch.Tensor:
+    """The inverse of `split_qkv`."""
+    nh, ng, hs = config.n_head, config.n_query_groups, config.head_size
+    rest = q.shape[1:]
+    grouped = torch.cat((q.reshape(ng, nh // ng, hs, *rest), k.reshape(ng, 1, hs, *rest),
+                         v.reshape(ng, 1, hs, *rest)), dim=1)  # (ng, nh/ng + 2, hs, *rest)
+    return grouped.reshape((nh + 2 * ng) * hs, *rest)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Hugging Face folder -> lora_lab checkpoint
+# ------------------------------------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoraLabError(f"{path} is not valid JSON ({e}): download it again") from None
+
+
+def hf_weight_files(hf_dir: Path) -> list[Path]:
+    """The weight files of a Hugging Face folder, safetensors preferred over pytorch_model.bin."""
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (hf_dir / single).is_file():
+            return [hf_dir / single]
+        if (hf_dir / index).is_file():
+            weight_map = _read_json(hf_dir / index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise LoraLabError(f"{hf_dir / index} has no weight_map: download the model again")
+            files = [hf_dir / f for f in dict.fromkeys(weight_map.values())]  # in order, without repeats
+            for f in files:
+                if not f.is_file():
+                    raise LoraLabError(f"{f} (a shard listed in {index}) is missing: download the model again")
+            return files
+    raise LoraLabError(f"{hf_dir} has no weights: expected model.safetensors, model.safetensors.index.json, "
+                       f"pytorch_model.bin or pytorch_model.bin.index.json; download the model's weights into it")
+
+
+def iter_hf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of one weight file, one tensor at a time (safetensors) or memory-mapped (.bin)."""
+    corrupt = f"{path} is truncated or corrupt"
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise LoraLabError(f"{corrupt} ({str(e).splitlines()[0]}): download it again") from None
+        return
+    try:
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (pre-zip) format
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise LoraLabError(f"{corrupt} or not a weights-only PyTorch file ({str(e).splitlines()[0]}): "
+                           f"download it again") from None
+    if not isinstance(state_dict, dict):
+        raise LoraLabError(f"{path} does not hold a state dict: download it again")
+    for name in list(state_dict):
+        tensor = state_dict.pop(name)
+        if not isinstance(tensor, torch.Tensor):
+            raise LoraLabError(f"{path}: {name} is not a tensor: download it again")
+        yield name, tensor
+
+
+def _as_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise LoraLabError(f"dtype {dtype!r} is not a floating point torch dtype (e.g. float32, bfloat16, float16)")
+    return value
+
+
+def _cast(tensor: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def load_hf_config(hf_dir: PathLike) -> Config:
+    """Our Config for a Hugging Face folder (config.json, and the chat template for prompt_style)."""
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise LoraLabError(f"{hf_dir} does not exist: download the model first (e.g. `python -m lora_lab.download "
+                           f"REPO_ID`)")
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise LoraLabError(f"{hf_dir} has no config.json: it is not a Hugging Face model folder; download the "
+                           f"model's config.json into it")
+    try:
+        return config_from_hf(_read_json(path), name=hf_dir.resolve().name, chat_template=read_chat_template(hf_dir))
+    except LoraLabError as e:
+        if str(e).startswith(str(path)):
+            raise
+        raise LoraLabError(f"{path}: {e}") from None
+
+
+def convert_hf_checkpoint(hf_dir: PathLike, out_dir: PathLike, dtype: Union[str, torch.dtype, None] = None) -> Config:
+    """Convert a Hugging Face model folder into a lora_lab checkpoint in `out_dir`; returns its Config.
+
+    Weights keep their dtype unless `dtype` is given. Every tensor of the source must find its place (rotary
+    inv_freq and attention-mask buffers excepted), and every weight of our model must be found."""
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    config = load_hf_config(hf_dir)
+    if out_dir.resolve() == hf_dir.resolve():
+        raise LoraLabError(f"{out_dir}: write the converted checkpoint to another folder than the Hugging Face one "
+                           f"(both name their weights model.safetensors)")
+    family = FAMILIES[config.extra["hf_architecture"]]
+    dtype = _as_dtype(dtype)
+    shapes = expected_shapes(config)
+    plan = name_map(config, family)  # ours -> (hf, part)
+    targets: dict[str, list[tuple[str, Optional[str]]]] = {}  # hf -> [(ours, part)]
+    for ours, (hf_name, part) in plan.items():
+        targets.setdefault(hf_name, []).append((ours, part))
+    aliases = {f"{a}.{s}": f"{b}.{s}" for b, a in family.aliases.items() for s in ("weight", "bias")}
+    tied_head = {f"{family.names['lm_head']}.weight", "lm_head.weight"} if config.tie_embeddings else set()
+    config_path = hf_dir / "config.json"
+
+    state_dict: dict[str, torch.Tensor] = {}
+    for path in hf_weight_files(hf_dir):
+        for hf_name, tensor in iter_hf_tensors(path):
+            name = aliases.get(hf_name, hf_name)
+            if name not in targets:
+                if name in tied_head or IGNORED_HF_TENSORS.search(name):
+                    continue  # a copy of the tied embedding, or a buffer we compute
+                raise LoraLabError(f"{path.name} holds {hf_name}, which has no place in the model {config_path} "
+                                   f"describes: fix config.json (e.g. tie_word_embeddings, layer count, biases) "
+                                   f"or download the model again")
+            parts = targets[name]
+            expected = ((sum(shapes[ours][0] for ours, _ in parts), *shapes[parts[0][0]][1:]) if parts[0][1]
+                        else tuple(shapes[parts[0][0]]))
+            if tuple(tensor.shape) != expected:
+                raise LoraLabError(f"{config_path} does not fit the weights: {hf_name} in {path.name} has shape "
+                                   f"{tuple(tensor.shape)} but config.json implies {expected}; fix config.json "
+                                   f"or download the model again")
+            pieces = split_qkv(tensor, config) if parts[0][1] else None
+            for ours, part in parts:
+                state_dict[ours] = _cast(pieces[part] if part else tensor, dtype)
+    missing = [plan[k][0] for k in shapes if k not in state_dict]
+    if missing:
+        raise LoraLabError(f"{hf_dir}: the weight files lack {len(missing)} tensors that {config_path.name} "
+                           f"implies (e.g. {', '.join(dict.fromkeys(missing[:3]))}): download the model again")
+    save_checkpoint(out_dir, config, state_dict, tokenizer_dir=hf_dir)
+    _copy_extra_tokenizer_files(hf_dir, out_dir)
+    return config
+
+
+def _copy_extra_tokenizer_files(src: Path, dst: Path) -> None:
+    for name in EXTRA_TOKENIZER_FILES:
+        if (src / name).is_file() and src.resolve() != dst.resolve():
+            with atomic_path(dst / name) as tmp:
+                shutil.copyfile(src / name, tmp)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# lora_lab checkpoint -> Hugging Face folder
+# ------------------------------------------------------------------------------------------------------------
+def hf_family_for(config: Config) -> tuple[Family, dict]:
+    """The family to export `config` as (the one it came from, else the first that can express it) and the
+    config.json fields it gives."""
+    arch = config.extra.get("hf_architecture")
+    if arch is not None:
+        if arch not in FAMILIES:
+            raise LoraLabError(f"the config's extra.hf_architecture {arch!r} is not supported; supported: "
+                               f"{', '.join(FAMILIES)}")
+        try:
+            family = FAMILIES[arch]
+            if arch == "FalconForCausalLM":
+                return family, _write_falcon(config, config.extra.get("hf_new_decoder_architecture"))
+            return family, family.write(config)
+        except _CannotExpress as e:
+            raise LoraLabError(f"the config no longer fits {arch} ({e} is not part of it): set "
+                               f"extra.hf_architecture to another architecture or remove it") from None
+    reasons = []
+    for arch in EXPORT_ORDER:
+        try:
+            return FAMILIES[arch], FAMILIES[arch].write(config)
+        except _CannotExpress as e:
+            reasons.append(f"{arch}: {e}")
+    raise LoraLabError(f"no Hugging Face architecture can express this config ({'; '.join(reasons)})")
+
+
+def export_hf_state_dict(config: Config, state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Our config and weights -> (config.json dict, state dict under the Hugging Face names)."""
+    family, fields_ = hf_family_for(config)
+    shapes = expected_shapes(config)
+    state_dict = {k: v for k, v in state_dict.items() if not (config.tie_embeddings and k == "lm_head.weight")}
+    missing = [k for k in shapes if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in shapes]
+    if missing or unexpected:
+        raise LoraLabError(f"the weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]} "
+                           f"(merge LoRA weights before exporting)")
+    hf_state_dict: dict[str, torch.Tensor] = {}
+    fused: dict[str, dict[str, torch.Tensor]] = {}
+    for ours, (hf_name, part) in name_map(config, family).items():
+        if part is None:
+            hf_state_dict[hf_name] = state_dict[ours]
+        else:
+            fused.setdefault(hf_name, {})[part] = state_dict[ours]
+    for hf_name, qkv in fused.items():
+        hf_state_dict[hf_name] = fuse_qkv(qkv["q"], qkv["k"], qkv["v"], config)
+    dtype = state_dict["wte.weight"].dtype
+    hf_config = {"architectures": [family.architecture], "model_type": family.model_type, **fields_,
+                 **{k: config.extra[k] for k in TOKEN_ID_KEYS if k in config.extra},
+                 "dtype": str(dtype).removeprefix("torch.")}
+    return hf_config, hf_state_dict
+
+
+def export_hf(checkpoint_dir: PathLike, out_dir: PathLike, dtype: Union[str, torch.dtype, None] = None) -> dict:
+    """Write a lora_lab checkpoint as a Hugging Face folder (config.json, model.safetensors, tokenizer files,
+    generation_config.json when the checkpoint has one); returns the config.json dict."""
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    if out_dir.resolve() == checkpoint_dir.resolve():
+        raise LoraLabError(f"{out_dir}: export to another folder than the checkpoint (both name their weights "
+                           f"model.safetensors)")
+    dtype = _as_dtype(dtype)
+    config, state_dict = load_checkpoint(checkpoint_dir)
+    state_dict = {k: _cast(v, dtype) for k, v in state_dict.items()}
+    try:
+        hf_config, hf_state_dict = export_hf_state_dict(config, state_dict)
+    except LoraLabError as e:
+        raise LoraLabError(f"{checkpoint_dir}: {e}") from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "model.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in hf_state_dict.items()}, str(tmp), metadata={"format": "pt"})
+    atomic_write_text(out_dir / "config.json", json.dumps(hf_config, indent=2) + "\n")
+    copy_tokenizer_files(checkpoint_dir, out_dir)
+    _copy_extra_tokenizer_files(checkpoint_dir, out_dir)
+    return hf_config
