@@ -232,7 +232,7 @@ def _read_gemma(hf: dict) -> dict:
 
 def _read_gpt_neox(hf: dict) -> dict:
     kw = _common(hf, "layer_norm_eps")
-    kw.update(_rope_from_hf(hf, default_partial=0.25), _mlp_from_act(hf["hidden_act"], gated=False))
+    kw.update(**_rope_from_hf(hf, default_partial=0.25), **_mlp_from_act(hf["hidden_act"], gated=False))
     kw.update(_biases(qkv=hf["attention_bias"], o=hf["attention_bias"], mlp=True))
     kw.update(norm_class="LayerNorm", intermediate_size=hf["intermediate_size"],
               parallel_residual=bool(hf["use_parallel_residual"]), shared_attention_norm=False)
@@ -243,7 +243,7 @@ def _read_falcon(hf: dict) -> dict:
     if hf["alibi"]:
         raise LoraLabError("Falcon with ALiBi positions (alibi: true) is not supported, only rotary")
     kw = _common(hf, "layer_norm_epsilon")
-    kw.update(_rope_from_hf(hf), _mlp_from_act(hf["activation"], gated=False))
+    kw.update(**_rope_from_hf(hf), **_mlp_from_act(hf["activation"], gated=False))
     kw.update(norm_class="LayerNorm", intermediate_size=hf["ffn_hidden_size"] or 4 * hf["hidden_size"],
               bias=bool(hf["bias"]))
     n_head = hf["num_attention_heads"]
@@ -264,7 +264,7 @@ def _read_phi(hf: dict) -> dict:
     if hf["qk_layernorm"]:
         raise LoraLabError("Phi with qk_layernorm is not supported")
     kw = _common(hf, "layer_norm_eps")
-    kw.update(_rope_from_hf(hf, default_partial=0.5), _mlp_from_act(hf["hidden_act"], gated=False))
+    kw.update(**_rope_from_hf(hf, default_partial=0.5), **_mlp_from_act(hf["hidden_act"], gated=False))
     kw.update(norm_class="LayerNorm", n_query_groups=hf["num_key_value_heads"], head_size=hf.get("head_dim"),
               intermediate_size=hf["intermediate_size"], parallel_residual=True, shared_attention_norm=True,
               bias=True, lm_head_bias=True)
@@ -275,7 +275,7 @@ def _read_stablelm(hf: dict) -> dict:
     if hf["qk_layernorm"]:
         raise LoraLabError("StableLM with qk_layernorm is not supported")
     kw = _common(hf, "layer_norm_eps")
-    kw.update(_rope_from_hf(hf, default_partial=0.25), _mlp_from_act(hf["hidden_act"], gated=True))
+    kw.update(**_rope_from_hf(hf, default_partial=0.25), **_mlp_from_act(hf["hidden_act"], gated=True))
     kw.update(norm_class="LayerNorm", n_query_groups=hf["num_key_value_heads"],
               intermediate_size=hf["intermediate_size"], bias=False, attn_qkv_bias=bool(hf["use_qkv_bias"]),
               parallel_residual=bool(hf["use_parallel_residual"]),
@@ -686,7 +686,7 @@ def convert_hf_checkpoint(hf_dir: PathLike, out_dir: PathLike, dtype: Union[str,
     targets: dict[str, list[tuple[str, Optional[str]]]] = {}  # hf -> [(ours, part)]
     for ours, (hf_name, part) in plan.items():
         targets.setdefault(hf_name, []).append((ours, part))
-    aliases = {f"{a}.{s}": f"{b}.{s}" for b, a in family.aliases.items() for s in ("weight", "bias")}
+    aliases = {f"{a}.{s}": f"{b}.{s}" for a, b in family.aliases.items() for s in ("weight", "bias")}
     tied_head = {f"{family.names['lm_head']}.weight", "lm_head.weight"} if config.tie_embeddings else set()
     config_path = hf_dir / "config.json"
 

@@ -48,6 +48,11 @@ class PromptStyle:
                 ids.append(i)
         return ids
 
+    @classmethod
+    def model_default_system(cls, checkpoint_dir: Union[str, Path]) -> Optional[str]:
+        """The system message the model's own chat template adds when there is none (only ChatML models do)."""
+        return None
+
     def _system(self, system: Optional[str]) -> Optional[str]:
         return self.default_system if system is None else system
 
@@ -62,9 +67,10 @@ class PromptStyle:
         checkpoint's chat template (a Hugging Face folder works too); `default_system` sets it directly."""
         if name not in prompt_styles:
             raise LoraLabError(f"Unknown prompt style {name!r}: choose one of {', '.join(prompt_styles)}")
+        cls = prompt_styles[name]
         if default_system is None and checkpoint_dir is not None:
-            default_system = default_system_message(checkpoint_dir)
-        return prompt_styles[name](default_system=default_system)
+            default_system = cls.model_default_system(checkpoint_dir)
+        return cls(default_system=default_system)
 
     @staticmethod
     def from_checkpoint(checkpoint_dir: Union[str, Path], name: Optional[str] = None) -> "PromptStyle":
@@ -118,6 +124,10 @@ class ChatML(PromptStyle):
         system = self._system(system)
         text = "" if system is None else f"<|im_start|>system\n{system}<|im_end|>\n"
         return text + f"<|im_start|>user\n{_join(prompt, input)}<|im_end|>\n<|im_start|>assistant\n"
+
+    @classmethod
+    def model_default_system(cls, checkpoint_dir: Union[str, Path]) -> Optional[str]:
+        return default_system_message(checkpoint_dir)
 
 
 class Llama2Chat(PromptStyle):
@@ -192,7 +202,7 @@ prompt_styles: dict[str, type[PromptStyle]] = {
 # ------------------------------------------------------------------------------------------------------------
 # Reading a checkpoint's chat template
 # ------------------------------------------------------------------------------------------------------------
-# Default system messages of models whose checkpoint lacks a chat template (matched on Config.name/hf_repo)
+# Default system messages of ChatML models whose checkpoint lacks a chat template (matched on Config.name/hf_repo)
 KNOWN_DEFAULT_SYSTEMS = {
     "SmolLM2": "You are a helpful AI assistant named SmolLM, trained by Hugging Face",
     "Qwen2.5": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
@@ -221,7 +231,7 @@ def chat_template(checkpoint_dir: Union[str, Path]) -> Optional[str]:
 
 
 def default_system_message(checkpoint_dir: Union[str, Path]) -> Optional[str]:
-    """The system message the model's chat template inserts when the conversation has none, if any."""
+    """The system message a ChatML model's chat template inserts when the conversation has none, if any."""
     template = chat_template(checkpoint_dir)
     if template is not None:
         match = _DEFAULT_SYSTEM_RE.search(template)
