@@ -116,6 +116,7 @@ class LoRALinear(nn.Module):
         # True while `weight` is also the embedding matrix (tied lm_head): merging in place would change the
         # embedding, so only merge_lora(model), which gives lm_head its own copy first, may merge this layer
         self.shares_weight = False
+        self.untied_by_merge = False  # merge_lora gave this (tied) lm_head its own weight; unmerge_lora ties it again
         # DoRA's row norms at merge time, needed to undo the merge
         self.register_buffer("dora_merged_norm", None, persistent=False)
         self.reset_parameters()
@@ -124,7 +125,7 @@ class LoRALinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                     use_rslora: bool = False, use_dora: bool = False,
                     lora_dtype: Optional[torch.dtype] = None) -> "LoRALinear":
-        """Wrap `linear`, reusing its weight and bias Parameters (no copy: a tied weight stays tied) and freezing them."""
+        """Wrap `linear`, reusing and freezing its weight and bias Parameters (no copy: a tied weight stays tied)."""
         w = linear.weight
         # built on meta: no memory for a base weight we are about to replace
         lora = cls(linear.in_features, linear.out_features, r, alpha, dropout, bias=linear.bias is not None,
@@ -303,6 +304,7 @@ def inject_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: floa
         lora = LoRALinear.from_linear(linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
                                       use_dora=use_dora, lora_dtype=lora_dtype)
         lora.shares_weight = embedding is not None and lora.weight is embedding
+        lora.train(linear.training)  # a model in eval mode must not start dropping out in its new layers
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, lora)
     return model
@@ -354,7 +356,7 @@ def unmerge_lora(model: nn.Module) -> None:
     for _, m in lora_modules(model):
         m.unmerge()
     head = getattr(model, "lm_head", None)
-    if isinstance(head, LoRALinear) and getattr(head, "untied_by_merge", False):
+    if isinstance(head, LoRALinear) and head.untied_by_merge:
         head.weight = model.wte.weight
         head.shares_weight = True
         head.untied_by_merge = False
@@ -400,13 +402,14 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
                                f"set up without use_dora: inject LoRA with use_dora=True")
         for param in ("lora_A", "lora_B") + (("lora_magnitude",) if m.use_dora else ()):
             if param not in tensors:
-                hint = " (the model was set up with use_dora but the adapter is plain LoRA)" if param == "lora_magnitude" else ""
+                hint = (" (the model was set up with use_dora but the adapter is plain LoRA)"
+                        if param == "lora_magnitude" else "")
                 raise LoraLabError(f"{source}: adapter has no {name}.{param}{hint}: the adapter is incomplete "
                                    f"or was made for a different setup")
             expected = tuple(getattr(m, param).shape)
             if tuple(tensors[param].shape) != expected:
-                raise LoraLabError(f"{source}: adapter's {name}.{param} has shape {tuple(tensors[param].shape)} but the "
-                                   f"model expects {expected}: it was trained on a different base model")
+                raise LoraLabError(f"{source}: adapter's {name}.{param} has shape {tuple(tensors[param].shape)} but "
+                                   f"the model expects {expected}: it was trained on a different base model")
 
     with torch.no_grad():
         for name, tensors in by_module.items():

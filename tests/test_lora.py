@@ -133,6 +133,18 @@ def test_dropout_only_on_lora_branch():
     assert not torch.allclose(layer(x), base)
 
 
+def test_injected_layers_follow_the_models_train_mode():
+    config = CONFIGS["llama-gqa"]
+    model = GPT(config).eval()
+    inject_lora(model, targets="all", dropout=0.5)
+    randomize_lora(model)
+    assert all(not m.training for m in model.modules())
+    idx = tokens(config)
+    assert torch.equal(model(idx), model(idx))  # no dropout in eval
+    model.train()
+    assert not torch.equal(model(idx), model(idx))  # dropout on the LoRA branches in train
+
+
 def test_rslora_scaling():
     plain = LoRALinear(16, 12, r=16, alpha=8)
     rs = LoRALinear(16, 12, r=16, alpha=8, use_rslora=True)
@@ -172,14 +184,15 @@ def test_merge_is_exact_and_idempotent():
     assert_close(layer(x), unmerged)
 
 
-def test_meta_base_assigned_later():
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_meta_base_assigned_later(use_dora):
     linear = nn.Linear(16, 12)
     with torch.device("meta"):
         meta_linear = nn.Linear(16, 12)
-    layer = LoRALinear.from_linear(meta_linear, r=4, alpha=8)
+    layer = LoRALinear.from_linear(meta_linear, r=4, alpha=8, use_dora=use_dora)
     assert layer.weight.is_meta and layer.lora_A.is_meta
     missing, unexpected = layer.load_state_dict(linear.state_dict(), strict=False, assign=True)
-    assert sorted(missing) == ["lora_A", "lora_B"] and not unexpected
+    assert sorted(missing) == ["lora_A", "lora_B"] + (["lora_magnitude"] if use_dora else []) and not unexpected
     x = torch.randn(3, 16)
     with pytest.raises(LoraLabError, match="meta device"):
         layer(x)
@@ -188,12 +201,13 @@ def test_meta_base_assigned_later():
     assert torch.equal(layer(x), linear(x))
 
 
-def test_meta_model_loads_base_and_adapter():
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_meta_model_loads_base_and_adapter(use_dora):
     config = CONFIGS["llama-gqa"]
-    ref = inject_lora(GPT(config), targets="all")
+    ref = inject_lora(GPT(config), targets="all", use_dora=use_dora)
     randomize_lora(ref)
     with torch.device("meta"):
-        model = inject_lora(GPT(config), targets="all")
+        model = inject_lora(GPT(config), targets="all", use_dora=use_dora)
     base = {k: v for k, v in ref.state_dict().items() if "lora_" not in k}
     missing, unexpected = model.load_state_dict(base, strict=False, assign=True)
     assert set(missing) == set(lora_state_dict(ref)) and not unexpected
@@ -385,7 +399,8 @@ def test_base_state_dict_loads_with_only_lora_keys_missing(tmp_path):
     model = inject_lora(GPT(config), targets="all", use_dora=True)
     missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
     assert not unexpected
-    assert set(missing) == set(lora_state_dict(model)) and all(k.rsplit(".", 1)[-1].startswith("lora_") for k in missing)
+    assert set(missing) == set(lora_state_dict(model))
+    assert all(k.rsplit(".", 1)[-1].startswith("lora_") for k in missing)
     # the order scripts use: load the checkpoint, then inject
     save_checkpoint(tmp_path / "ckpt", config, base.state_dict())
     loaded = inject_lora(GPT.from_checkpoint(tmp_path / "ckpt"), targets="all")
@@ -483,7 +498,8 @@ def test_mismatched_adapter_gives_one_line():
     config = CONFIGS["llama-gqa"]
     adapter = lora_state_dict(inject_lora(GPT(config), r=16, targets=("query", "value")))
     model = inject_lora(GPT(config), r=8, targets=("query", "value"))
-    assert "adapter has r=16 for blocks.0.attn.q_proj but the model was set up with r=8" in mismatch_error(model, adapter)
+    msg = mismatch_error(model, adapter)
+    assert "adapter has r=16 for blocks.0.attn.q_proj but the model was set up with r=8" in msg
 
     adapter = lora_state_dict(inject_lora(GPT(config), r=8, targets=("query", "key", "value")))
     msg = mismatch_error(model, adapter)
@@ -502,6 +518,9 @@ def test_mismatched_adapter_gives_one_line():
 
     adapter = lora_state_dict(inject_lora(GPT(config), r=8, targets=("query", "value"), use_dora=True))
     assert "DoRA" in mismatch_error(model, adapter)
+    dora_model = inject_lora(GPT(config), r=8, targets=("query", "value"), use_dora=True)
+    plain = lora_state_dict(inject_lora(GPT(config), r=8, targets=("query", "value")))
+    assert "set up with use_dora but the adapter is plain LoRA" in mismatch_error(dora_model, plain)
 
     assert "is not a LoRA weight" in mismatch_error(model, GPT(config).state_dict())
     # nothing was loaded by the failed attempts: B is still zero
