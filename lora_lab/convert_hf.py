@@ -48,24 +48,20 @@ TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # Name tables: our module -> Hugging Face module ({i} is the layer index). A parameter keeps its suffix
 # (.weight / .bias). "blocks.{i}.attn.qkv" stands for q_proj, k_proj and v_proj fused into one matrix.
 # ------------------------------------------------------------------------------------------------------------
-def _llama_names(prefix: str = "model") -> dict[str, str]:
-    return {
-        "wte": f"{prefix}.embed_tokens",
-        "blocks.{i}.norm_1": f"{prefix}.layers.{{i}}.input_layernorm",
-        "blocks.{i}.attn.q_proj": f"{prefix}.layers.{{i}}.self_attn.q_proj",
-        "blocks.{i}.attn.k_proj": f"{prefix}.layers.{{i}}.self_attn.k_proj",
-        "blocks.{i}.attn.v_proj": f"{prefix}.layers.{{i}}.self_attn.v_proj",
-        "blocks.{i}.attn.o_proj": f"{prefix}.layers.{{i}}.self_attn.o_proj",
-        "blocks.{i}.norm_2": f"{prefix}.layers.{{i}}.post_attention_layernorm",
-        "blocks.{i}.mlp.gate_proj": f"{prefix}.layers.{{i}}.mlp.gate_proj",
-        "blocks.{i}.mlp.up_proj": f"{prefix}.layers.{{i}}.mlp.up_proj",
-        "blocks.{i}.mlp.down_proj": f"{prefix}.layers.{{i}}.mlp.down_proj",
-        "norm_f": f"{prefix}.norm",
-        "lm_head": "lm_head",
-    }
-
-
-LLAMA_NAMES = _llama_names()  # also Mistral, Qwen2, Gemma, StableLM
+LLAMA_NAMES = {  # also Mistral, Qwen2, Gemma and StableLM
+    "wte": "model.embed_tokens",
+    "blocks.{i}.norm_1": "model.layers.{i}.input_layernorm",
+    "blocks.{i}.attn.q_proj": "model.layers.{i}.self_attn.q_proj",
+    "blocks.{i}.attn.k_proj": "model.layers.{i}.self_attn.k_proj",
+    "blocks.{i}.attn.v_proj": "model.layers.{i}.self_attn.v_proj",
+    "blocks.{i}.attn.o_proj": "model.layers.{i}.self_attn.o_proj",
+    "blocks.{i}.norm_2": "model.layers.{i}.post_attention_layernorm",
+    "blocks.{i}.mlp.gate_proj": "model.layers.{i}.mlp.gate_proj",
+    "blocks.{i}.mlp.up_proj": "model.layers.{i}.mlp.up_proj",
+    "blocks.{i}.mlp.down_proj": "model.layers.{i}.mlp.down_proj",
+    "norm_f": "model.norm",
+    "lm_head": "lm_head",
+}
 
 PHI_NAMES = {
     "wte": "model.embed_tokens",
@@ -159,7 +155,8 @@ def _rope_from_hf(hf: dict, default_partial: float = 1.0) -> dict:
     inside) or the older top-level `rope_theta` + `rope_scaling` (+ GPT-NeoX's `rotary_emb_base`, `rotary_pct`)."""
     params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     theta = params.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
-    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rotary_pct", default_partial)))
+    partial = params.get("partial_rotary_factor",
+                         hf.get("partial_rotary_factor", hf.get("rotary_pct", default_partial)))
     rope_type = params.get("rope_type", params.get("type", "default"))
     scaling = None
     if rope_type == "llama3":
@@ -288,18 +285,18 @@ def _rope_to_hf(config: Config, partial: bool = False) -> dict:
     """transformers 5 `rope_parameters`, plus the older top-level keys so other tools (transformers 4,
     llama.cpp, vLLM) read the same values."""
     params = {"rope_type": "default", "rope_theta": config.rope_base}
-    out = {}
+    out = {"rope_theta": config.rope_base}
+    if partial:
+        params["partial_rotary_factor"] = out["partial_rotary_factor"] = config.rotary_percentage
+    else:
+        _need(config.rotary_percentage == 1.0, "partial rotary embeddings")
     if config.rope_scaling is not None:
         s = config.rope_scaling
         params.update(rope_type="llama3", factor=s["factor"], low_freq_factor=s["low_freq_factor"],
-                      high_freq_factor=s["high_freq_factor"], original_max_position_embeddings=s["original_max_seq_len"])
+                      high_freq_factor=s["high_freq_factor"],
+                      original_max_position_embeddings=s["original_max_seq_len"])
         out["rope_scaling"] = dict(params)
-    if partial:
-        params["partial_rotary_factor"] = config.rotary_percentage
-        out["partial_rotary_factor"] = config.rotary_percentage
-    else:
-        _need(config.rotary_percentage == 1.0, "partial rotary embeddings")
-    return dict(rope_parameters=params, rope_theta=config.rope_base, **out)
+    return dict(rope_parameters=params, **out)
 
 
 def _write_common(config: Config, eps_key: str, head_dim: bool = False, lm_head_bias: bool = False) -> dict:
@@ -378,15 +375,15 @@ def _write_gpt_neox(config: Config) -> dict:
                 attention_bias=True)
 
 
-def _write_falcon(config: Config, new_arch: Optional[bool] = None) -> dict:
+def _write_falcon(config: Config) -> dict:
     _write_layernorm_family(config, "gelu")
     _need(config.attn_qkv_bias == config.bias, "a q/k/v bias without one on the other linear layers")
     nh, ng = config.n_head, config.n_query_groups
-    # Falcon-7B's layout handles multi-query (ng = 1) or multi-head (ng = nh) attention with one shared norm or a
-    # sequential block; anything else needs Falcon-40B's new_decoder_architecture (always parallel)
+    # Falcon-7B's architecture has multi-query (ng = 1) or multi-head (ng = nh) attention with one shared norm or
+    # a sequential block; anything else needs Falcon-40B's new_decoder_architecture (always parallel). Keep the
+    # source's choice when it still fits.
     fits_old = ng in (1, nh) and (config.shared_attention_norm or not config.parallel_residual)
-    if new_arch is None or (new_arch is False and not fits_old):
-        new_arch = not fits_old
+    new_arch = config.extra.get("hf_new_decoder_architecture") or not fits_old
     if new_arch:
         _need(config.parallel_residual, "a sequential block with grouped-query attention")
     out = dict(_write_common(config, "layer_norm_epsilon"), **_rope_to_hf(config), alibi=False, bias=config.bias,
@@ -564,7 +561,7 @@ def split_qkv(fused: torch.Tensor, config: Config) -> dict[str, torch.Tensor]:
     """query_key_value rows laid out (ng, nh/ng + 2, hs) -> q (nh*hs), k (ng*hs), v (ng*hs) rows."""
     nh, ng, hs = config.n_head, config.n_query_groups, config.head_size
     rest = fused.shape[1:]  # (C,) for a weight, () for a bias
-    grouped = fused.view(ng, nh // ng + 2, hs, *rest)
+    grouped = fused.reshape(ng, nh // ng + 2, hs, *rest)
     return {"q": grouped[:, :-2].reshape(nh * hs, *rest),
             "k": grouped[:, -2].reshape(ng * hs, *rest),
             "v": grouped[:, -1].reshape(ng * hs, *rest)}
@@ -608,6 +605,10 @@ def hf_weight_files(hf_dir: Path) -> list[Path]:
                        f"pytorch_model.bin or pytorch_model.bin.index.json; download the model's weights into it")
 
 
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def iter_hf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of one weight file, one tensor at a time (safetensors) or memory-mapped (.bin)."""
     corrupt = f"{path} is truncated or corrupt"
@@ -617,7 +618,7 @@ def iter_hf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
         except (SafetensorError, OSError) as e:
-            raise LoraLabError(f"{corrupt} ({str(e).splitlines()[0]}): download it again") from None
+            raise LoraLabError(f"{corrupt} ({_first_line(e)}): download it again") from None
         return
     try:
         try:
@@ -627,7 +628,7 @@ def iter_hf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 raise
             state_dict = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (pre-zip) format
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        raise LoraLabError(f"{corrupt} or not a weights-only PyTorch file ({str(e).splitlines()[0]}): "
+        raise LoraLabError(f"{corrupt} or not a weights-only PyTorch file ({_first_line(e)}): "
                            f"download it again") from None
     if not isinstance(state_dict, dict):
         raise LoraLabError(f"{path} does not hold a state dict: download it again")
@@ -673,12 +674,11 @@ def convert_hf_checkpoint(hf_dir: PathLike, out_dir: PathLike, dtype: Union[str,
     """Convert a Hugging Face model folder into a lora_lab checkpoint in `out_dir`; returns its Config.
 
     Weights keep their dtype unless `dtype` is given. Every tensor of the source must find its place (rotary
-    inv_freq and attention-mask buffers excepted), and every weight of our model must be found."""
+    inv_freq and attention-mask buffers excepted), and every weight of our model must be found.
+    `out_dir` may be `hf_dir` itself (lora_lab.download does that): all weights are read before our
+    model.safetensors replaces a source file of that name."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     config = load_hf_config(hf_dir)
-    if out_dir.resolve() == hf_dir.resolve():
-        raise LoraLabError(f"{out_dir}: write the converted checkpoint to another folder than the Hugging Face one "
-                           f"(both name their weights model.safetensors)")
     family = FAMILIES[config.extra["hf_architecture"]]
     dtype = _as_dtype(dtype)
     shapes = expected_shapes(config)
@@ -707,7 +707,8 @@ def convert_hf_checkpoint(hf_dir: PathLike, out_dir: PathLike, dtype: Union[str,
                 raise LoraLabError(f"{config_path} does not fit the weights: {hf_name} in {path.name} has shape "
                                    f"{tuple(tensor.shape)} but config.json implies {expected}; fix config.json "
                                    f"or download the model again")
-            pieces = split_qkv(tensor, config) if parts[0][1] else None
+            # q, k, v as tensors of their own, so the fused one is freed (and never saved as shared memory)
+            pieces = {k: v.clone() for k, v in split_qkv(tensor, config).items()} if parts[0][1] else None
             for ours, part in parts:
                 state_dict[ours] = _cast(pieces[part] if part else tensor, dtype)
     missing = [plan[k][0] for k in shapes if k not in state_dict]
@@ -738,10 +739,7 @@ def hf_family_for(config: Config) -> tuple[Family, dict]:
             raise LoraLabError(f"the config's extra.hf_architecture {arch!r} is not supported; supported: "
                                f"{', '.join(FAMILIES)}")
         try:
-            family = FAMILIES[arch]
-            if arch == "FalconForCausalLM":
-                return family, _write_falcon(config, config.extra.get("hf_new_decoder_architecture"))
-            return family, family.write(config)
+            return FAMILIES[arch], FAMILIES[arch].write(config)
         except _CannotExpress as e:
             raise LoraLabError(f"the config no longer fits {arch} ({e} is not part of it): set "
                                f"extra.hf_architecture to another architecture or remove it") from None
@@ -764,6 +762,10 @@ def export_hf_state_dict(config: Config, state_dict: dict[str, torch.Tensor]) ->
     if missing or unexpected:
         raise LoraLabError(f"the weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]} "
                            f"(merge LoRA weights before exporting)")
+    for k, shape in shapes.items():
+        if state_dict[k].shape != shape:
+            raise LoraLabError(f"the weights do not fit the config: {k} has shape {tuple(state_dict[k].shape)}, "
+                               f"the config implies {tuple(shape)}")
     hf_state_dict: dict[str, torch.Tensor] = {}
     fused: dict[str, dict[str, torch.Tensor]] = {}
     for ours, (hf_name, part) in name_map(config, family).items():

@@ -42,7 +42,7 @@ TINY_HF: dict[str, tuple[str, dict]] = {
                                 rope_parameters=dict(rope_type="default", rope_theta=10000.0,
                                                      partial_rotary_factor=0.25),
                                 use_parallel_residual=True, tie_word_embeddings=False)),
-    # GPT-NeoX with a sequential block and no attention bias... is not expressible; sequential with biases is
+    # GPT-NeoX with a sequential block (use_parallel_residual: false), gelu_new, half of each head rotating
     "neox_sequential": ("gpt_neox", dict(_base, num_attention_heads=4, intermediate_size=128, hidden_act="gelu_new",
                                          rope_parameters=dict(rope_type="default", rope_theta=10000.0,
                                                               partial_rotary_factor=0.5),
