@@ -118,7 +118,7 @@ def weights_summary(path: Path) -> str:
             n_params += n
             dtypes.add(str(s.get_dtype()).lower())
     size = (f"{n_params / 1e9:.2f}B" if n_params >= 1e9 else f"{n_params / 1e6:.1f}M" if n_params >= 1e6
-            else f"{n_params / 1e3:.1f}K")
+            else f"{n_params / 1e3:.1f}K" if n_params >= 1e4 else str(n_params))
     names = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
     return f"{size} parameters, {'/'.join(sorted(names.get(d, d) for d in dtypes))}"
 

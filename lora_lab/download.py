@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -99,6 +100,9 @@ def _hub_call(fn, repo_id: str, token: Optional[str]):
 def download(repo_id: str, checkpoint_dir: Path = Path("checkpoints"), token: Optional[str] = None,
              keep_hf_weights: bool = False) -> Path:
     """Download `repo_id` into checkpoint_dir/<org>/<name> and convert it there; return that folder."""
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", repo_id) or ".." in repo_id:
+        raise LoraLabError(f"{repo_id!r} is not a valid repository id: it looks like org/name, e.g. "
+                           f"HuggingFaceTB/SmolLM2-135M-Instruct")
     out_dir = Path(checkpoint_dir) / repo_id
     if is_checkpoint(out_dir):
         print(f"{out_dir} is already a converted checkpoint: nothing to do", file=sys.stderr)

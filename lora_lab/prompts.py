@@ -110,7 +110,8 @@ class Alpaca(PromptStyle):
                         "context. Write a response that appropriately completes the request.")
             return (f"{preamble if system is None else system}\n\n"
                     f"### Instruction:\n{prompt}\n\n### Input:\n{input}\n\n### Response:\n")
-        preamble = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        preamble = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                    "the request.")
         return f"{preamble if system is None else system}\n\n### Instruction:\n{prompt}\n\n### Response:\n"
 
 

@@ -17,7 +17,8 @@ QWEN_TEMPLATE = (
     "{%- if messages[0]['role'] == 'system' %}\n"
     "    {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n"
     "{%- else %}\n"
-    "    {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}\n"
+    "    {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. "
+    "You are a helpful assistant.<|im_end|>\\n' }}\n"
     "{%- endif %}\n"
     "{%- for message in messages %}{%- if message.role != 'system' %}"
     "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endif %}{%- endfor %}\n"
@@ -95,7 +96,9 @@ def test_chatml_matches_smollm2_chat_template(assets, smol_hf_tokenizer, system)
     style = PromptStyle.from_name("chatml", checkpoint_dir=smol_dir)
     assert style.default_system == SMOL_SYSTEM
     prompt = "What is the capital of France?"
-    messages = ([] if system is None else [{"role": "system", "content": system}]) + [{"role": "user", "content": prompt}]
+    messages = [{"role": "user", "content": prompt}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
     expected = smol_hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert style.apply(prompt, system=system) == expected
     # and the token ids our tokenizer makes of it are those of transformers' tokenizer
