@@ -1,4 +1,4 @@
-"""Import a llama.cpp GGUF file: metadata -> Config, (de)quantized tensors -> float weights, embedded vocab -> tokenizer.
+"""Import a llama.cpp GGUF file: metadata -> Config, quantized tensors -> float weights, vocab -> tokenizer.
 
 A GGUF file holds key/value metadata (`llama.block_count`, `tokenizer.ggml.tokens`, ...) and named tensors
 (`token_embd.weight`, `blk.0.attn_q.weight`, ...), each in a ggml type: plain floats or block-quantized
@@ -13,11 +13,12 @@ Two things llama.cpp changes on the way in that we undo:
 Dequantized weights are what llama.cpp computes with, so the converted model matches the GGUF model, not the
 original unquantized checkpoint.
 
-    python -m lora_lab.convert_gguf SmolLM2-135M-Instruct.Q4_1.gguf out/smollm2-gguf
+    python -m lora_lab.convert_gguf --gguf_path SmolLM2-135M-Instruct.Q4_1.gguf --out_dir out/smollm2-gguf
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import warnings
@@ -29,9 +30,9 @@ import torch
 
 from lora_lab.checkpoint import copy_tokenizer_files, save_checkpoint
 from lora_lab.config import Config
-from lora_lab.convert_llama2c import interleaved_to_halves
+from lora_lab.convert_llama2c import as_dtype, interleaved_to_halves
 from lora_lab.model import llama3_scale
-from lora_lab.sp_vocab import BYTE, CONTROL, NORMAL, USER_DEFINED, build_sentencepiece_bpe, write_tokenizer_files
+from lora_lab.sp_vocab import CONTROL, NORMAL, USER_DEFINED, build_sentencepiece_bpe, write_tokenizer_files
 from lora_lab.utils import LoraLabError, atomic_write_text
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
@@ -78,10 +79,7 @@ class _Meta:
 
     def get(self, key: str, default: Any = None) -> Any:
         field = self.reader.fields.get(key)
-        if field is None:
-            return default
-        value = field.contents()
-        return value
+        return default if field is None else field.contents()
 
     def need(self, key: str) -> Any:
         if key not in self.reader.fields:
@@ -90,8 +88,9 @@ class _Meta:
         return self.get(key)
 
     def one(self, key: str, default: Any = None) -> Any:
-        """A per-model number that some files store per layer: require all layers to agree."""
-        value = self.get(key, default) if default is not None else self.need(key)
+        """A number that some files store per layer (head counts, MLP width): all layers must agree.
+        Without a default the key must be present."""
+        value = self.need(key) if default is None else self.get(key, default)
         if isinstance(value, list):
             if len(set(value)) != 1:
                 raise LoraLabError(f"{self.path}: {key} differs between layers ({sorted(set(value))}); models with "
@@ -111,7 +110,8 @@ def open_gguf(path: Union[str, Path]):
         reader = GGUFReader(path)
     except (ValueError, IndexError, KeyError, OverflowError, OSError, UnicodeDecodeError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
-        raise LoraLabError(f"{path} is not a readable GGUF file, or it is truncated ({msg}): download it again") from None
+        raise LoraLabError(f"{path} is not a readable GGUF file, or it is truncated ({msg}): "
+                           f"download it again") from None
     # the reader maps the file lazily: a file cut inside the tensor data may still parse, so check the sizes
     size = path.stat().st_size
     for t in reader.tensors:
@@ -121,14 +121,17 @@ def open_gguf(path: Union[str, Path]):
     return reader
 
 
+def check_type(tensor, path: Path) -> None:
+    if tensor.tensor_type.name not in SUPPORTED_TYPES:
+        raise LoraLabError(f"{path}: tensor {tensor.name} has type {tensor.tensor_type.name}, which we cannot "
+                           f"dequantize (supported: {', '.join(SUPPORTED_TYPES)}); use a GGUF file with those types")
+
+
 def dequantize(tensor, path: Path) -> torch.Tensor:
     """One GGUF tensor as float32, shaped as PyTorch expects (GGUF lists dims innermost first)."""
     from gguf.quants import dequantize as gguf_dequantize
 
-    type_name = tensor.tensor_type.name
-    if type_name not in SUPPORTED_TYPES:
-        raise LoraLabError(f"{path}: tensor {tensor.name} has type {type_name}, which we cannot dequantize "
-                           f"(supported: {', '.join(SUPPORTED_TYPES)}); use a GGUF file with one of those types")
+    check_type(tensor, path)
     values = np.array(gguf_dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)  # copy out of the mmap
     shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
     return torch.from_numpy(values).reshape(shape)
@@ -224,7 +227,7 @@ def convert_gguf(gguf_path: Union[str, Path], out_dir: Union[str, Path], tokeniz
     generation_config.json) to copy; by default the folder of the GGUF file if it has them, else a
     tokenizer.json is built from the vocabulary embedded in the GGUF file."""
     path, out_dir = Path(gguf_path), Path(out_dir)
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = as_dtype(dtype)
     reader = open_gguf(path)
     meta = _Meta(reader, path)
     tensors = {t.name: t for t in reader.tensors}
@@ -237,9 +240,7 @@ def convert_gguf(gguf_path: Union[str, Path], out_dir: Union[str, Path], tokeniz
         if gguf_name_to_ours(t.name) is None:
             raise LoraLabError(f"{path}: tensor {t.name} has no counterpart in our {config.extra['gguf_architecture']} "
                                f"model; this GGUF variant is not supported")
-        if t.tensor_type.name not in SUPPORTED_TYPES:
-            raise LoraLabError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which we cannot dequantize "
-                               f"(supported: {', '.join(SUPPORTED_TYPES)}); use a GGUF file with one of those types")
+        check_type(t, path)
 
     arch = config.extra["gguf_architecture"]
     state_dict = {}
@@ -264,10 +265,8 @@ def convert_gguf(gguf_path: Union[str, Path], out_dir: Union[str, Path], tokeniz
 # tokenizer
 # ------------------------------------------------------------------------------------------------------------
 def _prompt_style(template: Optional[str]) -> str:
-    try:
-        from lora_lab.convert_hf import prompt_style_from_chat_template
-    except ImportError:  # convert_hf not available: the one style we must recognise
-        return "chatml" if template and "<|im_start|>" in template else "plain"
+    from lora_lab.convert_hf import prompt_style_from_chat_template  # lazily: convert_hf may dispatch to us
+
     return prompt_style_from_chat_template(template)
 
 
@@ -286,8 +285,6 @@ def _tokenizer_source(path: Path, tokenizer_dir) -> Optional[Path]:
 
 def _write_tokenizer(meta: _Meta, path: Path, out_dir: Path, tokenizer_dir, config: Config) -> str:
     """Copy or build the tokenizer files into out_dir; returns the prompt style."""
-    import json
-
     out_dir.mkdir(parents=True, exist_ok=True)
     source = _tokenizer_source(path, tokenizer_dir)
     template = meta.get("tokenizer.chat_template")
@@ -300,14 +297,15 @@ def _write_tokenizer(meta: _Meta, path: Path, out_dir: Path, tokenizer_dir, conf
         return _prompt_style(template)
     copied = copy_tokenizer_files(source, out_dir)
     bos, eos, add_bos = _special_tokens(meta)
-    tokens = meta.get("tokenizer.ggml.tokens") or []
-    if "tokenizer_config.json" not in copied:
+    if "tokenizer_config.json" not in copied:  # take the special tokens from the GGUF metadata
+        tokens = meta.get("tokenizer.ggml.tokens") or []
         tok_config = {"bos_token": tokens[bos] if bos is not None and bos < len(tokens) else None,
                       "eos_token": tokens[eos] if eos is not None and eos < len(tokens) else None,
                       "add_bos_token": add_bos}
         if template:
             tok_config["chat_template"] = template
-        atomic_write_text(out_dir / "tokenizer_config.json", json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(out_dir / "tokenizer_config.json",
+                          json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n")
     else:
         template = json.loads((out_dir / "tokenizer_config.json").read_text()).get("chat_template") or template
     if "generation_config.json" not in copied:
@@ -344,7 +342,8 @@ def gguf_tokenizer(meta: _Meta, path: Path):
                        f"tokenizer_dir with the model's tokenizer.json")
 
 
-def _byte_level_bpe(tokens: list[str], merges: list[str], types: list[int], pre: str, bos_id: Optional[int], path: Path):
+def _byte_level_bpe(tokens: list[str], merges: list[str], types: list[int], pre: str, bos_id: Optional[int],
+                    path: Path):
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
     from tokenizers.models import BPE
 
@@ -394,7 +393,8 @@ def write_gguf_tokenizer(meta: Union[_Meta, str, Path], path: Optional[Path] = N
         return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
     write_tokenizer_files(Path(out_dir), gguf_tokenizer(meta, path), bos_token=token("tokenizer.ggml.bos_token_id"),
-                          eos_token=token("tokenizer.ggml.eos_token_id"), unk_token=token("tokenizer.ggml.unknown_token_id"),
+                          eos_token=token("tokenizer.ggml.eos_token_id"),
+                          unk_token=token("tokenizer.ggml.unknown_token_id"),
                           pad_token=token("tokenizer.ggml.padding_token_id"), add_bos=add_bos, bos_id=bos,
                           eos_ids=[eos] if eos is not None else [], chat_template=meta.get("tokenizer.chat_template"),
                           model_max_length=model_max_length)

@@ -13,11 +13,12 @@ The tokenizer file is int32 max_token_length, then for every token: float32 scor
 llama2.c's exporter wrote spaces instead of "▁" and "\\n<s>\\n" / "\\n</s>\\n" for BOS / EOS; we undo both and
 build an equivalent SentencePiece-style tokenizer.json (lora_lab/sp_vocab.py).
 
-    python -m lora_lab.convert_llama2c stories260K.bin out/stories260K --tokenizer_path tok512.bin
+    python -m lora_lab.convert_llama2c --bin_path stories260K.bin --out_dir out/stories260K --tokenizer_path tok512.bin
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 import struct
 from pathlib import Path
@@ -34,6 +35,15 @@ from lora_lab.utils import LoraLabError
 
 HEADER = struct.Struct("<7i")
 NEW_FORMAT_MAGIC = 0x616B3432  # "ak42": llama2.c's version 1/2 exports, which start with a magic number
+
+
+def as_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
+    """"float32" / "bfloat16" / "float16" (or a torch.dtype) -> torch.dtype, for the converters' dtype argument."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise LoraLabError(f"dtype {dtype!r} is not one of float32, bfloat16, float16")
+    return getattr(torch, dtype)
 
 
 def interleaved_to_halves(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -66,7 +76,8 @@ def read_llama2c_tokenizer(path: Union[str, Path]) -> tuple[list[str], list[floa
         try:
             piece = data[off:off + length].decode("utf-8")
         except UnicodeDecodeError:
-            raise LoraLabError(f"{path}: token {len(pieces)} is not valid UTF-8; is this a llama2.c tokenizer.bin?") from None
+            raise LoraLabError(f"{path}: token {len(pieces)} is not valid UTF-8; is this a llama2.c "
+                               f"tokenizer.bin?") from None
         off += length
         if piece.strip() in ("<s>", "</s>"):  # the exporter wrote BOS / EOS as "\n<s>\n" / "\n</s>\n"
             piece = piece.strip()
@@ -86,13 +97,14 @@ def llama2c_tokenizer(path: Union[str, Path]):
 
 
 def convert_llama2c(bin_path: Union[str, Path], out_dir: Union[str, Path],
-                    tokenizer_path: Union[str, Path, None] = None, dtype: Union[str, torch.dtype] = torch.float32) -> Config:
+                    tokenizer_path: Union[str, Path, None] = None,
+                    dtype: Union[str, torch.dtype] = torch.float32) -> Config:
     """Convert a llama2.c model file into a lora_lab checkpoint in `out_dir`; returns its Config.
 
     tokenizer_path: the model's llama2.c tokenizer.bin (default: tokenizer.bin next to the model, if any), or a
     SentencePiece tokenizer.model, or a folder with tokenizer.json / tokenizer.model to copy."""
     bin_path, out_dir = Path(bin_path), Path(out_dir)
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = as_dtype(dtype)
     if not bin_path.is_file():
         raise LoraLabError(f"llama2.c model file {bin_path} does not exist")
     size = bin_path.stat().st_size
@@ -106,11 +118,12 @@ def convert_llama2c(bin_path: Union[str, Path], out_dir: Union[str, Path],
     dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len = HEADER.unpack(head)
     shared = vocab_size > 0
     vocab_size = abs(vocab_size)
+    header = (f"dim={dim}, hidden_dim={hidden_dim}, n_layers={n_layers}, n_heads={n_heads}, n_kv_heads={n_kv_heads}, "
+              f"vocab_size={vocab_size}, seq_len={seq_len}")
     if min(dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len) <= 0 or dim % n_heads \
             or n_heads % n_kv_heads or (dim // n_heads) % 2:
-        raise LoraLabError(f"{bin_path} does not start with a valid llama2.c header (dim={dim}, hidden_dim={hidden_dim}, "
-                           f"n_layers={n_layers}, n_heads={n_heads}, n_kv_heads={n_kv_heads}, vocab_size={vocab_size}, "
-                           f"seq_len={seq_len}): is it a llama2.c model file?")
+        raise LoraLabError(f"{bin_path} does not start with a valid llama2.c header ({header}): is it a llama2.c "
+                           f"model file?")
     hs = dim // n_heads
     kv_dim = n_kv_heads * hs
     # (name, shape) in file order; llama2.c stores each kind of weight for all layers together
@@ -131,18 +144,17 @@ def convert_llama2c(bin_path: Union[str, Path], out_dir: Union[str, Path],
     ]
     if not shared:
         layout.append(("wcls", (vocab_size, dim)))
-    n_floats = sum(int(np.prod(shape)) for _, shape in layout)
+    n_floats = sum(math.prod(shape) for _, shape in layout)
     expected = HEADER.size + 4 * n_floats
     if size != expected:
         what = "truncated" if size < expected else "longer than its header says"
-        raise LoraLabError(f"{bin_path} has {size} bytes but its header (dim={dim}, hidden_dim={hidden_dim}, "
-                           f"n_layers={n_layers}, n_heads={n_heads}, n_kv_heads={n_kv_heads}, vocab_size={vocab_size}, "
-                           f"seq_len={seq_len}) needs {expected}: the file is {what}; download or export it again")
+        raise LoraLabError(f"{bin_path} has {size} bytes but its header ({header}) needs {expected}: the file is "
+                           f"{what}; download or export it again")
 
     flat = torch.from_numpy(np.fromfile(bin_path, dtype="<f4", offset=HEADER.size).astype(np.float32))
     w, off = {}, 0
     for name, shape in layout:
-        n = int(np.prod(shape))
+        n = math.prod(shape)
         w[name] = flat[off:off + n].view(shape)
         off += n
 
@@ -166,8 +178,8 @@ def convert_llama2c(bin_path: Union[str, Path], out_dir: Union[str, Path],
                     n_head=n_heads, n_query_groups=n_kv_heads, intermediate_size=hidden_dim, rope_base=10000.0,
                     norm_class="RMSNorm", norm_eps=1e-5, mlp_class="swiglu", bias=False, tie_embeddings=shared,
                     prompt_style="plain", extra={"source": "llama2.c"})
+    _write_tokenizer(bin_path, out_dir, tokenizer_path, config)  # first: a bad tokenizer leaves no checkpoint behind
     save_checkpoint(out_dir, config, sd)
-    _write_tokenizer(bin_path, out_dir, tokenizer_path, config)
     return config
 
 
@@ -182,13 +194,15 @@ def _write_tokenizer(bin_path: Path, out_dir: Path, tokenizer_path, config: Conf
             return
         tokenizer_path = default
     tokenizer_path = Path(tokenizer_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer_path.is_dir():
         from lora_lab.checkpoint import copy_tokenizer_files
 
         if not copy_tokenizer_files(tokenizer_path, out_dir):
             raise LoraLabError(f"{tokenizer_path} has no tokenizer files: pass the llama2.c tokenizer.bin instead")
         return
-    if tokenizer_path.suffix == ".model":  # a SentencePiece model (e.g. Llama 2's, for the 32000-token tinyllamas)
+    # a SentencePiece model (Llama 2's, for the tinyllamas with 32000 tokens)
+    if tokenizer_path.suffix == ".model" and tokenizer_path.is_file():
         shutil.copyfile(tokenizer_path, out_dir / "tokenizer.model")
         return
     tokenizer, pieces = llama2c_tokenizer(tokenizer_path)

@@ -76,7 +76,8 @@ def build_sentencepiece_bpe(pieces: Sequence[str], scores: Sequence[float], type
     if add_dummy_prefix:  # Prepend leaves an empty text empty, as SentencePiece does
         steps.insert(0, normalizers.Prepend(SPACE))
     tok.normalizer = normalizers.Sequence(steps)
-    tok.pre_tokenizer = None  # the whole text is one "word": merges may cross spaces only where the vocab has such pieces
+    # no pre-tokenizer: the whole text is one "word"; merges cross spaces only where the vocab has such pieces
+    tok.pre_tokenizer = None
     dec = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     if add_dummy_prefix:
         dec.append(decoders.Strip(content=" ", left=1, right=0))
