@@ -430,8 +430,9 @@ def lora_plus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0,
     for name, p in model.named_parameters():
         if p.requires_grad:
             (fast if name.endswith("lora_B") else rest).append(p)
-    groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay},
-              {"params": fast, "lr": lr * ratio, "weight_decay": weight_decay}]
+    # lr_ratio lets a learning-rate schedule (lora_lab.training.set_lr) keep B's lr at ratio times A's
+    groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay, "lr_ratio": 1.0},
+              {"params": fast, "lr": lr * ratio, "weight_decay": weight_decay, "lr_ratio": ratio}]
     return [g for g in groups if g["params"]]
 
 

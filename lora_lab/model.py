@@ -20,6 +20,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from lora_lab.config import Config
 
@@ -35,6 +36,8 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.rope = RoPE(config)
+        # recompute each block's activations in the backward pass instead of storing them (less memory, ~30% slower)
+        self.activation_checkpointing = False
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: Union[str, Path], device=None, dtype=None) -> "GPT":
@@ -67,12 +70,15 @@ class GPT(nn.Module):
         for block in self.blocks:
             block.attn.kv_cache = None
 
-    def forward(self, idx: torch.Tensor, input_pos: Optional[int] = None, return_hidden: bool = False) -> torch.Tensor:
-        """idx (B, T) token ids -> logits (B, T, vocab_size).
+    def forward(self, idx: torch.Tensor, input_pos: Optional[int] = None, labels: Optional[torch.Tensor] = None,
+                neftune_alpha: float = 0.0, loss_chunk_size: Optional[int] = 1024) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, vocab_size), or with `labels` (B, T) the mean next-token loss.
 
         input_pos: with a KV cache, the position of idx[:, 0] (0 for the prompt, then one more per new token).
-        return_hidden: return the final normed hidden states (B, T, C) instead of logits, for a loss that
-        applies lm_head in chunks.
+        labels: targets aligned with idx (not shifted), IGNORE_INDEX where nothing is to be learned; the loss
+        runs lm_head only where it is needed, in chunks (see next_token_loss).
+        neftune_alpha: NEFTune (Jain et al. 2023): in training mode, add uniform noise of size
+        alpha / sqrt(T * C) to the embeddings, a regulariser that helps instruction tuning.
         """
         B, T = idx.shape
         start = input_pos or 0
@@ -83,12 +89,50 @@ class GPT(nn.Module):
         if self.config.scale_embeddings:
             # Gemma rounds the scale to the activation dtype before multiplying; do the same to match it
             x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
+        if neftune_alpha and self.training:
+            x = x + torch.empty_like(x).uniform_(-1, 1) * (neftune_alpha / math.sqrt(T * x.size(-1)))
         for block in self.blocks:
-            x = block(x, cos, sin, input_pos)
-        x = self.norm_f(x)
-        if return_hidden:
-            return x
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, input_pos, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, input_pos)
+        x = self.norm_f(x)  # (B, T, C)
+        if labels is not None:
+            return next_token_loss(self.lm_head, x, labels, loss_chunk_size)
         return self.lm_head(x)  # (B, T, vocab_size)
+
+
+IGNORE_INDEX = -100
+
+
+def _ce_sum(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = lm_head(hidden).float()  # (n, vocab)
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def next_token_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                    chunk_size: Optional[int] = 1024) -> torch.Tensor:
+    """Mean cross-entropy of predicting labels[:, t+1] from hidden[:, t], over the positions that have a target.
+
+    hidden (B, T, C) are the final normed hidden states, labels (B, T) token ids with IGNORE_INDEX where there
+    is nothing to learn (prompt, padding). Two savings over `cross_entropy(lm_head(hidden), ...)`:
+      - lm_head runs only on positions with a target: with the prompt masked that is often half of them;
+      - the logits are computed `chunk_size` rows at a time and recomputed in the backward pass, so the
+        float32 (n, vocab) logits and their gradient are never all in memory (vocab is 49k-256k wide: for
+        4 x 256 tokens and a 128k vocab that is 0.5 GB each).
+    """
+    targets = labels[:, 1:]  # (B, T-1)
+    keep = targets != IGNORE_INDEX  # (B, T-1)
+    n = int(keep.sum())
+    if n == 0:
+        raise ValueError("a batch has no target tokens (all labels are -100): check the data's masking")
+    h = hidden[:, :-1][keep]  # (n, C)
+    t = targets[keep]  # (n,)
+    if chunk_size is None or n <= chunk_size:
+        return _ce_sum(lm_head, h, t) / n
+    total = sum(torch.utils.checkpoint.checkpoint(_ce_sum, lm_head, hc, tc, use_reentrant=False)
+                for hc, tc in zip(h.split(chunk_size), t.split(chunk_size)))
+    return total / n
 
 
 class Block(nn.Module):

@@ -69,8 +69,12 @@ class Tokenizer:
         # does encoding add BOS by default? Llama/Mistral/Gemma: yes; GPT-2-style BPE (SmolLM, Qwen): no
         if "add_bos_token" in tok_config:
             self.add_bos = bool(tok_config["add_bos_token"]) and self.bos_id is not None
+        elif self.backend == "huggingface":
+            # no explicit setting (Llama 3): the tokenizer.json post-processor decides, as in transformers
+            ids = self.processor.encode("a", add_special_tokens=True).ids
+            self.add_bos = self.bos_id is not None and bool(ids) and ids[0] == self.bos_id
         else:
-            self.add_bos = self.backend == "sentencepiece" and self.bos_id is not None
+            self.add_bos = self.bos_id is not None
 
     def _special_id(self, token, gen_config: dict, hf_config: dict, key: str) -> Optional[int]:
         token = _token_str(token)

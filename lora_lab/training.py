@@ -1,0 +1,197 @@
+"""Plumbing the fine-tuning scripts share: the loss, the learning-rate schedule, progress and resume state.
+
+What teaches a method (which parameters train, how the model is transformed) stays in finetune/*.py; what is
+the same for every method lives here, so the four scripts cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+import re
+import signal
+import time
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from lora_lab.model import IGNORE_INDEX, next_token_loss  # noqa: F401  (re-exported for the scripts)
+from lora_lab.utils import LoraLabError, atomic_path
+
+TRAIN_STATE_FILE = "train_state.pt"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Learning rate: linear warm-up, then cosine decay to min_lr
+# ------------------------------------------------------------------------------------------------------------
+def lr_at(step: int, max_steps: int, learning_rate: float, warmup_steps: int, min_lr: float) -> float:
+    """The learning rate of optimizer step `step` (0-based)."""
+    if step < warmup_steps:
+        return learning_rate * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (learning_rate - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every param group's lr; groups with an `lr_ratio` (LoRA+'s B matrices) get lr times that."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_ratio", 1.0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Time budget and interruption
+# ------------------------------------------------------------------------------------------------------------
+def parse_duration(value: Union[str, float, int, None]) -> Optional[float]:
+    """Seconds from 3600, "3600", "90m", "1.5h", "2d", "23:30:00" or "45:00"; None stays None."""
+    if value is None or isinstance(value, (int, float)):
+        return None if value is None else float(value)
+    text = str(value).strip()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if ":" in text:
+            parts = [float(p) for p in text.split(":")]
+            return sum(p * 60**i for i, p in enumerate(reversed(parts)))
+        m = re.fullmatch(r"([0-9.]+)\s*([smhd]?)", text)
+        if m:
+            return float(m.group(1)) * units[m.group(2) or "s"]
+    except ValueError:
+        pass
+    raise LoraLabError(f"--max_time {value!r}: give seconds (3600), a unit (90m, 1.5h, 2d) or H:MM:SS")
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM sets `requested`; the training loop saves at the next step boundary and exits,
+    so an interrupted run loses at most the step in progress and `--resume` continues it exactly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread (e.g. some launchers): no graceful stop then
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nStopping after this step (saving state to resume; Ctrl-C again to stop at once)", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Resume state: everything besides the trainable weights that decides what the next step does
+# ------------------------------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(i) for i in x) if isinstance(x, (list, tuple)) else x
+
+
+def save_train_state(path: Union[str, Path], state: dict) -> None:
+    """torch.save to a temporary file, then rename: a crash mid-write leaves the previous state intact."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_train_state(path: Union[str, Path]) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise LoraLabError(f"--resume: {path} does not exist: there is no interrupted run in {path.parent} to resume "
+                           f"(start without --resume)")
+    try:
+        # weights_only: only tensors and plain containers are read back, never arbitrary pickled objects
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read is the same problem for the user
+        raise LoraLabError(f"--resume: {path} is truncated or corrupt ({type(e).__name__}): start the run again "
+                           f"without --resume") from None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Progress
+# ------------------------------------------------------------------------------------------------------------
+def format_seconds(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class Throughput:
+    """Tokens per second and ETA over the steps done in this process (a resumed run starts counting anew)."""
+
+    def __init__(self, start_step: int, max_steps: int) -> None:
+        self.t0, self.start_step, self.max_steps = time.perf_counter(), start_step, max_steps
+        self.tokens = 0
+
+    def update(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def tokens_per_sec(self) -> float:
+        return self.tokens / max(self.elapsed(), 1e-9)
+
+    def eta(self, step: int) -> float:
+        done = step - self.start_step
+        return self.elapsed() / max(done, 1) * (self.max_steps - step)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Data stream, metrics file, evaluation by generation
+# ------------------------------------------------------------------------------------------------------------
+def micro_batches(train_dl, rank: int, world_size: int, state: dict):
+    """The endless stream of this device's micro-batches: epochs follow one another (the sampler reshuffles),
+    and with several devices each takes every world_size-th micro-batch of the one global stream, so N devices
+    see exactly the data one device would with N times the gradient accumulation."""
+    while True:
+        for batch in train_dl:
+            state["micro_batches"] += 1
+            if (state["micro_batches"] - 1) % world_size == rank:
+                yield batch
+
+
+class MetricsLog:
+    """Appends one row per step to metrics.csv (a resumed run appends to the same file)."""
+
+    def __init__(self, path: Path, fabric) -> None:
+        self.path, self.enabled = Path(path), fabric.is_global_zero
+        self.fields = ["step", "train_loss", "val_loss", "val_ppl", "lr", "tokens", "tokens_per_sec"]
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        new = not self.path.is_file()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.fields)
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompt_style, rows, max_new_tokens: int = 128) -> list[str]:
+    """Greedy answers of `model` to rows' prompts (instruction + input, wrapped in prompt_style)."""
+    from lora_lab.generate import generate
+
+    stop_ids = list(tokenizer.eos_ids) + prompt_style.stop_tokens(tokenizer)
+    answers = []
+    for row in rows:
+        prompt = tokenizer.encode(prompt_style.apply(row["instruction"], row.get("input", "")))
+        ids = [i for i in generate(model, prompt, max_new_tokens, temperature=0.0, eos_ids=stop_ids)
+               if i not in stop_ids]
+        answers.append(tokenizer.decode(ids))
+    return answers
