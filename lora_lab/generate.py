@@ -58,7 +58,7 @@ def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, temperature:
     max_len = min(T + max_new_tokens, model.config.block_size)
     if T >= model.config.block_size:
         raise ValueError(f"The prompt has {T} tokens; the model's block_size is {model.config.block_size}")
-    tokens = prompt.view(1, -1).to(model.lm_head.weight.device)  # (1, T)
+    tokens = prompt.view(1, -1).to(model.wte.weight.device)  # (1, T)
     if use_kv_cache:
         model.set_kv_cache(batch_size=1, max_seq_length=max_len)
     try:

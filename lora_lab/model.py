@@ -62,7 +62,7 @@ class GPT(nn.Module):
     def set_kv_cache(self, batch_size: int, max_seq_length: Optional[int] = None, device=None, dtype=None) -> None:
         """Preallocate a key/value cache in every block for generation; `clear_kv_cache` removes it."""
         max_seq_length = max_seq_length or self.config.block_size
-        p = self.lm_head.weight
+        p = self.wte.weight  # (lm_head may be quantized: its weight dtype is not the activations')
         for block in self.blocks:
             block.attn.kv_cache = KVCache(self.config, batch_size, max_seq_length, device or p.device, dtype or p.dtype)
 
