@@ -33,6 +33,7 @@ from lora_lab.config import Config
 from lora_lab.convert_llama2c import as_dtype, interleaved_to_halves
 from lora_lab.model import llama3_scale
 from lora_lab.sp_vocab import CONTROL, NORMAL, USER_DEFINED, build_sentencepiece_bpe, write_tokenizer_files
+from lora_lab.prompts import prompt_style_from_chat_template
 from lora_lab.utils import LoraLabError, atomic_write_text
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
@@ -264,12 +265,6 @@ def convert_gguf(gguf_path: Union[str, Path], out_dir: Union[str, Path], tokeniz
 # ------------------------------------------------------------------------------------------------------------
 # tokenizer
 # ------------------------------------------------------------------------------------------------------------
-def _prompt_style(template: Optional[str]) -> str:
-    from lora_lab.convert_hf import prompt_style_from_chat_template  # lazily: convert_hf may dispatch to us
-
-    return prompt_style_from_chat_template(template)
-
-
 def _tokenizer_source(path: Path, tokenizer_dir) -> Optional[Path]:
     if tokenizer_dir is not None:
         tokenizer_dir = Path(tokenizer_dir)
@@ -292,9 +287,9 @@ def _write_tokenizer(meta: _Meta, path: Path, out_dir: Path, tokenizer_dir, conf
         if "tokenizer.ggml.tokens" not in meta:
             warnings.warn(f"{path} has no embedded vocabulary and no tokenizer files next to it: {out_dir} has no "
                           f"tokenizer; convert again with tokenizer_dir=FOLDER")
-            return _prompt_style(template)
+            return prompt_style_from_chat_template(template)
         write_gguf_tokenizer(meta, path, out_dir, config.block_size)
-        return _prompt_style(template)
+        return prompt_style_from_chat_template(template)
     copied = copy_tokenizer_files(source, out_dir)
     bos, eos, add_bos = _special_tokens(meta)
     if "tokenizer_config.json" not in copied:  # take the special tokens from the GGUF metadata
@@ -311,7 +306,7 @@ def _write_tokenizer(meta: _Meta, path: Path, out_dir: Path, tokenizer_dir, conf
     if "generation_config.json" not in copied:
         atomic_write_text(out_dir / "generation_config.json",
                           json.dumps({"bos_token_id": bos, "eos_token_id": eos}, indent=2) + "\n")
-    return _prompt_style(template if isinstance(template, str) else None)
+    return prompt_style_from_chat_template(template if isinstance(template, str) else None)
 
 
 def _special_tokens(meta: _Meta) -> tuple[Optional[int], Optional[int], bool]:

@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 
 from lora_lab.checkpoint import copy_tokenizer_files, load_checkpoint, save_checkpoint
 from lora_lab.config import Config
+from lora_lab.prompts import chat_template, prompt_style_from_chat_template  # noqa: F401 (re-exported)
 from lora_lab.utils import LoraLabError, atomic_path, atomic_write_text
 
 PathLike = Union[str, Path]
@@ -457,37 +458,6 @@ _MODEL_TYPES = {f.model_type: f.architecture for f in FAMILIES.values()}
 # ------------------------------------------------------------------------------------------------------------
 # config.json -> Config
 # ------------------------------------------------------------------------------------------------------------
-def prompt_style_from_chat_template(template: Optional[str]) -> str:
-    """Guess our prompt style from a tokenizer's Jinja chat template by the markers it uses."""
-    if not template:
-        return "plain"
-    if "<|im_start|>" in template:
-        return "chatml"
-    if "<|start_header_id|>" in template:
-        return "llama3"
-    if "[INST]" in template:
-        return "llama2-chat" if "<<SYS>>" in template else "mistral"
-    if "<start_of_turn>" in template:
-        return "gemma"
-    if "<|user|>" in template:
-        return "zephyr"
-    return "plain"
-
-
-def read_chat_template(model_dir: PathLike) -> Optional[str]:
-    """The chat template of a Hugging Face folder: tokenizer_config.json's `chat_template` (a string, or a list
-    of named templates) or the chat_template.jinja file newer transformers write."""
-    model_dir = Path(model_dir)
-    path = model_dir / "tokenizer_config.json"
-    template = _read_json(path).get("chat_template") if path.is_file() else None
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default") or next(iter(named.values()), None)
-    if not template and (model_dir / "chat_template.jinja").is_file():
-        template = (model_dir / "chat_template.jinja").read_text()
-    return template if isinstance(template, str) else None
-
-
 def _architecture(hf_config: dict) -> str:
     archs = hf_config.get("architectures") or []
     arch = archs[0] if archs else _MODEL_TYPES.get(hf_config.get("model_type"), hf_config.get("model_type"))
@@ -663,7 +633,7 @@ def load_hf_config(hf_dir: PathLike) -> Config:
         raise LoraLabError(f"{hf_dir} has no config.json: it is not a Hugging Face model folder; download the "
                            f"model's config.json into it")
     try:
-        return config_from_hf(_read_json(path), name=hf_dir.resolve().name, chat_template=read_chat_template(hf_dir))
+        return config_from_hf(_read_json(path), name=hf_dir.resolve().name, chat_template=chat_template(hf_dir))
     except LoraLabError as e:
         if str(e).startswith(str(path)):
             raise

@@ -246,3 +246,19 @@ def default_system_message(checkpoint_dir: Union[str, Path]) -> Optional[str]:
                 return system
     return None
 
+
+def prompt_style_from_chat_template(template: Optional[str]) -> str:
+    """Guess our prompt style from a tokenizer's Jinja chat template by the markers it uses."""
+    if not template:
+        return "plain"
+    if "<|im_start|>" in template:
+        return "chatml"
+    if "<|start_header_id|>" in template:
+        return "llama3"
+    if "[INST]" in template:
+        return "llama2-chat" if "<<SYS>>" in template else "mistral"
+    if "<start_of_turn>" in template:
+        return "gemma"
+    if "<|user|>" in template:
+        return "zephyr"
+    return "plain"
