@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from lora_lab.checkpoint import WEIGHTS_FILE, is_checkpoint, load_config
-from lora_lab.utils import LoraLabError, atomic_path
+from lora_lab.utils import LoraLabError, atomic_path, one_line_errors
 
 DTYPES = ("float32", "bfloat16", "float16")
 ACCEPTED = ("a Hugging Face model folder (with config.json), a GGUF file, or a llama2.c .bin model "
@@ -184,19 +184,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="GGUF: a folder with tokenizer.json; llama2.c: its tokenizer.bin")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="cast the weights (default: keep them)")
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors():
         if args.to == "hf":
             if args.tokenizer is not None:
                 raise LoraLabError("--tokenizer is not used with --to hf: the checkpoint has its tokenizer")
             summary = export(args.src, args.out_dir, dtype=args.dtype)
         else:
             summary = convert(args.src, args.out_dir, tokenizer=args.tokenizer, dtype=args.dtype)
-    except LoraLabError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
     print(summary)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from lora_lab.checkpoint import WEIGHTS_FILE, is_checkpoint
-from lora_lab.utils import LoraLabError
+from lora_lab.utils import LoraLabError, one_line_errors
 
 # the non-weight files a checkpoint keeps (chat_template.jinja: newer repositories keep the template there)
 METADATA_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
@@ -146,14 +146,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="keep the original weight files next to the converted model.safetensors (a "
                              "single-file model.safetensors is replaced by the converted one)")
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors():
         out_dir = download(args.repo_id, args.checkpoint_dir, token=args.token, keep_hf_weights=args.keep_hf_weights)
-    except LoraLabError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
     print(out_dir)
 
 

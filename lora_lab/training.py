@@ -155,20 +155,45 @@ class Throughput:
 def micro_batches(train_dl, rank: int, world_size: int, state: dict):
     """The endless stream of this device's micro-batches: epochs follow one another (the sampler reshuffles),
     and with several devices each takes every world_size-th micro-batch of the one global stream, so N devices
-    see exactly the data one device would with N times the gradient accumulation."""
-    while True:
-        for batch in train_dl:
-            state["micro_batches"] += 1
-            if (state["micro_batches"] - 1) % world_size == rank:
+    see exactly the data one device would with N times the gradient accumulation.
+
+    The global stream is read world_size micro-batches at a time, each device keeping the one of its rank:
+    at the end of every optimizer step all devices have then read exactly as far, so the sampler position
+    that rank 0 saves is the right place for every rank to resume from."""
+
+    def global_stream():
+        while True:
+            for batch in train_dl:
+                state["micro_batches"] += 1
                 yield batch
+
+    stream = global_stream()
+    while True:
+        group = [next(stream) for _ in range(world_size)]
+        yield group[rank]
 
 
 class MetricsLog:
-    """Appends one row per step to metrics.csv (a resumed run appends to the same file)."""
+    """Appends one row per step to metrics.csv (a resumed run appends to the same file).
 
-    def __init__(self, path: Path, fabric) -> None:
+    start_step: the step the run starts from (0, or the resumed step). Rows after it are dropped first: they
+    come from a run that crashed or was killed after its last saved state (or from an earlier run that never
+    saved one), and the steps they describe are about to be done again."""
+
+    def __init__(self, path: Path, fabric, start_step: Optional[int] = None) -> None:
         self.path, self.enabled = Path(path), fabric.is_global_zero
         self.fields = ["step", "train_loss", "val_loss", "val_ppl", "lr", "tokens", "tokens_per_sec"]
+        if self.enabled and start_step is not None and self.path.is_file():
+            self._drop_rows_after(start_step)
+
+    def _drop_rows_after(self, step: int) -> None:
+        with open(self.path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= step]
+        with atomic_path(self.path) as tmp:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
 
     def log(self, row: dict) -> None:
         if not self.enabled:

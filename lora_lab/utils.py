@@ -39,15 +39,23 @@ def atomic_write_text(path: os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
-def cli(main: Callable) -> None:
-    """Run a jsonargparse CLI around `main`, printing a LoraLabError as one line instead of a traceback."""
-    from jsonargparse import CLI
-
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """For command-line entry points: a LoraLabError becomes `error: <message>` and exit status 1, Ctrl-C exit 130,
+    never a traceback."""
     try:
-        CLI(main, as_positional=False)
+        yield
     except LoraLabError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def cli(main: Callable) -> None:
+    """Run a jsonargparse CLI around `main` (its typed arguments become flags; --config FILE.yaml reads them)."""
+    from jsonargparse import CLI
+
+    with one_line_errors():
+        CLI(main, as_positional=False)

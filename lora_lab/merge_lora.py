@@ -1,0 +1,176 @@
+"""Merge a LoRA adapter into its base model: one ordinary checkpoint that needs no lora_lab LoRA code to run.
+
+    python -m lora_lab.merge_lora --adapter_dir out/finetune/lora --out_dir out/merged
+    python generate/base.py --checkpoint_dir out/merged --prompt "..."      # the merged model, like any other
+
+    python -m lora_lab.merge_lora --adapter_dir out/finetune/lora --out_dir out/merged-hf --to hf
+    # a Hugging Face folder: AutoModelForCausalLM.from_pretrained("out/merged-hf")
+
+Every adapted weight becomes W + (alpha/r) B A (DoRA: m (W + s B A) / ||W + s B A||, see lora_lab/lora.py), so
+the merged model computes what base + adapter computes, up to floating point rounding, at the base model's cost.
+
+  --checkpoint_dir  the base model; default: the `base_model` the adapter was trained on (in lora_config.json)
+  --dtype           the merged weights' dtype (float32, bfloat16, float16); default: the base checkpoint's
+  --to              lora_lab (default: model_config.json + model.safetensors + tokenizer files, whose prompt
+                    style is the adapter's) or hf (config.json + model.safetensors in Hugging Face layout)
+
+The weights are merged in place, so the model is in memory once (plus, for a LoRA on a tied lm_head, a copy of
+the embedding matrix: lm_head stops sharing it, since the embedding itself must not change).
+
+The helpers `base_checkpoint_dir` and `check_adapter_fits` are shared with generate/lora.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import torch
+from safetensors.torch import save_file
+
+from lora_lab.checkpoint import WEIGHTS_FILE, copy_tokenizer_files, load_config, save_checkpoint
+from lora_lab.config import Config
+from lora_lab.convert_hf import EXTRA_TOKENIZER_FILES, export_hf_state_dict
+from lora_lab.generate import PRECISIONS
+from lora_lab.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, LoRAConfig, inject_lora, load_lora, \
+    load_lora_state_dict, merge_lora
+from lora_lab.model import GPT
+from lora_lab.utils import LoraLabError, atomic_path, atomic_write_text, cli
+
+PathLike = Union[str, Path]
+
+# the Config fields that decide the shapes of the layers an adapter can hold weights for
+SHAPE_FIELDS = ("vocab_size", "n_layer", "n_embd", "n_head", "head_size", "n_query_groups", "intermediate_size",
+                "mlp_class")
+
+
+def base_checkpoint_dir(lora_config: LoRAConfig, checkpoint_dir: Optional[PathLike], adapter_dir: PathLike) -> Path:
+    """`checkpoint_dir` if given, else the base model the adapter was trained on, if that directory exists here."""
+    if checkpoint_dir is not None:
+        return Path(checkpoint_dir)
+    config_path = Path(adapter_dir) / ADAPTER_CONFIG_FILE
+    if not lora_config.base_model:
+        raise LoraLabError(f"{config_path} does not name its base model: pass --checkpoint_dir")
+    if not Path(lora_config.base_model).is_dir():
+        raise LoraLabError(f"{config_path} names the base model {lora_config.base_model}, which does not exist here "
+                           f"(it is relative to where fine-tuning ran): pass --checkpoint_dir")
+    return Path(lora_config.base_model)
+
+
+def check_adapter_fits(lora_config: LoRAConfig, config: Config, adapter_dir: PathLike,
+                       checkpoint_dir: PathLike) -> None:
+    """One line naming the differences when the adapter was trained on a base model of other shapes."""
+    base = lora_config.base_config
+    if not base:  # an adapter saved without its base config: load_lora_state_dict still checks every shape
+        return
+    ours = config.to_dict()
+    diffs = [f"{k} {base[k]} vs {ours[k]}" for k in SHAPE_FIELDS if k in base and base[k] != ours[k]]
+    if diffs:
+        trained_on = base.get("name") or lora_config.base_model or "another model"
+        raise LoraLabError(f"{adapter_dir} was trained on {trained_on}, whose shapes differ from {checkpoint_dir} "
+                           f"({', '.join(diffs)}): pass the --checkpoint_dir of the base model it was trained on")
+
+
+def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    if name is None:
+        return None
+    if name not in PRECISIONS:
+        raise LoraLabError(f"unknown dtype {name!r}: use one of {', '.join(PRECISIONS)}")
+    return PRECISIONS[name]
+
+
+def load_merged(checkpoint_dir: PathLike, adapter_dir: PathLike,
+                dtype: Optional[torch.dtype] = None) -> tuple[GPT, LoRAConfig]:
+    """The base model with the adapter merged into its weights (in place), and the adapter's config."""
+    lora_config, adapter = load_lora(adapter_dir)
+    checkpoint_dir = base_checkpoint_dir(lora_config, checkpoint_dir, adapter_dir)
+    check_adapter_fits(lora_config, load_config(checkpoint_dir), adapter_dir, checkpoint_dir)
+    model = GPT.from_checkpoint(checkpoint_dir).eval()
+    stored = model.wte.weight.dtype
+    # merge in the wider of the two dtypes, so the merged weight is rounded to the narrower one only once
+    widen = dtype is not None and torch.finfo(dtype).eps < torch.finfo(stored).eps
+    if widen:
+        model.to(dtype)
+    # adapters in float32 whatever the base: B A is formed in float32 and rounded once, when added to W
+    inject_lora(model, r=lora_config.r, alpha=lora_config.alpha, targets=lora_config.targets,
+                use_rslora=lora_config.use_rslora, use_dora=lora_config.use_dora, lora_dtype=torch.float32)
+    load_lora_state_dict(model, adapter, source=Path(adapter_dir) / ADAPTER_WEIGHTS_FILE)
+    merge_lora(model)  # W <- W + (alpha/r) B A in every adapted layer; a LoRA'd tied lm_head gets its own weight
+    if dtype is not None and not widen:
+        model.to(dtype)  # parameter by parameter: the old copy of each is freed as the new one is made
+    return model, lora_config
+
+
+def merged_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """The merged model's weights under the plain GPT names: without the (now folded-in) lora_* tensors."""
+    return {k: v for k, v in model.state_dict().items() if not k.rsplit(".", 1)[-1].startswith("lora_")}
+
+
+def merge_lora_checkpoint(checkpoint_dir: Optional[PathLike], adapter_dir: PathLike, out_dir: PathLike,
+                          to: str = "lora_lab", dtype: Optional[torch.dtype] = None) -> Config:
+    """Write base + adapter, merged, to out_dir (as a lora_lab checkpoint, or with to="hf" a Hugging Face
+    folder); returns the merged model's Config."""
+    if to not in ("lora_lab", "hf"):
+        raise LoraLabError(f"--to {to!r}: use lora_lab or hf")
+    lora_config, _ = load_lora(adapter_dir)  # small; read first so a bad adapter fails before the base loads
+    checkpoint_dir = base_checkpoint_dir(lora_config, checkpoint_dir, adapter_dir)
+    out_dir = Path(out_dir)
+    if out_dir.resolve() in (Path(checkpoint_dir).resolve(), Path(adapter_dir).resolve()):
+        raise LoraLabError(f"--out_dir {out_dir} is the base checkpoint or the adapter directory: choose a new "
+                           f"directory for the merged model")
+    model, lora_config = load_merged(checkpoint_dir, adapter_dir, dtype)
+    # the merged model is prompted the way it was fine-tuned
+    config = replace(model.config, prompt_style=lora_config.prompt_style)
+    state_dict = merged_state_dict(model)
+    if to == "lora_lab":
+        save_checkpoint(out_dir, config, state_dict, tokenizer_dir=checkpoint_dir)
+    else:
+        try:
+            hf_config, hf_state_dict = export_hf_state_dict(config, state_dict)
+        except LoraLabError as e:
+            raise LoraLabError(f"{checkpoint_dir}: {e}") from None
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
+            save_file({k: v.contiguous() for k, v in hf_state_dict.items()}, str(tmp), metadata={"format": "pt"})
+        atomic_write_text(out_dir / "config.json", json.dumps(hf_config, indent=2) + "\n")
+        copy_tokenizer_files(checkpoint_dir, out_dir)
+        base_style = load_config(checkpoint_dir).prompt_style
+        if lora_config.prompt_style != base_style:
+            print(f"note: config.json has no prompt style: prompt the merged model in the adapter's style "
+                  f"{lora_config.prompt_style!r} (the base model's chat template, copied along, is {base_style!r})",
+                  file=sys.stderr)
+    for name in EXTRA_TOKENIZER_FILES:  # the chat template, where transformers writes it to a file of its own
+        src = Path(checkpoint_dir) / name
+        if src.is_file():
+            with atomic_path(out_dir / name) as tmp:
+                shutil.copyfile(src, tmp)
+    return config
+
+
+def main(
+    adapter_dir: Path,
+    out_dir: Path,
+    checkpoint_dir: Optional[Path] = None,
+    to: Literal["lora_lab", "hf"] = "lora_lab",
+    dtype: Optional[str] = None,
+) -> None:
+    """Merge a LoRA adapter into its base model and save the result.
+
+    Args:
+        adapter_dir: the output directory of a LoRA fine-tuning run (lora.safetensors + lora_config.json).
+        out_dir: where the merged model goes (a new directory).
+        checkpoint_dir: the base model; default: the base_model recorded in the adapter's lora_config.json.
+        to: lora_lab (a checkpoint for generate/base.py and GPT.from_checkpoint) or hf (a Hugging Face folder).
+        dtype: dtype of the merged weights (float32, bfloat16, float16); default: the base checkpoint's.
+    """
+    config = merge_lora_checkpoint(checkpoint_dir, adapter_dir, out_dir, to=to, dtype=_dtype(dtype))
+    print(f"Merged {adapter_dir} into {config.name or 'the base model'}: saved to {out_dir}"
+          + (" (Hugging Face layout)" if to == "hf" else ""), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    cli(main)
