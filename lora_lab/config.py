@@ -173,11 +173,11 @@ for instruct in ("", "-Instruct"):
 configs.append(dict(name="falcon-7b", hf_repo="tiiuae/falcon-7b", block_size=2048, vocab_size=65024, n_embd=4544,
                     n_layer=32, n_head=71, head_size=64, n_query_groups=1, intermediate_size=4 * 4544,
                     parallel_residual=True, shared_attention_norm=True, norm_class="LayerNorm", mlp_class="gelu",
-                    bias=False))
+                    bias=False, tie_embeddings=True))
 configs.append(dict(name="falcon-40b", hf_repo="tiiuae/falcon-40b", block_size=2048, vocab_size=65024, n_embd=8192,
                     n_layer=60, n_head=128, head_size=64, n_query_groups=8, intermediate_size=4 * 8192,
                     parallel_residual=True, shared_attention_norm=False, norm_class="LayerNorm", mlp_class="gelu",
-                    bias=False))
+                    bias=False, tie_embeddings=True))
 
 # Pythia (GPT-NeoX)
 for size, (n_embd, n_layer, n_head) in {
