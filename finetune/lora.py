@@ -10,7 +10,7 @@ out_dir and used by generate/lora.py, `python -m lora_lab.merge_lora` and `pytho
 --data is a built-in name (json_extraction: offline and synthetic; alpaca, alpaca-cleaned, alpaca-finance, dolly,
 lima: downloaded once) or a local .json / .jsonl / .csv file with instruction, input (optional) and output fields.
 Hyperparameters can also come from a YAML file: --config my_run.yaml. Ctrl-C saves the state at the end of the
-step in progress; run the same command with --resume to continue exactly where it stopped.
+step in progress; run the same command with --resume true to continue exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -19,21 +19,22 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import lightning as L
 import torch
 
 from lora_lab import GPT, Tokenizer
+from lora_lab.checkpoint import load_config
 from lora_lab.data import get_dataloaders
 from lora_lab.data.json_extraction import evaluate_extractions
 from lora_lab.generate import peak_memory_bytes, reset_peak_memory
 from lora_lab.lora import (LoRAConfig, count_parameters, inject_lora, load_lora_state_dict, lora_plus_param_groups,
-                           lora_state_dict, mark_only_lora_trainable, save_lora)
+                           lora_state_dict, mark_only_lora_trainable, normalize_targets, save_lora)
 from lora_lab.prompts import PromptStyle
 from lora_lab.training import (TRAIN_STATE_FILE, MetricsLog, StopRequest, Throughput, format_seconds,
-                               generate_answers, load_train_state, lr_at, micro_batches, parse_duration, rng_state,
-                               save_train_state, set_lr, set_rng_state)
+                               generate_answers, iter_keeping_rng, load_train_state, lr_at, micro_batches,
+                               parse_duration, rng_state, save_train_state, set_lr, set_rng_state)
 from lora_lab.utils import LoraLabError, cli
 
 
@@ -47,7 +48,7 @@ def setup(
     lora_r: int = 8,
     lora_alpha: float = 16.0,
     lora_dropout: float = 0.05,
-    lora_targets: tuple[str, ...] = ("query", "value"),
+    lora_targets: Union[tuple[str, ...], str] = ("query", "value"),
     use_rslora: bool = False,
     use_dora: bool = False,
     lora_plus_ratio: Optional[float] = None,
@@ -94,7 +95,8 @@ def setup(
         lora_r: rank of the update B A.
         lora_alpha: the update is scaled by lora_alpha / lora_r.
         lora_dropout: dropout on the LoRA branch's input.
-        lora_targets: layers to adapt: query, key, value, projection, mlp, lm_head, or all.
+        lora_targets: layers to adapt: query, key, value, projection, mlp, lm_head, or all (one, a list [query,mlp],
+            or query,mlp).
         use_rslora: scale by alpha / sqrt(r) instead of alpha / r.
         use_dora: DoRA (weight-decomposed LoRA).
         lora_plus_ratio: LoRA+: B learns this many times faster than A (e.g. 16).
@@ -136,16 +138,19 @@ def setup(
 
 
 def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_data: Optional[str], resume: bool,
-         lora_r: int, lora_alpha: float, lora_dropout: float, lora_targets: tuple[str, ...], use_rslora: bool,
-         use_dora: bool, lora_plus_ratio: Optional[float], prompt_style: Optional[str], max_seq_length: int,
-         mask_prompt: bool, n_train: Optional[int], n_val: Optional[int], max_steps: Optional[int], epochs: float,
-         batch_size: int, micro_batch_size: int, learning_rate: float, weight_decay: float, warmup_steps: int,
-         min_lr: float, grad_clip: float, neftune_alpha: float, activation_checkpointing: bool,
-         max_time: Optional[str], eval_interval: int, eval_iters: int, eval_samples: int, save_interval: int,
-         log_interval: int, seed: int, precision: str, devices: int, num_nodes: int, strategy: str) -> None:
+         lora_r: int, lora_alpha: float, lora_dropout: float, lora_targets: Union[tuple[str, ...], str],
+         use_rslora: bool, use_dora: bool, lora_plus_ratio: Optional[float], prompt_style: Optional[str],
+         max_seq_length: int, mask_prompt: bool, n_train: Optional[int], n_val: Optional[int],
+         max_steps: Optional[int], epochs: float, batch_size: int, micro_batch_size: int, learning_rate: float,
+         weight_decay: float, warmup_steps: int, min_lr: float, grad_clip: float, neftune_alpha: float,
+         activation_checkpointing: bool, max_time: Optional[str], eval_interval: int, eval_iters: int,
+         eval_samples: int, save_interval: int, log_interval: int, seed: int, precision: str, devices: int,
+         num_nodes: int, strategy: str) -> None:
     hparams = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "fabric"}
-    fabric.seed_everything(seed)
     out_dir = Path(out_dir)
+    # cheap checks of the arguments first, so that a mistake is reported before minutes of data and model loading
+    load_config(checkpoint_dir)  # one line if checkpoint_dir is not a lora_lab checkpoint
+    lora_targets = normalize_targets(lora_targets.split(",") if isinstance(lora_targets, str) else lora_targets)
     if fabric.world_size > 1 and batch_size % (micro_batch_size * fabric.world_size):
         raise LoraLabError(f"batch_size={batch_size} is not a multiple of micro_batch_size x devices = "
                            f"{micro_batch_size * fabric.world_size}")
@@ -154,7 +159,9 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
         raise LoraLabError(f"--resume: {out_dir / TRAIN_STATE_FILE} does not exist: there is no interrupted run in "
                            f"{out_dir} to resume (start without --resume)")
     if not resume and (out_dir / TRAIN_STATE_FILE).is_file():
-        raise LoraLabError(f"{out_dir} already holds a run: add --resume to continue it, or choose another --out_dir")
+        raise LoraLabError(f"{out_dir} already holds a run: add --resume true to continue it, or choose another "
+                           "--out_dir")
+    fabric.seed_everything(seed)
 
     # ---- data --------------------------------------------------------------------------------------------------
     tokenizer = Tokenizer(checkpoint_dir)
@@ -217,7 +224,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
         learning_rate, warmup_steps, min_lr, grad_clip, neftune_alpha, max_time, eval_interval, eval_iters,
         save_interval, log_interval) -> None:
     stop = StopRequest()
-    metrics = MetricsLog(out_dir / "metrics.csv", fabric)
+    metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"])
     throughput = Throughput(state["step"], max_steps)
     reset_peak_memory(fabric.device)
     batches = micro_batches(train_dl, fabric.global_rank, fabric.world_size, state)
@@ -234,17 +241,20 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
                 loss = model(batch["input_ids"], labels=batch["labels"], neftune_alpha=neftune_alpha)
                 fabric.backward(loss / grad_accum)
             if not torch.isfinite(loss):
-                raise LoraLabError(f"the loss is {loss.item()} at step {state['step'] + 1}: lower --learning_rate "
-                                   f"(or use --precision 32-true); the last good state is in {out_dir}")
+                raise not_finite("loss", loss.item(), state["step"] + 1, out_dir)
             loss_sum += loss.item()
             state["tokens"] += batch["input_ids"].numel() * fabric.world_size
             throughput.update(batch["input_ids"].numel() * fabric.world_size)
         if grad_clip:
-            fabric.clip_gradients(model, optimizer, max_norm=grad_clip)
+            norm = fabric.clip_gradients(model, optimizer, max_norm=grad_clip, error_if_nonfinite=False)
+            if not torch.isfinite(norm):  # a finite loss whose gradient overflowed
+                raise not_finite("gradient norm", norm.item(), state["step"] + 1, out_dir)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
         step, train_loss = state["step"], loss_sum / grad_accum
+        if fabric.world_size > 1:  # the loss of the global batch, not only of this device's share
+            train_loss = fabric.all_reduce(torch.tensor(train_loss, device=fabric.device), reduce_op="mean").item()
 
         if step % log_interval == 0 or step == max_steps:
             fabric.print(f"step {step}/{max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
@@ -252,18 +262,25 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
         row = {"step": step, "train_loss": train_loss, "lr": lr, "tokens": state["tokens"],
                "tokens_per_sec": throughput.tokens_per_sec()}
         out_of_time = max_time is not None and throughput.elapsed() > max_time
+        stop_requested = stop.requested
+        if fabric.world_size > 1:
+            # every device must take the same branch below (validate, save, break): a device that trained on
+            # alone would wait forever for the others in its next gradient all-reduce. Each device has its own
+            # clock and Ctrl-C reaches them at slightly different times, so agree: stop if any device says so
+            flags = torch.tensor([out_of_time, stop_requested], dtype=torch.float32, device=fabric.device)
+            out_of_time, stop_requested = (bool(f) for f in fabric.all_reduce(flags, reduce_op="sum").tolist())
         if val_dl is not None and (step % eval_interval == 0 or step == max_steps or out_of_time):
             val_loss = validate(fabric, model, val_dl, eval_iters)
             row.update(val_loss=val_loss, val_ppl=math.exp(val_loss))
             fabric.print(f"step {step}: val loss {val_loss:.4f}, val ppl {math.exp(val_loss):.2f}")
         metrics.log(row)
-        if step % save_interval == 0 or step == max_steps or out_of_time or stop.requested:
+        if step % save_interval == 0 or step == max_steps or out_of_time or stop_requested:
             save(fabric, gpt, optimizer, train_dl, state, lora_config, hparams, out_dir)
         if out_of_time:
             fabric.print(f"Time budget of {format_seconds(max_time)} spent after step {step}: stopping")
             break
-        if stop.requested:
-            fabric.print(f"Stopped at step {step}; state saved: resume with the same command and --resume")
+        if stop_requested:
+            fabric.print(f"Stopped at step {step}; state saved: resume with the same command and --resume true")
             state["stopped"] = True
             break
 
@@ -274,12 +291,19 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
     fabric.print(f"Adapter saved to {out_dir}")
 
 
+def not_finite(what: str, value: float, step: int, out_dir: Path) -> LoraLabError:
+    saved = (f"; the last saved state is in {out_dir} (continue from it with --resume true)"
+             if (out_dir / TRAIN_STATE_FILE).is_file() else "")
+    return LoraLabError(f"the {what} is {value} at step {step}: lower --learning_rate (or use --precision 32-true)"
+                        + saved)
+
+
 @torch.no_grad()
 def validate(fabric, model, val_dl, eval_iters: int) -> float:
     """Mean validation loss over (at most) eval_iters batches."""
     model.eval()
     losses = []
-    for i, batch in enumerate(val_dl):
+    for i, batch in enumerate(iter_keeping_rng(val_dl)):  # validating must not change training's dropout masks
         if i >= eval_iters:
             break
         losses.append(model(batch["input_ids"], labels=batch["labels"]))

@@ -152,6 +152,19 @@ class Throughput:
 # ------------------------------------------------------------------------------------------------------------
 # Data stream, metrics file, evaluation by generation
 # ------------------------------------------------------------------------------------------------------------
+def iter_keeping_rng(loader):
+    """iter(loader), leaving the global torch RNG as it was.
+
+    Creating a DataLoader iterator draws a seed (for its workers) from the global torch RNG, the one dropout and
+    NEFTune use. A run resumed mid-epoch creates one training iterator more than the uninterrupted run did, and
+    a validation creates one each time: either would shift every later dropout mask, so that a resumed run (or
+    one validating at other steps) would no longer train exactly like the uninterrupted one."""
+    rng = torch.get_rng_state()
+    batches = iter(loader)
+    torch.set_rng_state(rng)
+    return batches
+
+
 def micro_batches(train_dl, rank: int, world_size: int, state: dict):
     """The endless stream of this device's micro-batches: epochs follow one another (the sampler reshuffles),
     and with several devices each takes every world_size-th micro-batch of the one global stream, so N devices
@@ -163,7 +176,7 @@ def micro_batches(train_dl, rank: int, world_size: int, state: dict):
 
     def global_stream():
         while True:
-            for batch in train_dl:
+            for batch in iter_keeping_rng(train_dl):
                 state["micro_batches"] += 1
                 yield batch
 
