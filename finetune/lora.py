@@ -10,7 +10,7 @@ out_dir and used by generate/lora.py, `python -m lora_lab.merge_lora` and `pytho
 --data is a built-in name (json_extraction: offline and synthetic; alpaca, alpaca-cleaned, alpaca-finance, dolly,
 lima: downloaded once) or a local .json / .jsonl / .csv file with instruction, input (optional) and output fields.
 Hyperparameters can also come from a YAML file: --config my_run.yaml. Ctrl-C saves the state at the end of the
-step in progress; run the same command with --resume true to continue exactly where it stopped.
+step in progress; run the same command with --resume to continue exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
         raise LoraLabError(f"--resume: {out_dir / TRAIN_STATE_FILE} does not exist: there is no interrupted run in "
                            f"{out_dir} to resume (start without --resume)")
     if not resume and (out_dir / TRAIN_STATE_FILE).is_file():
-        raise LoraLabError(f"{out_dir} already holds a run: add --resume true to continue it, or choose another "
+        raise LoraLabError(f"{out_dir} already holds a run: add --resume to continue it, or choose another "
                            "--out_dir")
     fabric.seed_everything(seed)
 
@@ -280,7 +280,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
             fabric.print(f"Time budget of {format_seconds(max_time)} spent after step {step}: stopping")
             break
         if stop_requested:
-            fabric.print(f"Stopped at step {step}; state saved: resume with the same command and --resume true")
+            fabric.print(f"Stopped at step {step}; state saved: resume with the same command and --resume")
             state["stopped"] = True
             break
 
@@ -292,7 +292,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
 
 
 def not_finite(what: str, value: float, step: int, out_dir: Path) -> LoraLabError:
-    saved = (f"; the last saved state is in {out_dir} (continue from it with --resume true)"
+    saved = (f"; the last saved state is in {out_dir} (continue from it with --resume)"
              if (out_dir / TRAIN_STATE_FILE).is_file() else "")
     return LoraLabError(f"the {what} is {value} at step {step}: lower --learning_rate (or use --precision 32-true)"
                         + saved)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 
 class LoraLabError(Exception):
@@ -53,9 +54,21 @@ def one_line_errors() -> Iterator[None]:
         sys.exit(130)
 
 
-def cli(main: Callable) -> None:
+def cli(main: Callable, args: Optional[list[str]] = None) -> None:
     """Run a jsonargparse CLI around `main` (its typed arguments become flags; --config FILE.yaml reads them)."""
     from jsonargparse import CLI
 
+    args = sys.argv[1:] if args is None else list(args)
     with one_line_errors():
-        CLI(main, as_positional=False)
+        CLI(main, as_positional=False, args=bare_flags_to_true(main, args))
+
+
+def bare_flags_to_true(main: Callable, args: list[str]) -> list[str]:
+    """`--resume` alone means `--resume true` for a bool argument of `main` (jsonargparse wants a value)."""
+    flags = {f"--{name}" for name, p in inspect.signature(main).parameters.items() if p.annotation in (bool, "bool")}
+    out = []
+    for i, arg in enumerate(args):
+        out.append(arg)
+        if arg in flags and (i + 1 == len(args) or args[i + 1].startswith("--")):
+            out.append("true")
+    return out

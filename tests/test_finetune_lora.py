@@ -288,7 +288,7 @@ def test_ctrl_c_then_resume_is_exact(tiny_ckpt, tmp_path, tmp_path_factory):
     assert 1 <= stop_step < 30
     assert [int(r["step"]) for r in metrics(out)] == list(range(1, stop_step + 1))
 
-    code, stdout, stderr = finish(script(*args, "--resume", "true", cwd=tmp_path))
+    code, stdout, stderr = finish(script(*args, "--resume", cwd=tmp_path))
     assert code == 0, stderr
     assert f"Resuming from step {stop_step} of 30" in stdout
     assert_adapters_equal(adapter(out), adapter(reference))
@@ -376,7 +376,7 @@ def test_error_resume_with_nothing_to_resume(tiny_ckpt, monkeypatch, capsys, tmp
 def test_error_existing_run_without_resume(tiny_ckpt, monkeypatch, capsys, tmp_path, reference_run):
     before = (reference_run / TRAIN_STATE_FILE).read_bytes()
     line = run_cli(monkeypatch, capsys, *cli_args(tiny_ckpt, reference_run))
-    assert line == (f"error: {reference_run} already holds a run: add --resume true to continue it, or choose "
+    assert line == (f"error: {reference_run} already holds a run: add --resume to continue it, or choose "
                     f"another --out_dir")
     assert (reference_run / TRAIN_STATE_FILE).read_bytes() == before  # untouched
 
@@ -415,7 +415,7 @@ def test_error_loss_not_finite_names_the_step(tiny_ckpt, tmp_path, grad_clip):
     what = "gradient norm" if grad_clip else "loss"
     found = re.fullmatch(rf"the {what} is (?:nan|inf) at step (\d+): lower --learning_rate \(or use --precision "
                          rf"32-true\); the last saved state is in {re.escape(str(out))} \(continue from it with "
-                         rf"--resume true\)", str(e.value))
+                         rf"--resume\)", str(e.value))
     assert found, str(e.value)
     step = int(found.group(1))
     assert step == len(metrics(out)) + 1 >= 2  # the steps before it were fine (and logged, and saved)
@@ -469,7 +469,7 @@ def test_two_process_ddp_resume(tiny_ckpt, tmp_path, single_device_run):
     code, stdout, stderr = finish(script(*cli_args(tiny_ckpt, out, **DDP), *ddp, "--max_time", "0", cwd=tmp_path))
     assert code == 0, stderr
     assert [int(r["step"]) for r in metrics(out)] == [1]
-    code, stdout, stderr = finish(script(*cli_args(tiny_ckpt, out, **DDP), *ddp, "--resume", "true", cwd=tmp_path))
+    code, stdout, stderr = finish(script(*cli_args(tiny_ckpt, out, **DDP), *ddp, "--resume", cwd=tmp_path))
     assert code == 0, stderr
     one, two = adapter(single_device_run), adapter(out)
     for k in one:
@@ -519,3 +519,11 @@ def test_real_finetune_learns_json_extraction(smollm2, tmp_path, monkeypatch):
           f"right {before['all_correct']:.0%} -> {after['all_correct']:.0%}")
     assert len(val) == 2 and val[-1] < val[0]
     assert after["exact_keys"] > before["exact_keys"] and after["all_correct"] > before["all_correct"]
+
+
+def test_bare_boolean_flags_mean_true():
+    from lora_lab.utils import bare_flags_to_true
+
+    assert bare_flags_to_true(ft.setup, ["--resume", "--out_dir", "x", "--use_dora"]) == \
+        ["--resume", "true", "--out_dir", "x", "--use_dora", "true"]
+    assert bare_flags_to_true(ft.setup, ["--resume", "false", "--data", "d"]) == ["--resume", "false", "--data", "d"]
