@@ -1,0 +1,420 @@
+"""Fine-tune every weight of a model (full fine-tuning), on one device or sharded over several with FSDP.
+
+    python finetune/full.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct \
+        --data json_extraction --out_dir out/finetune/full
+
+All parameters train. The result is a whole new model, saved as a lora_lab checkpoint in out_dir (model_config.json
+with the prompt style it was tuned on, model.safetensors in the base checkpoint's dtype, the base's tokenizer files):
+generate/full.py, GPT.from_checkpoint and `python -m lora_lab.convert --to hf` read it like any other checkpoint.
+
+Memory, in bytes per parameter (activations come on top, see --activation_checkpointing):
+
+    --precision   --optimizer   weights  gradients  optimizer state                 total
+    bf16-mixed    adamw            4         4      4 + 4 (moments m, v in fp32)     16   (the default on a GPU)
+    32-true       adamw            4         4      4 + 4                            16   (the default on a CPU)
+    bf16-true     adamw            2         2      2 + 2 (moments in bf16)           8
+    bf16-true     sgd              2         2      2 (momentum)                      6
+    bf16-true     adafactor        2         2      ~0 (a row and a column of v)      4
+
+    bf16-mixed keeps float32 master weights and computes in bfloat16: the classic 2 + 2 (bf16 copies) + 4 + 4
+    (fp32 moments) + 4 (fp32 master) accounting, where the bf16 weight and gradient copies are made per layer on
+    the fly rather than kept. So SmolLM2-135M needs ~2.2 GB besides activations, a 1B model ~16 GB, a 7B model
+    ~112 GB: more than one GPU has, hence FSDP (--strategy fsdp --devices N shards weights, gradients and
+    optimizer state over N GPUs: each holds about 1/N of the 16 bytes).
+    bf16-true halves that, at a price: bfloat16 keeps 8 significant bits, so an update smaller than half a step
+    between neighbouring bf16 numbers is rounded away. AdamW moves a weight by about the learning rate per step;
+    at 2e-5, 96% of SmolLM2-135M's weights would not change at all (tutorials/finetune_full.md shows how this was
+    counted). Use bf16-true with a learning rate of 1e-4 or more, or with adafactor, whose steps are relative to
+    each weight matrix's size (its --learning_rate is relative too: 1e-3 ... 1e-2).
+
+--data is a built-in name (json_extraction: offline and synthetic; alpaca, alpaca-cleaned, alpaca-finance, dolly,
+lima: downloaded once) or a local .json / .jsonl / .csv file with instruction, input (optional) and output fields.
+Hyperparameters can also come from a YAML file: --config my_run.yaml. Ctrl-C saves the state at the end of the
+step in progress; run the same command with --resume to continue exactly where it stopped.
+
+This script is finetune/lora.py with the method swapped (`diff finetune/lora.py finetune/full.py` shows it);
+tests/test_scripts_consistency.py checks that the rest stays the same.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal, Optional
+
+import lightning as L
+import torch
+from lightning.fabric.strategies import FSDPStrategy
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from lora_lab import GPT, Config, Tokenizer
+from lora_lab.checkpoint import load_config, save_checkpoint
+from lora_lab.data import get_dataloaders
+from lora_lab.data.json_extraction import evaluate_extractions
+from lora_lab.generate import peak_memory_bytes, reset_peak_memory
+from lora_lab.lora import count_parameters
+from lora_lab.model import Block
+from lora_lab.prompts import PromptStyle
+from lora_lab.training import (TRAIN_STATE_FILE, MetricsLog, StopRequest, Throughput, format_seconds,
+                               generate_answers, iter_keeping_rng, load_train_state, lr_at, micro_batches,
+                               parse_duration, rng_state, save_train_state, set_lr, set_rng_state)
+from lora_lab.utils import LoraLabError, cli
+
+
+def setup(
+    checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"),
+    data: str = "json_extraction",
+    out_dir: Path = Path("out/finetune/full"),
+    val_data: Optional[str] = None,
+    resume: bool = False,
+    # full fine-tuning: every weight trains; the optimizer decides how much state each one carries
+    optimizer: Literal["adamw", "adafactor", "sgd"] = "adamw",
+    # data
+    prompt_style: Optional[str] = None,
+    max_seq_length: int = 512,
+    mask_prompt: bool = True,
+    n_train: Optional[int] = None,
+    n_val: Optional[int] = None,
+    # optimisation
+    max_steps: Optional[int] = None,
+    epochs: float = 1.0,
+    batch_size: int = 16,
+    micro_batch_size: int = 4,
+    learning_rate: Optional[float] = None,
+    weight_decay: float = 0.0,
+    warmup_steps: int = 10,
+    min_lr: float = 0.0,
+    grad_clip: float = 1.0,
+    neftune_alpha: float = 0.0,
+    activation_checkpointing: bool = False,
+    max_time: Optional[str] = None,
+    # evaluation, checkpoints, logging
+    eval_interval: int = 25,
+    eval_iters: int = 100,
+    eval_samples: int = 20,
+    save_interval: int = 100,
+    log_interval: int = 1,
+    seed: int = 42,
+    # hardware
+    precision: Optional[str] = None,
+    devices: int = 1,
+    num_nodes: int = 1,
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto",
+) -> None:
+    """Fine-tune all the weights.
+
+    Args:
+        checkpoint_dir: the base model (a lora_lab checkpoint: see `python -m lora_lab.download`).
+        data: a built-in dataset name or a local .json/.jsonl/.csv file of instruction/input/output rows.
+        out_dir: where the fine-tuned checkpoint, metrics.csv and the resume state go.
+        val_data: a separate validation file (default: a held-out share of `data`).
+        resume: continue the interrupted run in out_dir exactly where it stopped.
+        optimizer: adamw (two moments per weight), sgd (with momentum 0.9: one) or adafactor (factored second
+            moment, no first: almost no state; torch.optim.Adafactor). The module docstring has the memory table.
+        prompt_style: how prompts are wrapped (default: the base model's own).
+        max_seq_length: longer samples are cut (and counted).
+        mask_prompt: learn only the answer tokens, not the prompt.
+        n_train: use only the first n_train training rows (json_extraction: how many to generate).
+        n_val: likewise for validation rows.
+        max_steps: optimizer steps (default: `epochs` passes over the data).
+        epochs: passes over the training data when max_steps is not given.
+        batch_size: global batch size in samples per optimizer step (over all devices).
+        micro_batch_size: samples per forward/backward pass on one device; gradients accumulate to batch_size.
+        learning_rate: peak learning rate, after a linear warm-up, decayed to min_lr by a cosine (default:
+            2e-5 for adamw, 1e-3 for sgd, 1e-2 for adafactor, whose rate is relative to each weight's size).
+        weight_decay: weight decay on all parameters (decoupled for adamw and adafactor).
+        warmup_steps: optimizer steps of linear warm-up.
+        min_lr: learning rate at the end of the cosine decay.
+        grad_clip: clip the gradient norm to this (0 to disable).
+        neftune_alpha: NEFTune noise on the embeddings while training (5 is the paper's usual value; 0 = off).
+        activation_checkpointing: recompute activations in the backward pass: less memory, slower.
+        max_time: time budget (3600, 90m, 1.5h, 23:30:00): stop, evaluate and save when it is spent.
+        eval_interval: validate every this many optimizer steps.
+        eval_iters: at most this many validation batches per validation.
+        eval_samples: json_extraction only: greedy generations scored for JSON validity/accuracy before and after.
+        save_interval: save the adapter and resume state every this many optimizer steps.
+        log_interval: print progress every this many optimizer steps.
+        seed: seeds data order and NEFTune noise.
+        precision: 32-true, bf16-mixed, bf16-true, 16-mixed (default: bf16-mixed on GPU, 32-true on CPU).
+        devices: devices per node (data parallel over them).
+        num_nodes: nodes, as Fabric launches them.
+        strategy: auto, ddp, or fsdp to shard the weights, gradients and optimizer state over GPUs.
+    """
+    if precision is None:
+        # float32 master weights: bf16-true would round most small updates away (see the memory table above)
+        precision = "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=fabric_strategy(strategy), precision=precision)
+    fabric.launch()
+    args = dict(locals())
+    del args["fabric"]
+    main(fabric, **args)
+
+
+def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_data: Optional[str], resume: bool,
+         optimizer: str, prompt_style: Optional[str],
+         max_seq_length: int, mask_prompt: bool, n_train: Optional[int], n_val: Optional[int],
+         max_steps: Optional[int], epochs: float, batch_size: int, micro_batch_size: int,
+         learning_rate: Optional[float],
+         weight_decay: float, warmup_steps: int, min_lr: float, grad_clip: float, neftune_alpha: float,
+         activation_checkpointing: bool, max_time: Optional[str], eval_interval: int, eval_iters: int,
+         eval_samples: int, save_interval: int, log_interval: int, seed: int, precision: str, devices: int,
+         num_nodes: int, strategy: str) -> None:
+    hparams = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "fabric"}
+    out_dir = Path(out_dir)
+    # cheap checks of the arguments first, so that a mistake is reported before minutes of data and model loading
+    load_config(checkpoint_dir)  # one line if checkpoint_dir is not a lora_lab checkpoint
+    if optimizer not in DEFAULT_LEARNING_RATES:
+        raise LoraLabError(f"--optimizer {optimizer!r}: use one of {', '.join(DEFAULT_LEARNING_RATES)}")
+    learning_rate = DEFAULT_LEARNING_RATES[optimizer] if learning_rate is None else learning_rate
+    if fabric.world_size > 1 and batch_size % (micro_batch_size * fabric.world_size):
+        raise LoraLabError(f"batch_size={batch_size} is not a multiple of micro_batch_size x devices = "
+                           f"{micro_batch_size * fabric.world_size}")
+    grad_accum = max(1, batch_size // (micro_batch_size * fabric.world_size))
+    if resume and not (out_dir / TRAIN_STATE_FILE).is_file():
+        raise LoraLabError(f"--resume: {out_dir / TRAIN_STATE_FILE} does not exist: there is no interrupted run in "
+                           f"{out_dir} to resume (start without --resume)")
+    if not resume and (out_dir / TRAIN_STATE_FILE).is_file():
+        raise LoraLabError(f"{out_dir} already holds a run: add --resume to continue it, or choose another "
+                           "--out_dir")
+    fabric.seed_everything(seed)
+
+    # ---- data --------------------------------------------------------------------------------------------------
+    tokenizer = Tokenizer(checkpoint_dir)
+    style = PromptStyle.from_checkpoint(checkpoint_dir, prompt_style)
+    train_dl, val_dl, data_stats = get_dataloaders(
+        data, tokenizer, style, max_seq_length=max_seq_length, micro_batch_size=micro_batch_size, seed=seed,
+        val_data=val_data, n_train=n_train, n_val=n_val, mask_prompt=mask_prompt, bucket_by_length=True,
+        pad_id=tokenizer.eos_id or 0, verbose=fabric.is_global_zero)
+    if max_steps is None:
+        max_steps = max(1, math.ceil(epochs * data_stats["n_train"] / batch_size))
+
+    # ---- the model: load the base; every parameter trains ------------------------------------------------------
+    model = GPT.from_checkpoint(checkpoint_dir)
+    # what is saved: the base's config with the prompt style it was tuned on, weights in the base's dtype
+    save_as = SaveAs(config=replace(model.config, prompt_style=style.name,
+                                    extra={**model.config.extra, "finetuned_from": str(checkpoint_dir)}),
+                     dtype=model.wte.weight.dtype, tokenizer_dir=Path(checkpoint_dir))
+    if precision not in ("bf16-true", "16-true"):
+        # float32 master weights, even from a bfloat16 checkpoint: Fabric casts the weights only for *-true precisions
+        model.float()
+    model.activation_checkpointing = activation_checkpointing
+    trainable, total = count_parameters(model)
+    fabric.print(f"Full fine-tuning with {optimizer}: {trainable:,} trainable parameters of {total:,} "
+                 f"({100 * trainable / total:.2f}%)")
+
+    param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    optimizer = make_optimizer(optimizer, param_groups, learning_rate, weight_decay)
+    gpt = model  # the plain module, for generation
+    model, optimizer = fabric.setup(model, optimizer)
+    if isinstance(fabric.strategy, FSDPStrategy):
+        gpt = model._forward_module  # the sharded root: generating and saving go through it (it gathers the shards)
+
+    state = {"step": 0, "micro_batches": 0, "tokens": 0}
+    if resume:
+        saved = load_train_state(out_dir / TRAIN_STATE_FILE)
+        load_full_state(gpt, optimizer, saved, source=out_dir / TRAIN_STATE_FILE)
+        train_dl.batch_sampler.load_state_dict(saved["sampler"])
+        set_rng_state(saved["rng"])
+        state.update(saved["counters"])
+        fabric.print(f"Resuming from step {state['step']} of {max_steps}")
+
+    # the json_extraction task's real test: does the model now answer with the right JSON?
+    eval_rows = val_dl.dataset.rows[:eval_samples] if data == "json_extraction" and val_dl is not None else []
+    if eval_rows and not resume:
+        before = evaluate_json(fabric, gpt, tokenizer, style, eval_rows)
+    fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, save_as, hparams, out_dir, max_steps, grad_accum,
+        learning_rate, warmup_steps, min_lr, grad_clip, neftune_alpha, parse_duration(max_time), eval_interval,
+        eval_iters, save_interval, log_interval)
+    if eval_rows and not state.get("stopped"):
+        after = evaluate_json(fabric, gpt, tokenizer, style, eval_rows)
+        if not resume:
+            fabric.print(f"JSON before -> after fine-tuning: valid {before['valid_json']:.0%} -> {after['valid_json']:.0%}, "
+                         f"exact keys {before['exact_keys']:.0%} -> {after['exact_keys']:.0%}, "
+                         f"all values right {before['all_correct']:.0%} -> {after['all_correct']:.0%}")
+
+
+def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, save_as, hparams, out_dir, max_steps, grad_accum,
+        learning_rate, warmup_steps, min_lr, grad_clip, neftune_alpha, max_time, eval_interval, eval_iters,
+        save_interval, log_interval) -> None:
+    stop = StopRequest()
+    metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"])
+    throughput = Throughput(state["step"], max_steps)
+    reset_peak_memory(fabric.device)
+    batches = micro_batches(train_dl, fabric.global_rank, fabric.world_size, state)
+    val_loss = None
+
+    while state["step"] < max_steps:
+        lr = lr_at(state["step"], max_steps, learning_rate, warmup_steps, min_lr)
+        set_lr(optimizer, lr)
+        loss_sum = 0.0
+        for i in range(grad_accum):
+            batch = next(batches)
+            # gradients are averaged over devices only at the last micro-batch of the step
+            with fabric.no_backward_sync(model, enabled=i < grad_accum - 1):
+                loss = model(batch["input_ids"], labels=batch["labels"], neftune_alpha=neftune_alpha)
+                fabric.backward(loss / grad_accum)
+            if not torch.isfinite(loss):
+                raise not_finite("loss", loss.item(), state["step"] + 1, out_dir)
+            loss_sum += loss.item()
+            state["tokens"] += batch["input_ids"].numel() * fabric.world_size
+            throughput.update(batch["input_ids"].numel() * fabric.world_size)
+        if grad_clip:
+            norm = fabric.clip_gradients(model, optimizer, max_norm=grad_clip, error_if_nonfinite=False)
+            if not torch.isfinite(norm):  # a finite loss whose gradient overflowed
+                raise not_finite("gradient norm", norm.item(), state["step"] + 1, out_dir)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        step, train_loss = state["step"], loss_sum / grad_accum
+        if fabric.world_size > 1:  # the loss of the global batch, not only of this device's share
+            train_loss = fabric.all_reduce(torch.tensor(train_loss, device=fabric.device), reduce_op="mean").item()
+
+        if step % log_interval == 0 or step == max_steps:
+            fabric.print(f"step {step}/{max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
+                         f"{throughput.tokens_per_sec():,.0f} tok/s | ETA {format_seconds(throughput.eta(step))}")
+        row = {"step": step, "train_loss": train_loss, "lr": lr, "tokens": state["tokens"],
+               "tokens_per_sec": throughput.tokens_per_sec()}
+        out_of_time = max_time is not None and throughput.elapsed() > max_time
+        stop_requested = stop.requested
+        if fabric.world_size > 1:
+            # every device must take the same branch below (validate, save, break): a device that trained on
+            # alone would wait forever for the others in its next gradient all-reduce. Each device has its own
+            # clock and Ctrl-C reaches them at slightly different times, so agree: stop if any device says so
+            flags = torch.tensor([out_of_time, stop_requested], dtype=torch.float32, device=fabric.device)
+            out_of_time, stop_requested = (bool(f) for f in fabric.all_reduce(flags, reduce_op="sum").tolist())
+        if val_dl is not None and (step % eval_interval == 0 or step == max_steps or out_of_time):
+            val_loss = validate(fabric, model, val_dl, eval_iters)
+            row.update(val_loss=val_loss, val_ppl=math.exp(val_loss))
+            fabric.print(f"step {step}: val loss {val_loss:.4f}, val ppl {math.exp(val_loss):.2f}")
+        metrics.log(row)
+        if step % save_interval == 0 or step == max_steps or out_of_time or stop_requested:
+            save(fabric, gpt, optimizer, train_dl, state, save_as, hparams, out_dir)
+        if out_of_time:
+            fabric.print(f"Time budget of {format_seconds(max_time)} spent after step {step}: stopping")
+            break
+        if stop_requested:
+            fabric.print(f"Stopped at step {step}; state saved: resume with the same command and --resume")
+            state["stopped"] = True
+            break
+
+    fabric.print(f"Trainable parameters {count_parameters(gpt)[0]:,} | {state['step']} steps in "
+                 f"{format_seconds(throughput.elapsed())} | {throughput.tokens_per_sec():,.0f} tokens/s | "
+                 f"peak memory {peak_memory_bytes(fabric.device) / 2**30:.2f} GiB"
+                 + (f" | final val loss {val_loss:.4f}" if val_loss is not None else ""))
+    fabric.print(f"Model saved to {out_dir}")
+
+
+def not_finite(what: str, value: float, step: int, out_dir: Path) -> LoraLabError:
+    saved = (f"; the last saved state is in {out_dir} (continue from it with --resume)"
+             if (out_dir / TRAIN_STATE_FILE).is_file() else "")
+    return LoraLabError(f"the {what} is {value} at step {step}: lower --learning_rate (or use --precision 32-true)"
+                        + saved)
+
+
+@torch.no_grad()
+def validate(fabric, model, val_dl, eval_iters: int) -> float:
+    """Mean validation loss over (at most) eval_iters batches."""
+    model.eval()
+    losses = []
+    for i, batch in enumerate(iter_keeping_rng(val_dl)):  # validating must not change training's dropout masks
+        if i >= eval_iters:
+            break
+        losses.append(model(batch["input_ids"], labels=batch["labels"]))
+    model.train()
+    return fabric.all_reduce(torch.stack(losses).mean(), reduce_op="mean").item()
+
+
+def evaluate_json(fabric, gpt, tokenizer, style, rows) -> dict:
+    """Greedy answers to held-out prompts, scored for valid JSON, exact keys and right values."""
+    gpt.eval()
+    answers = generate_answers(gpt, tokenizer, style, rows, max_new_tokens=64)
+    gpt.train()
+    scores = evaluate_extractions(answers, [r["output"] for r in rows])
+    fabric.print(f"JSON on {len(rows)} held-out prompts: {scores['valid_json']:.0%} valid, "
+                 f"{scores['exact_keys']:.0%} with exactly the keys, {scores['all_correct']:.0%} all values right")
+    return scores
+
+
+def save(fabric, gpt, optimizer, train_dl, state, save_as, hparams, out_dir) -> None:
+    """The model as a lora_lab checkpoint (for generate/full.py, GPT.from_checkpoint, convert --to hf) and the resume
+    state, each written atomically.
+
+    The resume state holds the weights too, at full precision (with bf16-mixed: the float32 master weights, which
+    model.safetensors rounds to the base's dtype): one file, so weights, optimizer state and data position always
+    come from the same step. Under FSDP each device holds a shard of everything: all take part in gathering them,
+    rank 0 writes."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0, in CPU memory
+    weights = get_model_state_dict(gpt, options=options)
+    optimizer_state = get_optimizer_state_dict(gpt, unwrap(optimizer), options=options)
+    if fabric.is_global_zero:
+        save_checkpoint(out_dir, save_as.config, {k: v.to(save_as.dtype) for k, v in weights.items()},
+                        tokenizer_dir=save_as.tokenizer_dir)
+        save_train_state(out_dir / TRAIN_STATE_FILE, {
+            "model": weights,
+            "optimizer": optimizer_state,
+            "sampler": train_dl.batch_sampler.state_dict(),
+            "rng": rng_state(),
+            "counters": {k: v for k, v in state.items() if k != "stopped"},
+            "hparams": hparams,
+        })
+    fabric.barrier()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# What full fine-tuning needs besides lora.py's plumbing
+# ------------------------------------------------------------------------------------------------------------
+DEFAULT_LEARNING_RATES = {"adamw": 2e-5, "sgd": 1e-3, "adafactor": 1e-2}
+
+
+@dataclass
+class SaveAs:
+    """What save() writes besides the weights: the config, the dtype of model.safetensors, the tokenizer's source."""
+
+    config: Config
+    dtype: torch.dtype
+    tokenizer_dir: Path
+
+
+def make_optimizer(name: str, param_groups: list[dict], learning_rate: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
+    """adamw: m and v per weight; sgd: a momentum per weight; adafactor: per weight matrix only a row and a column
+    of second-moment statistics, and steps relative to the matrix's RMS (torch.optim.Adafactor)."""
+    if name == "adamw":
+        return torch.optim.AdamW(param_groups, lr=learning_rate, weight_decay=weight_decay, betas=(0.9, 0.95))
+    if name == "sgd":
+        return torch.optim.SGD(param_groups, lr=learning_rate, momentum=0.9, weight_decay=weight_decay)
+    return torch.optim.Adafactor(param_groups, lr=learning_rate, weight_decay=weight_decay)
+
+
+def fabric_strategy(strategy: str):
+    """Fabric's strategy; fsdp shards each transformer block as a unit and gathers full state dicts for saving."""
+    if strategy == "fsdp":
+        if not torch.cuda.is_available():
+            raise LoraLabError("--strategy fsdp shards the model over GPUs and there is none here (Fabric's FSDP "
+                               "runs on CUDA only): use --strategy auto")
+        return FSDPStrategy(auto_wrap_policy={Block}, sharding_strategy="FULL_SHARD", state_dict_type="full")
+    return strategy
+
+
+def unwrap(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside Fabric's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def load_full_state(gpt, optimizer, saved: dict, source: Path) -> None:
+    """Weights and optimizer state from a resume state written by save() (under FSDP each device takes its shard)."""
+    options = StateDictOptions(full_state_dict=True)
+    try:
+        set_model_state_dict(gpt, saved["model"], options=options)
+        set_optimizer_state_dict(gpt, unwrap(optimizer), saved["optimizer"], options=options)
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise LoraLabError(f"{source} does not fit this model or --optimizer ({type(e).__name__}): resume with the "
+                           f"settings the run started with") from None
+
+
+if __name__ == "__main__":
+    torch.set_float32_matmul_precision("high")
+    cli(setup)

@@ -1,0 +1,267 @@
+"""The fine-tuning scripts are one script with the method swapped: finetune/{lora,qlora,full,adapter}.py share their
+options, their training loop, validation, evaluation and error handling line for line, so that a fix in one cannot
+silently miss the others. Likewise generate/full.py is generate/base.py, and generate/adapter.py decodes exactly as
+generate/lora.py does.
+
+The comparison is of syntax trees (ast.dump), so line wrapping and comments may differ but code may not. What a
+method may change is listed here, explicitly: the names of its own objects (RENAMES), its own statements
+(METHOD_STATEMENTS), the "# ---- the model" section of main() where the method is set up, and save()."""
+
+from __future__ import annotations
+
+import ast
+import functools
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+REFERENCE = "lora"
+SCRIPTS = ["qlora", "full", "adapter"]
+
+# (this script's text, lora.py's text) in names and strings: what fit() hands to save() is the method's own object
+RENAMES = {
+    "lora": [],
+    "qlora": [],
+    "adapter": [("adapter_config", "lora_config")],
+    "full": [("save_as", "lora_config"), ("Model saved to", "Adapter saved to")],
+}
+
+# statements of main() that are the method's own (matched by the start of their source text): argument checks and
+# loading the method's part of a resume state
+METHOD_STATEMENTS = {
+    "lora": ["lora_targets = normalize_targets(", 'load_lora_state_dict(gpt, saved["lora"]',
+             'optimizer.load_state_dict(saved["optimizer"])'],
+    "qlora": ["lora_targets = normalize_targets(", "if isinstance(nf4_blocksize, bool)",
+              'load_lora_state_dict(gpt, saved["lora"]', 'optimizer.load_state_dict(saved["optimizer"])'],
+    "full": ["if optimizer not in DEFAULT_LEARNING_RATES:", "learning_rate = DEFAULT_LEARNING_RATES[optimizer]",
+             "load_full_state(gpt, optimizer, saved"],
+    "adapter": ["check_adapter_settings(", 'load_adapter_state_dict(gpt, saved["adapter"]',
+                'optimizer.load_state_dict(saved["optimizer"])'],
+}
+
+# setup() arguments that configure the method (the rest are shared, in the same order, with the same types)
+METHOD_ARGUMENTS = {
+    "lora": ["lora_r", "lora_alpha", "lora_dropout", "lora_targets", "use_rslora", "use_dora", "lora_plus_ratio"],
+    "qlora": ["quantize", "nf4_blocksize", "double_quant", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
+              "use_rslora", "use_dora", "lora_plus_ratio"],
+    "full": ["optimizer"],
+    "adapter": ["adapter_prompt_length", "adapter_start_layer"],
+}
+# shared arguments whose default (or type) suits each method differently
+OWN_DEFAULTS = {"out_dir", "learning_rate", "weight_decay"}
+
+SHARED_FUNCTIONS = ["fit", "not_finite", "validate", "evaluate_json"]
+ORDER = ["setup", "main", "fit", "not_finite", "validate", "evaluate_json", "save"]
+
+
+def parse(path: Path) -> tuple[str, ast.Module]:
+    source = path.read_text()
+    return source, ast.parse(source)
+
+
+@functools.lru_cache
+def script_source(name: str) -> str:
+    return (ROOT / "finetune" / f"{name}.py").read_text()
+
+
+def script(name: str) -> tuple[str, ast.Module]:
+    source = script_source(name)
+    return source, ast.parse(source)
+
+
+def functions(tree: ast.Module) -> dict[str, ast.FunctionDef]:
+    return {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+
+
+class Normalise(ast.NodeTransformer):
+    """Rename a method's own names to lora.py's and drop its own statements, so the rest can be compared."""
+
+    def __init__(self, source: str, renames=(), drop_prefixes=(), drop_lines=(0, 0)) -> None:
+        self.source, self.renames, self.drop_prefixes, self.drop_lines = source, renames, drop_prefixes, drop_lines
+
+    def rename(self, text: str) -> str:
+        for ours, theirs in self.renames:
+            text = text.replace(ours, theirs)
+        return text
+
+    def visit_Name(self, node):
+        node.id = self.rename(node.id)
+        return node
+
+    def visit_arg(self, node):
+        node.arg = self.rename(node.arg)
+        node.annotation = None
+        return node
+
+    def visit_Constant(self, node):
+        if isinstance(node.value, str):
+            node.value = self.rename(node.value)
+        return node
+
+    def dropped(self, stmt: ast.stmt) -> bool:
+        start, end = self.drop_lines
+        text = ast.get_source_segment(self.source, stmt) or ""
+        return start <= stmt.lineno < end or any(text.startswith(p) for p in self.drop_prefixes)
+
+    def generic_visit(self, node):
+        for field in ("body", "orelse", "finalbody"):
+            stmts = getattr(node, field, None)
+            if isinstance(stmts, list) and stmts and isinstance(stmts[0], ast.stmt):
+                setattr(node, field, [s for s in stmts if not self.dropped(s)])
+        return super().generic_visit(node)
+
+
+def normalised(name: str, function: str, drop_model_section: bool = False, source: str = "") -> str:
+    """ast.dump of `function` in finetune/{name}.py (or in `source`, read as that script) with the method's names
+    and statements taken out."""
+    source = source or script_source(name)
+    tree = ast.parse(source)
+    node = functions(tree)[function]
+    drop_lines = (0, 0)
+    if drop_model_section:  # from the "# ---- the model" comment to the statement after the method's setup
+        lines = source.splitlines()
+        start = next(i for i, line in enumerate(lines, 1) if line.strip().startswith("# ---- the model"))
+        end = next(i for i, line in enumerate(lines, 1) if i > start and line.strip().startswith("state = {"))
+        drop_lines = (start, end)
+    node = Normalise(source, RENAMES[name], METHOD_STATEMENTS[name], drop_lines).visit(node)
+    node.args = ast.arguments(posonlyargs=[], args=[], kwonlyargs=[], kw_defaults=[], defaults=[])  # compared apart
+    return ast.dump(node, indent=1)
+
+
+def assert_same(ours: str, reference: str, what: str) -> None:
+    if ours != reference:
+        import difflib
+
+        diff = "\n".join(difflib.unified_diff(reference.splitlines(), ours.splitlines(), "lora.py", what, n=2,
+                                              lineterm=""))
+        pytest.fail(f"{what} differs from finetune/lora.py's (syntax trees, after the allowed renames):\n{diff}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# finetune/*.py
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("function", SHARED_FUNCTIONS)
+def test_shared_functions_are_identical(name, function):
+    assert_same(normalised(name, function), normalised(REFERENCE, function), f"finetune/{name}.py {function}()")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_main_is_identical_outside_the_method(name):
+    """Argument checks, data, resume, evaluation before and after, the call of fit(): all shared."""
+    assert_same(normalised(name, "main", drop_model_section=True),
+                normalised(REFERENCE, "main", drop_model_section=True), f"finetune/{name}.py main()")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_setup_shares_every_option_but_the_methods(name):
+    def shared(script_name):
+        params = inspect.signature(function_object(script_name, "setup")).parameters.values()
+        return [(p.name, p.annotation if p.name not in OWN_DEFAULTS else None,
+                 p.default if p.name not in OWN_DEFAULTS else None)
+                for p in params if p.name not in METHOD_ARGUMENTS[script_name]]
+
+    assert shared(name) == shared(REFERENCE)
+    # the method's own arguments come in one block, after `resume`, as in lora.py
+    names = list(inspect.signature(function_object(name, "setup")).parameters)
+    i = names.index("resume") + 1
+    assert names[i:i + len(METHOD_ARGUMENTS[name])] == METHOD_ARGUMENTS[name]
+
+
+@pytest.mark.parametrize("name", [REFERENCE, *SCRIPTS])
+def test_setup_documents_every_option_and_main_takes_them_all(name):
+    setup, main = function_object(name, "setup"), function_object(name, "main")
+    params = list(inspect.signature(setup).parameters)
+    documented = re.findall(r"^        (\w+):", inspect.getdoc(setup).replace("\n", "\n    "), re.M)
+    assert documented == params, f"finetune/{name}.py: setup()'s Args do not list its arguments in order"
+    assert list(inspect.signature(main).parameters) == ["fabric", *params]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_same_functions_in_the_same_order_and_same_training_imports(name):
+    def order(script_name):
+        return [f for f in functions(script(script_name)[1]) if f in ORDER]
+
+    assert order(name) == order(REFERENCE) == ORDER
+
+    def training_imports(script_name):
+        tree = script(script_name)[1]
+        return sorted(a.name for node in tree.body if isinstance(node, ast.ImportFrom)
+                      and node.module == "lora_lab.training" for a in node.names)
+
+    assert training_imports(name) == training_imports(REFERENCE)
+    # fit() and save() take the same arguments, the method's object in the same place
+    for function in ("fit", "save"):
+        ours = [renamed(name, a) for a in inspect.signature(function_object(name, function)).parameters]
+        assert ours == list(inspect.signature(function_object(REFERENCE, function)).parameters)
+
+
+def renamed(name: str, text: str) -> str:
+    """`text` with finetune/{name}.py's own names replaced by lora.py's (RENAMES)."""
+    for ours, theirs in RENAMES[name]:
+        text = text.replace(ours, theirs)
+    return text
+
+
+def test_the_comparison_can_fail():
+    """A changed line in a shared function, or a method statement the tables do not list, is caught."""
+    source = script_source("adapter")
+    assert normalised("adapter", "validate", source=source) == normalised(REFERENCE, "validate")
+    changed = source.replace("torch.stack(losses).mean()", "torch.stack(losses).sum()")
+    assert changed != source
+    assert normalised("adapter", "validate", source=changed) != normalised(REFERENCE, "validate")
+
+    saved = METHOD_STATEMENTS["adapter"]
+    METHOD_STATEMENTS["adapter"] = saved[:1]  # forget that the resume line is the method's
+    try:
+        assert normalised("adapter", "main", True) != normalised(REFERENCE, "main", True)
+    finally:
+        METHOD_STATEMENTS["adapter"] = saved
+
+
+def function_object(name: str, function: str):
+    import importlib
+
+    return getattr(importlib.import_module(f"finetune.{name}"), function)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# generate/*.py
+# ------------------------------------------------------------------------------------------------------------
+def generate_main(name: str, renames=(), from_marker: str = "") -> tuple[str, list]:
+    """ast.dump of generate/{name}.py main()'s body (from the comment line `from_marker` on, if given) and its
+    parameters as (name, annotation, default)."""
+    source, tree = parse(ROOT / "generate" / f"{name}.py")
+    node = functions(tree)["main"]
+    start = 0
+    if from_marker:
+        start = next(i for i, line in enumerate(source.splitlines(), 1) if line.strip().startswith(from_marker))
+    body = [s for s in node.body[1:] if s.lineno >= start]  # without the docstring
+    body = [Normalise(source, renames).visit(s) for s in body]
+    params = [(a.arg, ast.unparse(a.annotation)) for a in node.args.args]
+    defaults = [ast.unparse(d) for d in node.args.defaults]
+    return "\n".join(ast.dump(s, indent=1) for s in body), [p + (d,) for p, d in zip(params, defaults)]
+
+
+def test_generate_full_is_generate_base():
+    full_body, full_params = generate_main("full")
+    base_body, base_params = generate_main("base")
+    assert_same(full_body, base_body, "generate/full.py main() vs generate/base.py")
+    assert [p for p in full_params if p[0] != "checkpoint_dir"] == [p for p in base_params if p[0] != "checkpoint_dir"]
+
+
+def test_generate_adapter_decodes_as_generate_lora():
+    """From building the prompt to printing the answer (steps 2-4 of main) the two scripts are the same."""
+    body, params = generate_main("adapter", [("adapter_config", "lora_config")], from_marker="# 2. the prompt")
+    lora_body, lora_params = generate_main("lora", from_marker="# 2. the prompt")
+    assert_same(body, lora_body, "generate/adapter.py main() from step 2")
+    # the same options (but adapter_dir's default), plus generate/base.py's --quantize
+    _, base_params = generate_main("base")
+    quantize = next(p for p in base_params if p[0] == "quantize")
+    assert quantize in params
+    assert [p for p in params if p[0] not in ("quantize", "adapter_dir")] == [p for p in lora_params
+                                                                            if p[0] != "adapter_dir"]
