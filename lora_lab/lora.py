@@ -28,6 +28,11 @@ constant in the backward pass, which saves the memory of its graph.
 LoRA+ (Hayou et al. 2024, `lora_plus_param_groups`, off by default): B learns with a learning rate `ratio` times
 the one of A.
 
+QLoRA (Dettmers et al. 2023): quantize the base first (lora_lab.nf4.quantize_nf4(model): every nn.Linear but
+lm_head becomes an NF4Linear), then inject_lora as usual. A LoRA layer made from an NF4Linear keeps the 4-bit
+weight (same buffers, same names) and dequantizes it on the fly in base_forward; the adapters, their keys and
+their files are unchanged. merge_lora_into_dequantized folds them into a 16-bit copy of the dequantized base.
+
 Each claim above is checked by a test in tests/test_lora.py:
     Kaiming bound, B = 0, parameter count        test_init_and_parameter_count
     starts at the base model exactly             test_b_zero_gives_base_logits_exactly
@@ -37,6 +42,7 @@ Each claim above is checked by a test in tests/test_lora.py:
     merge / unmerge                              test_merge_is_exact_and_idempotent, test_merge_lora_model_logits_close
     DoRA                                         test_dora_*
     LoRA+                                        test_lora_plus_param_groups
+    QLoRA (NF4 base), its merge                  tests/test_qlora.py
 
 The model-level helpers below work on lora_lab.model.GPT, whose linear layers have these roles:
     query, key, value  blocks.{i}.attn.{q_proj,k_proj,v_proj}
@@ -59,6 +65,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lora_lab.nf4 import (NF4Linear, dequantize_nf4, drop_nf4_weight, holds_nf4, move_nf4_weight, nf4_linear,
+                          nf4_state_of, nf4_statistics_kept)
 from lora_lab.utils import LoraLabError, atomic_path, atomic_write_text
 
 ADAPTER_WEIGHTS_FILE = "lora.safetensors"
@@ -85,6 +93,12 @@ class LoRALinear(nn.Module):
     The base parameters keep nn.Linear's names (`weight`, `bias`), so a base checkpoint loads into a model with
     LoRA layers with only the `lora_*` keys missing. Adapters may have their own dtype (`lora_dtype`), e.g.
     float32 adapters on a bfloat16 base: the LoRA branch runs in the adapters' dtype and its result is cast back.
+
+    QLoRA: made `from_linear` of an NF4Linear (lora_lab/nf4.py), the layer keeps the 4-bit weight: `weight` is then
+    the packed uint8 codes, next to NF4Linear's statistics buffers under NF4Linear's names (quant_type "nf4"), and
+    base_forward dequantizes it on the fly, to the input's dtype, through an autograd function that gives the
+    input a gradient and never keeps the dequantized weight. Only that base part changes: the adapters and their
+    state dict keys are the same as on a float base, so an adapter trained on NF4 loads onto the float model.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
@@ -119,19 +133,25 @@ class LoRALinear(nn.Module):
         self.untied_by_merge = False  # merge_lora gave this (tied) lm_head its own weight; unmerge_lora ties it again
         # DoRA's row norms at merge time, needed to undo the merge
         self.register_buffer("dora_merged_norm", None, persistent=False)
+        self.quant_type: Optional[str] = None  # "nf4" when the frozen weight is stored in NF4 (QLoRA)
         self.reset_parameters()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+    def from_linear(cls, linear: Union[nn.Linear, NF4Linear], r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                     use_rslora: bool = False, use_dora: bool = False,
                     lora_dtype: Optional[torch.dtype] = None) -> "LoRALinear":
-        """Wrap `linear`, reusing and freezing its weight and bias Parameters (no copy: a tied weight stays tied)."""
-        w = linear.weight
+        """Wrap `linear`, reusing and freezing its weight and bias Parameters (no copy: a tied weight stays tied).
+        An NF4Linear hands over its quantized weight buffers instead: the base stays in 4 bits (QLoRA); adapters
+        default to the dtype it was quantized from."""
+        dtype = linear.dtype if holds_nf4(linear) else linear.weight.dtype
         # built on meta: no memory for a base weight we are about to replace
         lora = cls(linear.in_features, linear.out_features, r, alpha, dropout, bias=linear.bias is not None,
-                   use_rslora=use_rslora, use_dora=use_dora, device="meta", dtype=w.dtype,
-                   lora_dtype=lora_dtype or w.dtype)
-        lora.weight = w.requires_grad_(False)
+                   use_rslora=use_rslora, use_dora=use_dora, device="meta", dtype=dtype,
+                   lora_dtype=lora_dtype or dtype)
+        if holds_nf4(linear):
+            move_nf4_weight(linear, lora)  # weight (packed codes), weight_absmax, ...: the same tensors
+        else:
+            lora.weight = linear.weight.requires_grad_(False)
         if linear.bias is not None:
             lora.bias = linear.bias.requires_grad_(False)
         lora.reset_lora_parameters()  # creates the adapters on the weight's device
@@ -170,8 +190,27 @@ class LoRALinear(nn.Module):
 
     # ---- forward --------------------------------------------------------------------------------------------
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The frozen layer: x W^T + b. The only part a quantized (e.g. NF4) base layer needs to replace."""
+        """The frozen layer: x W^T + b, with an NF4 W dequantized on the fly to x's dtype (QLoRA)."""
+        if self.quant_type == "nf4":
+            return nf4_linear(x, self.weight, nf4_state_of(self), self.bias)  # (..., out)
         return F.linear(x, self.weight, self.bias)
+
+    def base_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """W (out, in) as a float tensor in `dtype` (default: its own): dequantized (a new tensor) if NF4."""
+        if self.quant_type == "nf4":
+            return dequantize_nf4(self.weight, nf4_state_of(self), dtype)
+        return self.weight if dtype is None else self.weight.to(dtype)
+
+    @torch.no_grad()
+    def dequantize_base(self, dtype: Optional[torch.dtype] = None) -> None:
+        """Replace an NF4 base weight by its dequantized values, a frozen float Parameter in `dtype` (default:
+        the dtype it was quantized from): the layer becomes an ordinary LoRA layer (and can merge). No-op on a
+        float base."""
+        if self.quant_type is None:
+            return
+        weight = self.base_weight(dtype)  # (out, in)
+        drop_nf4_weight(self)  # the 4-bit buffers go as the float weight arrives: one copy of this layer at a time
+        self.weight = nn.Parameter(weight, requires_grad=False)
 
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
         """(alpha/r) · (dropout(x) A^T) B^T, in the adapters' dtype, without ever forming B A."""
@@ -199,6 +238,9 @@ class LoRALinear(nn.Module):
         """W <- W + (alpha/r) · (B @ A) (DoRA: W <- m · (W + sBA) / ||W + sBA||); a no-op when already merged."""
         if self.merged:
             return
+        if self.quant_type is not None:
+            raise LoraLabError("this LoRA layer's base weight is stored in NF4, which cannot absorb the update: merge "
+                               "with merge_lora_into_dequantized(model), or call dequantize_base() first")
         if self.shares_weight:
             raise LoraLabError("this LoRA layer's weight is also the embedding matrix (tied lm_head): merge with "
                                "merge_lora(model), which gives lm_head its own copy first")
@@ -228,7 +270,7 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def _dora_row_norm(self) -> torch.Tensor:
         """||W + s B A|| of each output row (out,), a constant for autograd (DoRA paper, section 4.3)."""
-        adapted = self.weight.to(self.lora_A.dtype) + self.delta_weight()  # (out, in)
+        adapted = self.base_weight(self.lora_A.dtype) + self.delta_weight()  # (out, in)
         # a row of zeros would divide 0 by 0; its magnitude is 0 as well, so any positive norm gives the same W'
         return torch.linalg.vector_norm(adapted, dim=1).clamp_min(torch.finfo(adapted.dtype).tiny)
 
@@ -242,9 +284,16 @@ class LoRALinear(nn.Module):
         dora = (mag_scale - 1) * base_no_bias.to(lora.dtype) + mag_scale * lora  # (..., out)
         return base_out + dora.to(base_out.dtype)
 
+    def _apply(self, fn, recurse=True):
+        # an NF4 base keeps its statistics' dtypes through model.to(dtype), as in NF4Linear; the adapters follow
+        with nf4_statistics_kept(self):
+            super()._apply(fn, recurse)
+        return self
+
     def extra_repr(self) -> str:
         extra = ", rslora" if self.use_rslora else ""
         extra += ", dora" if self.use_dora else ""
+        extra += f", {self.quant_type} base" if self.quant_type else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}{extra}, merged={self.merged}")
 
@@ -285,6 +334,7 @@ def inject_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: floa
     """Replace, in place, the nn.Linear layers of `model` that play one of `targets` by LoRALinear layers.
 
     Roles: query, key, value, projection (attention output), mlp (every MLP projection), lm_head, or all.
+    Layers quantized with lora_lab.nf4.quantize_nf4(model) (NF4Linear) get LoRA on their 4-bit weight: QLoRA.
     The base weights are frozen (they are the same Parameters as before); every other parameter keeps its
     requires_grad: call mark_only_lora_trainable(model) before training. With tied embeddings, a LoRA on
     lm_head shares (and freezes) the embedding matrix and trains only its own A and B.
@@ -297,7 +347,7 @@ def inject_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: floa
     if already:
         raise LoraLabError(f"the model already has LoRA on {already[0]} (and {len(already) - 1} more): "
                            f"inject_lora once per model")
-    chosen = [(name, m) for name, m in chosen if isinstance(m, nn.Linear)]
+    chosen = [(name, m) for name, m in chosen if isinstance(m, (nn.Linear, NF4Linear))]
     if not chosen:
         raise LoraLabError(f"found no linear layers for LoRA targets {roles} in {type(model).__name__}")
     for name, linear in chosen:
@@ -332,9 +382,11 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; a tied tensor (lm_head = embedding) is counted once."""
+    """(trainable, total) parameter counts; a tied tensor (lm_head = embedding) is counted once, and an NF4 weight
+    (a buffer of packed codes) as the out x in parameters it stands for."""
     params = list(model.parameters())  # nn.Module.parameters() yields each Parameter object once
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if holds_nf4(m))
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized
 
 
 def merge_lora(model: nn.Module) -> None:
@@ -361,6 +413,50 @@ def unmerge_lora(model: nn.Module) -> None:
         head.shares_weight = True
         head.untied_by_merge = False
         model.config = replace(model.config, tie_embeddings=True)
+
+
+@torch.no_grad()
+def merge_lora_into_dequantized(model: nn.Module, dtype: Optional[torch.dtype] = None,
+                                requantize: bool = False) -> nn.Module:
+    """Merge the adapters of a QLoRA model (NF4 base + LoRA) into float weights, in place; returns the model.
+
+    Layer by layer: an NF4 weight is dequantized in float32, W + (alpha/r) B A (or DoRA's W') is formed, and the
+    result rounded once to `dtype` (default: the dtype the layer was quantized from); that layer's 4-bit buffers
+    are dropped as its float weight arrives, so the model is never held twice. With `dtype`, the model's other
+    float tensors (embeddings, norms, biases) are cast to it as well at the end. NF4Linear layers without LoRA
+    become nn.Linear layers with their dequantized weight, and float LoRA layers (e.g. on lm_head) merge as in
+    merge_lora. The result computes what the NF4 base + adapter computed, up to that one rounding per weight:
+    the adapter learned to correct the quantized weights, so that is the base it is merged into.
+
+    requantize=True quantizes each merged weight again (NF4, the same block size and double quantization) and
+    leaves the NF4Linear layers as they are: a 4-bit model without adapters, at the price of a second rounding
+    to NF4 of the adapted layers."""
+    for name, m in list(model.named_modules()):
+        if not holds_nf4(m):
+            continue
+        settings = dict(blocksize=m.blocksize, double_quant=m.double_quant)
+        target = dtype or m.dtype
+        if isinstance(m, LoRALinear):
+            m.dequantize_base(torch.float32)  # (out, in) float32: this layer only
+            m.merge()
+            if requantize:
+                layer = NF4Linear.from_linear(m, **settings)  # reads m.weight and m.bias; drops the adapters
+                layer.dtype = target  # what it dequantizes to by default
+            else:
+                m.weight = nn.Parameter(m.weight.to(target), requires_grad=False)
+                continue
+        elif requantize:
+            continue
+        else:
+            layer = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+            layer.weight = nn.Parameter(m.dequantize(target), requires_grad=False)
+            layer.bias = m.bias  # the same (float, frozen) Parameter or None
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child_name, layer)
+    merge_lora(model)  # the LoRA layers on float weights (a quantized one is merged already: a no-op)
+    if dtype is not None:
+        model.to(dtype)  # tensor by tensor; the merged weights are in dtype already
+    return model
 
 
 def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], source="adapter") -> None:
@@ -453,6 +549,10 @@ class LoRAConfig:
     base_model: str = ""  # name or checkpoint directory of the base model the adapter was trained on
     base_config: Optional[dict] = None  # the base model's Config.to_dict()
     prompt_style: str = "plain"
+    # the quantization of the base during training (QLoRA), e.g. {"method": "nf4", "blocksize": 64,
+    # "double_quant": True}; None: a float base. quantize_nf4(model, blocksize=..., double_quant=...) rebuilds
+    # that base bit for bit from the float checkpoint
+    base_quantization: Optional[dict] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -464,6 +564,9 @@ class LoRAConfig:
         if self.lora_plus_ratio is not None and not self.lora_plus_ratio > 0:
             raise LoraLabError(f"lora_plus_ratio must be positive, got {self.lora_plus_ratio!r}")
         self.targets = normalize_targets(self.targets)
+        q = self.base_quantization
+        if q is not None and (not isinstance(q, dict) or q.get("method") != "nf4"):
+            raise LoraLabError(f"base_quantization must be None or {{'method': 'nf4', ...}}, got {q!r}")
 
     @property
     def scaling(self) -> float:

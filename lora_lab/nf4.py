@@ -43,6 +43,8 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from typing import Optional
@@ -282,14 +284,81 @@ def _dequantize_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
 
 
 def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Packed NF4 codes + state -> tensor of state.shape in `dtype` (default: the dtype that was quantized)."""
-    n, bs, n_blocks = state.numel, state.blocksize, state.n_blocks
+    """Packed NF4 codes + state -> tensor of state.shape in `dtype` (default: the dtype that was quantized).
+
+    On CPU (outside torch.compile) this runs `_dequantize_cpu`, which computes the same bits faster."""
+    dtype = dtype or state.dtype
     absmax = state.block_absmax()  # (n_blocks,) float32
-    values = _unpack_levels(packed, state.code)  # (2 * n_bytes,) float32
+    if packed.device.type == "cpu" and not torch.compiler.is_compiling():
+        flat = _dequantize_cpu(packed.reshape(-1), state.code, absmax, state.numel, state.blocksize, dtype)
+    else:
+        flat = _dequantize_flat(packed.reshape(-1), state.code, absmax, state.numel, state.blocksize, dtype)
+    return flat.view(state.shape)
+
+
+def _dequantize_flat(packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, n: int, bs: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """The plain formulation, one vectorized op after the other: (n,) in dtype. Used on GPUs (where
+    torch.compile fuses it), for the odd tail of `_dequantize_cpu`, and as the reference it is tested against."""
+    n_blocks = -(-n // bs)
+    values = _unpack_levels(packed, code)  # (2 * n_bytes,) float32
     if values.numel() != n_blocks * bs:  # odd element count or partial last block
         values = F.pad(values[:n], (0, n_blocks * bs - n))
     values = values.view(n_blocks, bs).mul_(absmax.unsqueeze(1))  # float32, then one rounding to dtype
-    return values.view(-1)[:n].view(state.shape).to(dtype or state.dtype)
+    return values.view(-1)[:n].to(dtype)
+
+
+# elements per step of _dequantize_cpu: torch's grain size, so that every op of a step runs on the calling thread
+CPU_CHUNK = 32768
+
+
+def _dequantize_cpu(packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, n: int, bs: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """`_dequantize_flat`, bit for bit, in fewer and cache-friendlier passes over memory (CPU).
+
+    1. Two packed bytes (four codes) at a time: viewed as uint16 they index a 65536-entry table whose entries
+       are the four float32 levels, 16 bytes, stored as one complex128 so that a 1-d index_select copies them
+       in one move. One lookup per 4 elements instead of one per 2, and an int32 index, not int64.
+    2. Chunk by chunk of CPU_CHUNK elements, each written once into the result while it is in cache: no
+       full-size intermediates, whose page faults cost as much as the arithmetic on CPU. A chunk is at most
+       torch's grain size, so its ops run on this thread: on a busy machine, waking the thread pool for every
+       small op costs more than the work (the table lookup, most of the time, is single-threaded anyway).
+    3. The absmax is applied by broadcasting the (blocks, 1) view over (blocks, blocksize), in place, in
+       float32, and the product is rounded once to dtype, as in `_dequantize_flat`.
+    Elements past the last whole group of lcm(blocksize, 4) (fewer than 2 blocks) go through _dequantize_flat."""
+    unit = math.lcm(bs, 4)  # a chunk holds whole blocks and whole byte pairs
+    n_main = n - n % unit
+    out = torch.empty(n, dtype=dtype)
+    if n_main < n:  # the odd tail: a partial block or a few elements, from byte n_main/2 and block n_main/bs on
+        out[n_main:] = _dequantize_flat(packed[n_main // 2:], code, absmax[n_main // bs:], n - n_main, bs, dtype)
+    if n_main == 0:
+        return out
+    if packed.storage_offset() % 2:  # a uint16 view needs 2-byte alignment
+        packed = packed.clone()
+    quads = _quad_table(tuple(code.tolist()))  # (65536,) complex128
+    chunk = max(unit, CPU_CHUNK // unit * unit)
+    pairs = packed[:n_main // 2].view(torch.uint16).split(chunk // 4)  # two bytes, four codes each
+    scales = absmax[:n_main // bs].split(chunk // bs)
+    for pair, scale, result in zip(pairs, scales, out[:n_main].split(chunk)):
+        if dtype == torch.float32:  # gathered straight into the result
+            levels = torch.index_select(quads, 0, pair.int(), out=result.view(torch.complex128))  # (m/4,)
+        else:
+            levels = torch.index_select(quads, 0, pair.int())  # (m/4,) four float32 levels each
+        values = levels.view(torch.float32).view(-1, bs).mul_(scale.unsqueeze(1))  # (m/bs, bs) level * absmax
+        if dtype != torch.float32:
+            result.copy_(values.view(-1))  # one rounding to dtype
+    return out
+
+
+@lru_cache(maxsize=8)
+def _quad_table(code: tuple[float, ...]) -> torch.Tensor:
+    """(65536,) complex128: entry v holds, as four float32, the levels of the two bytes that read as uint16 v on
+    this machine (little-endian: first byte = v & 255), high nibble first. Keyed by the 16 levels' values."""
+    pairs = _byte_table(torch.tensor(code, dtype=torch.float32))  # (256, 2)
+    v = torch.arange(LUT_SIZE)
+    first, second = (v & 255, v >> 8) if sys.byteorder == "little" else (v >> 8, v & 255)
+    quads = torch.cat([pairs[first], pairs[second]], dim=1)  # (65536, 4) float32
+    return quads.contiguous().view(torch.complex128).view(LUT_SIZE)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -340,7 +409,60 @@ def nf4_linear(x: torch.Tensor, packed: torch.Tensor, state: NF4State, bias: Opt
     return _NF4LinearFunction.apply(x, packed, state, bias)
 
 
+# ------------------------------------------------------------------------------------------------------------
+# A module's NF4 weight: NF4Linear's, or a LoRALinear's on an NF4 base (QLoRA), under the same names
+# ------------------------------------------------------------------------------------------------------------
 _STAT_BUFFERS = ("weight_absmax", "weight_code", "weight_nested_absmax", "weight_offset", "weight_nested_code")
+NF4_BUFFERS = ("weight",) + _STAT_BUFFERS  # the packed codes, then the statistics
+NF4_ATTRIBUTES = ("blocksize", "double_quant", "nested_blocksize", "dtype")  # dtype: the one quantized from
+
+
+def holds_nf4(module: nn.Module) -> bool:
+    """True for a module whose `weight` is stored in NF4 (an NF4Linear, or a LoRALinear on an NF4 base)."""
+    return getattr(module, "quant_type", None) == "nf4"
+
+
+def nf4_state_of(module: nn.Module) -> NF4State:
+    """The NF4 buffers of `module` (out_features x in_features) as an NF4State (no copies)."""
+    state = NF4State(absmax=module.weight_absmax, shape=(module.out_features, module.in_features),
+                     dtype=module.dtype, blocksize=module.blocksize, code=module.weight_code)
+    if module.double_quant:
+        state.nested_absmax, state.offset = module.weight_nested_absmax, module.weight_offset
+        state.nested_code, state.nested_blocksize = module.weight_nested_code, module.nested_blocksize
+    return state
+
+
+def move_nf4_weight(src: nn.Module, dst: nn.Module) -> None:
+    """Give `dst` the NF4 weight of `src`: the same buffer tensors (no copy) under the same names, and the
+    attributes that describe them; `dst`'s own `weight` (Parameter or buffer) is replaced."""
+    dst._parameters.pop("weight", None)
+    for name in NF4_BUFFERS:
+        if getattr(src, name, None) is not None:
+            dst.register_buffer(name, getattr(src, name))
+    for name in NF4_ATTRIBUTES:
+        setattr(dst, name, getattr(src, name))
+    dst.quant_type = "nf4"
+
+
+def drop_nf4_weight(module: nn.Module) -> None:
+    """Remove the NF4 buffers and attributes of `module` (to give it a float weight instead)."""
+    for name in NF4_BUFFERS:
+        module._buffers.pop(name, None)
+    for name in NF4_ATTRIBUTES:
+        module.__dict__.pop(name, None)
+    module.quant_type = None
+
+
+@contextmanager
+def nf4_statistics_kept(module: nn.Module):
+    """Wrap a module's `_apply`: model.to(torch.bfloat16) / .half() must not round the NF4 statistics (or the
+    8-bit codes' float32 scales). Inside, the statistics follow device moves only and keep their dtypes."""
+    before = {name: module._buffers[name] for name in _STAT_BUFFERS if module._buffers.get(name) is not None}
+    yield
+    for name, old in before.items():
+        new = module._buffers[name]
+        if new.dtype != old.dtype:
+            module._buffers[name] = old.to(new.device)
 
 
 class NF4Linear(nn.Module):
@@ -350,6 +472,8 @@ class NF4Linear(nn.Module):
     (float32, or uint8 under double quantization), `weight_code` the 16 levels, and under double quantization
     `weight_nested_absmax`, `weight_offset`, `weight_nested_code`. `bias` stays a (frozen) float parameter.
     The forward pass dequantizes to x.dtype and runs F.linear."""
+
+    quant_type = "nf4"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, blocksize: int = 64,
                  double_quant: bool = True, dtype: torch.dtype = torch.float32, device=None) -> None:
@@ -397,12 +521,7 @@ class NF4Linear(nn.Module):
     @property
     def quant_state(self) -> NF4State:
         """The buffers as an NF4State (no copies)."""
-        state = NF4State(absmax=self.weight_absmax, shape=(self.out_features, self.in_features), dtype=self.dtype,
-                         blocksize=self.blocksize, code=self.weight_code)
-        if self.double_quant:
-            state.nested_absmax, state.offset = self.weight_nested_absmax, self.weight_offset
-            state.nested_code, state.nested_blocksize = self.weight_nested_code, self.nested_blocksize
-        return state
+        return nf4_state_of(self)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The weight (out_features, in_features) in `dtype` (default: the dtype it was quantized from)."""
@@ -412,14 +531,9 @@ class NF4Linear(nn.Module):
         return nf4_linear(x, self.weight, self.quant_state, self.bias)  # (..., out_features)
 
     def _apply(self, fn, recurse=True):
-        # model.to(torch.bfloat16) / .half() must not round the statistics (or the 8-bit codes' float32 scales):
-        # the quantization buffers follow device moves only, keeping their dtypes; the bias follows everything
-        before = {name: self._buffers[name] for name in _STAT_BUFFERS if self._buffers.get(name) is not None}
-        super()._apply(fn, recurse)
-        for name, old in before.items():
-            new = self._buffers[name]
-            if new.dtype != old.dtype:
-                self._buffers[name] = old.to(new.device)
+        # the statistics follow device moves only, keeping their dtypes; the bias follows everything
+        with nf4_statistics_kept(self):
+            super()._apply(fn, recurse)
         return self
 
     def extra_repr(self) -> str:
@@ -522,7 +636,7 @@ def model_size_report(model: nn.Module) -> dict:
     quantized_params = quantized_bytes = constant_bytes = unquantized_extra = layers = 0
     counted: set[int] = set()
     for module in model.modules():
-        if isinstance(module, NF4Linear):
+        if holds_nf4(module):  # NF4Linear, or a LoRA layer on an NF4 base
             layers += 1
             n = module.in_features * module.out_features
             quantized_params += n

@@ -1,0 +1,364 @@
+"""Fine-tune a model with QLoRA: LoRA on a base model whose linear layers are frozen in 4-bit NF4.
+
+    python finetune/qlora.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct \
+        --data json_extraction --out_dir out/finetune/qlora
+
+This is finetune/lora.py plus one step (`diff finetune/lora.py finetune/qlora.py` shows it): after loading, every
+linear layer but lm_head is quantized to NF4 (lora_lab/nf4.py: 4-bit codes, a scale per block of 64 weights, and
+with double quantization those scales in 8 bits: 4.127 bits per weight instead of 16 or 32). The targeted layers
+then compute  h = x dequant(W)^T + (alpha/r) * dropout(x) A^T B^T : W is dequantized on the fly, layer by layer, to
+the compute dtype, and only A and B (kept in that dtype) train. The adapter is saved as by finetune/lora.py, with
+the quantization recorded in its lora_config.json, and loads onto the float base as well (generate/lora.py,
+`python -m lora_lab.merge_lora`, `python -m lora_lab.export_peft`). The QLoRA paper puts LoRA on every linear
+layer of the blocks (--lora_targets query,key,value,projection,mlp) to match 16-bit fine-tuning.
+
+--data is a built-in name (json_extraction: offline and synthetic; alpaca, alpaca-cleaned, alpaca-finance, dolly,
+lima: downloaded once) or a local .json / .jsonl / .csv file with instruction, input (optional) and output fields.
+Hyperparameters can also come from a YAML file: --config my_run.yaml. Ctrl-C saves the state at the end of the
+step in progress; run the same command with --resume to continue exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import lightning as L
+import torch
+
+from lora_lab import GPT, Tokenizer
+from lora_lab.checkpoint import load_config
+from lora_lab.data import get_dataloaders
+from lora_lab.data.json_extraction import evaluate_extractions
+from lora_lab.generate import peak_memory_bytes, reset_peak_memory
+from lora_lab.lora import (LoRAConfig, count_parameters, inject_lora, load_lora_state_dict, lora_plus_param_groups,
+                           lora_state_dict, mark_only_lora_trainable, normalize_targets, save_lora)
+from lora_lab.nf4 import model_size_report, quantize_nf4
+from lora_lab.prompts import PromptStyle
+from lora_lab.training import (TRAIN_STATE_FILE, MetricsLog, StopRequest, Throughput, format_seconds,
+                               generate_answers, iter_keeping_rng, load_train_state, lr_at, micro_batches,
+                               parse_duration, rng_state, save_train_state, set_lr, set_rng_state)
+from lora_lab.utils import LoraLabError, cli
+
+
+def setup(
+    checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"),
+    data: str = "json_extraction",
+    out_dir: Path = Path("out/finetune/qlora"),
+    val_data: Optional[str] = None,
+    resume: bool = False,
+    # QLoRA: how the frozen base is quantized
+    quantize: Literal["nf4"] = "nf4",
+    nf4_blocksize: int = 64,
+    double_quant: bool = True,
+    # LoRA: which layers get an update, its rank and scale
+    lora_r: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.05,
+    lora_targets: Union[tuple[str, ...], str] = ("query", "value"),
+    use_rslora: bool = False,
+    use_dora: bool = False,
+    lora_plus_ratio: Optional[float] = None,
+    # data
+    prompt_style: Optional[str] = None,
+    max_seq_length: int = 512,
+    mask_prompt: bool = True,
+    n_train: Optional[int] = None,
+    n_val: Optional[int] = None,
+    # optimisation
+    max_steps: Optional[int] = None,
+    epochs: float = 1.0,
+    batch_size: int = 16,
+    micro_batch_size: int = 4,
+    learning_rate: float = 1e-3,
+    weight_decay: float = 0.0,
+    warmup_steps: int = 10,
+    min_lr: float = 0.0,
+    grad_clip: float = 1.0,
+    neftune_alpha: float = 0.0,
+    activation_checkpointing: bool = False,
+    max_time: Optional[str] = None,
+    # evaluation, checkpoints, logging
+    eval_interval: int = 25,
+    eval_iters: int = 100,
+    eval_samples: int = 20,
+    save_interval: int = 100,
+    log_interval: int = 1,
+    seed: int = 42,
+    # hardware
+    precision: Optional[str] = None,
+    devices: int = 1,
+    num_nodes: int = 1,
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto",
+) -> None:
+    """Fine-tune with QLoRA: LoRA on a 4-bit (NF4) base.
+
+    Args:
+        checkpoint_dir: the base model (a lora_lab checkpoint: see `python -m lora_lab.download`).
+        data: a built-in dataset name or a local .json/.jsonl/.csv file of instruction/input/output rows.
+        out_dir: where the adapter, its config, metrics.csv and the resume state go.
+        val_data: a separate validation file (default: a held-out share of `data`).
+        resume: continue the interrupted run in out_dir exactly where it stopped.
+        quantize: how the base model's linear layers are stored while training: nf4 (4-bit NormalFloat).
+        nf4_blocksize: weights per absmax scale (bitsandbytes: 32 ... 4096; 64 as in QLoRA).
+        double_quant: quantize the scales too (8 bits, blocks of 256): 4.127 instead of 4.5 bits per weight.
+        lora_r: rank of the update B A.
+        lora_alpha: the update is scaled by lora_alpha / lora_r.
+        lora_dropout: dropout on the LoRA branch's input.
+        lora_targets: layers to adapt: query, key, value, projection, mlp, lm_head, or all (one, a list [query,mlp],
+            or query,mlp).
+        use_rslora: scale by alpha / sqrt(r) instead of alpha / r.
+        use_dora: DoRA (weight-decomposed LoRA).
+        lora_plus_ratio: LoRA+: B learns this many times faster than A (e.g. 16).
+        prompt_style: how prompts are wrapped (default: the base model's own).
+        max_seq_length: longer samples are cut (and counted).
+        mask_prompt: learn only the answer tokens, not the prompt.
+        n_train: use only the first n_train training rows (json_extraction: how many to generate).
+        n_val: likewise for validation rows.
+        max_steps: optimizer steps (default: `epochs` passes over the data).
+        epochs: passes over the training data when max_steps is not given.
+        batch_size: global batch size in samples per optimizer step (over all devices).
+        micro_batch_size: samples per forward/backward pass on one device; gradients accumulate to batch_size.
+        learning_rate: peak learning rate, after a linear warm-up, decayed to min_lr by a cosine.
+        weight_decay: AdamW weight decay on the trainable parameters.
+        warmup_steps: optimizer steps of linear warm-up.
+        min_lr: learning rate at the end of the cosine decay.
+        grad_clip: clip the gradient norm to this (0 to disable).
+        neftune_alpha: NEFTune noise on the embeddings while training (5 is the paper's usual value; 0 = off).
+        activation_checkpointing: recompute activations in the backward pass: less memory, slower.
+        max_time: time budget (3600, 90m, 1.5h, 23:30:00): stop, evaluate and save when it is spent.
+        eval_interval: validate every this many optimizer steps.
+        eval_iters: at most this many validation batches per validation.
+        eval_samples: json_extraction only: greedy generations scored for JSON validity/accuracy before and after.
+        save_interval: save the adapter and resume state every this many optimizer steps.
+        log_interval: print progress every this many optimizer steps.
+        seed: seeds data order, initialisation and dropout.
+        precision: 32-true, bf16-true, bf16-mixed, 16-mixed (default: bf16-true on GPU, 32-true on CPU).
+        devices: devices per node (data parallel over them).
+        num_nodes: nodes, as Fabric launches them.
+        strategy: auto, ddp, or fsdp to shard the model over GPUs.
+    """
+    if precision is None:
+        precision = "bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision)
+    fabric.launch()
+    args = dict(locals())
+    del args["fabric"]
+    main(fabric, **args)
+
+
+def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_data: Optional[str], resume: bool,
+         quantize: str, nf4_blocksize: int, double_quant: bool,
+         lora_r: int, lora_alpha: float, lora_dropout: float, lora_targets: Union[tuple[str, ...], str],
+         use_rslora: bool, use_dora: bool, lora_plus_ratio: Optional[float], prompt_style: Optional[str],
+         max_seq_length: int, mask_prompt: bool, n_train: Optional[int], n_val: Optional[int],
+         max_steps: Optional[int], epochs: float, batch_size: int, micro_batch_size: int, learning_rate: float,
+         weight_decay: float, warmup_steps: int, min_lr: float, grad_clip: float, neftune_alpha: float,
+         activation_checkpointing: bool, max_time: Optional[str], eval_interval: int, eval_iters: int,
+         eval_samples: int, save_interval: int, log_interval: int, seed: int, precision: str, devices: int,
+         num_nodes: int, strategy: str) -> None:
+    hparams = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "fabric"}
+    out_dir = Path(out_dir)
+    # cheap checks of the arguments first, so that a mistake is reported before minutes of data and model loading
+    load_config(checkpoint_dir)  # one line if checkpoint_dir is not a lora_lab checkpoint
+    lora_targets = normalize_targets(lora_targets.split(",") if isinstance(lora_targets, str) else lora_targets)
+    if isinstance(nf4_blocksize, bool) or not isinstance(nf4_blocksize, int) or nf4_blocksize < 2 or nf4_blocksize % 2:
+        raise LoraLabError(f"--nf4_blocksize {nf4_blocksize!r}: use a positive even number of weights (64 as in QLoRA)")
+    if fabric.world_size > 1 and batch_size % (micro_batch_size * fabric.world_size):
+        raise LoraLabError(f"batch_size={batch_size} is not a multiple of micro_batch_size x devices = "
+                           f"{micro_batch_size * fabric.world_size}")
+    grad_accum = max(1, batch_size // (micro_batch_size * fabric.world_size))
+    if resume and not (out_dir / TRAIN_STATE_FILE).is_file():
+        raise LoraLabError(f"--resume: {out_dir / TRAIN_STATE_FILE} does not exist: there is no interrupted run in "
+                           f"{out_dir} to resume (start without --resume)")
+    if not resume and (out_dir / TRAIN_STATE_FILE).is_file():
+        raise LoraLabError(f"{out_dir} already holds a run: add --resume to continue it, or choose another "
+                           "--out_dir")
+    fabric.seed_everything(seed)
+
+    # ---- data --------------------------------------------------------------------------------------------------
+    tokenizer = Tokenizer(checkpoint_dir)
+    style = PromptStyle.from_checkpoint(checkpoint_dir, prompt_style)
+    train_dl, val_dl, data_stats = get_dataloaders(
+        data, tokenizer, style, max_seq_length=max_seq_length, micro_batch_size=micro_batch_size, seed=seed,
+        val_data=val_data, n_train=n_train, n_val=n_val, mask_prompt=mask_prompt, bucket_by_length=True,
+        pad_id=tokenizer.eos_id or 0, verbose=fabric.is_global_zero)
+    if max_steps is None:
+        max_steps = max(1, math.ceil(epochs * data_stats["n_train"] / batch_size))
+
+    # ---- the model: load the base, quantize it, add LoRA, freeze everything else -----------------------------
+    model = GPT.from_checkpoint(checkpoint_dir)
+    quantize_nf4(model, blocksize=nf4_blocksize, double_quant=double_quant)  # every nn.Linear but lm_head -> NF4
+    size = model_size_report(model)
+    fabric.print(f"NF4 base: {size['quantized_layers']} linear layers, {size['quantized_params']:,} weights in "
+                 f"{size['quantized_bytes'] / 2**20:.1f} MiB ({size['bits_per_quantized_param']:.3f} bits each); "
+                 f"model {size['total_bytes'] / 2**20:.1f} MiB instead of {size['unquantized_bytes'] / 2**20:.1f} MiB")
+    lora_config = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=list(lora_targets),
+                             use_rslora=use_rslora, use_dora=use_dora, lora_plus_ratio=lora_plus_ratio,
+                             base_model=str(checkpoint_dir), base_config=model.config.to_dict(),
+                             prompt_style=style.name, base_quantization={
+                                 "method": quantize, "blocksize": nf4_blocksize, "double_quant": double_quant})
+    inject_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets,
+                use_rslora=use_rslora, use_dora=use_dora)
+    mark_only_lora_trainable(model)
+    model.activation_checkpointing = activation_checkpointing
+    trainable, total = count_parameters(model)
+    fabric.print(f"QLoRA r={lora_r} alpha={lora_alpha} on {', '.join(lora_config.targets)}: {trainable:,} trainable "
+                 f"parameters of {total:,} ({100 * trainable / total:.2f}%)")
+
+    if lora_plus_ratio:
+        param_groups = lora_plus_param_groups(model, learning_rate, ratio=lora_plus_ratio, weight_decay=weight_decay)
+    else:
+        param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    optimizer = torch.optim.AdamW(param_groups, lr=learning_rate, weight_decay=weight_decay, betas=(0.9, 0.95))
+    gpt = model  # the plain module, for generation and saving
+    model, optimizer = fabric.setup(model, optimizer)
+
+    state = {"step": 0, "micro_batches": 0, "tokens": 0}
+    if resume:
+        saved = load_train_state(out_dir / TRAIN_STATE_FILE)
+        load_lora_state_dict(gpt, saved["lora"], source=out_dir / TRAIN_STATE_FILE)
+        optimizer.load_state_dict(saved["optimizer"])
+        train_dl.batch_sampler.load_state_dict(saved["sampler"])
+        set_rng_state(saved["rng"])
+        state.update(saved["counters"])
+        fabric.print(f"Resuming from step {state['step']} of {max_steps}")
+
+    # the json_extraction task's real test: does the model now answer with the right JSON?
+    eval_rows = val_dl.dataset.rows[:eval_samples] if data == "json_extraction" and val_dl is not None else []
+    if eval_rows and not resume:
+        before = evaluate_json(fabric, gpt, tokenizer, style, eval_rows)
+    fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hparams, out_dir, max_steps, grad_accum,
+        learning_rate, warmup_steps, min_lr, grad_clip, neftune_alpha, parse_duration(max_time), eval_interval,
+        eval_iters, save_interval, log_interval)
+    if eval_rows and not state.get("stopped"):
+        after = evaluate_json(fabric, gpt, tokenizer, style, eval_rows)
+        if not resume:
+            fabric.print(f"JSON before -> after fine-tuning: valid {before['valid_json']:.0%} -> {after['valid_json']:.0%}, "
+                         f"exact keys {before['exact_keys']:.0%} -> {after['exact_keys']:.0%}, "
+                         f"all values right {before['all_correct']:.0%} -> {after['all_correct']:.0%}")
+
+
+def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hparams, out_dir, max_steps, grad_accum,
+        learning_rate, warmup_steps, min_lr, grad_clip, neftune_alpha, max_time, eval_interval, eval_iters,
+        save_interval, log_interval) -> None:
+    stop = StopRequest()
+    metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"])
+    throughput = Throughput(state["step"], max_steps)
+    reset_peak_memory(fabric.device)
+    batches = micro_batches(train_dl, fabric.global_rank, fabric.world_size, state)
+    val_loss = None
+
+    while state["step"] < max_steps:
+        lr = lr_at(state["step"], max_steps, learning_rate, warmup_steps, min_lr)
+        set_lr(optimizer, lr)
+        loss_sum = 0.0
+        for i in range(grad_accum):
+            batch = next(batches)
+            # gradients are averaged over devices only at the last micro-batch of the step
+            with fabric.no_backward_sync(model, enabled=i < grad_accum - 1):
+                loss = model(batch["input_ids"], labels=batch["labels"], neftune_alpha=neftune_alpha)
+                fabric.backward(loss / grad_accum)
+            if not torch.isfinite(loss):
+                raise not_finite("loss", loss.item(), state["step"] + 1, out_dir)
+            loss_sum += loss.item()
+            state["tokens"] += batch["input_ids"].numel() * fabric.world_size
+            throughput.update(batch["input_ids"].numel() * fabric.world_size)
+        if grad_clip:
+            norm = fabric.clip_gradients(model, optimizer, max_norm=grad_clip, error_if_nonfinite=False)
+            if not torch.isfinite(norm):  # a finite loss whose gradient overflowed
+                raise not_finite("gradient norm", norm.item(), state["step"] + 1, out_dir)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        step, train_loss = state["step"], loss_sum / grad_accum
+        if fabric.world_size > 1:  # the loss of the global batch, not only of this device's share
+            train_loss = fabric.all_reduce(torch.tensor(train_loss, device=fabric.device), reduce_op="mean").item()
+
+        if step % log_interval == 0 or step == max_steps:
+            fabric.print(f"step {step}/{max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
+                         f"{throughput.tokens_per_sec():,.0f} tok/s | ETA {format_seconds(throughput.eta(step))}")
+        row = {"step": step, "train_loss": train_loss, "lr": lr, "tokens": state["tokens"],
+               "tokens_per_sec": throughput.tokens_per_sec()}
+        out_of_time = max_time is not None and throughput.elapsed() > max_time
+        stop_requested = stop.requested
+        if fabric.world_size > 1:
+            # every device must take the same branch below (validate, save, break): a device that trained on
+            # alone would wait forever for the others in its next gradient all-reduce. Each device has its own
+            # clock and Ctrl-C reaches them at slightly different times, so agree: stop if any device says so
+            flags = torch.tensor([out_of_time, stop_requested], dtype=torch.float32, device=fabric.device)
+            out_of_time, stop_requested = (bool(f) for f in fabric.all_reduce(flags, reduce_op="sum").tolist())
+        if val_dl is not None and (step % eval_interval == 0 or step == max_steps or out_of_time):
+            val_loss = validate(fabric, model, val_dl, eval_iters)
+            row.update(val_loss=val_loss, val_ppl=math.exp(val_loss))
+            fabric.print(f"step {step}: val loss {val_loss:.4f}, val ppl {math.exp(val_loss):.2f}")
+        metrics.log(row)
+        if step % save_interval == 0 or step == max_steps or out_of_time or stop_requested:
+            save(fabric, gpt, optimizer, train_dl, state, lora_config, hparams, out_dir)
+        if out_of_time:
+            fabric.print(f"Time budget of {format_seconds(max_time)} spent after step {step}: stopping")
+            break
+        if stop_requested:
+            fabric.print(f"Stopped at step {step}; state saved: resume with the same command and --resume")
+            state["stopped"] = True
+            break
+
+    fabric.print(f"Trainable parameters {count_parameters(gpt)[0]:,} | {state['step']} steps in "
+                 f"{format_seconds(throughput.elapsed())} | {throughput.tokens_per_sec():,.0f} tokens/s | "
+                 f"peak memory {peak_memory_bytes(fabric.device) / 2**30:.2f} GiB"
+                 + (f" | final val loss {val_loss:.4f}" if val_loss is not None else ""))
+    fabric.print(f"Adapter saved to {out_dir}")
+
+
+def not_finite(what: str, value: float, step: int, out_dir: Path) -> LoraLabError:
+    saved = (f"; the last saved state is in {out_dir} (continue from it with --resume)"
+             if (out_dir / TRAIN_STATE_FILE).is_file() else "")
+    return LoraLabError(f"the {what} is {value} at step {step}: lower --learning_rate (or use --precision 32-true)"
+                        + saved)
+
+
+@torch.no_grad()
+def validate(fabric, model, val_dl, eval_iters: int) -> float:
+    """Mean validation loss over (at most) eval_iters batches."""
+    model.eval()
+    losses = []
+    for i, batch in enumerate(iter_keeping_rng(val_dl)):  # validating must not change training's dropout masks
+        if i >= eval_iters:
+            break
+        losses.append(model(batch["input_ids"], labels=batch["labels"]))
+    model.train()
+    return fabric.all_reduce(torch.stack(losses).mean(), reduce_op="mean").item()
+
+
+def evaluate_json(fabric, gpt, tokenizer, style, rows) -> dict:
+    """Greedy answers to held-out prompts, scored for valid JSON, exact keys and right values."""
+    gpt.eval()
+    answers = generate_answers(gpt, tokenizer, style, rows, max_new_tokens=64)
+    gpt.train()
+    scores = evaluate_extractions(answers, [r["output"] for r in rows])
+    fabric.print(f"JSON on {len(rows)} held-out prompts: {scores['valid_json']:.0%} valid, "
+                 f"{scores['exact_keys']:.0%} with exactly the keys, {scores['all_correct']:.0%} all values right")
+    return scores
+
+
+def save(fabric, gpt, optimizer, train_dl, state, lora_config, hparams, out_dir) -> None:
+    """The adapter (for generate/merge/export) and the resume state, each written atomically."""
+    if fabric.is_global_zero:
+        save_lora(out_dir, gpt, lora_config)
+        save_train_state(out_dir / TRAIN_STATE_FILE, {
+            "lora": {k: v.detach().cpu() for k, v in lora_state_dict(gpt).items()},
+            "optimizer": optimizer.state_dict(),
+            "sampler": train_dl.batch_sampler.state_dict(),
+            "rng": rng_state(),
+            "counters": {k: v for k, v in state.items() if k != "stopped"},
+            "hparams": hparams,
+        })
+    fabric.barrier()
+
+
+if __name__ == "__main__":
+    torch.set_float32_matmul_precision("high")
+    cli(setup)
