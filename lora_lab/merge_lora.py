@@ -37,7 +37,8 @@ from lora_lab.config import Config
 from lora_lab.convert_hf import EXTRA_TOKENIZER_FILES, export_hf_state_dict
 from lora_lab.generate import PRECISIONS
 from lora_lab.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, LoRAConfig, inject_lora, load_lora, \
-    load_lora_state_dict, merge_lora
+    load_lora_state_dict, merge_lora, merge_lora_into_dequantized
+from lora_lab.nf4 import quantize_nf4
 from lora_lab.model import GPT
 from lora_lab.utils import LoraLabError, atomic_path, atomic_write_text, cli
 
@@ -90,6 +91,15 @@ def load_merged(checkpoint_dir: PathLike, adapter_dir: PathLike,
     checkpoint_dir = base_checkpoint_dir(lora_config, checkpoint_dir, adapter_dir)
     check_adapter_fits(lora_config, load_config(checkpoint_dir), adapter_dir, checkpoint_dir)
     model = GPT.from_checkpoint(checkpoint_dir).eval()
+    q = lora_config.base_quantization
+    if q:  # a QLoRA adapter learned to correct the NF4 weights: rebuild that exact base (quantization is deterministic)
+        quantize_nf4(model, blocksize=q["blocksize"], double_quant=q["double_quant"])
+        inject_lora(model, r=lora_config.r, alpha=lora_config.alpha, targets=lora_config.targets,
+                    use_rslora=lora_config.use_rslora, use_dora=lora_config.use_dora, lora_dtype=torch.float32)
+        load_lora_state_dict(model, adapter, source=Path(adapter_dir) / ADAPTER_WEIGHTS_FILE)
+        # layer by layer: dequantize, add (alpha/r) B A, round once; never two full copies of the weights
+        merge_lora_into_dequantized(model, dtype=dtype)
+        return model, lora_config
     stored = model.wte.weight.dtype
     # merge in the wider of the two dtypes, so the merged weight is rounded to the narrower one only once
     widen = dtype is not None and torch.finfo(dtype).eps < torch.finfo(stored).eps

@@ -461,3 +461,27 @@ def test_generate_base_quantize_nf4(tmp_path, one_thread, capsys):
     stop = tokenizer.eos_ids + style.stop_tokens(tokenizer)
     ids = [i for i in generate(model, prompt_ids, 12, eos_ids=stop) if i not in stop]
     assert out == tokenizer.decode(prompt_ids[-1:].tolist() + ids)[len(tokenizer.decode(prompt_ids[-1:])):] + "\n"
+
+
+def test_merge_lora_cli_path_merges_a_qlora_adapter_into_the_dequantized_base(tmp_path):
+    """python -m lora_lab.merge_lora on a QLoRA adapter: the merged float checkpoint computes NF4 base + adapter."""
+    from lora_lab.checkpoint import save_checkpoint
+    from lora_lab.merge_lora import merge_lora_checkpoint
+
+    config = CONFIGS["llama-gqa"]
+    base = float_model(config)
+    save_checkpoint(tmp_path / "base", config, base.state_dict())
+    qmodel = quantize_nf4(copy.deepcopy(base))
+    inject_lora(qmodel, targets=("query", "value"))
+    with torch.no_grad():
+        for _, m in lora_modules(qmodel):
+            m.lora_B.normal_(0, 0.1)
+    lora_config = LoRAConfig(r=8, targets=["query", "value"], base_model=str(tmp_path / "base"),
+                             base_config=config.to_dict(),
+                             base_quantization={"method": "nf4", "blocksize": 64, "double_quant": True})
+    save_lora(tmp_path / "adapter", qmodel, lora_config)
+    merge_lora_checkpoint(None, tmp_path / "adapter", tmp_path / "merged")
+    merged = GPT.from_checkpoint(tmp_path / "merged").eval()
+    x = tokens(config)
+    with torch.no_grad():
+        assert_close(merged(x), qmodel.eval()(x), atol=1e-4, rtol=1e-4)
