@@ -117,9 +117,10 @@ def next_token_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tens
     hidden (B, T, C) are the final normed hidden states, labels (B, T) token ids with IGNORE_INDEX where there
     is nothing to learn (prompt, padding). Two savings over `cross_entropy(lm_head(hidden), ...)`:
       - lm_head runs only on positions with a target: with the prompt masked that is often half of them;
-      - the logits are computed `chunk_size` rows at a time and recomputed in the backward pass, so the
-        float32 (n, vocab) logits and their gradient are never all in memory (vocab is 49k-256k wide: for
-        4 x 256 tokens and a 128k vocab that is 0.5 GB each).
+      - the logits are computed `chunk_size` rows at a time, so the float32 (n, vocab) logits and their gradient
+        are never all in memory (vocab is 49k-256k wide: for 4 x 256 tokens and a 128k vocab that is 0.5 GB each).
+        A plain nn.Linear head computes each chunk's gradient right away (LinearCrossEntropy); any other head
+        (LoRA on lm_head, a quantized head) recomputes its chunks in the backward pass instead.
     """
     targets = labels[:, 1:]  # (B, T-1)
     keep = targets != IGNORE_INDEX  # (B, T-1)
@@ -128,11 +129,72 @@ def next_token_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tens
         raise ValueError("a batch has no target tokens (all labels are -100): check the data's masking")
     h = hidden[:, :-1][keep]  # (n, C)
     t = targets[keep]  # (n,)
-    if chunk_size is None or n <= chunk_size:
-        return _ce_sum(lm_head, h, t) / n
-    total = sum(torch.utils.checkpoint.checkpoint(_ce_sum, lm_head, hc, tc, use_reentrant=False)
-                for hc, tc in zip(h.split(chunk_size), t.split(chunk_size)))
+    chunk_size = chunk_size or n
+    if not torch.is_grad_enabled():  # evaluation: nothing to keep for a backward pass
+        total = sum(_ce_sum(lm_head, hc, tc) for hc, tc in zip(h.split(chunk_size), t.split(chunk_size)))
+    elif type(lm_head) is nn.Linear:  # exactly: a subclass (e.g. a quantized layer) computes its own weight
+        total = LinearCrossEntropy.apply(h, lm_head.weight, lm_head.bias, t, chunk_size)
+    elif n <= chunk_size:
+        total = _ce_sum(lm_head, h, t)
+    else:
+        total = sum(torch.utils.checkpoint.checkpoint(_ce_sum, lm_head, hc, tc, use_reentrant=False)
+                    for hc, tc in zip(h.split(chunk_size), t.split(chunk_size)))
     return total / n
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i cross_entropy(hidden_i W^T + b, targets_i), with its gradient computed in the forward, chunk by chunk.
+
+    The gradient of cross-entropy with respect to the logits is softmax(logits) - onehot(target): each chunk's
+    logits turn into their own gradient in place and go straight back through the head. So only one chunk of
+    logits is ever in memory, and nothing is recomputed: the backward pass just scales the stored gradients by
+    the (scalar) gradient of the loss. The head is computed once forward and once backward, as plain autograd
+    does, but without log_softmax's and nll_loss's extra (chunk, vocab) tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None  # (n, C)
+        grad_w = torch.zeros_like(weight) if need_w else None  # (vocab, C)
+        grad_b = torch.zeros_like(bias) if need_b else None  # (vocab,)
+        total = torch.zeros((), device=hidden.device)
+        for start in range(0, hidden.size(0), chunk_size):
+            h = hidden[start:start + chunk_size]  # (c, C)
+            loss, grad_logits = LinearCrossEntropy.chunk(h, weight, bias, targets[start:start + chunk_size],
+                                                         need_grad=need_h or need_w or need_b)
+            total += loss
+            if need_h:
+                grad_h[start:start + chunk_size] = grad_logits @ weight  # (c, C)
+            if need_w:
+                grad_w += grad_logits.t() @ h  # (vocab, C)
+            if need_b:
+                grad_b += grad_logits.sum(0)  # (vocab,)
+            del grad_logits  # free this chunk's (c, vocab) before the next one is made
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        return total
+
+    @staticmethod
+    def chunk(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], t: torch.Tensor,
+              need_grad: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(summed loss of the chunk, its gradient with respect to the logits (c, vocab) or None)."""
+        logits = F.linear(h, weight, bias).float()  # (c, vocab)
+        target_logit = logits.gather(1, t[:, None])  # (c, 1)
+        top = logits.amax(dim=-1, keepdim=True)  # (c, 1) subtracted before exp, so it cannot overflow
+        probs = logits.sub_(top).exp_()  # (c, vocab) unnormalised softmax, in place of the logits
+        norm = probs.sum(dim=-1, keepdim=True)  # (c, 1)
+        loss = (top + norm.log() - target_logit).sum()  # -log softmax(logits)[t] = logsumexp(logits) - logits[t]
+        if not need_grad:
+            return loss, None
+        grad_logits = probs.div_(norm)  # (c, vocab) softmax
+        grad_logits[torch.arange(t.size(0), device=t.device), t] -= 1  # minus onehot(t)
+        return loss, grad_logits.to(weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        grads = tuple(None if g is None else g * grad_total.to(g.dtype) for g in ctx.saved_tensors)
+        return *grads, None, None
 
 
 class Block(nn.Module):

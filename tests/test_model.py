@@ -102,6 +102,31 @@ def test_loss_matches_cross_entropy_on_logits_and_ignores_masked_positions():
         torch.testing.assert_close(grad, model.wte.weight.grad)
 
 
+@pytest.mark.parametrize("head_trainable", [False, True])  # frozen: the LoRA case, only hidden states need grads
+def test_fused_loss_gradients_match_autograd_with_frozen_or_trainable_head_and_bias(head_trainable):
+    torch.manual_seed(0)
+    model = GPT(Config(n_layer=1, n_embd=32, n_head=4, vocab_size=50, block_size=32, lm_head_bias=True))
+    model.lm_head.requires_grad_(head_trainable)
+    x = torch.randint(0, 50, (2, 16))
+    labels = x.clone()
+    labels[0, :5] = -100
+    ref = torch.nn.functional.cross_entropy(model(x)[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1))
+    ref.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    for chunk in (None, 7):
+        model.zero_grad(set_to_none=True)
+        loss = model(x, labels=labels, loss_chunk_size=chunk)
+        loss.backward()
+        torch.testing.assert_close(loss, ref)
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        assert grads.keys() == expected.keys()
+        assert ("lm_head.bias" in grads) == head_trainable
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, expected[name], msg=name)
+        with torch.no_grad():  # evaluation takes the path without gradients: the same loss
+            torch.testing.assert_close(model(x, labels=labels, loss_chunk_size=chunk), ref)
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     model = GPT(Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, block_size=32))
     x = torch.randint(0, 50, (2, 16))
