@@ -42,6 +42,8 @@ from typing import Optional
 
 import torch
 
+from lora_lab.utils import LoraLabError, cli
+
 SMOLLM2_CONFIG = Path(__file__).resolve().parents[1].parent / "shared/assets/models/smollm2-135m-instruct/config.json"
 # PEFT's module names for our LoRA roles (Llama layout)
 PEFT_TARGETS = {"query": "q_proj", "key": "k_proj", "value": "v_proj", "projection": "o_proj"}
@@ -239,7 +241,7 @@ def main(checkpoint_dir: Optional[str] = None, batch_size: int = 4, seq_len: int
         torch.set_num_threads(threads)
     unknown = [t for t in targets if t not in PEFT_TARGETS]
     if unknown:
-        raise SystemExit(f"error: targets {unknown} are not benchmarked; use some of {list(PEFT_TARGETS)}")
+        raise LoraLabError(f"targets {unknown} are not benchmarked: use some of {', '.join(PEFT_TARGETS)}")
     lora = dict(r=r, alpha=alpha, targets=targets, dropout=dropout)
     with tempfile.TemporaryDirectory() as tmp:
         ours_dir, hf_dir = write_checkpoints(checkpoint_dir, Path(tmp))
@@ -302,6 +304,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "_memory_child":
         memory_child(json.loads(sys.argv[2]))
     else:
-        from jsonargparse import CLI
-
-        CLI(main, as_positional=False)
+        cli(main)
