@@ -8,12 +8,19 @@ to it when that directory exists here). The prompt is wrapped in the adapter's p
 fine-tuned on; `--prompt_style plain` passes it through untouched. The answer is printed as it is generated;
 the speed and peak memory go to stderr at the end. Everything else works as in generate/base.py, of which this
 script is a copy plus the adapter lines (`diff generate/base.py generate/lora.py` shows them).
+
+The base the adapter runs on: a LoRA adapter is merged into the 16-bit base weights (decoding then costs what the
+base model's does). A QLoRA adapter (finetune/qlora.py; lora_config.json says `base_quantization`) learned to
+correct the 4-bit NF4 weights, so by default the base is quantized again exactly as in training (quantization is
+deterministic) and the adapter runs beside it, unmerged: a 4-bit weight cannot absorb the update.
+`--quantize none` runs it on 16-bit weights instead: the NF4 base dequantized layer by layer with the update
+merged in, the model `python -m lora_lab.merge_lora` writes. `--quantize nf4` puts any LoRA adapter on a 4-bit base.
 """
 
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
@@ -23,9 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lora_lab.checkpoint import load_config  # noqa: E402
 from lora_lab.generate import (StreamDecoder, generate, generation_stats, reset_peak_memory,  # noqa: E402
                                select_device, select_dtype, synchronize)
-from lora_lab.lora import ADAPTER_WEIGHTS_FILE, inject_lora, load_lora, load_lora_state_dict, merge_lora  # noqa: E402
+from lora_lab.lora import (ADAPTER_WEIGHTS_FILE, inject_lora, load_lora, load_lora_state_dict, merge_lora,  # noqa: E402
+                            merge_lora_into_dequantized)
 from lora_lab.merge_lora import base_checkpoint_dir, check_adapter_fits  # noqa: E402
 from lora_lab.model import GPT  # noqa: E402
+from lora_lab.nf4 import model_size_report, quantize_nf4  # noqa: E402
 from lora_lab.prompts import PromptStyle  # noqa: E402
 from lora_lab.tokenizer import Tokenizer  # noqa: E402
 from lora_lab.utils import LoraLabError, cli  # noqa: E402
@@ -43,6 +52,7 @@ def main(
     prompt_style: Optional[str] = None,
     system: Optional[str] = None,
     precision: Optional[str] = None,
+    quantize: Optional[Literal["nf4", "none"]] = None,
     device: str = "auto",
 ) -> None:
     """Generate a reply to one prompt with a LoRA-adapted model.
@@ -60,6 +70,9 @@ def main(
             zephyr); default: the one the adapter was fine-tuned with.
         system: a system message, for the styles that have one (default: the model's own default, if any).
         precision: weights' dtype: bf16-true, 16-true or 32-true; default bf16 on a GPU, float32 on the CPU.
+        quantize: nf4 stores the base's linear layers (not the embeddings or lm_head) in 4-bit NF4, dequantized on
+            the fly, with the adapter unmerged beside them; none keeps 16-bit weights with the adapter merged in.
+            Default: nf4 for a QLoRA adapter (the base it was trained on), none for a LoRA adapter.
         device: auto, cpu, cuda, cuda:N or mps.
     """
     device = select_device(device)
@@ -71,17 +84,36 @@ def main(
 
     # 1. the model and its tokenizer
     t0 = time.perf_counter()
-    model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=dtype).eval()
+    q = lora_config.base_quantization  # {'method': 'nf4', 'blocksize', 'double_quant'} for a QLoRA adapter
+    quantize = quantize or ("nf4" if q else "none")
+    if q or quantize == "nf4":
+        # the weights as stored, quantized as finetune/qlora.py did (same bits), then the rest cast to dtype
+        model = GPT.from_checkpoint(checkpoint_dir, device=device).eval()
+        quantize_nf4(model, **{k: v for k, v in (q or {}).items() if k != "method"})  # nn.Linear but lm_head -> NF4
+        model.to(dtype)  # embeddings, norms, lm_head; NF4 codes stay, and dequantize to the input's dtype
+    else:
+        model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=dtype).eval()
     # the adapter: LoRA layers set up as in training (float32 adapters, so B A is rounded once), then its weights
     inject_lora(model, r=lora_config.r, alpha=lora_config.alpha, targets=lora_config.targets,
                 use_rslora=lora_config.use_rslora, use_dora=lora_config.use_dora, lora_dtype=torch.float32)
     load_lora_state_dict(model, adapter, source=Path(adapter_dir) / ADAPTER_WEIGHTS_FILE)
-    # fold W <- W + (alpha/r) B A into each adapted weight once: every decoding step then costs what the base
-    # model's does, instead of two extra small matmuls per adapted layer and token. Same outputs up to rounding.
-    merge_lora(model)
+    if quantize == "nf4":
+        pass  # 4-bit weights cannot absorb W + (alpha/r) B A: the adapter runs beside them, two small matmuls a layer
+    elif q:
+        # a QLoRA adapter on 16-bit weights: layer by layer, dequantize, add the update, round once to dtype
+        merge_lora_into_dequantized(model, dtype=dtype)
+    else:
+        # fold W <- W + (alpha/r) B A into each adapted weight once: every decoding step then costs what the base
+        # model's does, instead of two extra small matmuls per adapted layer and token. Same outputs up to rounding.
+        merge_lora(model)
     tokenizer = Tokenizer(checkpoint_dir)
     print(f"Loaded {config.name or checkpoint_dir} + LoRA {adapter_dir} ({dtype}, {device}) in "
           f"{time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    if quantize == "nf4":
+        size = model_size_report(model)
+        print(f"NF4: {size['quantized_layers']} linear layers at {size['bits_per_quantized_param']:.3f} bits per "
+              f"weight; model {size['total_bytes'] / 2**20:.1f} MiB instead of "
+              f"{size['unquantized_bytes'] / 2**20:.1f} MiB", file=sys.stderr)
 
     # 2. the prompt, in the format the model was tuned on; the tokenizer adds BOS if the model wants one
     style = PromptStyle.from_checkpoint(checkpoint_dir, name=prompt_style or lora_config.prompt_style)

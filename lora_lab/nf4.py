@@ -43,7 +43,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from functools import lru_cache
@@ -316,49 +315,31 @@ def _dequantize_cpu(packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tens
                     dtype: torch.dtype) -> torch.Tensor:
     """`_dequantize_flat`, bit for bit, in fewer and cache-friendlier passes over memory (CPU).
 
-    1. Two packed bytes (four codes) at a time: viewed as uint16 they index a 65536-entry table whose entries
-       are the four float32 levels, 16 bytes, stored as one complex128 so that a 1-d index_select copies them
-       in one move. One lookup per 4 elements instead of one per 2, and an int32 index, not int64.
-    2. Chunk by chunk of CPU_CHUNK elements, each written once into the result while it is in cache: no
-       full-size intermediates, whose page faults cost as much as the arithmetic on CPU. A chunk is at most
-       torch's grain size, so its ops run on this thread: on a busy machine, waking the thread pool for every
-       small op costs more than the work (the table lookup, most of the time, is single-threaded anyway).
-    3. The absmax is applied by broadcasting the (blocks, 1) view over (blocks, blocksize), in place, in
-       float32, and the product is rounded once to dtype, as in `_dequantize_flat`.
-    Elements past the last whole group of lcm(blocksize, 4) (fewer than 2 blocks) go through _dequantize_flat."""
-    unit = math.lcm(bs, 4)  # a chunk holds whole blocks and whole byte pairs
+    Chunk by chunk of CPU_CHUNK elements: the chunk's bytes index the 256-entry byte table (2 KiB, it stays in L1;
+    a 65536-entry table of byte pairs was slower, its 1 MiB fell out of cache), and the levels are multiplied by
+    their block's absmax straight into the result, in float32 and rounded once to dtype by the `out=` write. No
+    full-size intermediates: on CPU their page faults cost as much as the arithmetic. A chunk is at most torch's
+    grain size, so its ops run on this thread: on a busy machine, waking the thread pool for every small op costs
+    more than the work. Elements past the last whole group of lcm(blocksize, 2) go through _dequantize_flat."""
+    unit = math.lcm(bs, 2)  # a chunk holds whole blocks and whole bytes
     n_main = n - n % unit
     out = torch.empty(n, dtype=dtype)
-    if n_main < n:  # the odd tail: a partial block or a few elements, from byte n_main/2 and block n_main/bs on
+    if n_main < n:  # the odd tail: a partial block or an odd element, from byte n_main/2 and block n_main/bs on
         out[n_main:] = _dequantize_flat(packed[n_main // 2:], code, absmax[n_main // bs:], n - n_main, bs, dtype)
-    if n_main == 0:
-        return out
-    if packed.storage_offset() % 2:  # a uint16 view needs 2-byte alignment
-        packed = packed.clone()
-    quads = _quad_table(tuple(code.tolist()))  # (65536,) complex128
+    pairs = _byte_pairs(tuple(code.tolist()))  # (256,) float64 whose bits are the byte's two float32 levels
     chunk = max(unit, CPU_CHUNK // unit * unit)
-    pairs = packed[:n_main // 2].view(torch.uint16).split(chunk // 4)  # two bytes, four codes each
-    scales = absmax[:n_main // bs].split(chunk // bs)
-    for pair, scale, result in zip(pairs, scales, out[:n_main].split(chunk)):
-        if dtype == torch.float32:  # gathered straight into the result
-            levels = torch.index_select(quads, 0, pair.int(), out=result.view(torch.complex128))  # (m/4,)
-        else:
-            levels = torch.index_select(quads, 0, pair.int())  # (m/4,) four float32 levels each
-        values = levels.view(torch.float32).view(-1, bs).mul_(scale.unsqueeze(1))  # (m/bs, bs) level * absmax
-        if dtype != torch.float32:
-            result.copy_(values.view(-1))  # one rounding to dtype
+    for byte, scale, result in zip(packed[:n_main // 2].split(chunk // 2), absmax[:n_main // bs].split(chunk // bs),
+                                   out[:n_main].split(chunk)):
+        levels = torch.index_select(pairs, 0, byte.int()).view(torch.float32)  # (m,) one 8-byte gather per byte
+        torch.mul(levels.view(-1, bs), scale.unsqueeze(1), out=result.view(-1, bs))  # (m/bs, bs) level * absmax
     return out
 
 
 @lru_cache(maxsize=8)
-def _quad_table(code: tuple[float, ...]) -> torch.Tensor:
-    """(65536,) complex128: entry v holds, as four float32, the levels of the two bytes that read as uint16 v on
-    this machine (little-endian: first byte = v & 255), high nibble first. Keyed by the 16 levels' values."""
-    pairs = _byte_table(torch.tensor(code, dtype=torch.float32))  # (256, 2)
-    v = torch.arange(LUT_SIZE)
-    first, second = (v & 255, v >> 8) if sys.byteorder == "little" else (v >> 8, v & 255)
-    quads = torch.cat([pairs[first], pairs[second]], dim=1)  # (65536, 4) float32
-    return quads.contiguous().view(torch.complex128).view(LUT_SIZE)
+def _byte_pairs(code: tuple[float, ...]) -> torch.Tensor:
+    """_byte_table as (256,) float64: each entry is the bit pattern of the byte's two float32 levels, so one 1-d
+    gather of 8 bytes fetches both (much faster than gathering 2-float rows). Keyed by the 16 levels' values."""
+    return _byte_table(torch.tensor(code, dtype=torch.float32)).view(torch.float64).view(256)
 
 
 # ------------------------------------------------------------------------------------------------------------

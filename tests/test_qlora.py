@@ -77,7 +77,7 @@ def qlora_and_reference(config: Config, targets=("query", "value"), **lora_kw) -
 @pytest.mark.parametrize("shape,blocksize", [((96, 80), 64), ((33, 71), 64), ((40, 30), 6), ((9, 14), 2),
                                              ((5,), 64), ((130, 64), 128)])
 def test_chunked_cpu_dequantize_is_bit_identical_to_the_plain_one(monkeypatch, shape, blocksize, out_dtype):
-    """_dequantize_cpu (two-byte table, chunks) against _dequantize_flat, for many chunks (CPU_CHUNK made tiny),
+    """_dequantize_cpu (byte table, chunks) against _dequantize_flat, for many chunks (CPU_CHUNK made tiny),
     block sizes that are not multiples of 4, partial last blocks, odd element counts and every output dtype."""
     import lora_lab.nf4 as nf4
 
@@ -461,6 +461,78 @@ def test_generate_base_quantize_nf4(tmp_path, one_thread, capsys):
     stop = tokenizer.eos_ids + style.stop_tokens(tokenizer)
     ids = [i for i in generate(model, prompt_ids, 12, eos_ids=stop) if i not in stop]
     assert out == tokenizer.decode(prompt_ids[-1:].tolist() + ids)[len(tokenizer.decode(prompt_ids[-1:])):] + "\n"
+
+
+# ---- generate/lora.py: a QLoRA adapter on its NF4 base, --quantize ----------------------------------------------
+def greedy_answer(model, ckpt, n: int = 12) -> str:
+    """What generate/lora.py prints for the prompt "Hello" with greedy decoding, computed in process."""
+    from lora_lab import Tokenizer
+    from lora_lab.prompts import PromptStyle
+
+    tokenizer, style = Tokenizer(ckpt), PromptStyle.from_checkpoint(ckpt)
+    prompt_ids = tokenizer.encode(style.apply("Hello"))
+    stop = tokenizer.eos_ids + style.stop_tokens(tokenizer)
+    ids = [i for i in generate(model, prompt_ids, n, eos_ids=stop) if i not in stop]
+    return tokenizer.decode(prompt_ids[-1:].tolist() + ids)[len(tokenizer.decode(prompt_ids[-1:])):] + "\n"
+
+
+def save_random_adapter(model: GPT, ckpt, out_dir, base_quantization=None) -> GPT:
+    """LoRA (r 8, all block linear layers) with strong random B on `model` (float or NF4), saved to out_dir."""
+    targets = ["query", "key", "value", "projection", "mlp"]
+    inject_lora(model, r=8, alpha=16, targets=targets, lora_dtype=torch.float32)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            m.lora_B.normal_(0, 0.5)
+    save_lora(out_dir, model, LoRAConfig(r=8, alpha=16, targets=targets, base_model=str(ckpt),
+                                         base_config=model.config.to_dict(), prompt_style="chatml",
+                                         base_quantization=base_quantization))
+    return model.eval()
+
+
+def test_generate_lora_runs_a_qlora_adapter_on_its_nf4_base(tmp_path, one_thread, capsys):
+    """A QLoRA adapter learned to correct NF4 weights: by default generate/lora.py rebuilds that base (with the
+    adapter's own block size) and runs the adapter unmerged beside it; --quantize none runs the 16-bit model that
+    merge_lora writes (dequantized base + update); a plain LoRA adapter runs on an NF4 base with --quantize nf4."""
+    import generate.lora as gen
+    from tiny_checkpoint import SMOL_TOKENIZER, write_tiny_checkpoint
+
+    from lora_lab.checkpoint import save_checkpoint
+
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt", require_asset(SMOL_TOKENIZER))
+    model = GPT.from_checkpoint(ckpt)
+    with torch.no_grad():  # blocks that matter next to the tied embedding, so NF4's rounding changes the answer
+        for name, p in model.blocks.named_parameters():
+            if p.dim() == 2:
+                p.mul_(25)
+    save_checkpoint(ckpt, model.config, model.state_dict(), tokenizer_dir=require_asset(SMOL_TOKENIZER))
+    q = {"method": "nf4", "blocksize": 32, "double_quant": False}  # not the defaults: they must be read back
+    qmodel = save_random_adapter(quantize_nf4(GPT.from_checkpoint(ckpt), blocksize=32, double_quant=False), ckpt,
+                                 tmp_path / "qlora", base_quantization=q)
+
+    def script(adapter_dir, **kw) -> tuple[str, str]:
+        gen.main(adapter_dir=adapter_dir, prompt="Hello", max_new_tokens=12, temperature=0.0, **kw)
+        return capsys.readouterr()
+
+    out, err = script(tmp_path / "qlora")
+    assert out == greedy_answer(qmodel, ckpt)
+    assert "NF4: 14 linear layers at 5.000 bits" in err  # 4 + 32/32: a float32 absmax per block of 32
+    # the test can tell: the adapter on the float base (what a merge into the 16-bit weights gives) answers otherwise
+    float_plus_adapter = GPT.from_checkpoint(ckpt).eval()
+    inject_lora(float_plus_adapter, r=8, alpha=16, targets=["query", "key", "value", "projection", "mlp"])
+    float_plus_adapter.load_state_dict(dict(lora_state_dict(qmodel)), strict=False)
+    assert greedy_answer(float_plus_adapter, ckpt) != out
+
+    out, err = script(tmp_path / "qlora", quantize="none")
+    assert out == greedy_answer(merge_lora_into_dequantized(copy.deepcopy(qmodel)), ckpt) and "NF4:" not in err
+
+    lmodel = save_random_adapter(GPT.from_checkpoint(ckpt), ckpt, tmp_path / "lora")
+    out, err = script(tmp_path / "lora", quantize="nf4")
+    nf4_plus_adapter = quantize_nf4(GPT.from_checkpoint(ckpt)).eval()
+    inject_lora(nf4_plus_adapter, r=8, alpha=16, targets=["query", "key", "value", "projection", "mlp"])
+    load_lora_state_dict(nf4_plus_adapter, dict(lora_state_dict(lmodel)))
+    assert out == greedy_answer(nf4_plus_adapter, ckpt) and "NF4: 14 linear layers at 4.1" in err
+    assert script(tmp_path / "lora")[0] == greedy_answer(lmodel, ckpt)  # default for a LoRA adapter: 16-bit, merged
 
 
 def test_merge_lora_cli_path_merges_a_qlora_adapter_into_the_dequantized_base(tmp_path):

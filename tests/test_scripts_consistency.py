@@ -259,9 +259,11 @@ def test_generate_adapter_decodes_as_generate_lora():
     body, params = generate_main("adapter", [("adapter_config", "lora_config")], from_marker="# 2. the prompt")
     lora_body, lora_params = generate_main("lora", from_marker="# 2. the prompt")
     assert_same(body, lora_body, "generate/adapter.py main() from step 2")
-    # the same options (but adapter_dir's default), plus generate/base.py's --quantize
+    # the same options (but adapter_dir's default), with generate/base.py's --quantize (nf4 or nothing); LoRA's
+    # also takes `none`, since its default follows the adapter (nf4 for a QLoRA adapter)
     _, base_params = generate_main("base")
     quantize = next(p for p in base_params if p[0] == "quantize")
     assert quantize in params
+    assert next(p for p in lora_params if p[0] == "quantize")[1] == "Optional[Literal['nf4', 'none']]"
     assert [p for p in params if p[0] not in ("quantize", "adapter_dir")] == [p for p in lora_params
-                                                                            if p[0] != "adapter_dir"]
+                                                                            if p[0] not in ("quantize", "adapter_dir")]
