@@ -54,7 +54,7 @@ def load_pair(checkpoint_dir: str | None, tmp: Path):
         checkpoint_dir = tmp / "ours"
     else:
         export_hf(checkpoint_dir, tmp / "hf")
-    hf = AutoModelForCausalLM.from_pretrained(tmp / "hf", torch_dtype=torch.float32, attn_implementation="sdpa")
+    hf = AutoModelForCausalLM.from_pretrained(tmp / "hf", dtype=torch.float32, attn_implementation="sdpa")
     ours = GPT.from_checkpoint(checkpoint_dir, dtype=torch.float32)
     return ours, hf
 
