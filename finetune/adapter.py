@@ -15,6 +15,13 @@ it). The adapter, P x n_embd + n_head numbers per layer (161,532 for SmolLM2-135
 bfloat16), is saved with its config in out_dir and used by generate/adapter.py. It cannot be merged into the
 weights: the prefix attention is an extra term, computed at every step.
 
+--adapter_version 2 is LLaMA-Adapter V2: the same prefixes and gates, plus a learned scale and bias per output of
+every linear layer (y = adapter_scale * (x W^T + b + adapter_bias), starting at 1 and 0: still exactly the base
+model at step 0) and trainable norms: 606,012 parameters for SmolLM2-135M. The scales, biases and norms get no
+weight decay (it would pull a scale or a norm weight, which start at 1, towards 0). V2 is more sensitive to the
+learning rate, since every scale, bias and norm moves at once: on SmolLM2 the default 9e-3 trained well, 3e-2
+diverged (tutorials/finetune_adapter.md).
+
 This script is finetune/lora.py with the method swapped (`diff finetune/lora.py finetune/adapter.py` shows it);
 tests/test_scripts_consistency.py checks that the rest stays the same.
 
@@ -34,8 +41,8 @@ import lightning as L
 import torch
 
 from lora_lab import GPT, Tokenizer
-from lora_lab.adapter import (AdapterConfig, adapter_state_dict, check_adapter_settings, inject_adapter,
-                              load_adapter_state_dict, mark_only_adapter_trainable, save_adapter)
+from lora_lab.adapter import (AdapterConfig, adapter_param_groups, adapter_state_dict, check_adapter_settings,
+                              inject_adapter, load_adapter_state_dict, mark_only_adapter_trainable, save_adapter)
 from lora_lab.checkpoint import load_config
 from lora_lab.data import get_dataloaders
 from lora_lab.data.json_extraction import evaluate_extractions
@@ -54,9 +61,10 @@ def setup(
     out_dir: Path = Path("out/finetune/adapter"),
     val_data: Optional[str] = None,
     resume: bool = False,
-    # LLaMA-Adapter: how long the learned prompt is and from which layer on it is attended
+    # LLaMA-Adapter: how long the learned prompt is and from which layer on it is attended; v1 or V2
     adapter_prompt_length: int = 10,
     adapter_start_layer: int = 2,
+    adapter_version: int = 1,
     # data
     prompt_style: Optional[str] = None,
     max_seq_length: int = 512,
@@ -99,6 +107,8 @@ def setup(
         resume: continue the interrupted run in out_dir exactly where it stopped.
         adapter_prompt_length: learned prompt vectors per adapted layer.
         adapter_start_layer: the first layer (0-based) with a prompt; every layer after it has one too.
+        adapter_version: 1 (LLaMA-Adapter) or 2 (LLaMA-Adapter V2: also a scale and bias on every linear layer
+            and trainable norms).
         prompt_style: how prompts are wrapped (default: the base model's own).
         max_seq_length: longer samples are cut (and counted).
         mask_prompt: learn only the answer tokens, not the prompt.
@@ -137,7 +147,7 @@ def setup(
 
 
 def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_data: Optional[str], resume: bool,
-         adapter_prompt_length: int, adapter_start_layer: int, prompt_style: Optional[str],
+         adapter_prompt_length: int, adapter_start_layer: int, adapter_version: int, prompt_style: Optional[str],
          max_seq_length: int, mask_prompt: bool, n_train: Optional[int], n_val: Optional[int],
          max_steps: Optional[int], epochs: float, batch_size: int, micro_batch_size: int, learning_rate: float,
          weight_decay: float, warmup_steps: int, min_lr: float, grad_clip: float, neftune_alpha: float,
@@ -148,7 +158,8 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     out_dir = Path(out_dir)
     # cheap checks of the arguments first, so that a mistake is reported before minutes of data and model loading
     load_config(checkpoint_dir)  # one line if checkpoint_dir is not a lora_lab checkpoint
-    check_adapter_settings(adapter_prompt_length, adapter_start_layer, load_config(checkpoint_dir).n_layer)
+    check_adapter_settings(adapter_prompt_length, adapter_start_layer, load_config(checkpoint_dir).n_layer,
+                           adapter_version)
     if fabric.world_size > 1 and batch_size % (micro_batch_size * fabric.world_size):
         raise LoraLabError(f"batch_size={batch_size} is not a multiple of micro_batch_size x devices = "
                            f"{micro_batch_size * fabric.world_size}")
@@ -171,20 +182,24 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     if max_steps is None:
         max_steps = max(1, math.ceil(epochs * data_stats["n_train"] / batch_size))
 
-    # ---- the model: load the base, add the prompts and gates, freeze everything else -------------------------
+    # ---- the model: load the base, add the prompts and gates (v2: scales, biases), freeze everything else ----
     model = GPT.from_checkpoint(checkpoint_dir)
     adapter_config = AdapterConfig(adapter_prompt_length=adapter_prompt_length,
                                    adapter_start_layer=adapter_start_layer, base_model=str(checkpoint_dir),
-                                   base_config=model.config.to_dict(), prompt_style=style.name)
-    inject_adapter(model, adapter_prompt_length=adapter_prompt_length, adapter_start_layer=adapter_start_layer)
+                                   base_config=model.config.to_dict(), prompt_style=style.name,
+                                   adapter_version=adapter_version)
+    inject_adapter(model, adapter_prompt_length=adapter_prompt_length, adapter_start_layer=adapter_start_layer,
+                   version=adapter_version)
     mark_only_adapter_trainable(model)
     model.activation_checkpointing = activation_checkpointing
     trainable, total = count_parameters(model)
-    fabric.print(f"LLaMA-Adapter: {adapter_prompt_length} prompt vectors in layers {adapter_start_layer}-"
-                 f"{model.config.n_layer - 1}: {trainable:,} trainable parameters of {total:,} "
+    method = "LLaMA-Adapter" if adapter_version == 1 else "LLaMA-Adapter V2"
+    v2_parts = "" if adapter_version == 1 else ", scale and bias on every linear layer, trainable norms"
+    fabric.print(f"{method}: {adapter_prompt_length} prompt vectors in layers {adapter_start_layer}-"
+                 f"{model.config.n_layer - 1}{v2_parts}: {trainable:,} trainable parameters of {total:,} "
                  f"({100 * trainable / total:.2f}%)")
 
-    param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    param_groups = adapter_param_groups(model)  # v2's scales, biases and norms without weight decay
     optimizer = torch.optim.AdamW(param_groups, lr=learning_rate, weight_decay=weight_decay, betas=(0.9, 0.95))
     gpt = model  # the plain module, for generation and saving
     model, optimizer = fabric.setup(model, optimizer)

@@ -4,13 +4,15 @@
         --adapter_dir out/finetune/adapter --prompt "What is the capital of France?" --temperature 0
 
 The adapter directory is the output of finetune/adapter.py: adapter.safetensors (a learned prefix and a gate per
-adapted layer) and adapter_config.json, which records the prompt length, the first adapted layer, the prompt style
-used in training and the base model (--checkpoint_dir defaults to it when that directory exists here). The prompt
-is wrapped in the adapter's prompt style, the format it was fine-tuned on; `--prompt_style plain` passes it through
-untouched. Unlike LoRA, the adapter cannot be merged into the weights: every decoding step attends to the prefixes
-as well (they are not in the KV cache), at the cost of P extra keys per adapted layer. `--quantize nf4` stores the
-frozen base's linear layers in 4 bits; the prefixes and gates stay in the precision's dtype. Everything else works
-as in generate/base.py (`diff generate/lora.py generate/adapter.py` shows the adapter lines).
+adapted layer; a V2 adapter also a scale and bias per linear layer and its trained norms) and adapter_config.json,
+which records the version, the prompt length, the first adapted layer, the prompt style used in training and the
+base model (--checkpoint_dir defaults to it when that directory exists here). The prompt is wrapped in the
+adapter's prompt style, the format it was fine-tuned on; `--prompt_style plain` passes it through untouched.
+Unlike LoRA, the adapter cannot be merged into the weights: every decoding step attends to the prefixes as well
+(they are not in the KV cache), at the cost of P extra keys per adapted layer. `--quantize nf4` stores the frozen
+base's linear layers in 4 bits; the prefixes and gates (and V2's scales, biases and norms) stay in the precision's
+dtype. Everything else works as in generate/base.py (`diff generate/lora.py generate/adapter.py` shows the adapter
+lines).
 """
 
 import sys
@@ -83,12 +85,13 @@ def main(
     model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=dtype).eval()
     if quantize == "nf4":
         quantize_nf4(model)  # every nn.Linear but lm_head -> NF4Linear
-    # the adapter: the attention of the adapted layers swapped as in training, then its prefixes and gates
+    # the adapter: the attention (V2: and every linear layer) swapped as in training, then its tensors
     inject_adapter(model, adapter_prompt_length=adapter_config.adapter_prompt_length,
-                   adapter_start_layer=adapter_config.adapter_start_layer)
+                   adapter_start_layer=adapter_config.adapter_start_layer, version=adapter_config.adapter_version)
     load_adapter_state_dict(model, adapter, source=Path(adapter_dir) / ADAPTER_WEIGHTS_FILE)
     tokenizer = Tokenizer(checkpoint_dir)
-    print(f"Loaded {config.name or checkpoint_dir} + LLaMA-Adapter {adapter_dir} ({dtype}, {device}) in "
+    version = " V2" if adapter_config.adapter_version == 2 else ""
+    print(f"Loaded {config.name or checkpoint_dir} + LLaMA-Adapter{version} {adapter_dir} ({dtype}, {device}) in "
           f"{time.perf_counter() - t0:.2f} s", file=sys.stderr)
     if quantize == "nf4":
         size = model_size_report(model)

@@ -24,15 +24,46 @@ attention over the tokens:
     - Trainable parameters: per adapted layer P * n_embd + n_head. SmolLM2-135M (30 layers, n_embd 576, 9 heads)
       with P = 10 from layer 2: 28 * (5,760 + 9) = 161,532, 0.12% of the model.
 
-The paper's gate is a plain scalar per head multiplying the prefix attention (its later v2 passes it through
-tanh and adds trainable biases, scales and norms: not implemented here). The prefix starts as standard normal
+The paper's gate is a plain scalar per head multiplying the prefix attention. The prefix starts as standard normal
 vectors, like the rows of an nn.Embedding: the size of the RMS-normalised hidden states k_proj usually sees.
+
+LLaMA-Adapter V2 (Gao et al. 2023, "LLaMA-Adapter V2: Parameter-Efficient Visual Instruction Model"), `version=2`,
+keeps all of the above and, as LitGPT's adapter_v2 does, adds two things everywhere, not only in the top layers:
+
+    - "bias tuning": on every linear layer a learned scale and bias per output feature,
+
+          y = adapter_scale * (x W^T + b + adapter_bias)          adapter_scale (out,) = 1, adapter_bias (out,) = 0
+
+      on q/k/v/o and the MLP's projections of every block, and on lm_head. At the start y + 0 and 1 * y are exact
+      in floating point, so the model is still the base model bit for bit. The prefix's keys and values come out
+      of the same (now scaled and biased) k_proj and v_proj, as in LitGPT.
+    - trainable norms: the weights (and LayerNorm's biases) of every block's norm_1 and norm_2, and of norm_f.
+
+Notes on v2:
+    - lm_head is adapted too, as in LitGPT (the paper's "each linear layer", read literally): with tied embeddings
+      (SmolLM2) its scale and bias are the only way the output side can move apart from the frozen embedding. It
+      costs 2 x vocab_size parameters.
+    - The gate stays v1's plain per-head scalar, as in LitGPT.
+    - Trainable parameters: v1's, plus 2 x (the output widths of all linear layers) plus the norms' parameters.
+      SmolLM2-135M with P = 10 from layer 2: 161,532 + 30 x 2 x (576 + 192 + 192 + 576 + 1,536 + 1,536 + 576)
+      (q, k, v, o, gate, up, down) + 2 x 49,152 (lm_head) + 61 x 576 (norm_1, norm_2 of 30 blocks and norm_f)
+      = 161,532 + 311,040 + 98,304 + 35,136 = 606,012, 0.45% of the model.
+    - Cost: the backward pass now runs down to layer 0 (v1 stops at adapter_start_layer), each adapted layer
+      keeps one more activation (its output, for the scale's gradient), and next_token_loss recomputes lm_head
+      in the backward pass (its fused cross-entropy is for a plain nn.Linear head). The adapter file carries the
+      trained norms, which are also base-model tensors: loading it replaces them.
+    - An NF4-quantized base (lora_lab/nf4.py) works: made from an NF4Linear, the layer keeps the 4-bit weight and
+      dequantizes it on the fly, as QLoRA's LoRALinear does. Quantize before inject_adapter: quantize_nf4 swaps
+      only plain nn.Linear layers.
 
 In lora_lab, `inject_adapter(model)` swaps, in place, the attention modules of the chosen blocks for
 `AdapterAttention`: a subclass of lora_lab.model.CausalSelfAttention that takes over the very same q/k/v/o
 projection modules (so base weights load and stay tied as before) and adds `adapter_prefix` (P, n_embd) and
-`adapter_gate` (n_head,). `mark_only_adapter_trainable`, `adapter_state_dict`, `save_adapter` / `load_adapter`
-(adapter.safetensors + adapter_config.json) and `load_adapter_state_dict` complete it, mirroring lora_lab/lora.py.
+`adapter_gate` (n_head,). With `version=2` it also swaps every linear layer for `AdapterV2Linear`, a subclass of
+nn.Linear that takes over the same `weight` and `bias` (so the base keys do not change) and adds `adapter_scale`
+and `adapter_bias`. `mark_only_adapter_trainable`, `adapter_state_dict`, `save_adapter` / `load_adapter`
+(adapter.safetensors + adapter_config.json, whose adapter_version says which variant) and
+`load_adapter_state_dict` complete it, mirroring lora_lab/lora.py.
 
 Each claim above is checked by a test in tests/test_adapter.py.
 """
@@ -51,12 +82,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lora_lab.config import Config
-from lora_lab.model import CausalSelfAttention, apply_rope, attention_mask
+from lora_lab.model import CausalSelfAttention, RMSNorm, apply_rope, attention_mask
+from lora_lab.nf4 import NF4Linear, holds_nf4, move_nf4_weight, nf4_linear, nf4_state_of, nf4_statistics_kept
 from lora_lab.utils import LoraLabError, atomic_path, atomic_write_text
 
 ADAPTER_WEIGHTS_FILE = "adapter.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_PARAMS = ("adapter_prefix", "adapter_gate")
+ADAPTER_V2_PARAMS = ("adapter_scale", "adapter_bias")
+NORMS = (nn.LayerNorm, RMSNorm)  # v2 trains their parameters
 
 
 class AdapterAttention(CausalSelfAttention):
@@ -131,6 +165,57 @@ class AdapterAttention(CausalSelfAttention):
         return f"adapter_prompt_length={self.adapter_prompt_length}"
 
 
+class AdapterV2Linear(nn.Linear):
+    """A frozen linear layer with a learned scale and bias per output (LLaMA-Adapter V2's "bias tuning"):
+
+        y = adapter_scale * (x W^T + b + adapter_bias)          adapter_scale = 1, adapter_bias = 0 at the start
+
+    The base keeps nn.Linear's names (`weight`, `bias`), so base checkpoints load unchanged. Made `from_linear` of an
+    NF4Linear, the layer keeps the 4-bit weight (NF4Linear's buffers, under its names, quant_type "nf4") and
+    dequantizes it on the fly to the input's dtype, as LoRALinear.base_forward does for QLoRA.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.adapter_scale = nn.Parameter(torch.ones(out_features, device=device, dtype=dtype))  # (out,)
+        self.adapter_bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))  # (out,)
+        self.quant_type: Optional[str] = None  # "nf4" when the frozen weight is stored in NF4
+
+    @classmethod
+    def from_linear(cls, linear: Union[nn.Linear, NF4Linear], dtype: Optional[torch.dtype] = None) -> "AdapterV2Linear":
+        """An AdapterV2Linear on `linear`'s own weight and bias (the same tensors: a tied lm_head stays tied); its
+        scale and bias on the weight's device, in `dtype` (default: the weight's, or the one NF4 was quantized from)."""
+        with torch.device("meta"):  # no memory for a weight we are about to replace by linear's own
+            new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        if holds_nf4(linear):
+            move_nf4_weight(linear, new)  # weight (packed codes), weight_absmax, ...: the same tensors
+        else:
+            new.weight = linear.weight
+        new.bias = linear.bias
+        device = linear.weight.device
+        dtype = dtype or (linear.dtype if holds_nf4(linear) else linear.weight.dtype)
+        new.adapter_scale = nn.Parameter(torch.ones(linear.out_features, device=device, dtype=dtype))
+        new.adapter_bias = nn.Parameter(torch.zeros(linear.out_features, device=device, dtype=dtype))
+        new.train(linear.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant_type == "nf4":
+            y = nf4_linear(x, self.weight, nf4_state_of(self), self.bias)  # (..., out)
+        else:
+            y = F.linear(x, self.weight, self.bias)  # (..., out): what nn.Linear computes, bit for bit
+        # in the activations' dtype: a float32 adapter on a bfloat16 model must not turn them into float32
+        return (y + self.adapter_bias.to(y.dtype)) * self.adapter_scale.to(y.dtype)
+
+    def _apply(self, fn, recurse=True):
+        with nf4_statistics_kept(self):  # model.to(bfloat16) must not round NF4 statistics (no-op on a float base)
+            super()._apply(fn, recurse)
+        return self
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", nf4" if self.quant_type == "nf4" else "")
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Model-level helpers
 # ------------------------------------------------------------------------------------------------------------
@@ -140,8 +225,22 @@ def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterAttention]]:
             yield name, module
 
 
-def check_adapter_settings(adapter_prompt_length, adapter_start_layer, n_layer: Optional[int] = None) -> None:
-    """One line if the prompt length or start layer cannot work (for a model of n_layer blocks, if given)."""
+def adapter_version_of(model: nn.Module) -> Optional[int]:
+    """2 if the model has LLaMA-Adapter V2 linear layers, 1 if it has only adapted attention, None if neither."""
+    modules = list(model.modules())
+    if any(isinstance(m, AdapterV2Linear) for m in modules):
+        return 2
+    return 1 if any(isinstance(m, AdapterAttention) for m in modules) else None
+
+
+def version_of_tensors(keys) -> int:
+    """The adapter version of a state dict's keys: 2 if it has a scale or bias of a v2 linear layer."""
+    return 2 if any(k.rsplit(".", 1)[-1] in ADAPTER_V2_PARAMS for k in keys) else 1
+
+
+def check_adapter_settings(adapter_prompt_length, adapter_start_layer, n_layer: Optional[int] = None,
+                           version=1) -> None:
+    """One line if the prompt length, start layer or version cannot work (for a model of n_layer blocks, if given)."""
     def int_at_least(x, low: int) -> bool:
         return isinstance(x, int) and not isinstance(x, bool) and x >= low
 
@@ -152,56 +251,111 @@ def check_adapter_settings(adapter_prompt_length, adapter_start_layer, n_layer: 
     if n_layer is not None and adapter_start_layer >= n_layer:
         raise LoraLabError(f"adapter_start_layer={adapter_start_layer} but the model has only {n_layer} layers "
                            f"(0 ... {n_layer - 1}): choose a start layer below {n_layer}")
+    if not (int_at_least(version, 1) and version <= 2):
+        raise LoraLabError(f"adapter_version must be 1 (LLaMA-Adapter) or 2 (LLaMA-Adapter V2), got {version!r}")
 
 
 def inject_adapter(model: nn.Module, adapter_prompt_length: int = 10, adapter_start_layer: int = 2,
-                   dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """Replace, in place, the attention of blocks adapter_start_layer ... n_layer - 1 by AdapterAttention.
+                   dtype: Optional[torch.dtype] = None, version: int = 1) -> nn.Module:
+    """Replace, in place, the attention of blocks adapter_start_layer ... n_layer - 1 by AdapterAttention; with
+    version=2 also every linear layer (those of every block, and lm_head) by AdapterV2Linear.
 
-    The new modules use the old ones' projections (the same Parameters), so nothing of the base changes; their
-    prefix and gate are created on the model's device, in `dtype` (default: the embedding's dtype). Every other
-    parameter keeps its requires_grad: call mark_only_adapter_trainable(model) before training. Returns `model`.
+    The new modules use the old ones' projections and weights (the same Parameters), so nothing of the base
+    changes; their prefix, gate, scales and biases are created on the model's device, in `dtype` (default: the
+    embedding's dtype). Every other parameter keeps its requires_grad: call mark_only_adapter_trainable(model)
+    before training. An NF4 base must be quantized before (quantize_nf4 swaps only plain nn.Linear layers).
+    Returns `model`.
     """
     blocks = model.blocks
-    check_adapter_settings(adapter_prompt_length, adapter_start_layer, len(blocks))
-    if any(True for _ in adapter_modules(model)):
+    check_adapter_settings(adapter_prompt_length, adapter_start_layer, len(blocks), version)
+    if adapter_version_of(model) is not None:
         raise LoraLabError("the model already has adapters: inject_adapter once per model")
     embedding = model.wte.weight  # (linear layers may be quantized: their weights' dtype is not the model's)
+    dtype = dtype or embedding.dtype
     for block in list(blocks)[adapter_start_layer:]:
         block.attn = AdapterAttention.from_attention(block.attn, model.config, adapter_prompt_length,
-                                                     device=embedding.device, dtype=dtype or embedding.dtype)
+                                                     device=embedding.device, dtype=dtype)
+    if version == 2:
+        # every linear layer, float or NF4 (the projections are the same modules inside AdapterAttention)
+        linears = [name for name, m in model.named_modules() if type(m) is nn.Linear or isinstance(m, NF4Linear)]
+        for name in linears:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, child, AdapterV2Linear.from_linear(getattr(parent, child), dtype=dtype))
     return model
 
 
+def adapter_parameter_names(model: nn.Module) -> list[str]:
+    """What the adapter trains and saves: every prefix and gate; with v2 also every scale and bias of its linear
+    layers and the parameters of every norm."""
+    v2 = adapter_version_of(model) == 2
+    names = []
+    for module_name, module in model.named_modules():
+        for name, _ in module.named_parameters(recurse=False):
+            if name in ADAPTER_PARAMS + ADAPTER_V2_PARAMS or (v2 and isinstance(module, NORMS)):
+                names.append(f"{module_name}.{name}" if module_name else name)
+    return names
+
+
 def mark_only_adapter_trainable(model: nn.Module) -> None:
-    """requires_grad on the adapters' prefixes and gates only: the whole base model is frozen."""
+    """requires_grad on the adapters' prefixes and gates (v2: and scales, biases and norms) only: the rest of the
+    model is frozen."""
+    trainable = set(adapter_parameter_names(model))
     for name, p in model.named_parameters():
-        p.requires_grad = name.rsplit(".", 1)[-1] in ADAPTER_PARAMS
+        p.requires_grad = name in trainable
+
+
+def adapter_param_groups(model: nn.Module) -> list[dict]:
+    """AdamW parameter groups of the trainable parameters: the prefixes and gates with the optimizer's weight decay,
+    v2's scales, biases and norms without. Weight decay pulls towards 0: fine for a gate or a prefix (0 is "no
+    adapter"), but a scale or a norm weight starts at 1, and 0 would silence its layer (biases and norms are not
+    decayed in GPT training generally). For v1 this is one group of all trainable parameters."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for name, p in trainable if name.rsplit(".", 1)[-1] in ADAPTER_PARAMS]}]
+    no_decay = [p for name, p in trainable if name.rsplit(".", 1)[-1] not in ADAPTER_PARAMS]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the adapter tensors (adapter_prefix and adapter_gate of each adapted layer), under their model names."""
-    return {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in ADAPTER_PARAMS}
+    """Only the adapter tensors (adapter_prefix and adapter_gate of each adapted layer; v2: also adapter_scale and
+    adapter_bias of each linear layer, and the norms' parameters), under their model names."""
+    names = set(adapter_parameter_names(model))
+    return {k: v for k, v in model.state_dict().items() if k in names}
 
 
 def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], source="adapter") -> None:
-    """Copy adapter tensors into the model's AdapterAttention modules, or raise one line saying what does not fit."""
+    """Copy adapter tensors into the model's adapters (v2: and norms), or raise one line saying what does not fit."""
     expected = {k: tuple(v.shape) for k, v in adapter_state_dict(model).items()}
     if not expected:
         raise LoraLabError(f"{source}: the model has no adapters to load into: call inject_adapter(model, ...) first")
+    norms = {f"{module_name}.{name}" for module_name, module in model.named_modules() if isinstance(module, NORMS)
+             for name, _ in module.named_parameters(recurse=False)}
     for key in state_dict:
-        if key.rsplit(".", 1)[-1] not in ADAPTER_PARAMS:
+        if key.rsplit(".", 1)[-1] not in ADAPTER_PARAMS + ADAPTER_V2_PARAMS and key not in norms:
             raise LoraLabError(f"{source}: {key} is not an adapter weight (adapter keys end in "
-                               f"{', '.join(ADAPTER_PARAMS)}); pass an adapter's {ADAPTER_WEIGHTS_FILE}, not a "
-                               f"model checkpoint or a LoRA adapter")
+                               f"{', '.join(ADAPTER_PARAMS + ADAPTER_V2_PARAMS)}, or name a norm); pass an "
+                               f"adapter's {ADAPTER_WEIGHTS_FILE}, not a model checkpoint or a LoRA adapter")
+    theirs, ours = version_of_tensors(state_dict), adapter_version_of(model)
+    if theirs != ours:
+        raise LoraLabError(f"{source}: the adapter is a LLaMA-Adapter v{theirs} but the model has v{ours} adapters: "
+                           f"inject_adapter with version={theirs} (the adapter_version of its {ADAPTER_CONFIG_FILE})")
     if set(state_dict) != set(expected):
-        ours, theirs = layers_of(expected), layers_of(state_dict)
-        raise LoraLabError(f"{source}: the adapter has weights for layers {span(theirs)} but the model has adapters "
-                           f"on layers {span(ours)}: inject_adapter with the adapter's adapter_start_layer "
-                           f"(or use the base model it was trained on)")
+        ours_layers, their_layers = layers_of(prefix_keys(expected)), layers_of(prefix_keys(state_dict))
+        if ours_layers != their_layers:
+            raise LoraLabError(f"{source}: the adapter has weights for layers {span(their_layers)} but the model has "
+                               f"adapters on layers {span(ours_layers)}: inject_adapter with the adapter's "
+                               f"adapter_start_layer (or use the base model it was trained on)")
+        missing = [k for k in expected if k not in state_dict]
+        extra = [k for k in state_dict if k not in expected]
+        what = (f"lacks {len(missing)} of the model's adapter tensors ({missing[0]}, ...)" if missing else
+                f"has {len(extra)} tensors that the model has no place for ({extra[0]}, ...)")
+        raise LoraLabError(f"{source}: the adapter {what}: use the base model it was trained on, or save it again")
     for key, tensor in state_dict.items():
         if tuple(tensor.shape) != expected[key]:
-            what = ("adapter_prompt_length x n_embd" if key.endswith("adapter_prefix") else "n_head")
+            what = {"adapter_prefix": "adapter_prompt_length x n_embd", "adapter_gate": "n_head"}.get(
+                key.rsplit(".", 1)[-1], "the layer's width")
             raise LoraLabError(f"{source}: {key} has shape {tuple(tensor.shape)} but the model expects "
                                f"{expected[key]} ({what}): inject_adapter with the adapter's "
                                f"adapter_prompt_length, on the base model it was trained on")
@@ -209,6 +363,11 @@ def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor
     with torch.no_grad():
         for key, tensor in state_dict.items():
             params[key].copy_(tensor)
+
+
+def prefix_keys(keys) -> list[str]:
+    """The keys of prefixes and gates (the layers with adapted attention)."""
+    return [k for k in keys if k.rsplit(".", 1)[-1] in ADAPTER_PARAMS]
 
 
 def layers_of(keys) -> list[int]:
@@ -237,14 +396,16 @@ class AdapterConfig:
     base_model: str = ""  # name or checkpoint directory of the base model the adapter was trained on
     base_config: Optional[dict] = None  # the base model's Config.to_dict()
     prompt_style: str = "plain"
+    adapter_version: int = 1  # 1: LLaMA-Adapter; 2: LLaMA-Adapter V2 (files written before it existed are v1)
 
     def __post_init__(self) -> None:
         n_layer = (self.base_config or {}).get("n_layer")
-        check_adapter_settings(self.adapter_prompt_length, self.adapter_start_layer, n_layer)
+        check_adapter_settings(self.adapter_prompt_length, self.adapter_start_layer, n_layer, self.adapter_version)
 
     def inject(self, model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
         """inject_adapter(model) with these hyperparameters."""
-        return inject_adapter(model, self.adapter_prompt_length, self.adapter_start_layer, dtype=dtype)
+        return inject_adapter(model, self.adapter_prompt_length, self.adapter_start_layer, dtype=dtype,
+                              version=self.adapter_version)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -258,7 +419,8 @@ class AdapterConfig:
 
 
 def save_adapter(path_dir: Union[str, Path], model: nn.Module, adapter_config: AdapterConfig) -> Path:
-    """Write `adapter.safetensors` (prefixes and gates) and `adapter_config.json` into path_dir, each atomically."""
+    """Write `adapter.safetensors` (prefixes and gates; v2: also scales, biases and norms) and `adapter_config.json`
+    into path_dir, each atomically."""
     path_dir = Path(path_dir)
     layers = [int(name.split(".")[1]) for name, _ in adapter_modules(model)]
     if not layers:
@@ -268,6 +430,10 @@ def save_adapter(path_dir: Union[str, Path], model: nn.Module, adapter_config: A
         raise LoraLabError(f"the adapter config (adapter_start_layer={adapter_config.adapter_start_layer}, "
                            f"adapter_prompt_length={adapter_config.adapter_prompt_length}) does not describe the "
                            f"model (adapters on layers {span(layers)}, prompt length {sorted(lengths)})")
+    version = adapter_version_of(model)
+    if version != adapter_config.adapter_version:
+        raise LoraLabError(f"the adapter config (adapter_version={adapter_config.adapter_version}) does not describe "
+                           f"the model (a LLaMA-Adapter v{version})")
     path_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in adapter_state_dict(model).items()}
     with atomic_path(path_dir / ADAPTER_WEIGHTS_FILE) as tmp:
@@ -302,6 +468,9 @@ def load_adapter(adapter_dir: Union[str, Path]) -> tuple[AdapterConfig, dict[str
         state_dict = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as e:
         raise LoraLabError(f"{weights_path} is truncated or corrupt ({e}): save the adapter again") from None
+    if version_of_tensors(state_dict) != config.adapter_version:
+        raise LoraLabError(f"{weights_path} holds a LLaMA-Adapter v{version_of_tensors(state_dict)} but {config_path} "
+                           f"says adapter_version={config.adapter_version}: save the adapter again")
     return config, state_dict
 
 

@@ -599,6 +599,12 @@ def quantize_model_nf4(model: nn.Module, blocksize: int = 64, double_quant: bool
     uses: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         uses[id(p)] = uses.get(id(p), 0) + 1
+    # a linear layer that is not an nn.Linear (LoRALinear, AdapterV2Linear) would silently stay float: refuse it
+    adapted = [name for name, m in model.named_modules() if hasattr(m, "in_features") and type(m) is not nn.Linear
+               and not holds_nf4(m) and not _skipped(name, skip)]
+    if adapted:
+        raise LoraLabError(f"{adapted[0]} is a {type(model.get_submodule(adapted[0])).__name__}, not an nn.Linear: "
+                           f"quantize the model with quantize_nf4(model) before injecting adapters")
     targets = [(name, m) for name, m in model.named_modules()
                if type(m) is nn.Linear and not _skipped(name, skip) and uses[id(m.weight)] == 1]
     for name, linear in targets:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -342,6 +343,96 @@ def test_adapter_on_another_base_is_one_line(tiny_ckpt, adapter_reference, tmp_p
                    "--checkpoint_dir", str(wider))
     assert line.startswith(f"error: {adapter_reference} was trained on tiny-smollm2, whose shapes differ from {wider} "
                            f"(n_embd 32 vs 48")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# finetune/adapter.py --adapter_version 2 (LLaMA-Adapter V2)
+# ------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def adapter_v2_reference(tiny_ckpt, tmp_path_factory):
+    return run_adapter(tiny_ckpt, tmp_path_factory.mktemp("adapter_v2_reference") / "out", adapter_version=2)
+
+
+def test_adapter_v2_run_writes_the_adapter_and_generate_reads_its_version(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    out = run_adapter(tiny_ckpt, tmp_path / "out", max_steps=3, eval_interval=3, adapter_version=2)
+    stdout = capsys.readouterr().out
+    assert {p.name for p in out.iterdir()} == {ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE, "metrics.csv",
+                                               TRAIN_STATE_FILE}
+    config, weights = load_adapter(out)
+    assert config.adapter_version == 2
+    # the v1 tensors, a scale and a bias on each of the 2 x 7 linear layers and lm_head, the 5 norms' weights
+    linears = [f"blocks.{i}.{m}" for i in (0, 1) for m in ("attn.q_proj", "attn.k_proj", "attn.v_proj",
+                                                            "attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                            "mlp.down_proj")] + ["lm_head"]
+    norms = ["blocks.0.norm_1", "blocks.0.norm_2", "blocks.1.norm_1", "blocks.1.norm_2", "norm_f"]
+    assert sorted(weights) == sorted(["blocks.1.attn.adapter_gate", "blocks.1.attn.adapter_prefix"]
+                                     + [f"{m}.adapter_{p}" for m in linears for p in ("scale", "bias")]
+                                     + [f"{n}.weight" for n in norms])
+    # 132 (v1) + 2 x 2 x (32 + 16 + 16 + 32 + 64 + 64 + 32) + 2 x 49,152 (lm_head) + 5 x 32 (norms)
+    n_trainable = 132 + 2 * 2 * 256 + 2 * 49_152 + 5 * 32
+    assert (f"LLaMA-Adapter V2: 4 prompt vectors in layers 1-1, scale and bias on every linear layer, trainable "
+            f"norms: {n_trainable:,} trainable parameters") in stdout
+    assert summary_line(stdout, 3) == n_trainable == 99_620
+    rows = metrics(out)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3] and all(float(r["train_loss"]) > 0 for r in rows)
+    assert rows[-1]["val_loss"]
+    base = load_state_dict(tiny_ckpt / WEIGHTS_FILE)
+    for name in ("norm_f.weight", "blocks.0.norm_1.weight"):  # the norms trained (and are saved)
+        assert not torch.equal(weights[name], base[name])
+    assert not torch.equal(weights["lm_head.adapter_scale"], torch.ones(49_152))
+    state = torch.load(out / TRAIN_STATE_FILE, weights_only=True)
+    assert_tensors_equal(state["adapter"], weights)
+    # weight decay (the default 0.02) on the prefixes and gates, none on the scales, biases and norms
+    assert [g["weight_decay"] for g in state["optimizer"]["param_groups"]] == [0.02, 0.0]
+
+    # generate/adapter.py reads the version from adapter_config.json: it prints the V2 model's greedy answer
+    model = GPT.from_checkpoint(tiny_ckpt)
+    config.inject(model)
+    load_adapter_state_dict(model, weights)
+    prompt = "Extract the city: the train left Lyon at noon."
+    printed = generated_text(monkeypatch, capsys, gen_adapter.main, "--adapter_dir", str(out), "--prompt", prompt,
+                             "--temperature", "0", "--max_new_tokens", "12")
+    assert printed == greedy_reference(model, tiny_ckpt, prompt, "chatml") + "\n"
+    # --quantize nf4: V2's scales and biases on the 4-bit linear layers
+    monkeypatch.setattr(sys, "argv", ["script", "--adapter_dir", str(out), "--prompt", prompt, "--temperature", "0",
+                                      "--max_new_tokens", "12", "--quantize", "nf4"])
+    cli(gen_adapter.main)
+    printed, err = capsys.readouterr()
+    assert "+ LLaMA-Adapter V2" in err
+    assert re.search(r"^NF4: 14 linear layers at 4\.\d+ bits per weight", err, re.M), err
+    nf4_model = quantize_nf4(GPT.from_checkpoint(tiny_ckpt))
+    config.inject(nf4_model)
+    load_adapter_state_dict(nf4_model, weights)
+    assert printed == greedy_reference(nf4_model, tiny_ckpt, prompt, "chatml") + "\n"
+
+
+def test_adapter_v2_resume_after_stop_is_exact(tiny_ckpt, adapter_v2_reference, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    monkeypatch.setattr(fa, "StopRequest", stop_after(4))  # mid-epoch
+    run_adapter(tiny_ckpt, out, adapter_version=2)
+    assert "Stopped at step 4; state saved" in capsys.readouterr().out
+    stopped = load_adapter(out)[1]
+    monkeypatch.undo()
+    run_adapter(tiny_ckpt, out, resume=True, adapter_version=2)
+    assert "Resuming from step 4 of 8" in capsys.readouterr().out
+    final = load_adapter(out)[1]
+    assert not torch.equal(final["norm_f.weight"], stopped["norm_f.weight"])
+    assert_tensors_equal(final, load_adapter(adapter_v2_reference)[1])  # bit for bit
+    assert deterministic(metrics(out)) == deterministic(metrics(adapter_v2_reference))
+
+
+def test_adapter_version_errors_are_one_line(tiny_ckpt, adapter_reference, tmp_path, monkeypatch, capsys):
+    args = ["--checkpoint_dir", str(tiny_ckpt), "--max_steps", "1", "--adapter_start_layer", "1"]
+    line = run_cli(monkeypatch, capsys, fa.setup, *args, "--out_dir", str(tmp_path / "out"), "--adapter_version", "3")
+    assert line == "error: adapter_version must be 1 (LLaMA-Adapter) or 2 (LLaMA-Adapter V2), got 3"
+    assert not (tmp_path / "out").exists()
+    # a v1 run resumed as V2: its state has no scales, biases or norms
+    out = tmp_path / "v1"
+    shutil.copytree(adapter_reference, out)
+    line = run_cli(monkeypatch, capsys, fa.setup, *args, "--out_dir", str(out), "--resume", "--adapter_version", "2",
+                   "--adapter_prompt_length", "4", "--n_train", "12", "--n_val", "4", "--eval_samples", "0")
+    assert line == (f"error: {out / TRAIN_STATE_FILE}: the adapter is a LLaMA-Adapter v1 but the model has v2 "
+                    f"adapters: inject_adapter with version=1 (the adapter_version of its adapter_config.json)")
 
 
 # ------------------------------------------------------------------------------------------------------------

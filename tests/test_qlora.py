@@ -243,6 +243,20 @@ def test_qdora_starts_at_the_nf4_model_and_trains():
     assert q.lora_magnitude.grad is not None and q.lora_magnitude.grad.abs().sum() > 0
 
 
+def test_quantizing_after_injecting_adapters_is_refused_in_one_line():
+    """quantize_nf4 swaps plain nn.Linear layers only: a LoRA (or adapter v2) layer would silently stay float."""
+    from lora_lab.adapter import inject_adapter
+
+    model = inject_lora(float_model(CONFIGS["llama-gqa"]), r=4, targets=("query", "value"))
+    with pytest.raises(LoraLabError, match=r"blocks.0.attn.q_proj is a LoRALinear.*quantize_nf4\(model\) before"):
+        quantize_nf4(model)
+    model = inject_adapter(float_model(CONFIGS["llama-gqa"]), adapter_start_layer=0, version=2)
+    with pytest.raises(LoraLabError, match="AdapterV2Linear, not an nn.Linear"):
+        quantize_nf4(model)
+    # LoRA on lm_head only (skipped by default) is no obstacle
+    assert holds_nf4(quantize_nf4(inject_lora(float_model(CONFIGS["llama-gqa"]), targets=("lm_head",))).blocks[0].attn.q_proj)
+
+
 def test_parameter_count_and_size_report():
     config = CONFIGS["llama-gqa"]
     model = float_model(config)

@@ -49,7 +49,7 @@ METHOD_ARGUMENTS = {
     "qlora": ["quantize", "nf4_blocksize", "double_quant", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
               "use_rslora", "use_dora", "lora_plus_ratio"],
     "full": ["optimizer"],
-    "adapter": ["adapter_prompt_length", "adapter_start_layer"],
+    "adapter": ["adapter_prompt_length", "adapter_start_layer", "adapter_version"],
 }
 # shared arguments whose default (or type) suits each method differently
 OWN_DEFAULTS = {"out_dir", "learning_rate", "weight_decay"}
