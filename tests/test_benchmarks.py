@@ -1,0 +1,54 @@
+"""benchmarks/bench_methods.py on a tiny random Llama (--tiny): it builds each method as its script does, checks our
+full fine-tuning against transformers', and prints one table row per method."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from lora_lab.utils import LoraLabError
+
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmarks import each other's helpers as top-level modules
+import bench_methods  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bench_methods_tiny(capsys):
+    rows = bench_methods.main(tiny=True, batch_size=2, seq_len=32, repeats=1, memory=False)
+    out = capsys.readouterr().out
+    assert "full fine-tuning, ours and transformers': the losses" in out and "all gradients agree" in out
+    assert [r["method"] for r in rows] == list(bench_methods.METHODS)
+    for r in rows:
+        assert f"| {r['method']} " in out
+        assert r["best"] > 0 and r["median"] >= r["best"]
+    trainable = {r["method"]: r["trainable"] for r in rows}
+    t = bench_methods.TINY
+    hidden, layers, heads = t["hidden_size"], t["num_hidden_layers"], t["num_attention_heads"]
+    kv_width = hidden // heads * t["num_key_value_heads"]
+    # full: every weight, the tied embedding once, and the same count on the transformers side
+    embedding, norms = t["vocab_size"] * hidden, (2 * layers + 1) * hidden
+    attention = 2 * hidden * hidden + 2 * hidden * kv_width
+    mlp = 3 * hidden * t["intermediate_size"]
+    assert trainable["full"] == trainable["transformers"] == embedding + norms + layers * (attention + mlp)
+    assert rows[0]["total"] == trainable["full"]
+    # LoRA r 8 on query (hidden -> hidden) and value (hidden -> kv_width) of every layer; QLoRA the same
+    assert trainable["lora"] == trainable["qlora"] == layers * 8 * ((hidden + hidden) + (hidden + kv_width))
+    # LLaMA-Adapter: 10 prompt vectors and a gate per head in layers 2 ... layers - 1
+    assert trainable["adapter"] == (layers - 2) * (10 * hidden + heads)
+    weights = {r["method"]: r["weight_bytes"] for r in rows}
+    assert weights["qlora"] < 0.6 * weights["lora"]  # the embedding stays float32, the block weights go to NF4
+
+
+def test_bench_methods_rejects_an_unknown_method():
+    with pytest.raises(LoraLabError, match=r"methods \['dora'\] are not benchmarked: use some of full, adapter"):
+        bench_methods.main(tiny=True, methods=["dora"])
