@@ -283,6 +283,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
             fabric.print(f"Stopped at step {step}; state saved: resume with the same command and --resume")
             state["stopped"] = True
             break
+    stop.restore()  # Ctrl-C interrupts as usual again
 
     fabric.print(f"Trainable parameters {count_parameters(gpt)[0]:,} | {state['step']} steps in "
                  f"{format_seconds(throughput.elapsed())} | {throughput.tokens_per_sec():,.0f} tokens/s | "

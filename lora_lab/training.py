@@ -67,11 +67,19 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
+        self.previous = {}  # the handlers to put back when training is over
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                signal.signal(sig, self._handle)
+                self.previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not in the main thread (e.g. some launchers): no graceful stop then
                 pass
+
+    def restore(self) -> None:
+        """Put the previous handlers back (after the training loop), so that in a notebook or a longer program
+        Ctrl-C interrupts as usual again."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
     def _handle(self, signum, frame) -> None:
         if self.requested:  # a second Ctrl-C stops at once

@@ -135,6 +135,9 @@ def stop_after(n_steps: int):
                 return True
             return False
 
+        def restore(self) -> None:
+            self.hook.remove()
+
     return StopAfter
 
 
@@ -148,8 +151,11 @@ def reference_run(tiny_ckpt, tmp_path_factory):
 # 1. smoke: what a run writes and prints
 # ------------------------------------------------------------------------------------------------------------
 def test_run_writes_adapter_metrics_and_state(tiny_ckpt, tmp_path, capsys):
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     out = run(tiny_ckpt, tmp_path / "out", n_train=32, n_val=8, eval_samples=2, max_steps=4, eval_interval=2,
               lora_targets=("query", "value"), lora_r=4, lora_alpha=8.0)
+    # fit() handled Ctrl-C while training (save, then stop) and gives it back when done
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
     assert {p.name for p in out.iterdir()} >= {ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE, "metrics.csv",
                                                TRAIN_STATE_FILE}
 
