@@ -196,14 +196,20 @@ def memory_child(args: dict) -> None:
     def step():
         train_step(side, model, optimizer, x, labels, args["loss_chunk_size"])
 
-    for p in model.parameters():  # every weight page resident before the baseline
+    print(json.dumps(step_memory(model, step)))
+
+
+def step_memory(model: torch.nn.Module, step) -> dict:
+    """Memory a training step adds over the loaded model (see the docstring): peak RSS growth over two steps
+    (AdamW creates its state in the first), then the peak of live tensor bytes in a third."""
+    for p in model.state_dict().values():  # every weight page (and NF4 buffer) resident before the baseline
         p.detach().sum()
     Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS (VmHWM) to the current RSS
     before = _status_kib("VmRSS")
-    step()  # AdamW creates its state in the first step
+    step()
     step()
     rss = (_status_kib("VmHWM") - before) * 1024
-    print(json.dumps({"tensors": peak_tensor_bytes(step), "rss": rss}))
+    return {"tensors": peak_tensor_bytes(step), "rss": rss}
 
 
 def measure_memory(side: str, row: str, args: dict) -> dict:

@@ -45,7 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the finetune/ scripts import as modules (their defaults and optimizer are used)
 
-from bench_lora import _status_kib, make_batches, peak_tensor_bytes, write_checkpoints  # noqa: E402
+from bench_lora import make_batches, step_memory, write_checkpoints  # noqa: E402
 
 from lora_lab import GPT  # noqa: E402
 from lora_lab.adapter import inject_adapter, mark_only_adapter_trainable  # noqa: E402
@@ -142,14 +142,7 @@ def memory_child(args: dict) -> None:
     def step():
         train_step(method, model, optimizer, x)
 
-    for p in model.state_dict().values():  # every weight page resident before the baseline
-        p.detach().sum()
-    Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS (VmHWM) to the current RSS
-    before = _status_kib("VmRSS")
-    step()  # AdamW creates its state in the first step
-    step()
-    rss = (_status_kib("VmHWM") - before) * 1024
-    print(json.dumps({"tensors": peak_tensor_bytes(step), "rss": rss}))
+    print(json.dumps(step_memory(model, step)))  # as bench_lora.py measures it
 
 
 def measure_memory(method: str, args: dict) -> dict:
