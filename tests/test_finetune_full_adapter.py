@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -52,21 +51,7 @@ def tiny_ckpt(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", require_asset(SMOL_TOKENIZER))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _restore_signal_handlers():
-    """fit() installs its Ctrl-C handler in this process: give pytest its own back after each test."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def run_full(ckpt: Path, out_dir: Path, **overrides) -> Path:
@@ -483,11 +468,13 @@ def test_real_finetune_lowers_validation_loss(method, smollm2, base_val_loss, tm
     """8 steps of batch 8: full fine-tuning (AdamW, float32 on the CPU) and LLaMA-Adapter (10 prompt vectors from
     layer 2) each take the validation loss on the JSON task well below the base model's."""
     t0 = time.perf_counter()
+    out = tmp_path / "out"
+    # the scripts' own defaults besides REAL (not the tiny runs' RUN, whose NEFTune noise would come along)
     if method == "full":
-        out = run_full(smollm2, tmp_path / "out", **REAL, learning_rate=5e-5)
+        ff.setup(checkpoint_dir=smollm2, out_dir=out, **REAL, learning_rate=5e-5)
     else:
-        out = run_adapter(smollm2, tmp_path / "out", **REAL, learning_rate=3e-2, adapter_prompt_length=10,
-                          adapter_start_layer=2)
+        fa.setup(checkpoint_dir=smollm2, out_dir=out, **REAL, learning_rate=3e-2, adapter_prompt_length=10,
+                 adapter_start_layer=2)
     seconds = time.perf_counter() - t0
     val = [float(r["val_loss"]) for r in metrics(out) if r["val_loss"]]
     print(f"\nSmolLM2-135M-Instruct, {method}, 8 steps x batch 8 on CPU in {seconds:.0f} s: val loss "
