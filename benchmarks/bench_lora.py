@@ -81,13 +81,20 @@ def adapter_values(ours_dir: str, lora: dict, seed: int = 0) -> dict[str, torch.
     process ever holds (and frees) the other's weights."""
     from lora_lab import GPT
     from lora_lab.checkpoint import load_config
-    from lora_lab.lora import inject_lora, lora_modules
+    from lora_lab.lora import inject_lora
 
     with torch.device("meta"):
         skeleton = inject_lora(GPT(load_config(ours_dir)), r=lora["r"], alpha=lora["alpha"], targets=lora["targets"])
+    return lora_values(skeleton, seed)
+
+
+def lora_values(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded values for the LoRA layers of `model` (only their names and shapes are read)."""
+    from lora_lab.lora import lora_modules
+
     g = torch.Generator().manual_seed(seed)
     values = {}
-    for name, m in lora_modules(skeleton):
+    for name, m in lora_modules(model):
         bound = 1 / m.in_features**0.5
         values[f"{name}.lora_A"] = (torch.rand(m.lora_A.shape, generator=g) * 2 - 1) * bound  # (r, in)
         values[f"{name}.lora_B"] = torch.randn(m.lora_B.shape, generator=g) * 0.01  # (out, r)
@@ -298,6 +305,11 @@ def main(checkpoint_dir: Optional[str] = None, batch_size: int = 4, seq_len: int
         if memory:
             line += [f"{mem['ours', row][k] / 2**20:.0f}, {mem['peft', row][k] / 2**20:.0f}" for k in ("rss", "tensors")]
         lines.append(line)
+    print_table(columns, lines)
+
+
+def print_table(columns: list[str], lines: list[list[str]]) -> None:
+    """A markdown table, columns padded to their widest cell: the first left-aligned, the numbers right-aligned."""
     widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(columns)]
     print("| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")

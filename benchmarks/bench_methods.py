@@ -1,5 +1,5 @@
-"""One training step of each fine-tuning method on the same model and batch: full, LLaMA-Adapter, LoRA, QLoRA, and
-transformers' full fine-tuning of the same weights.
+"""One training step of each fine-tuning method on the same model and batch: full, LLaMA-Adapter (v1 and V2), LoRA,
+QLoRA, and transformers' full fine-tuning of the same weights.
 
     python benchmarks/bench_methods.py                 # SmolLM2-135M architecture, seeded random weights, CPU, float32
     python benchmarks/bench_methods.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
@@ -8,6 +8,7 @@ transformers' full fine-tuning of the same weights.
 Each method is built as its script builds it, with the script's defaults read from its setup() signature:
   full         finetune/full.py:    every weight trains; its make_optimizer("adamw"): AdamW, betas (0.9, 0.95)
   adapter      finetune/adapter.py: LLaMA-Adapter (10 prompt vectors from layer 2), the rest frozen
+  adapter_v2   finetune/adapter.py --adapter_version 2: also a scale and bias on every linear layer, norms train
   lora         finetune/lora.py:    LoRA r 8, alpha 16, dropout 0.05 on query and value, the rest frozen
   qlora        finetune/qlora.py:   quantize_nf4(model) (every linear layer but lm_head), then the same LoRA
   transformers AutoModelForCausalLM of the same weights (exported with export_hf), every weight trains, the same
@@ -45,17 +46,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the finetune/ scripts import as modules (their defaults and optimizer are used)
 
-from bench_lora import make_batches, step_memory, write_checkpoints  # noqa: E402
+from bench_lora import make_batches, print_table, step_memory, write_checkpoints  # noqa: E402
 
 from lora_lab import GPT  # noqa: E402
-from lora_lab.adapter import inject_adapter, mark_only_adapter_trainable  # noqa: E402
+from lora_lab.adapter import adapter_param_groups, inject_adapter, mark_only_adapter_trainable  # noqa: E402
 from lora_lab.convert_hf import export_hf_state_dict  # noqa: E402
 from lora_lab.lora import count_parameters, inject_lora, mark_only_lora_trainable, normalize_targets  # noqa: E402
 from lora_lab.nf4 import model_size_report, quantize_nf4  # noqa: E402
 from lora_lab.utils import LoraLabError, cli  # noqa: E402
 
-METHODS = ("full", "adapter", "lora", "qlora", "transformers")
-SCRIPT = {"full": "full", "adapter": "adapter", "lora": "lora", "qlora": "qlora", "transformers": "full"}
+METHODS = ("full", "adapter", "adapter_v2", "lora", "qlora", "transformers")
+SCRIPT = {"full": "full", "adapter": "adapter", "adapter_v2": "adapter", "lora": "lora", "qlora": "qlora",
+          "transformers": "full"}
 # a tiny Llama for a quick check of this script (--tiny): 4 layers, so the adapter's start layer 2 still fits
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=512, max_position_embeddings=512, tie_word_embeddings=True)
@@ -77,9 +79,9 @@ def build(method: str, dirs: dict) -> tuple[torch.nn.Module, torch.optim.Optimiz
         model = AutoModelForCausalLM.from_pretrained(dirs["hf"], dtype=torch.float32, attn_implementation="sdpa")
     else:
         model = GPT.from_checkpoint(dirs["ours"], dtype=torch.float32)
-    if method == "adapter":
+    if SCRIPT[method] == "adapter":  # adapter_v2: finetune/adapter.py --adapter_version 2
         inject_adapter(model, adapter_prompt_length=d["adapter_prompt_length"],
-                       adapter_start_layer=d["adapter_start_layer"])
+                       adapter_start_layer=d["adapter_start_layer"], version=2 if method == "adapter_v2" else 1)
         mark_only_adapter_trainable(model)
     elif method in ("lora", "qlora"):
         if method == "qlora":
@@ -88,7 +90,9 @@ def build(method: str, dirs: dict) -> tuple[torch.nn.Module, torch.optim.Optimiz
                     targets=normalize_targets(d["lora_targets"]), use_rslora=d["use_rslora"], use_dora=d["use_dora"])
         mark_only_lora_trainable(model)
     model.train()
-    params = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    # the adapter's groups as its script makes them (V2's scales, biases and norms without weight decay)
+    params = (adapter_param_groups(model) if SCRIPT[method] == "adapter"
+              else [{"params": [p for p in model.parameters() if p.requires_grad]}])
     if SCRIPT[method] == "full":
         full = importlib.import_module("finetune.full")
         lr = d["learning_rate"] or full.DEFAULT_LEARNING_RATES["adamw"]
@@ -161,7 +165,7 @@ def main(checkpoint_dir: Optional[str] = None, methods: list[str] = list(METHODS
     Args:
         checkpoint_dir: a lora_lab checkpoint (exported to Hugging Face for the transformers row); default: the
             SmolLM2-135M architecture with seeded random weights.
-        methods: some of full, adapter, lora, qlora, transformers (lora is always timed: the others are relative to it).
+        methods: some of full, adapter, adapter_v2, lora, qlora, transformers (lora is always timed: the others are relative to it).
         batch_size: rows per batch.
         seq_len: tokens per row.
         repeats: timed steps per method, after a warm-up step.
@@ -236,12 +240,7 @@ def main(checkpoint_dir: Optional[str] = None, methods: list[str] = list(METHODS
         if memory:
             line += [f"{row['rss'] / 2**20:.0f}", f"{row['tensors'] / 2**20:.0f}"]
         lines.append(line)
-    widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(columns)]
-    print("| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for line in lines:
-        print("| " + " | ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths)))
-              + " |")
+    print_table(columns, lines)
     if "full" in times and "transformers" in times:
         f, t = times["full"], times["transformers"]
         print(f"\nfull fine-tuning, ours / transformers' step time: best {min(f) / min(t):.2f}x, paired "

@@ -25,8 +25,9 @@ from typing import Optional
 
 import torch
 
+from bench_lora import lora_values  # same seeded adapter values as the LoRA benchmark
 from lora_lab import GPT, Config
-from lora_lab.lora import inject_lora, load_lora_state_dict, lora_modules, mark_only_lora_trainable
+from lora_lab.lora import inject_lora, load_lora_state_dict, mark_only_lora_trainable
 from lora_lab.nf4 import model_size_report, quantize_nf4
 
 
@@ -42,23 +43,12 @@ def base_model(checkpoint_dir: Optional[str]) -> GPT:
     return model
 
 
-def adapter_values(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Seeded adapter values: A as LoRA initialises it (|A| <= 1/sqrt(in)), B small but non-zero."""
-    g = torch.Generator().manual_seed(seed)
-    values = {}
-    for name, m in lora_modules(model):
-        bound = 1 / m.in_features**0.5
-        values[f"{name}.lora_A"] = (torch.rand(m.lora_A.shape, generator=g) * 2 - 1) * bound  # (r, in)
-        values[f"{name}.lora_B"] = torch.randn(m.lora_B.shape, generator=g) * 0.01  # (out, r)
-    return values
-
-
 def build(side: str, checkpoint_dir: Optional[str], r: int, alpha: float, targets: list[str], lr: float = 1e-4):
     model = base_model(checkpoint_dir)
     if side == "qlora":
         quantize_nf4(model)  # blocks of 64, double quantization; lm_head (tied to the embedding) stays float
     inject_lora(model, r=r, alpha=alpha, targets=targets)
-    load_lora_state_dict(model, adapter_values(model))
+    load_lora_state_dict(model, lora_values(model))
     mark_only_lora_trainable(model)
     model.train()
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)

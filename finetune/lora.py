@@ -16,8 +16,6 @@ step in progress; run the same command with --resume to continue exactly where i
 from __future__ import annotations
 
 import math
-import sys
-import time
 from pathlib import Path
 from typing import Literal, Optional, Union
 

@@ -48,10 +48,11 @@ Notes on v2:
       SmolLM2-135M with P = 10 from layer 2: 161,532 + 30 x 2 x (576 + 192 + 192 + 576 + 1,536 + 1,536 + 576)
       (q, k, v, o, gate, up, down) + 2 x 49,152 (lm_head) + 61 x 576 (norm_1, norm_2 of 30 blocks and norm_f)
       = 161,532 + 311,040 + 98,304 + 35,136 = 606,012, 0.45% of the model.
-    - Cost: the backward pass now runs down to layer 0 (v1 stops at adapter_start_layer), each adapted layer
-      keeps one more activation (its output, for the scale's gradient), and next_token_loss recomputes lm_head
-      in the backward pass (its fused cross-entropy is for a plain nn.Linear head). The adapter file carries the
-      trained norms, which are also base-model tensors: loading it replaces them.
+    - Cost: the backward pass now runs down to layer 0 (v1 stops at adapter_start_layer), and each adapted layer
+      keeps one more activation (its output, for the scale's gradient). lm_head keeps the fused cross-entropy of
+      lora_lab.model.next_token_loss through AdapterV2Linear.as_linear: s * (x W^T + b + ab) = x (s W)^T + s (b + ab),
+      so the (tokens, vocab) logits are never all in memory. The adapter file carries the trained norms, which
+      are also base-model tensors: loading it replaces them.
     - An NF4-quantized base (lora_lab/nf4.py) works: made from an NF4Linear, the layer keeps the 4-bit weight and
       dequantizes it on the fly, as QLoRA's LoRALinear does. Quantize before inject_adapter: quantize_nf4 swaps
       only plain nn.Linear layers.
@@ -81,8 +82,9 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lora_lab import merge_lora  # LoRA's rule for finding the base model, shared
 from lora_lab.config import Config
-from lora_lab.model import CausalSelfAttention, RMSNorm, apply_rope, attention_mask
+from lora_lab.model import CausalSelfAttention, RMSNorm
 from lora_lab.nf4 import NF4Linear, holds_nf4, move_nf4_weight, nf4_linear, nf4_state_of, nf4_statistics_kept
 from lora_lab.utils import LoraLabError, atomic_path, atomic_write_text
 
@@ -134,22 +136,14 @@ class AdapterAttention(CausalSelfAttention):
             nn.init.zeros_(self.adapter_gate)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[int]) -> torch.Tensor:
-        # CausalSelfAttention.forward, line for line, plus the gated prefix term before o_proj
+        # CausalSelfAttention.forward plus the gated prefix term before o_proj. The KV cache holds the tokens'
+        # keys and values only, never the prefix's (it is attended afresh at every step)
         B, T, _ = x.shape
-        nh, ng, hs = self.n_head, self.n_query_groups, self.head_size
-        q = self.q_proj(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, ng, hs).transpose(1, 2)  # (B, ng, T, hs)
-        v = self.v_proj(x).view(B, T, ng, hs).transpose(1, 2)  # (B, ng, T, hs)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        start = input_pos or 0
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(start, k, v)  # (B, ng, start + T, hs): tokens only, never the prefix
-        mask = attention_mask(T, k.size(2), start, self.sliding_window, q.device)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=ng != nh)  # (B, nh, T, hs)
+        nh = self.n_head
+        q, y = self.attend(x, cos, sin, input_pos)  # (B, nh, T, hs) each
         gate = self.adapter_gate.to(y.dtype).view(1, nh, 1, 1)  # (1, nh, 1, 1)
         y = y + gate * self.prefix_attention(q, x.dtype)  # (B, nh, T, hs); exactly y while the gate is 0
-        y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, nh * hs)
+        y = y.transpose(1, 2).reshape(B, T, nh * self.head_size)  # (B, T, nh * hs)
         return self.o_proj(y)
 
     def prefix_attention(self, q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -206,6 +200,17 @@ class AdapterV2Linear(nn.Linear):
             y = F.linear(x, self.weight, self.bias)  # (..., out): what nn.Linear computes, bit for bit
         # in the activations' dtype: a float32 adapter on a bfloat16 model must not turn them into float32
         return (y + self.adapter_bias.to(y.dtype)) * self.adapter_scale.to(y.dtype)
+
+    def as_linear(self) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """(W', b') with this layer = x W'^T + b': s * (x W^T + b + ab) = x (s W)^T + s (b + ab), so that as lm_head
+        it gets the fused cross-entropy (lora_lab.model.next_token_loss) instead of full-size logits. At the start
+        (s = 1, ab = 0) W' and b' are W and b bit for bit. None on an NF4 weight."""
+        if self.quant_type == "nf4":
+            return None
+        scale = self.adapter_scale.to(self.weight.dtype)  # (out,)
+        bias = self.adapter_bias.to(self.weight.dtype)  # (out,)
+        bias = bias if self.bias is None else self.bias + bias
+        return self.weight * scale[:, None], bias * scale  # (out, in), (out,)
 
     def _apply(self, fn, recurse=True):
         with nf4_statistics_kept(self):  # model.to(bfloat16) must not round NF4 statistics (no-op on a float base)
@@ -477,12 +482,4 @@ def load_adapter(adapter_dir: Union[str, Path]) -> tuple[AdapterConfig, dict[str
 def base_checkpoint_dir(adapter_config: AdapterConfig, checkpoint_dir: Optional[Union[str, Path]],
                         adapter_dir: Union[str, Path]) -> Path:
     """`checkpoint_dir` if given, else the base model the adapter was trained on, if that directory exists here."""
-    if checkpoint_dir is not None:
-        return Path(checkpoint_dir)
-    config_path = Path(adapter_dir) / ADAPTER_CONFIG_FILE
-    if not adapter_config.base_model:
-        raise LoraLabError(f"{config_path} does not name its base model: pass --checkpoint_dir")
-    if not Path(adapter_config.base_model).is_dir():
-        raise LoraLabError(f"{config_path} names the base model {adapter_config.base_model}, which does not exist "
-                           f"here (it is relative to where fine-tuning ran): pass --checkpoint_dir")
-    return Path(adapter_config.base_model)
+    return merge_lora.base_checkpoint_dir(adapter_config, checkpoint_dir, adapter_dir, config_file=ADAPTER_CONFIG_FILE)

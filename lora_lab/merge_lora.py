@@ -49,11 +49,13 @@ SHAPE_FIELDS = ("vocab_size", "n_layer", "n_embd", "n_head", "head_size", "n_que
                 "mlp_class")
 
 
-def base_checkpoint_dir(lora_config: LoRAConfig, checkpoint_dir: Optional[PathLike], adapter_dir: PathLike) -> Path:
-    """`checkpoint_dir` if given, else the base model the adapter was trained on, if that directory exists here."""
+def base_checkpoint_dir(lora_config: LoRAConfig, checkpoint_dir: Optional[PathLike], adapter_dir: PathLike,
+                        config_file: str = ADAPTER_CONFIG_FILE) -> Path:
+    """`checkpoint_dir` if given, else the base model the adapter was trained on, if that directory exists here.
+    Any adapter config with a `base_model` (LLaMA-Adapter's too, saved as `config_file` in adapter_dir)."""
     if checkpoint_dir is not None:
         return Path(checkpoint_dir)
-    config_path = Path(adapter_dir) / ADAPTER_CONFIG_FILE
+    config_path = Path(adapter_dir) / config_file
     if not lora_config.base_model:
         raise LoraLabError(f"{config_path} does not name its base model: pass --checkpoint_dir")
     if not Path(lora_config.base_model).is_dir():

@@ -119,8 +119,9 @@ def next_token_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tens
       - lm_head runs only on positions with a target: with the prompt masked that is often half of them;
       - the logits are computed `chunk_size` rows at a time, so the float32 (n, vocab) logits and their gradient
         are never all in memory (vocab is 49k-256k wide: for 4 x 256 tokens and a 128k vocab that is 0.5 GB each).
-        A plain nn.Linear head computes each chunk's gradient right away (LinearCrossEntropy); any other head
-        (LoRA on lm_head, a quantized head) recomputes its chunks in the backward pass instead.
+        A head that is one affine map x W^T + b computes each chunk's gradient right away (LinearCrossEntropy):
+        a plain nn.Linear, or a layer whose `as_linear()` gives its (W, b) (LLaMA-Adapter V2's scaled and biased
+        head); any other head (LoRA on lm_head, a quantized head) recomputes its chunks in the backward pass.
     """
     targets = labels[:, 1:]  # (B, T-1)
     keep = targets != IGNORE_INDEX  # (B, T-1)
@@ -132,14 +133,22 @@ def next_token_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tens
     chunk_size = chunk_size or n
     if not torch.is_grad_enabled():  # evaluation: nothing to keep for a backward pass
         total = sum(_ce_sum(lm_head, hc, tc) for hc, tc in zip(h.split(chunk_size), t.split(chunk_size)))
-    elif type(lm_head) is nn.Linear:  # exactly: a subclass (e.g. a quantized layer) computes its own weight
-        total = LinearCrossEntropy.apply(h, lm_head.weight, lm_head.bias, t, chunk_size)
+    elif (affine := head_as_linear(lm_head)) is not None:
+        total = LinearCrossEntropy.apply(h, *affine, t, chunk_size)
     elif n <= chunk_size:
         total = _ce_sum(lm_head, h, t)
     else:
         total = sum(torch.utils.checkpoint.checkpoint(_ce_sum, lm_head, hc, tc, use_reentrant=False)
                     for hc, tc in zip(h.split(chunk_size), t.split(chunk_size)))
     return total / n
+
+
+def head_as_linear(lm_head: nn.Module) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """(W, b) such that lm_head(x) == x W^T + b, or None when the head is not known to be one affine map."""
+    if type(lm_head) is nn.Linear:  # exactly: a subclass (e.g. a quantized layer) computes its own weight
+        return lm_head.weight, lm_head.bias
+    as_linear = getattr(lm_head, "as_linear", None)
+    return as_linear() if as_linear is not None else None
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -230,6 +239,15 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[int]) -> torch.Tensor:
         B, T, _ = x.shape
+        _, y = self.attend(x, cos, sin, input_pos)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size)  # (B, T, nh * hs)
+        return self.o_proj(y)
+
+    def attend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               input_pos: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The queries (with RoPE) and what they read from the keys and values, per head: (q, y), both
+        (B, nh, T, hs). Apart from forward so that LLaMA-Adapter can add its prefix term to y (lora_lab/adapter.py)."""
+        B, T, _ = x.shape
         nh, ng, hs = self.n_head, self.n_query_groups, self.head_size
         q = self.q_proj(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, ng, hs).transpose(1, 2)  # (B, ng, T, hs)
@@ -242,8 +260,7 @@ class CausalSelfAttention(nn.Module):
         # grouped-query attention without copying k and v to nh heads: SDPA broadcasts each group itself
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=ng != nh)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, nh * hs)
-        return self.o_proj(y)
+        return q, y
 
 
 def attention_mask(T: int, S: int, start: int, window: Optional[int], device) -> Optional[torch.Tensor]:

@@ -6,6 +6,7 @@ Tests that need them skip with the reason when they are absent, unless LORA_LAB_
 """
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -34,6 +35,27 @@ def require_asset(relative: str) -> Path:
 @pytest.fixture
 def assets():
     return require_asset
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: tiny models run fastest so on two cores that other processes keep busy,
+    and in-process runs compute in the order of the scripts started with OMP_NUM_THREADS=1, bit for bit. A module
+    takes it for all its tests with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _restore_signal_handlers():
+    """The finetune scripts handle Ctrl-C while they train (and give it back at the end, unless they fail):
+    pytest gets its own handlers back after each test whatever happened."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
 
 
 @pytest.fixture(autouse=True)

@@ -2,12 +2,14 @@
 generation, grouped-query attention, adapter files and their errors. Tiny models on the CPU: the file runs in
 seconds."""
 
+import dataclasses
 import json
 import math
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.testing import assert_close
 
 from lora_lab.adapter import (
@@ -70,6 +72,19 @@ def adapted(config: Config, prompt_length: int = 6, start_layer: int = 1, seed: 
     model.load_state_dict(base.state_dict())
     inject_adapter(model, adapter_prompt_length=prompt_length, adapter_start_layer=start_layer, version=version)
     return base, model
+
+
+def changed_by_adamw(model, idx, steps: int = 3) -> set[str]:
+    """The state-dict keys that 3 AdamW steps with weight decay change, when *every* parameter is handed to the
+    optimizer: requires_grad=False alone must keep the frozen ones where they are."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(idx[:, :-1], labels=idx[:, 1:].clone()).backward()
+        opt.step()
+    after = model.state_dict()
+    return {k for k in before if not torch.equal(before[k], after[k])}
 
 
 # ---- the layer -----------------------------------------------------------------------------------------------
@@ -151,16 +166,8 @@ def test_only_adapter_parameters_train():
     assert torch.equal(attn.adapter_prefix.grad, torch.zeros_like(attn.adapter_prefix))
     assert attn.adapter_gate.grad.abs().min() > 0
 
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    # every parameter goes to AdamW with weight decay: requires_grad=False alone must keep the base untouched
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    for _ in range(3):
-        opt.zero_grad()
-        model(idx[:, :-1], labels=idx[:, 1:].clone()).backward()
-        opt.step()
-    after = model.state_dict()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed == set(adapter_state_dict(model))  # prefixes (after the first step opened the gates) and gates
+    # prefixes (after the first step opened the gates) and gates
+    assert changed_by_adamw(model, idx) == set(adapter_state_dict(model))
 
 
 @pytest.mark.parametrize("version", [1, 2])
@@ -459,6 +466,34 @@ def test_v2_linear_formula():
         assert_close(layer(x), layer.adapter_scale * (x @ linear.weight.T + b + layer.adapter_bias))
 
 
+@pytest.mark.parametrize("name", ["llama-gqa", "neox-parallel-partial-rope"])  # lm_head without / with a bias
+def test_v2_head_takes_the_fused_loss_with_the_gradients_of_plain_logits(name):
+    """The scaled and biased lm_head is one affine map (as_linear): next_token_loss fuses it, and the loss and every
+    gradient equal cross-entropy on the full logits of the v2 model; at the start its (W', b') are lm_head's own."""
+    from lora_lab.model import head_as_linear
+
+    config = dataclasses.replace(CONFIGS[name], lm_head_bias=name.startswith("neox"))
+    _, model = adapted(config, version=2)
+    w, b = head_as_linear(model.lm_head)  # not None: the fused path
+    assert torch.equal(w, model.lm_head.weight)  # s = 1, ab = 0: W' and b' are W and b bit for bit
+    assert torch.equal(b, model.lm_head.bias if config.lm_head_bias else torch.zeros(config.vocab_size))
+    perturb_v2(model)
+    mark_only_adapter_trainable(model)
+    x = torch.randint(0, config.vocab_size, (2, 12))
+    labels = x.clone()
+    labels[0, :4] = -100
+    ref = F.cross_entropy(model(x)[:, :-1].reshape(-1, config.vocab_size), labels[:, 1:].reshape(-1))
+    ref.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    loss = model(x, labels=labels, loss_chunk_size=5)  # several chunks
+    loss.backward()
+    assert_close(loss, ref)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert_close(p.grad, expected[n], msg=n)
+
+
 @pytest.mark.parametrize("name", V2_CONFIGS)
 def test_v2_only_adapter_parameters_and_norms_train(name):
     config = CONFIGS[name]
@@ -478,15 +513,7 @@ def test_v2_only_adapter_parameters_and_norms_train(name):
         else:
             assert p.grad.abs().sum() > 0, n
 
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)  # the frozen ones too: they must not move
-    for _ in range(3):
-        opt.zero_grad()
-        model(idx[:, :-1], labels=idx[:, 1:].clone()).backward()
-        opt.step()
-    after = model.state_dict()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed == set(adapter_state_dict(model))
+    assert changed_by_adamw(model, idx) == set(adapter_state_dict(model))
 
 
 def test_v2_param_groups_decay_only_prefixes_and_gates():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import sys
 
 import pytest
-import torch
 
 from conftest import ROOT
 from lora_lab.utils import LoraLabError
@@ -15,12 +14,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmarks import each other
 import bench_methods  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def test_bench_methods_tiny(capsys):
@@ -45,6 +39,9 @@ def test_bench_methods_tiny(capsys):
     assert trainable["lora"] == trainable["qlora"] == layers * 8 * ((hidden + hidden) + (hidden + kv_width))
     # LLaMA-Adapter: 10 prompt vectors and a gate per head in layers 2 ... layers - 1
     assert trainable["adapter"] == (layers - 2) * (10 * hidden + heads)
+    # V2 adds a scale and a bias per output of every linear layer (lm_head too) and trains the norms
+    outputs = layers * (hidden + 2 * kv_width + hidden + 2 * t["intermediate_size"] + hidden) + t["vocab_size"]
+    assert trainable["adapter_v2"] == trainable["adapter"] + 2 * outputs + norms
     weights = {r["method"]: r["weight_bytes"] for r in rows}
     assert weights["qlora"] < 0.6 * weights["lora"]  # the embedding stays float32, the block weights go to NF4
 

@@ -49,23 +49,7 @@ def tiny_ckpt(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", require_asset(SMOL_TOKENIZER))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread here and in the scripts we start (OMP_NUM_THREADS below): the tiny runs are fastest so
-    on a busy machine, and the in-process and subprocess runs compute in the same order, bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _restore_signal_handlers():
-    """fit() installs its Ctrl-C handler in this process: give pytest its own back after each test."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def run(ckpt: Path, out_dir: Path, **overrides) -> Path:

@@ -355,14 +355,6 @@ def test_merge_and_requantize_gives_a_4bit_model_without_adapters():
 
 
 # ---- finetune/qlora.py -----------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_finetune_qlora_script_smoke(tmp_path, one_thread, capsys):
     import finetune.qlora as ft
     from tiny_checkpoint import SMOL_TOKENIZER, write_tiny_checkpoint

@@ -41,15 +41,6 @@ def published_sample(path) -> str:
     return match.group(1)
 
 
-@pytest.fixture
-def one_thread():
-    """Small models run much faster on one thread than on two cores that other processes keep busy."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_stories260k_greedy_sample_matches_published(assets, tmp_path, one_thread):
     from lora_lab.convert_llama2c import convert_llama2c
 
