@@ -71,7 +71,6 @@ Each claim above is checked by a test in tests/test_adapter.py.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator, Optional, Union
@@ -79,14 +78,13 @@ from typing import Iterator, Optional, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from lora_lab import merge_lora  # LoRA's rule for finding the base model, shared
+from lora_lab.checkpoint import read_adapter_files, save_adapter_files
 from lora_lab.config import Config
 from lora_lab.model import CausalSelfAttention, RMSNorm
 from lora_lab.nf4 import NF4Linear, holds_nf4, move_nf4_weight, nf4_linear, nf4_state_of, nf4_statistics_kept
-from lora_lab.utils import LoraLabError, atomic_path, atomic_write_text
+from lora_lab.utils import LoraLabError
 
 ADAPTER_WEIGHTS_FILE = "adapter.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -439,12 +437,8 @@ def save_adapter(path_dir: Union[str, Path], model: nn.Module, adapter_config: A
     if version != adapter_config.adapter_version:
         raise LoraLabError(f"the adapter config (adapter_version={adapter_config.adapter_version}) does not describe "
                            f"the model (a LLaMA-Adapter v{version})")
-    path_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in adapter_state_dict(model).items()}
-    with atomic_path(path_dir / ADAPTER_WEIGHTS_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "lora_lab": "1"})
-    atomic_write_text(path_dir / ADAPTER_CONFIG_FILE, json.dumps(adapter_config.to_dict(), indent=2) + "\n")
-    return path_dir
+    return save_adapter_files(path_dir, adapter_state_dict(model), adapter_config.to_dict(), ADAPTER_WEIGHTS_FILE,
+                              ADAPTER_CONFIG_FILE)
 
 
 def load_adapter(adapter_dir: Union[str, Path]) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
@@ -463,16 +457,7 @@ def load_adapter(adapter_dir: Union[str, Path]) -> tuple[AdapterConfig, dict[str
                 hint = " (it looks like a model checkpoint, not an adapter)"
             raise LoraLabError(f"{adapter_dir} is not a LLaMA-Adapter directory: {path.name} is missing{hint}; "
                                f"pass the output directory of finetune/adapter.py")
-    try:
-        config = AdapterConfig.from_dict(json.loads(config_path.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LoraLabError(f"{config_path} is not valid JSON ({e}): save the adapter again") from None
-    except (LoraLabError, TypeError, AttributeError) as e:
-        raise LoraLabError(f"{config_path} is not a valid adapter config ({e}): save the adapter again") from None
-    try:
-        state_dict = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise LoraLabError(f"{weights_path} is truncated or corrupt ({e}): save the adapter again") from None
+    config, state_dict = read_adapter_files(config_path, weights_path, AdapterConfig.from_dict, "adapter")
     if version_of_tensors(state_dict) != config.adapter_version:
         raise LoraLabError(f"{weights_path} holds a LLaMA-Adapter v{version_of_tensors(state_dict)} but {config_path} "
                            f"says adapter_version={config.adapter_version}: save the adapter again")

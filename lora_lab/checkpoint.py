@@ -11,10 +11,9 @@ Weights are only ever read with safetensors, so loading a checkpoint never runs 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
-from typing import Union
+from typing import Callable, TypeVar, Union
 
 import torch
 from safetensors import SafetensorError
@@ -102,6 +101,39 @@ def save_checkpoint(checkpoint_dir: Union[str, Path], config: Config, state_dict
     atomic_write_text(checkpoint_dir / CONFIG_FILE, json.dumps(config.to_dict(), indent=2) + "\n")
     if tokenizer_dir is not None:
         copy_tokenizer_files(tokenizer_dir, checkpoint_dir)
+
+
+AdapterConfigT = TypeVar("AdapterConfigT")
+
+
+def save_adapter_files(out_dir: Union[str, Path], tensors: dict[str, torch.Tensor], config: dict,
+                       weights_file: str, config_file: str) -> Path:
+    """Write an adapter's trained tensors and the config that produced them into out_dir (LoRA's and
+    LLaMA-Adapter's file pairs), each file to a temporary name first, then renamed into place."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    with atomic_path(out_dir / weights_file) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "lora_lab": "1"})
+    atomic_write_text(out_dir / config_file, json.dumps(config, indent=2) + "\n")
+    return out_dir
+
+
+def read_adapter_files(config_path: Path, weights_path: Path, from_dict: Callable[[dict], AdapterConfigT],
+                       kind: str) -> tuple[AdapterConfigT, dict[str, torch.Tensor]]:
+    """The config (built by `from_dict`) and tensors save_adapter_files wrote. A file that is not JSON, a config
+    `from_dict` refuses, or truncated safetensors is one LoraLabError line; `kind` names the config in it."""
+    try:
+        config = from_dict(json.loads(config_path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoraLabError(f"{config_path} is not valid JSON ({e}): save the adapter again") from None
+    except (LoraLabError, TypeError, AttributeError) as e:
+        raise LoraLabError(f"{config_path} is not a valid {kind} config ({e}): save the adapter again") from None
+    try:
+        state_dict = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LoraLabError(f"{weights_path} is truncated or corrupt ({e}): save the adapter again") from None
+    return config, state_dict
 
 
 def copy_tokenizer_files(src_dir: Union[str, Path], dst_dir: Union[str, Path]) -> list[str]:

@@ -53,7 +53,6 @@ The model-level helpers below work on lora_lab.model.GPT, whose linear layers ha
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -62,12 +61,11 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
+from lora_lab.checkpoint import read_adapter_files, save_adapter_files
 from lora_lab.nf4 import (NF4Linear, dequantize_nf4, drop_nf4_weight, holds_nf4, move_nf4_weight, nf4_linear,
                           nf4_state_of, nf4_statistics_kept)
-from lora_lab.utils import LoraLabError, atomic_path, atomic_write_text
+from lora_lab.utils import LoraLabError
 
 ADAPTER_WEIGHTS_FILE = "lora.safetensors"
 ADAPTER_CONFIG_FILE = "lora_config.json"
@@ -601,12 +599,8 @@ def save_lora(path_dir: Union[str, Path], model: nn.Module, lora_config: LoRACon
     roles = [role for role in ROLES if any(role_of(n) == role for n in layers)]
     if roles != lora_config.targets:
         raise LoraLabError(f"the LoRA config has targets {lora_config.targets} but the model has LoRA on {roles}")
-    path_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in lora_state_dict(model).items()}
-    with atomic_path(path_dir / ADAPTER_WEIGHTS_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "lora_lab": "1"})
-    atomic_write_text(path_dir / ADAPTER_CONFIG_FILE, json.dumps(lora_config.to_dict(), indent=2) + "\n")
-    return path_dir
+    return save_adapter_files(path_dir, lora_state_dict(model), lora_config.to_dict(), ADAPTER_WEIGHTS_FILE,
+                              ADAPTER_CONFIG_FILE)
 
 
 def load_lora(adapter_dir: Union[str, Path]) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
@@ -622,14 +616,4 @@ def load_lora(adapter_dir: Union[str, Path]) -> tuple[LoRAConfig, dict[str, torc
                     if (adapter_dir / "model_config.json").is_file() else "")
             raise LoraLabError(f"{adapter_dir} is not a LoRA adapter directory: {path.name} is missing{hint}; "
                                f"pass the output directory of a fine-tuning run")
-    try:
-        config = LoRAConfig.from_dict(json.loads(config_path.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LoraLabError(f"{config_path} is not valid JSON ({e}): save the adapter again") from None
-    except (LoraLabError, TypeError, AttributeError) as e:
-        raise LoraLabError(f"{config_path} is not a valid LoRA config ({e}): save the adapter again") from None
-    try:
-        state_dict = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise LoraLabError(f"{weights_path} is truncated or corrupt ({e}): save the adapter again") from None
-    return config, state_dict
+    return read_adapter_files(config_path, weights_path, LoRAConfig.from_dict, "LoRA")
