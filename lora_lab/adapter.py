@@ -133,12 +133,13 @@ class AdapterAttention(CausalSelfAttention):
             nn.init.normal_(self.adapter_prefix)
             nn.init.zeros_(self.adapter_gate)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Union[int, torch.Tensor, None],
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         # CausalSelfAttention.forward plus the gated prefix term before o_proj. The KV cache holds the tokens'
         # keys and values only, never the prefix's (it is attended afresh at every step)
         B, T, _ = x.shape
         nh = self.n_head
-        q, y = self.attend(x, cos, sin, input_pos)  # (B, nh, T, hs) each
+        q, y = self.attend(x, cos, sin, input_pos, mask)  # (B, nh, T, hs) each
         gate = self.adapter_gate.to(y.dtype).view(1, nh, 1, 1)  # (1, nh, 1, 1)
         y = y + gate * self.prefix_attention(q, x.dtype)  # (B, nh, T, hs); exactly y while the gate is 0
         y = y.transpose(1, 2).reshape(B, T, nh * self.head_size)  # (B, T, nh * hs)

@@ -70,21 +70,43 @@ class GPT(nn.Module):
         for block in self.blocks:
             block.attn.kv_cache = None
 
-    def forward(self, idx: torch.Tensor, input_pos: Optional[int] = None, labels: Optional[torch.Tensor] = None,
-                neftune_alpha: float = 0.0, loss_chunk_size: Optional[int] = 1024) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, input_pos: Union[int, torch.Tensor, None] = None,
+                labels: Optional[torch.Tensor] = None, neftune_alpha: float = 0.0,
+                loss_chunk_size: Optional[int] = 1024, segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab_size), or with `labels` (B, T) the mean next-token loss.
 
-        input_pos: with a KV cache, the position of idx[:, 0] (0 for the prompt, then one more per new token).
+        input_pos: with a KV cache, the position of idx[:, 0] (0 for the prompt, then one more per new token):
+        an int for the whole batch, or a (B,) tensor with one start per row, for rows that are at different points
+        of their sequences (a server decoding many requests in one batch). Row b then writes its keys and values
+        at positions input_pos[b]... of the cache and reads only the positions before them.
+        segment_ids: (B, T), without a KV cache: a new segment starts wherever the id changes along a row; each
+        token attends only to earlier tokens of its own segment and positions restart at 0 in each segment.
+        Packing several samples into one row (one segment each) and padding on either side (the padding as a
+        segment of its own, e.g. segment_ids = an HF-style attention_mask) both come down to this: every sample
+        gets exactly the logits it gets alone.
         labels: targets aligned with idx (not shifted), IGNORE_INDEX where nothing is to be learned; the loss
         runs lm_head only where it is needed, in chunks (see next_token_loss).
         neftune_alpha: NEFTune (Jain et al. 2023): in training mode, add uniform noise of size
         alpha / sqrt(T * C) to the embeddings, a regulariser that helps instruction tuning.
         """
         B, T = idx.shape
-        start = input_pos or 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"Sequence of {start + T} tokens is longer than the model's block_size {self.config.block_size}")
-        cos, sin = self.rope(start, T, idx.device)  # (T, rope_n_elem) each
+        mask = None  # None: each attention layer makes the causal mask it needs (it depends on the KV cache)
+        if segment_ids is not None:
+            if isinstance(input_pos, torch.Tensor) or input_pos:  # a cache read from an earlier step would not be in the (T, T) mask
+                raise ValueError("segment_ids go with a whole sequence (input_pos None or 0), not a KV-cache step")
+            positions, mask = segment_positions_and_mask(segment_ids, self.config.sliding_window)
+        elif isinstance(input_pos, torch.Tensor):
+            positions = input_pos.view(B, 1) + torch.arange(T, device=idx.device)  # (B, T)
+        else:
+            positions = None
+        if positions is not None:
+            end = int(positions.max()) + 1
+            cos, sin = self.rope.at(positions)  # (B, 1, T, rope_n_elem) each
+        else:
+            end = (input_pos or 0) + T
+            cos, sin = self.rope(input_pos or 0, T, idx.device)  # (T, rope_n_elem) each
+        if end > self.config.block_size:
+            raise ValueError(f"Sequence of {end} tokens is longer than the model's block_size {self.config.block_size}")
         x = self.wte(idx)  # (B, T, C)
         if self.config.scale_embeddings:
             # Gemma rounds the scale to the activation dtype before multiplying; do the same to match it
@@ -93,9 +115,9 @@ class GPT(nn.Module):
             x = x + torch.empty_like(x).uniform_(-1, 1) * (neftune_alpha / math.sqrt(T * x.size(-1)))
         for block in self.blocks:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, input_pos, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, input_pos, mask, use_reentrant=False)
             else:
-                x = block(x, cos, sin, input_pos)
+                x = block(x, cos, sin, input_pos, mask)
         x = self.norm_f(x)  # (B, T, C)
         if labels is not None:
             return next_token_loss(self.lm_head, x, labels, loss_chunk_size)
@@ -216,9 +238,10 @@ class Block(nn.Module):
         self.mlp = make_mlp(config)
         self.parallel_residual = config.parallel_residual
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Union[int, torch.Tensor, None],
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         h = self.norm_1(x)
-        a = self.attn(h, cos, sin, input_pos)
+        a = self.attn(h, cos, sin, input_pos, mask)
         if self.parallel_residual:
             return x + a + self.mlp(h if self.norm_2 is None else self.norm_2(x))
         x = x + a
@@ -237,46 +260,79 @@ class CausalSelfAttention(nn.Module):
         self.sliding_window = config.sliding_window
         self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Union[int, torch.Tensor, None],
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, _ = x.shape
-        _, y = self.attend(x, cos, sin, input_pos)  # (B, nh, T, hs)
+        _, y = self.attend(x, cos, sin, input_pos, mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size)  # (B, T, nh * hs)
         return self.o_proj(y)
 
-    def attend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               input_pos: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Union[int, torch.Tensor, None],
+               mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The queries (with RoPE) and what they read from the keys and values, per head: (q, y), both
-        (B, nh, T, hs). Apart from forward so that LLaMA-Adapter can add its prefix term to y (lora_lab/adapter.py)."""
+        (B, nh, T, hs). Apart from forward so that LLaMA-Adapter can add its prefix term to y (lora_lab/adapter.py).
+
+        mask: (B, 1, T, T) True = may attend (GPT.forward makes it from segment_ids), or None for the causal mask
+        (with the sliding window) of the positions the KV cache holds."""
         B, T, _ = x.shape
         nh, ng, hs = self.n_head, self.n_query_groups, self.head_size
         q = self.q_proj(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, ng, hs).transpose(1, 2)  # (B, ng, T, hs)
         v = self.v_proj(x).view(B, T, ng, hs).transpose(1, 2)  # (B, ng, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        start = input_pos or 0
+        start = 0 if input_pos is None else input_pos
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(start, k, v)  # (B, ng, start + T, hs)
-        mask = attention_mask(T, k.size(2), start, self.sliding_window, q.device)
+            k, v = self.kv_cache.update(start, k, v)  # (B, ng, S, hs): S = start + T, or the whole cache per row
+        if mask is None:
+            mask = attention_mask(T, k.size(2), start, self.sliding_window, q.device)
         # grouped-query attention without copying k and v to nh heads: SDPA broadcasts each group itself
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=ng != nh)  # (B, nh, T, hs)
         return q, y
 
 
-def attention_mask(T: int, S: int, start: int, window: Optional[int], device) -> Optional[torch.Tensor]:
-    """Boolean (T, S) mask where True = may attend, or None when SDPA's own is_causal (or no mask) is right.
+def attention_mask(T: int, S: int, start: Union[int, torch.Tensor], window: Optional[int],
+                   device) -> Optional[torch.Tensor]:
+    """Boolean mask where True = may attend: (T, S), or (B, 1, T, S) when `start` is a (B,) tensor of per-row
+    starts; None when SDPA's own is_causal (or no mask) is right.
 
     Query i sits at position start + i and sees keys 0..start + i (and, with a sliding window, only the last
-    `window` of them). SDPA's is_causal aligns the mask top-left, which is right only when T == S.
+    `window` of them). SDPA's is_causal aligns the mask top-left, which is right only when T == S. With per-row
+    starts the cache's positions after a row's own (stale, or another request's) are masked out too.
     """
-    if (T == S or T == 1) and (window is None or S <= window):
+    per_row = isinstance(start, torch.Tensor)
+    if not per_row and (T == S or T == 1) and (window is None or S <= window):
         return None
-    q_pos = torch.arange(start, start + T, device=device)[:, None]  # (T, 1)
-    k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+    if per_row:
+        q_pos = (start.view(-1, 1) + torch.arange(T, device=device))[:, None, :, None]  # (B, 1, T, 1)
+    else:
+        q_pos = torch.arange(start, start + T, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=device)  # (S,)
     mask = k_pos <= q_pos
     if window is not None:
         mask &= k_pos > q_pos - window
-    return mask  # (T, S)
+    return mask  # (T, S) or (B, 1, T, S)
+
+
+def segment_positions_and_mask(segment_ids: torch.Tensor,
+                               window: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (B, T) that restart at 0 in each segment and the mask (B, 1, T, T) that lets each token attend
+    only to itself and the earlier tokens of its own segment (within the sliding window, if any).
+
+    A segment is a run of equal ids along a row: [7, 7, 7, 0, 0] (right padding), [0, 0, 1, 1, 1] (left
+    padding), [0, 0, 1, 1, 1, 2] (three packed samples). Every token sees at least itself, so no row of the mask
+    is empty (SDPA would give NaN for a padding query that may attend to nothing)."""
+    B, T = segment_ids.shape
+    idx = torch.arange(T, device=segment_ids.device)  # (T,)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)  # (B, T) True where a segment begins
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    run = starts.cumsum(dim=1)  # (B, T) which run each token is in
+    first = torch.cummax(torch.where(starts, idx, 0), dim=1).values  # (B, T) where its run begins
+    positions = idx - first  # (B, T)
+    mask = (run[:, :, None] == run[:, None, :]) & (idx[:, None] >= idx[None, :])  # (B, T, T)
+    if window is not None:
+        mask &= idx[None, :] > idx[:, None] - window
+    return positions, mask[:, None]  # (B, T), (B, 1, T, T)
 
 
 class RoPE:
@@ -300,6 +356,16 @@ class RoPE:
         pos = torch.arange(start, start + T, device=device, dtype=torch.float32)  # (T,)
         freqs = torch.outer(pos, inv_freq)  # (T, n/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, n)
+        return emb.cos(), emb.sin()
+
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, 1, T, n) for per-row positions (B, T) (packed samples, padding, per-row KV caches); they
+        broadcast over the heads of q and k (B, nh, T, hs)."""
+        inv_freq = self._cache.get(positions.device)
+        if inv_freq is None:
+            inv_freq = self._cache[positions.device] = self.inv_freq.to(positions.device)
+        freqs = positions.float()[..., None] * inv_freq  # (B, T, n/2): the same products as torch.outer
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, n)
         return emb.cos(), emb.sin()
 
 
@@ -338,8 +404,21 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + k.size(2)
+    def update(self, start: Union[int, torch.Tensor], k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, ng, T, hs) at positions start.. and return what the queries read: with an int start,
+        positions 0..start+T of every row; with a (B,) tensor of per-row starts, the whole cache (the attention
+        mask hides each row's positions after its own)."""
+        T = k.size(2)
+        if isinstance(start, torch.Tensor):
+            pos = start.view(-1, 1) + torch.arange(T, device=start.device)  # (B, T)
+            if int(pos.max()) >= self.k.size(2):
+                raise ValueError(f"KV cache holds {self.k.size(2)} positions, asked to write up to {int(pos.max()) + 1}")
+            rows = torch.arange(k.size(0), device=start.device)[:, None]  # (B, 1)
+            self.k[rows, :, pos] = k.transpose(1, 2)  # indexed view (B, T, ng, hs)
+            self.v[rows, :, pos] = v.transpose(1, 2)
+            return self.k, self.v  # (B, ng, max_seq_length, hs)
+        end = start + T
         if end > self.k.size(2):
             raise ValueError(f"KV cache holds {self.k.size(2)} positions, asked to write up to {end}")
         self.k[:, :, start:end] = k
