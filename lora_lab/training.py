@@ -232,10 +232,11 @@ class MetricsLog:
 def generate_answers(model, tokenizer, prompt_style, rows, max_new_tokens: int = 128) -> list[str]:
     """Greedy answers of `model` to rows' prompts (instruction + input, wrapped in prompt_style)."""
     from lora_lab.generate import generate
+    from lora_lab.progress import progress
 
     stop_ids = list(tokenizer.eos_ids) + prompt_style.stop_tokens(tokenizer)
     answers = []
-    for row in rows:
+    for row in progress(rows, desc="Generating answers", unit="prompt"):
         prompt = tokenizer.encode(prompt_style.apply(row["instruction"], row.get("input", "")))
         ids = [i for i in generate(model, prompt, max_new_tokens, temperature=0.0, eos_ids=stop_ids)
                if i not in stop_ids]
