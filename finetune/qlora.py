@@ -28,9 +28,11 @@ import lightning as L
 import torch
 
 from lora_lab import GPT, Tokenizer
+from lora_lab.checks import check_args
 from lora_lab.checkpoint import load_config
 from lora_lab.data import get_dataloaders
 from lora_lab.data.json_extraction import evaluate_extractions
+from lora_lab.download import ensure_checkpoint
 from lora_lab.generate import peak_memory_bytes, reset_peak_memory
 from lora_lab.lora import (LoRAConfig, count_parameters, inject_lora, load_lora_state_dict, lora_plus_param_groups,
                            lora_state_dict, mark_only_lora_trainable, normalize_targets, save_lora)
@@ -85,6 +87,7 @@ def setup(
     eval_samples: int = 20,
     save_interval: int = 100,
     log_interval: int = 1,
+    logger_name: Literal["csv", "tensorboard", "mlflow", "wandb"] = "csv",
     seed: int = 42,
     # hardware
     precision: Optional[str] = None,
@@ -133,12 +136,16 @@ def setup(
         eval_samples: json_extraction only: greedy generations scored for JSON validity/accuracy before and after.
         save_interval: save the adapter and resume state every this many optimizer steps.
         log_interval: print progress every this many optimizer steps.
+        logger_name: where metrics and hyperparameters go besides metrics.csv and hparams.yaml: csv (nowhere
+            else), tensorboard, mlflow or wandb (lora_lab/loggers.py). loss.png is drawn at every save.
         seed: seeds data order, initialisation and dropout.
         precision: 32-true, bf16-true, bf16-mixed, 16-mixed (default: bf16-true on GPU, 32-true on CPU).
         devices: devices per node (data parallel over them).
         num_nodes: nodes, as Fabric launches them.
         strategy: auto, ddp, or fsdp to shard the model over GPUs.
     """
+    check_args(locals())  # every argument that can be judged without data or a model, before anything slow
+    checkpoint_dir = ensure_checkpoint(checkpoint_dir)  # the default model is fetched once if missing
     if precision is None:
         precision = "bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
     fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision)
@@ -156,7 +163,8 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
          max_steps: Optional[int], epochs: float, batch_size: int, micro_batch_size: int, learning_rate: float,
          weight_decay: float, warmup_steps: int, min_lr: float, grad_clip: float, neftune_alpha: float,
          activation_checkpointing: bool, max_time: Optional[str], eval_interval: int, eval_iters: int,
-         eval_samples: int, save_interval: int, log_interval: int, seed: int, precision: str, devices: int,
+         eval_samples: int, save_interval: int, log_interval: int, logger_name: str,
+         seed: int, precision: str, devices: int,
          num_nodes: int, strategy: str) -> None:
     hparams = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "fabric"}
     out_dir = Path(out_dir)
@@ -244,7 +252,8 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
         learning_rate, warmup_steps, min_lr, grad_clip, neftune_alpha, max_time, eval_interval, eval_iters,
         save_interval, log_interval) -> None:
     stop = StopRequest()
-    metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"])
+    metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"], logger_name=hparams["logger_name"],
+                         hparams=hparams)  # + hparams.yaml, an experiment tracker, loss.png
     throughput = Throughput(state["step"], max_steps)
     reset_peak_memory(fabric.device)
     batches = micro_batches(train_dl, fabric.global_rank, fabric.world_size, state)
@@ -296,6 +305,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
         metrics.log(row)
         if step % save_interval == 0 or step == max_steps or out_of_time or stop_requested:
             save(fabric, gpt, optimizer, train_dl, state, lora_config, hparams, out_dir)
+            metrics.plot()  # OUT_DIR/loss.png, up to date with what is saved
         if out_of_time:
             fabric.print(f"Time budget of {format_seconds(max_time)} spent after step {step}: stopping")
             break
@@ -304,6 +314,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
             state["stopped"] = True
             break
     stop.restore()  # Ctrl-C interrupts as usual again
+    metrics.finish()  # the final loss.png; the tracker's files closed
 
     fabric.print(f"Trainable parameters {count_parameters(gpt)[0]:,} | {state['step']} steps in "
                  f"{format_seconds(throughput.elapsed())} | {throughput.tokens_per_sec():,.0f} tokens/s | "

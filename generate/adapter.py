@@ -28,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lora_lab.adapter import (ADAPTER_WEIGHTS_FILE, base_checkpoint_dir, inject_adapter, load_adapter,  # noqa: E402
                               load_adapter_state_dict)
 from lora_lab.checkpoint import load_config  # noqa: E402
+from lora_lab.checks import check_args  # noqa: E402
+from lora_lab.download import ensure_checkpoint  # noqa: E402
 from lora_lab.generate import (StreamDecoder, generate, generation_stats, reset_peak_memory,  # noqa: E402
                                select_device, select_dtype, synchronize)
 from lora_lab.merge_lora import check_adapter_fits  # noqa: E402
@@ -72,10 +74,12 @@ def main(
             dequantized on the fly to the precision's dtype: about a quarter of the memory of 16-bit weights.
         device: auto, cpu, cuda, cuda:N or mps.
     """
+    check_args(locals())  # every argument that can be judged without a model, before anything slow
     device = select_device(device)
     dtype = select_dtype(precision, device)
     adapter_config, adapter = load_adapter(adapter_dir)  # fails first, in one line, if adapter_dir is not an adapter
     checkpoint_dir = base_checkpoint_dir(adapter_config, checkpoint_dir, adapter_dir)
+    checkpoint_dir = ensure_checkpoint(checkpoint_dir)  # the default model is fetched once if missing
     config = load_config(checkpoint_dir)  # fails first, in one line, if checkpoint_dir is not a checkpoint
     # one line if it was trained on another base (the check reads only base_config and base_model, as LoRA's does)
     check_adapter_fits(adapter_config, config, adapter_dir, checkpoint_dir)

@@ -20,6 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_lab.checkpoint import load_config  # noqa: E402
+from lora_lab.checks import check_args  # noqa: E402
+from lora_lab.download import ensure_checkpoint  # noqa: E402
 from lora_lab.generate import (StreamDecoder, generate, generation_stats, reset_peak_memory,  # noqa: E402
                                select_device, select_dtype, synchronize)
 from lora_lab.model import GPT  # noqa: E402
@@ -61,8 +63,10 @@ def main(
             fly to the precision's dtype: about a quarter of the memory of 16-bit weights.
         device: auto, cpu, cuda, cuda:N or mps.
     """
+    check_args(locals())  # every argument that can be judged without a model, before anything slow
     device = select_device(device)
     dtype = select_dtype(precision, device)
+    checkpoint_dir = ensure_checkpoint(checkpoint_dir)  # the default model is fetched once if missing
     config = load_config(checkpoint_dir)  # fails first, in one line, if checkpoint_dir is not a checkpoint
 
     # 1. the model and its tokenizer

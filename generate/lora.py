@@ -28,6 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_lab.checkpoint import load_config  # noqa: E402
+from lora_lab.checks import check_args  # noqa: E402
+from lora_lab.download import ensure_checkpoint  # noqa: E402
 from lora_lab.generate import (StreamDecoder, generate, generation_stats, reset_peak_memory,  # noqa: E402
                                select_device, select_dtype, synchronize)
 from lora_lab.lora import (ADAPTER_WEIGHTS_FILE, inject_lora, load_lora, load_lora_state_dict, merge_lora,  # noqa: E402
@@ -75,10 +77,12 @@ def main(
             Default: nf4 for a QLoRA adapter (the base it was trained on), none for a LoRA adapter.
         device: auto, cpu, cuda, cuda:N or mps.
     """
+    check_args(locals())  # every argument that can be judged without a model, before anything slow
     device = select_device(device)
     dtype = select_dtype(precision, device)
     lora_config, adapter = load_lora(adapter_dir)  # fails first, in one line, if adapter_dir is not an adapter
     checkpoint_dir = base_checkpoint_dir(lora_config, checkpoint_dir, adapter_dir)
+    checkpoint_dir = ensure_checkpoint(checkpoint_dir)  # the default model is fetched once if missing
     config = load_config(checkpoint_dir)  # fails first, in one line, if checkpoint_dir is not a checkpoint
     check_adapter_fits(lora_config, config, adapter_dir, checkpoint_dir)  # one line if it was trained on another base
 

@@ -32,6 +32,7 @@ from lora_lab.checkpoint import copy_tokenizer_files, save_checkpoint
 from lora_lab.config import Config
 from lora_lab.convert_llama2c import as_dtype, interleaved_to_halves
 from lora_lab.model import llama3_scale
+from lora_lab.progress import progress
 from lora_lab.sp_vocab import CONTROL, NORMAL, USER_DEFINED, build_sentencepiece_bpe, write_tokenizer_files
 from lora_lab.prompts import prompt_style_from_chat_template
 from lora_lab.utils import LoraLabError, atomic_write_text
@@ -245,7 +246,7 @@ def convert_gguf(gguf_path: Union[str, Path], out_dir: Union[str, Path], tokeniz
 
     arch = config.extra["gguf_architecture"]
     state_dict = {}
-    for t in reader.tensors:
+    for t in progress(reader.tensors, desc=f"Converting {path.name}", unit="tensor"):
         if t.name == "rope_freqs.weight":
             continue
         name = gguf_name_to_ours(t.name)

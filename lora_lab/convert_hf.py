@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 
 from lora_lab.checkpoint import copy_tokenizer_files, load_checkpoint, save_checkpoint
 from lora_lab.config import Config
+from lora_lab.progress import progress
 from lora_lab.prompts import chat_template, prompt_style_from_chat_template  # noqa: F401 (re-exported)
 from lora_lab.utils import LoraLabError, atomic_path, atomic_write_text
 
@@ -640,6 +641,17 @@ def load_hf_config(hf_dir: PathLike) -> Config:
         raise LoraLabError(f"{path}: {e}") from None
 
 
+def _tensor_count(path: Path) -> Optional[int]:
+    """How many tensors a safetensors file holds (for the progress bar); None for other formats."""
+    if path.suffix != ".safetensors":
+        return None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return len(list(f.keys()))
+    except Exception:  # noqa: BLE001 - iter_hf_tensors reports an unreadable file in one line
+        return None
+
+
 def convert_hf_checkpoint(hf_dir: PathLike, out_dir: PathLike, dtype: Union[str, torch.dtype, None] = None) -> Config:
     """Convert a Hugging Face model folder into a lora_lab checkpoint in `out_dir`; returns its Config.
 
@@ -662,7 +674,8 @@ def convert_hf_checkpoint(hf_dir: PathLike, out_dir: PathLike, dtype: Union[str,
 
     state_dict: dict[str, torch.Tensor] = {}
     for path in hf_weight_files(hf_dir):
-        for hf_name, tensor in iter_hf_tensors(path):
+        for hf_name, tensor in progress(iter_hf_tensors(path), total=_tensor_count(path), desc=f"Converting {path.name}",
+                                        unit="tensor"):
             name = aliases.get(hf_name, hf_name)
             if name not in targets:
                 if name in tied_head or IGNORED_HF_TENSORS.search(name):

@@ -31,6 +31,7 @@ from lora_lab.checkpoint import save_checkpoint
 from lora_lab.config import Config
 from lora_lab.sp_vocab import BYTE, CONTROL, NORMAL, SPACE, UNKNOWN, build_sentencepiece_bpe, is_byte_piece, \
     write_tokenizer_files
+from lora_lab.progress import progress
 from lora_lab.utils import LoraLabError
 
 HEADER = struct.Struct("<7i")
@@ -159,7 +160,7 @@ def convert_llama2c(bin_path: Union[str, Path], out_dir: Union[str, Path],
         off += n
 
     sd = {"wte.weight": w["token_embedding"], "norm_f.weight": w["rms_final"]}
-    for i in range(n_layers):
+    for i in progress(range(n_layers), desc=f"Converting {bin_path.name}", unit="layer"):
         p = f"blocks.{i}."
         sd[p + "norm_1.weight"] = w["rms_att"][i]
         sd[p + "attn.q_proj.weight"] = interleaved_to_halves(w["wq"][i], n_heads)  # (dim, dim)

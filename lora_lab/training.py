@@ -11,6 +11,7 @@ import math
 import random
 import re
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Optional, Union
@@ -18,7 +19,7 @@ from typing import Optional, Union
 import torch
 
 from lora_lab.model import IGNORE_INDEX, next_token_loss  # noqa: F401  (re-exported for the scripts)
-from lora_lab.utils import LoraLabError, atomic_path
+from lora_lab.utils import LoraLabError, atomic_path, atomic_write_text
 
 TRAIN_STATE_FILE = "train_state.pt"
 
@@ -195,17 +196,34 @@ def micro_batches(train_dl, rank: int, world_size: int, state: dict):
 
 
 class MetricsLog:
-    """Appends one row per step to metrics.csv (a resumed run appends to the same file).
+    """The run record: one row per step appended to metrics.csv (a resumed run appends to the same file), the
+    hyperparameters in hparams.yaml, the same rows and hyperparameters sent to an experiment tracker
+    (`logger_name`: csv, tensorboard, mlflow, wandb; see lora_lab/loggers.py), and loss.png drawn by `plot()`
+    (at every save) and `finish()` (at the end; see lora_lab/plot.py).
 
     start_step: the step the run starts from (0, or the resumed step). Rows after it are dropped first: they
     come from a run that crashed or was killed after its last saved state (or from an earlier run that never
     saved one), and the steps they describe are about to be done again."""
 
-    def __init__(self, path: Path, fabric, start_step: Optional[int] = None) -> None:
+    def __init__(self, path: Path, fabric, start_step: Optional[int] = None, logger_name: str = "csv",
+                 hparams: Optional[dict] = None) -> None:
         self.path, self.enabled = Path(path), fabric.is_global_zero
         self.fields = ["step", "train_loss", "val_loss", "val_ppl", "lr", "tokens", "tokens_per_sec"]
-        if self.enabled and start_step is not None and self.path.is_file():
+        self.logger, self.plot_warned, self.rows, self.plotted = None, False, 0, -1
+        if not self.enabled:
+            return
+        if start_step is not None and self.path.is_file():
             self._drop_rows_after(start_step)
+        from lora_lab.loggers import make_logger
+
+        self.logger = make_logger(logger_name, self.path.parent)
+        if hparams is not None:
+            import yaml
+
+            hparams = {k: _plain(v) for k, v in hparams.items()}
+            atomic_write_text(self.path.parent / "hparams.yaml", yaml.safe_dump(hparams, sort_keys=False))
+            if self.logger is not None:
+                self.logger.log_hyperparams(hparams)
 
     def _drop_rows_after(self, step: int) -> None:
         with open(self.path, newline="") as f:
@@ -226,16 +244,55 @@ class MetricsLog:
             if new:
                 writer.writeheader()
             writer.writerow(row)
+        self.rows += 1
+        if self.logger is not None:
+            self.logger.log_metrics({k: float(v) for k, v in row.items() if k != "step" and v is not None},
+                                    step=int(row["step"]))
+
+    def plot(self) -> None:
+        """Draw OUT_DIR/loss.png from metrics.csv; without matplotlib, one warning line (once) and no plot."""
+        if not self.enabled or not self.path.is_file() or self.plotted == self.rows:
+            return  # (nothing new since the last plot: the save at the last step, then finish())
+        self.plotted = self.rows
+        try:
+            from lora_lab.plot import PLOT_FILE, plot_runs
+
+            plot_runs([self.path.parent], self.path.parent / PLOT_FILE)
+        except ImportError:
+            if not self.plot_warned:
+                print("warning: matplotlib is not installed, so no loss.png: pip install 'lora_lab[plot]'",
+                      file=sys.stderr)
+                self.plot_warned = True
+
+    def finish(self) -> None:
+        """At the end of the run: the final plot, and the tracker's files closed."""
+        self.plot()
+        if self.logger is not None:
+            self.logger.finalize("success")
+            if type(self.logger).__name__ == "WandbLogger":
+                import wandb
+
+                wandb.finish()
+
+
+def _plain(value):
+    """A hyperparameter as YAML and the trackers take it: paths as strings, tuples as lists."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
 
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompt_style, rows, max_new_tokens: int = 128) -> list[str]:
     """Greedy answers of `model` to rows' prompts (instruction + input, wrapped in prompt_style)."""
     from lora_lab.generate import generate
+    from lora_lab.progress import progress
 
     stop_ids = list(tokenizer.eos_ids) + prompt_style.stop_tokens(tokenizer)
     answers = []
-    for row in rows:
+    for row in progress(rows, desc="Generating answers", unit="prompt"):
         prompt = tokenizer.encode(prompt_style.apply(row["instruction"], row.get("input", "")))
         ids = [i for i in generate(model, prompt, max_new_tokens, temperature=0.0, eos_ids=stop_ids)
                if i not in stop_ids]

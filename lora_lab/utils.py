@@ -22,17 +22,26 @@ def atomic_path(path: os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; when the block ends without an error, rename it onto `path`.
 
     The rename is atomic on POSIX, so a reader (or a run interrupted halfway) sees the old file or the new
-    one, never half of one."""
+    one, never half of one. The file gets the mode a plain open() would give it (0666 less the umask, typically
+    0644): mkstemp makes its file private (0600), which would keep other users and containers out."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: os.PathLike, text: str) -> None:

@@ -1,0 +1,105 @@
+"""Cheap checks of the scripts' arguments: everything that can be judged without loading data or a model.
+
+    check_args(locals())   # the first line of finetune/*.py's setup
+
+A typo in a flag must cost a second, not the minutes of building a data set and loading a model that come before
+the line that would otherwise notice it. Each check reads only the arguments a script has (a full fine-tuning run
+has no lora_r), and raises a one-line LoraLabError naming the flag. What needs the checkpoint's config (does
+lora_targets fit the model?) follows right after, in main, still before anything slow.
+tests/test_early_checks.py calls every script with each mistake and asserts that no model was loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from lora_lab.utils import LoraLabError
+
+# integer flags that count something and must be >= 1 (or >= 0), when a script has them and they are set
+AT_LEAST_ONE = ("lora_r", "batch_size", "micro_batch_size", "max_steps", "max_seq_length", "eval_interval",
+                "eval_iters", "save_interval", "log_interval", "devices", "num_nodes", "n_train", "n_val",
+                "max_new_tokens", "top_k", "adapter_prompt_length", "nf4_blocksize")
+AT_LEAST_ZERO = ("warmup_steps", "eval_samples", "adapter_start_layer")
+POSITIVE = ("epochs", "learning_rate", "lora_alpha", "lora_plus_ratio")
+NON_NEGATIVE = ("weight_decay", "min_lr", "grad_clip", "neftune_alpha", "temperature")
+
+
+def check_args(args: Mapping[str, Any]) -> None:
+    """Raise a one-line LoraLabError for the first argument in `args` (a script's locals()) that is wrong."""
+    for name in AT_LEAST_ONE + AT_LEAST_ZERO:
+        value = args.get(name)
+        low = 1 if name in AT_LEAST_ONE else 0
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise LoraLabError(f"--{name} {value!r}: use a whole number >= {low}")
+    for name in POSITIVE + NON_NEGATIVE:
+        value = args.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0
+                                  or (name in POSITIVE and value == 0) or value != value):
+            raise LoraLabError(f"--{name} {value!r}: use a number {'> 0' if name in POSITIVE else '>= 0'}")
+    if args.get("lora_dropout") is not None and not 0 <= args["lora_dropout"] < 1:
+        raise LoraLabError(f"--lora_dropout {args['lora_dropout']!r}: use a probability in [0, 1)")
+    if args.get("adapter_version") is not None and args["adapter_version"] not in (1, 2):
+        raise LoraLabError(f"--adapter_version {args['adapter_version']!r}: use 1 (LLaMA-Adapter) or 2 (V2)")
+    if args.get("top_p") is not None and not 0 < args["top_p"] <= 1:
+        raise LoraLabError(f"--top_p {args['top_p']!r}: use a probability in (0, 1]")
+    if args.get("batch_size") and args.get("micro_batch_size") and args["micro_batch_size"] > args["batch_size"]:
+        raise LoraLabError(f"--micro_batch_size {args['micro_batch_size']} is larger than --batch_size "
+                           f"{args['batch_size']}: the global batch must hold at least one micro-batch")
+    if args.get("lora_targets") is not None:
+        from lora_lab.lora import normalize_targets
+
+        targets = args["lora_targets"]
+        normalize_targets(targets.split(",") if isinstance(targets, str) else targets)
+    if args.get("precision") is not None:
+        check_precision(args["precision"], training="max_steps" in args)
+    if "logger_name" in args:
+        from lora_lab.loggers import check_logger_name
+
+        check_logger_name(args["logger_name"])
+    if args.get("max_time") is not None:
+        from lora_lab.training import parse_duration
+
+        parse_duration(args["max_time"])
+    for name in ("data", "val_data"):
+        if args.get(name) is not None:
+            check_data(args[name], name)
+    if args.get("out_dir") is not None and Path(args["out_dir"]).exists() and not Path(args["out_dir"]).is_dir():
+        raise LoraLabError(f"--out_dir {args['out_dir']} is a file: give a directory")
+    if args.get("checkpoint_dir") is not None:
+        check_checkpoint_dir(Path(args["checkpoint_dir"]))
+
+
+def check_precision(precision: str, training: bool = True) -> None:
+    """Training takes Lightning's precision names; generation also takes dtype names (bfloat16, float32...)."""
+    from lightning.fabric.connector import _PRECISION_INPUT_STR
+    from typing import get_args
+
+    names = [p for p in get_args(_PRECISION_INPUT_STR) if p != "transformer-engine" or training]
+    if not training:
+        from lora_lab.generate import PRECISIONS
+
+        names = list(PRECISIONS)
+    if str(precision) not in names:
+        raise LoraLabError(f"--precision {precision!r}: use one of {', '.join(names)}")
+
+
+def check_data(data: str, flag: str = "data") -> None:
+    from lora_lab.data.instructions import BUILTIN_DATASETS, LOCAL_FILE_HELP, NAMED_DATASETS
+
+    name = str(data)
+    if name in BUILTIN_DATASETS or name in NAMED_DATASETS or Path(name).expanduser().is_file():
+        return
+    choices = ", ".join((*BUILTIN_DATASETS, *NAMED_DATASETS))
+    raise LoraLabError(f"--{flag} {name!r} is neither a dataset name ({choices}) nor an existing file: pass one of "
+                       f"those names or a path to {LOCAL_FILE_HELP}")
+
+
+def check_checkpoint_dir(checkpoint_dir: Path) -> None:
+    """A missing checkpoint is fine only if it is the default one, which ensure_checkpoint fetches."""
+    from lora_lab.checkpoint import is_checkpoint, load_config
+    from lora_lab.download import DEFAULT_CHECKPOINT
+
+    if is_checkpoint(checkpoint_dir) or checkpoint_dir.absolute() == DEFAULT_CHECKPOINT.absolute():
+        return
+    load_config(checkpoint_dir)  # the one-line error saying what is wrong with it

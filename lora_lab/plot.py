@@ -1,0 +1,142 @@
+"""Loss curves of fine-tuning runs, from their metrics.csv: one run, or several overlaid.
+
+    python -m lora_lab.plot OUT_DIR [OUT_DIR ...] [--out FILE.png]
+
+Every run writes OUT_DIR/loss.png itself (at each save and at the end). The figure shows the training loss
+against the optimizer step, raw (thin) and smoothed (an exponential moving average, bias-corrected like Adam's
+moments so that it starts at the first value instead of at zero), the validation loss (dots), and the learning
+rate on a second axis. The title names the run (its folder) and its key hyperparameters, read from
+OUT_DIR/hparams.yaml. With several runs (e.g. LoRA vs QLoRA, r 8 vs r 64) each gets a colour and the default
+output is loss_comparison.png in the working directory. matplotlib draws with its Agg backend: no display needed.
+tests/test_plot.py checks the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+from lora_lab.utils import LoraLabError, atomic_path, one_line_errors
+
+METRICS_FILE, HPARAMS_FILE, PLOT_FILE = "metrics.csv", "hparams.yaml", "loss.png"
+FIGSIZE, DPI = (10, 5.5), 100  # 1000 x 550 pixels
+# the hyperparameters worth a place in a title, in this order, with short names
+KEY_HPARAMS = {"lora_r": "r", "lora_alpha": "alpha", "adapter_version": "adapter v", "learning_rate": "lr",
+               "batch_size": "batch", "max_steps": "steps", "max_seq_length": "seq", "data": "data"}
+
+
+def read_metrics(out_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """{column: [(step, value), ...]} of a run's metrics.csv, empty cells skipped."""
+    path = Path(out_dir) / METRICS_FILE
+    if not path.is_file():
+        raise LoraLabError(f"{path} does not exist: give the out_dir of a fine-tuning run")
+    series: dict[str, list[tuple[int, float]]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if not (row.get("step") or "").isdigit():
+                continue
+            for key, value in row.items():
+                if key != "step" and value not in (None, ""):
+                    series.setdefault(key, []).append((int(row["step"]), float(value)))
+    return series
+
+
+def read_hparams(out_dir: Path) -> dict:
+    path = Path(out_dir) / HPARAMS_FILE
+    if not path.is_file():
+        return {}
+    import yaml
+
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def smooth(values: Sequence[float], beta: float = 0.9) -> list[float]:
+    """Bias-corrected exponential moving average: m_t = beta m_{t-1} + (1 - beta) x_t, reported as
+    m_t / (1 - beta^t), so that the first value is x_1 and not (1 - beta) x_1."""
+    m, out = 0.0, []
+    for t, x in enumerate(values, start=1):
+        m = beta * m + (1 - beta) * x
+        out.append(m / (1 - beta**t))
+    return out
+
+
+def describe(out_dir: Path) -> str:
+    """`name: r 8, lr 0.001, batch 16, ...` for titles and legends."""
+    hp = read_hparams(out_dir)
+    parts = [f"{short} {hp[key]}" for key, short in KEY_HPARAMS.items() if hp.get(key) not in (None, "")]
+    name = Path(out_dir).resolve().name
+    return f"{name}: {', '.join(parts)}" if parts else name
+
+
+def plot_runs(out_dirs: Sequence[Path], out: Path, title: Optional[str] = None) -> Path:
+    """Draw the runs' loss curves (and learning rates) into one PNG at `out`; returns `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: works without a display, on servers and in CI
+    import matplotlib.pyplot as plt
+
+    runs = [(Path(d), read_metrics(Path(d))) for d in out_dirs]
+    fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
+    ax_lr = ax.twinx()
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (out_dir, series) in enumerate(runs):
+        color = colors[i % len(colors)]
+        label = describe(out_dir) if len(runs) > 1 else ""
+        prefix = f"{label}: " if label else ""
+        train = series.get("train_loss", [])
+        if train:
+            steps, losses = zip(*train)
+            ax.plot(steps, losses, color=color, alpha=0.3, linewidth=0.8)
+            ax.plot(steps, smooth(losses), color=color, linewidth=2, label=f"{prefix}train loss (smoothed)")
+        val = series.get("val_loss", [])
+        if val:
+            steps, losses = zip(*val)
+            ax.plot(steps, losses, "o--", color=color, markersize=5, label=f"{prefix}val loss")
+        lr = series.get("lr", [])
+        if lr:
+            steps, rates = zip(*lr)
+            ax_lr.plot(steps, rates, ":", color=color, linewidth=1, label=f"{prefix}learning rate")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    losses = [v for _, s in runs for key in ("train_loss", "val_loss") for _, v in s.get(key, []) if math.isfinite(v)]
+    if losses and max(losses) > 20 * max(min(losses), 1e-6):
+        ax.set_yscale("log")  # a loss falling by orders of magnitude: linear would flatten everything after step 1
+    lines = ax.get_legend_handles_labels()
+    lines_lr = ax_lr.get_legend_handles_labels()
+    ax.legend(lines[0] + lines_lr[0], lines[1] + lines_lr[1], loc="upper right", fontsize="small")
+    ax.grid(alpha=0.3)
+    ax.set_title(title or (describe(runs[0][0]) if len(runs) == 1 else f"{len(runs)} runs"), fontsize="medium")
+    fig.tight_layout()
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lora_lab.plot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dirs", nargs="+", type=Path, help="out_dir of one or more fine-tuning runs")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"the PNG to write (default: OUT_DIR/{PLOT_FILE} for one run, "
+                             f"loss_comparison.png for several)")
+    args = parser.parse_args(argv)
+    with one_line_errors():
+        for d in args.out_dirs:
+            read_metrics(d)  # every run's file exists, before matplotlib is imported
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise LoraLabError("plots need matplotlib: pip install 'lora_lab[plot]' (or pip install matplotlib)") \
+                from None
+        out = args.out or (args.out_dirs[0] / PLOT_FILE if len(args.out_dirs) == 1 else Path("loss_comparison.png"))
+        print(plot_runs(args.out_dirs, out))
+
+
+if __name__ == "__main__":
+    main()
