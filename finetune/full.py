@@ -53,9 +53,11 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from lora_lab import GPT, Config, Tokenizer
 from lora_lab.checks import check_args
 from lora_lab.checkpoint import load_config, save_checkpoint
+from lora_lab.compile import compile_blocks
 from lora_lab.data import get_dataloaders
 from lora_lab.data.json_extraction import evaluate_extractions
 from lora_lab.download import ensure_checkpoint
+from lora_lab.flops import FlopsMeter
 from lora_lab.generate import peak_memory_bytes, reset_peak_memory
 from lora_lab.lora import count_parameters
 from lora_lab.model import Block
@@ -78,6 +80,7 @@ def setup(
     prompt_style: Optional[str] = None,
     max_seq_length: int = 512,
     mask_prompt: bool = True,
+    packing: bool = False,
     n_train: Optional[int] = None,
     n_val: Optional[int] = None,
     # optimisation
@@ -92,6 +95,7 @@ def setup(
     grad_clip: float = 1.0,
     neftune_alpha: float = 0.0,
     activation_checkpointing: bool = False,
+    compile: bool = False,
     max_time: Optional[str] = None,
     # evaluation, checkpoints, logging
     eval_interval: int = 25,
@@ -103,6 +107,7 @@ def setup(
     seed: int = 42,
     # hardware
     precision: Optional[str] = None,
+    peak_flops: Optional[float] = None,
     devices: int = 1,
     num_nodes: int = 1,
     strategy: Literal["auto", "ddp", "fsdp"] = "auto",
@@ -120,6 +125,8 @@ def setup(
         prompt_style: how prompts are wrapped (default: the base model's own).
         max_seq_length: longer samples are cut (and counted).
         mask_prompt: learn only the answer tokens, not the prompt.
+        packing: put several samples in each row of max_seq_length (no padding; each attends only to itself);
+            batch_size and micro_batch_size then count rows.
         n_train: use only the first n_train training rows (json_extraction: how many to generate).
         n_val: likewise for validation rows.
         max_steps: optimizer steps (default: `epochs` passes over the data).
@@ -134,6 +141,7 @@ def setup(
         grad_clip: clip the gradient norm to this (0 to disable).
         neftune_alpha: NEFTune noise on the embeddings while training (5 is the paper's usual value; 0 = off).
         activation_checkpointing: recompute activations in the backward pass: less memory, slower.
+        compile: torch.compile each transformer block for training (minutes to compile; fastest with --packing).
         max_time: time budget (3600, 90m, 1.5h, 23:30:00): stop, evaluate and save when it is spent.
         eval_interval: validate every this many optimizer steps.
         eval_iters: at most this many validation batches per validation.
@@ -144,6 +152,7 @@ def setup(
             else), tensorboard, mlflow or wandb (lora_lab/loggers.py). loss.png is drawn at every save.
         seed: seeds data order and NEFTune noise.
         precision: 32-true, bf16-mixed, bf16-true, 16-mixed (default: bf16-mixed on GPU, 32-true on CPU).
+        peak_flops: the device's peak FLOP/s for the MFU figure (default: the GPU's datasheet, or a CPU probe).
         devices: devices per node (data parallel over them).
         num_nodes: nodes, as Fabric launches them.
         strategy: auto, ddp, or fsdp to shard the weights, gradients and optimizer state over GPUs.
@@ -162,14 +171,13 @@ def setup(
 
 def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_data: Optional[str], resume: bool,
          optimizer: str, prompt_style: Optional[str],
-         max_seq_length: int, mask_prompt: bool, n_train: Optional[int], n_val: Optional[int],
+         max_seq_length: int, mask_prompt: bool, packing: bool, n_train: Optional[int], n_val: Optional[int],
          max_steps: Optional[int], epochs: float, batch_size: int, micro_batch_size: int,
          learning_rate: Optional[float],
          weight_decay: float, warmup_steps: int, min_lr: float, grad_clip: float, neftune_alpha: float,
-         activation_checkpointing: bool, max_time: Optional[str], eval_interval: int, eval_iters: int,
-         eval_samples: int, save_interval: int, log_interval: int, logger_name: str,
-         seed: int, precision: str, devices: int,
-         num_nodes: int, strategy: str) -> None:
+         activation_checkpointing: bool, compile: bool, max_time: Optional[str], eval_interval: int,
+         eval_iters: int, eval_samples: int, save_interval: int, log_interval: int, logger_name: str, seed: int,
+         precision: str, peak_flops: Optional[float], devices: int, num_nodes: int, strategy: str) -> None:
     hparams = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "fabric"}
     out_dir = Path(out_dir)
     # cheap checks of the arguments first, so that a mistake is reported before minutes of data and model loading
@@ -195,7 +203,7 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     train_dl, val_dl, data_stats = get_dataloaders(
         data, tokenizer, style, max_seq_length=max_seq_length, micro_batch_size=micro_batch_size, seed=seed,
         val_data=val_data, n_train=n_train, n_val=n_val, mask_prompt=mask_prompt, bucket_by_length=True,
-        pad_id=tokenizer.eos_id or 0, verbose=fabric.is_global_zero)
+        pad_id=tokenizer.eos_id or 0, verbose=fabric.is_global_zero, packing=packing)
     if max_steps is None:
         max_steps = max(1, math.ceil(epochs * data_stats["n_train"] / batch_size))
 
@@ -221,6 +229,8 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
         gpt = model._forward_module  # the sharded root: generating and saving go through it (it gathers the shards)
 
     state = {"step": 0, "micro_batches": 0, "tokens": 0}
+    if compile:  # torch.compile each block for training (lora_lab/compile.py)
+        compile_blocks(gpt)
     if resume:
         saved = load_train_state(out_dir / TRAIN_STATE_FILE)
         load_full_state(gpt, optimizer, saved, source=out_dir / TRAIN_STATE_FILE)
@@ -251,6 +261,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, save_as, hparams
     metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"], logger_name=hparams["logger_name"],
                          hparams=hparams)  # + hparams.yaml, an experiment tracker, loss.png
     throughput = Throughput(state["step"], max_steps)
+    flops = FlopsMeter.for_fabric(gpt, fabric, hparams["peak_flops"])  # model FLOPs, for MFU (lora_lab/flops.py)
     reset_peak_memory(fabric.device)
     batches = micro_batches(train_dl, fabric.global_rank, fabric.world_size, state)
     val_loss = None
@@ -263,13 +274,15 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, save_as, hparams
             batch = next(batches)
             # gradients are averaged over devices only at the last micro-batch of the step
             with fabric.no_backward_sync(model, enabled=i < grad_accum - 1):
-                loss = model(batch["input_ids"], labels=batch["labels"], neftune_alpha=neftune_alpha)
+                loss = model(batch["input_ids"], labels=batch["labels"], neftune_alpha=neftune_alpha,
+                             segment_ids=batch.get("segment_ids"))  # packed rows: one segment per sample
                 fabric.backward(loss / grad_accum)
             if not torch.isfinite(loss):
                 raise not_finite("loss", loss.item(), state["step"] + 1, out_dir)
             loss_sum += loss.item()
             state["tokens"] += batch["input_ids"].numel() * fabric.world_size
             throughput.update(batch["input_ids"].numel() * fabric.world_size)
+            flops.update(batch)
         if grad_clip:
             norm = fabric.clip_gradients(model, optimizer, max_norm=grad_clip, error_if_nonfinite=False)
             if not torch.isfinite(norm):  # a finite loss whose gradient overflowed
@@ -283,7 +296,8 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, save_as, hparams
 
         if step % log_interval == 0 or step == max_steps:
             fabric.print(f"step {step}/{max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
-                         f"{throughput.tokens_per_sec():,.0f} tok/s | ETA {format_seconds(throughput.eta(step))}")
+                         f"{throughput.tokens_per_sec():,.0f} tok/s | {flops.format(throughput.elapsed())} | "
+                         f"ETA {format_seconds(throughput.eta(step))}")
         row = {"step": step, "train_loss": train_loss, "lr": lr, "tokens": state["tokens"],
                "tokens_per_sec": throughput.tokens_per_sec()}
         out_of_time = max_time is not None and throughput.elapsed() > max_time
@@ -314,6 +328,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, save_as, hparams
 
     fabric.print(f"Trainable parameters {count_parameters(gpt)[0]:,} | {state['step']} steps in "
                  f"{format_seconds(throughput.elapsed())} | {throughput.tokens_per_sec():,.0f} tokens/s | "
+                 f"{flops.summary(throughput.elapsed())} | "
                  f"peak memory {peak_memory_bytes(fabric.device) / 2**30:.2f} GiB"
                  + (f" | final val loss {val_loss:.4f}" if val_loss is not None else ""))
     fabric.print(f"Model saved to {out_dir}")

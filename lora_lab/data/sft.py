@@ -132,7 +132,12 @@ def collate(samples: Sequence[dict], pad_id: int = 0, ignore_index: int = IGNORE
         n = len(s["input_ids"])
         input_ids[b, :n] = s["input_ids"]
         labels[b, :n] = s["labels"]
-    return {"input_ids": input_ids, "labels": labels}
+    batch = {"input_ids": input_ids, "labels": labels}
+    if "segment_ids" in samples[0]:  # packed rows (lora_lab/data/packing.py): the padding is a segment of its own, 0
+        batch["segment_ids"] = torch.zeros((len(samples), T), dtype=torch.long)  # (B, T)
+        for b, s in enumerate(samples):
+            batch["segment_ids"][b, :len(s["segment_ids"])] = s["segment_ids"]
+    return batch
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -238,14 +243,17 @@ def get_dataloaders(data: Union[str, Path, Sequence[dict]], tokenizer, prompt_st
                     mask_prompt: bool = True, ignore_index: int = IGNORE_INDEX, system: Optional[str] = None,
                     bucket_by_length: bool = False, pad_id: int = 0, pad_multiple_of: Optional[int] = None,
                     eval_batch_size: Optional[int] = None, drop_last: bool = False, num_workers: int = 0,
-                    verbose: bool = True) -> tuple[DataLoader, Optional[DataLoader], dict]:
+                    verbose: bool = True, packing: bool = False) -> tuple[DataLoader, Optional[DataLoader], dict]:
     """(train_dl, val_dl, stats) for `data` (a dataset name, a file, or a list of row dicts).
 
     val_dl is None when there are no validation rows (val_split_fraction=0 and no val_data). stats holds
     n_rows (read), n_skipped (malformed rows), n_train / n_val (samples in the loaders), n_truncated (cut
     to max_seq_length), n_no_trainable (dropped: nothing left to learn after the cut), the train split's token
     counts and lengths, and the padding fraction of epoch 0's batches.
-    See the module docstring for the loss convention and for resuming at an exact batch."""
+    See the module docstring for the loss convention and for resuming at an exact batch.
+    packing: the training samples are packed several to a row of max_seq_length (lora_lab/data/packing.py), and
+    micro_batch_size counts those rows; n_train is then the number of rows (n_samples the samples in them) and
+    the batches carry segment_ids for the model. Validation stays unpacked (comparable with unpacked runs)."""
     if isinstance(prompt_style, str):
         prompt_style = PromptStyle.from_name(prompt_style)
     if max_seq_length < 2:
@@ -261,6 +269,12 @@ def get_dataloaders(data: Union[str, Path, Sequence[dict]], tokenizer, prompt_st
                            f"{rows.source} the prompt fills max_seq_length={max_seq_length}, leaving no answer "
                            f"token to learn: raise max_seq_length or use shorter prompts")
 
+    n_samples = len(train_ds)
+    if packing:
+        from lora_lab.data.packing import PackedDataset
+
+        train_ds = PackedDataset(train_ds, max_seq_length, seed, ignore_index)
+        bucket_by_length = False  # every row is (nearly) max_seq_length long already
     if bucket_by_length:
         sampler = LengthBucketSampler(train_ds.lengths, micro_batch_size, seed, drop_last=drop_last)
     else:
@@ -273,20 +287,23 @@ def get_dataloaders(data: Union[str, Path, Sequence[dict]], tokenizer, prompt_st
         val_sampler = ShuffledBatchSampler(len(val_ds), eval_batch_size or micro_batch_size, shuffle=False)
         val_dl = DataLoader(val_ds, batch_sampler=val_sampler, collate_fn=collate_fn, num_workers=num_workers)
 
-    n_trainable = sum(n - p for n, p in zip(train_ds.lengths, train_ds.n_prompt)) if mask_prompt else \
-        sum(n - 1 for n in train_ds.lengths)
+    samples = train_ds.dataset if packing else train_ds
+    n_trainable = sum(n - p for n, p in zip(samples.lengths, samples.n_prompt)) if mask_prompt else \
+        sum(n - 1 for n in samples.lengths)
     stats = {
         "source": rows.source, "n_rows": rows.n_rows, "n_skipped": rows.n_skipped,
-        "n_train": len(train_ds), "n_val": len(val_ds),
-        "n_truncated": train_ds.n_truncated + val_ds.n_truncated,
-        "n_no_trainable": train_ds.n_no_trainable + val_ds.n_no_trainable,
-        "train_tokens": sum(train_ds.lengths), "train_target_tokens": n_trainable,
-        "max_length": max(train_ds.lengths), "mean_length": sum(train_ds.lengths) / len(train_ds),
+        "n_train": len(train_ds), "n_val": len(val_ds), "n_samples": n_samples,
+        "n_truncated": samples.n_truncated + val_ds.n_truncated,
+        "n_no_trainable": samples.n_no_trainable + val_ds.n_no_trainable,
+        "train_tokens": sum(samples.lengths), "train_target_tokens": n_trainable,
+        "max_length": max(samples.lengths), "mean_length": sum(samples.lengths) / len(samples),
         "padding_fraction": padding_fraction(train_ds.lengths, sampler.batches(0)),
     }
     if verbose:
-        print(f"Data: {stats['n_train']} training and {stats['n_val']} validation samples from {rows.source}; "
+        print(f"Data: {stats['n_samples']} training and {stats['n_val']} validation samples from {rows.source}; "
               f"{stats['n_truncated']} cut to max_seq_length={max_seq_length}, {stats['n_no_trainable']} dropped "
               f"with no trainable token left, {stats['n_skipped']} malformed rows skipped; "
-              f"{stats['padding_fraction']:.0%} padding", file=sys.stderr)
+              f"{stats['padding_fraction']:.0%} padding"
+              + (f"; packed {n_samples} samples into {len(train_ds)} rows of {max_seq_length} tokens"
+                 if packing else ""), file=sys.stderr)
     return train_dl, val_dl, stats

@@ -1,0 +1,123 @@
+"""lora_lab/flops.py: the FLOPs formula against torch's own count (FlopCounterMode) of a real training step, the
+batch counts (padding and packing), the peak table and the meter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from lora_lab import GPT
+from lora_lab.adapter import inject_adapter, mark_only_adapter_trainable
+from lora_lab.flops import PEAK_FLOPS, FlopsMeter, batch_counts, peak_flops_of, training_flops
+from lora_lab.lora import inject_lora, mark_only_lora_trainable
+from lora_lab.model import IGNORE_INDEX
+from lora_lab.nf4 import quantize_nf4
+from tiny_checkpoint import tiny_config
+
+B, T = 2, 16
+
+
+def tiny_model(method: str) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(tiny_config(n_layer=4, vocab_size=256))
+    if method in ("lora", "qlora"):
+        if method == "qlora":
+            quantize_nf4(model, blocksize=64)
+        inject_lora(model, r=4, alpha=8.0, targets=["query", "value"])
+        mark_only_lora_trainable(model)
+    elif method == "adapter":
+        inject_adapter(model, adapter_prompt_length=3, adapter_start_layer=2)
+        mark_only_adapter_trainable(model)
+    return model
+
+
+def counted(model: GPT, x: torch.Tensor, labels: torch.Tensor) -> dict:
+    """torch's count of one forward + backward, by op. The math SDPA backend runs attention as bmm, which the
+    counter sees (the fused CPU kernel it does not)."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x, labels=labels).backward()
+    return {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+
+
+def test_full_fine_tuning_is_exactly_6n_plus_attention():
+    model = tiny_model("full")
+    x = torch.randint(0, 256, (B, T))
+    labels = x.clone()
+    labels[:, :5] = IGNORE_INDEX  # a masked prompt: lm_head runs only on the targets
+    ops = counted(model, x, labels)
+    f = training_flops(model)
+    targets = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    n_blocks = sum(m.weight.numel() for b in model.blocks for m in b.modules() if isinstance(m, torch.nn.Linear))
+    assert f.per_token == 6 * n_blocks
+    assert f.per_target == 6 * model.lm_head.weight.numel()
+    assert ops["aten.mm"] == f.per_token * B * T + f.per_target * targets
+    # the math backend computes every (query, key) pair, masked or not: compare with T * T pairs per row
+    assert ops["aten.bmm"] == f.per_pair * B * T * T
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "adapter"])
+def test_frozen_weights_count_4n_and_trainable_6n(method):
+    """LoRA / QLoRA: 4N for the frozen weights and 6N for A and B; adapter: 2N below its first layer. The
+    formula counts the input gradients of the first trainable block's first layers, which autograd skips when
+    nothing below trains: an overcount of at most one block's 2N per token."""
+    model = tiny_model(method)
+    x = torch.randint(0, 256, (B, T))
+    ops = counted(model, x, x)
+    f = training_flops(model)
+    ours = f.per_token * B * T + f.per_target * (B * (T - 1))
+    one_block = 2 * sum(m.in_features * m.out_features for m in model.blocks[0].modules()
+                        if hasattr(m, "in_features") and not isinstance(m, type(model.blocks[0])))
+    assert ops["aten.mm"] <= ours <= ops["aten.mm"] + one_block * B * T
+    n_blocks = sum(m.in_features * m.out_features for b in model.blocks for m in b.modules()
+                   if isinstance(m, torch.nn.Linear) or type(m).__name__ in ("LoRALinear", "NF4Linear"))
+    if method in ("lora", "qlora"):
+        n_lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        assert f.per_token == 4 * n_blocks + 6 * n_lora
+        assert f.per_target == 4 * model.lm_head.weight.numel()
+    else:  # blocks 0-1 forward only, 2-3 forward and input gradient
+        assert f.per_token == 2 * n_blocks / 2 + 4 * n_blocks / 2
+        assert f.per_pair == 4 * model.config.n_head * model.config.head_size * (1 + 1 + 3 + 3)
+
+
+def test_the_comparison_can_fail():
+    """Counting LoRA's frozen weights as trainable (6N) breaks the bound."""
+    model = tiny_model("lora")
+    x = torch.randint(0, 256, (B, T))
+    ops = counted(model, x, x)
+    for p in model.blocks.parameters():
+        p.requires_grad_(True)
+    f = training_flops(model)
+    assert f.per_token * B * T + f.per_target * B * (T - 1) > ops["aten.mm"] * 1.2
+
+
+def test_batch_counts_skip_padding_and_restart_pairs_per_packed_sample():
+    ids = torch.zeros(2, 6, dtype=torch.long)
+    labels = torch.tensor([[-100, -100, 5, 6, -100, -100],  # 4 real tokens, then 2 of padding
+                           [-100, 7, -100, 8, 9, -100]])  # packed below: samples of 2 and 3 tokens, 1 pad
+    tokens, targets, pairs = batch_counts({"input_ids": ids, "labels": labels})
+    assert (tokens, targets) == (4 + 5, 2 + 3)
+    assert pairs == (1 + 2 + 3 + 4) + (1 + 2 + 3 + 4 + 5)
+    segment_ids = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 2, 2, 2, 0]])
+    tokens, targets, pairs = batch_counts({"input_ids": ids, "labels": labels, "segment_ids": segment_ids})
+    assert pairs == (1 + 2 + 3 + 4) + (1 + 2) + (1 + 2 + 3)
+
+
+def test_peaks_table_override_and_cpu_probe():
+    assert peak_flops_of("cpu", torch.float32, 1e12) == (1e12, "--peak_flops")
+    peak, source = peak_flops_of("cpu", torch.float32)
+    assert 1e8 < peak < 1e14 and "probe" in source
+    for gpu, peaks in PEAK_FLOPS.items():
+        assert peaks["fp32"] <= peaks.get("tf32", peaks["fp32"]) <= peaks["fp16"]
+
+
+def test_meter_reports_mfu_of_the_counted_flops():
+    model = tiny_model("lora")
+    meter = FlopsMeter(model, "cpu", torch.float32, peak_flops=1e9)
+    x = torch.randint(0, 256, (B, T))
+    flops = meter.update({"input_ids": x, "labels": x})
+    assert flops == training_flops(model)(B * T, B * (T - 1), B * T * (T + 1) // 2)
+    assert meter.mfu(elapsed=flops / 0.5e9) == pytest.approx(0.5)
+    assert meter.format(flops / 0.5e9) == "MFU 50.0%"
+    assert "of 1.0 GFLOP/s, --peak_flops" in meter.summary(flops / 0.5e9)
