@@ -49,7 +49,8 @@ class LoraLabLM(TemplateLM):
         self.max_gen_toks = max_gen_toks
         self._max_length = max_length or model.config.block_size
         self.progress = progress
-        self.device = model.wte.weight.device
+        self.n_requests = 0  # requests answered (a rolling loglikelihood counts once, not per window)
+        self._device = model.wte.weight.device
 
     # ---- tokenization, as lm-eval's hf model does it -------------------------------------------------------
     @property
@@ -81,6 +82,7 @@ class LoraLabLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """requests: [((context, continuation) or None, context_ids, continuation_ids)] -> [(logprob, is_greedy)]."""
         L = self.max_length
+        self.n_requests += sum(r[0] is not None for r in requests)
         items = []
         for i, (_, context, continuation) in enumerate(requests):
             # the model reads (context + continuation) minus its last token, cut from the left to block_size
@@ -94,7 +96,7 @@ class LoraLabLM(TemplateLM):
             idx = torch.zeros(len(batch), T, dtype=torch.long)  # (B, T) right padding: the pads come after
             for b, (_, inp, _) in enumerate(batch):
                 idx[b, :len(inp)] = torch.tensor(inp)
-            logits = self.model(idx.to(self.device))  # (B, T, vocab)
+            logits = self.model(idx.to(self._device))  # (B, T, vocab)
             for b, (i, inp, cont) in enumerate(batch):
                 n, c = len(inp), len(cont)
                 logprobs = F.log_softmax(logits[b, n - c:n].float(), dim=-1)  # (c, vocab) the continuation's rows
@@ -113,6 +115,7 @@ class LoraLabLM(TemplateLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         windows, owner = [], []
+        self.n_requests += len(requests)
         for r, req in enumerate(requests):
             (string,) = req.args
             for context, continuation in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
@@ -131,11 +134,13 @@ class LoraLabLM(TemplateLM):
     # ---- generation ------------------------------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+        self.n_requests += len(requests)
         out = []
         for n, req in enumerate(requests):
             context, gen_kwargs = req.args
             gen_kwargs = dict(gen_kwargs or {})
-            until = handle_stop_sequences(gen_kwargs.pop("until", None), eos=eos)
+            until = gen_kwargs.pop("until", None)
+            until = handle_stop_sequences(list(until) if isinstance(until, list) else until, eos=eos)  # a copy
             max_gen_toks = int(gen_kwargs.pop("max_gen_toks", gen_kwargs.pop("max_new_tokens", self.max_gen_toks)))
             if gen_kwargs.get("do_sample") and gen_kwargs.get("temperature", 0.0) > 0:
                 print("note: generate_until decodes greedily (do_sample is ignored)", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Load the model an evaluation scores: a base checkpoint, optionally with what fine-tuning produced.
 
-    model, tokenizer, about = load_model(checkpoint_dir, adapter_dir=None, quantize=None)
+    loaded = load_model(checkpoint_dir, adapter_dir=None, quantize=None)
+    loaded.model, loaded.tokenizer, loaded.about, loaded.prompt_style (the style it was tuned with)
 
 `adapter_dir` may hold any of the fine-tuning scripts' outputs, recognised by the file that describes it:
 
@@ -16,6 +17,7 @@ of other shapes stops with one line (merge_lora.check_adapter_fits), before any 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
@@ -27,6 +29,15 @@ from lora_lab.tokenizer import Tokenizer
 from lora_lab.utils import LoraLabError
 
 PathLike = Union[str, Path]
+
+
+@dataclass
+class Loaded:
+    model: GPT
+    tokenizer: Tokenizer
+    about: str  # what was loaded, for the report
+    prompt_style: str  # the prompt style the model was (fine-)tuned with
+    checkpoint_dir: Path  # the checkpoint whose tokenizer files and chat template apply
 
 
 def adapter_kind(adapter_dir: PathLike) -> str:
@@ -48,10 +59,25 @@ def adapter_kind(adapter_dir: PathLike) -> str:
                        f"of a finetune/*.py run")
 
 
+def recorded_base(adapter_dir: PathLike) -> Path:
+    """The base model an adapter was trained on (its config's base_model), for evaluating the base beside it."""
+    kind = adapter_kind(adapter_dir)
+    if kind == "full":
+        raise LoraLabError(f"{adapter_dir} is a full fine-tune, which does not record its base: pass --checkpoint_dir")
+    if kind == "lora":
+        from lora_lab.lora import load_lora
+        from lora_lab.merge_lora import base_checkpoint_dir
+
+        return base_checkpoint_dir(load_lora(adapter_dir)[0], None, adapter_dir)
+    from lora_lab.adapter import base_checkpoint_dir, load_adapter
+
+    return base_checkpoint_dir(load_adapter(adapter_dir)[0], None, adapter_dir)
+
+
 def load_model(checkpoint_dir: Optional[PathLike], adapter_dir: Optional[PathLike] = None,
                quantize: Optional[str] = None, device: Union[str, torch.device] = "cpu",
-               dtype: torch.dtype = torch.float32) -> tuple[GPT, Tokenizer, str]:
-    """(model in eval mode, its tokenizer, a short description) for base + adapter_dir."""
+               dtype: torch.dtype = torch.float32) -> Loaded:
+    """The model (in eval mode) of base + adapter_dir, its tokenizer, a description and its prompt style."""
     from lora_lab.merge_lora import SHAPE_FIELDS, check_adapter_fits
     from lora_lab.nf4 import quantize_nf4
 
@@ -71,16 +97,18 @@ def load_model(checkpoint_dir: Optional[PathLike], adapter_dir: Optional[PathLik
         model = GPT.from_checkpoint(adapter_dir, device=device, dtype=dtype).eval()
         if quantize == "nf4":
             quantize_nf4(model)
-        return model, Tokenizer(adapter_dir), f"full fine-tune {adapter_dir}"
+        return Loaded(model, Tokenizer(adapter_dir), f"full fine-tune {adapter_dir}", config.prompt_style,
+                      Path(adapter_dir))
 
     if kind == "base":
         if checkpoint_dir is None:
             raise LoraLabError("pass --checkpoint_dir (the model to evaluate) or --adapter_dir")
-        load_config(checkpoint_dir)  # one line if it is not a checkpoint
+        config = load_config(checkpoint_dir)  # one line if it is not a checkpoint
         model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=dtype).eval()
         if quantize == "nf4":
             quantize_nf4(model)  # every nn.Linear but lm_head -> NF4Linear
-        return model, Tokenizer(checkpoint_dir), str(checkpoint_dir) + (" (NF4)" if quantize == "nf4" else "")
+        about = str(checkpoint_dir) + (" (NF4)" if quantize == "nf4" else "")
+        return Loaded(model, Tokenizer(checkpoint_dir), about, config.prompt_style, Path(checkpoint_dir))
 
     if kind == "lora":
         from lora_lab.lora import (ADAPTER_WEIGHTS_FILE, inject_lora, load_lora, load_lora_state_dict, merge_lora,
@@ -107,7 +135,8 @@ def load_model(checkpoint_dir: Optional[PathLike], adapter_dir: Optional[PathLik
         else:
             merge_lora(model)
         what = "QLoRA" if q else "LoRA"
-        return model.eval(), Tokenizer(checkpoint_dir), f"{checkpoint_dir} + {what} {adapter_dir}"
+        return Loaded(model.eval(), Tokenizer(checkpoint_dir), f"{checkpoint_dir} + {what} {adapter_dir}",
+                      lora_config.prompt_style, Path(checkpoint_dir))
 
     from lora_lab.adapter import ADAPTER_WEIGHTS_FILE, base_checkpoint_dir, inject_adapter, load_adapter, \
         load_adapter_state_dict
@@ -121,4 +150,5 @@ def load_model(checkpoint_dir: Optional[PathLike], adapter_dir: Optional[PathLik
     inject_adapter(model, adapter_prompt_length=adapter_config.adapter_prompt_length,
                    adapter_start_layer=adapter_config.adapter_start_layer, version=adapter_config.adapter_version)
     load_adapter_state_dict(model, adapter, source=Path(adapter_dir) / ADAPTER_WEIGHTS_FILE)
-    return model.eval(), Tokenizer(checkpoint_dir), f"{checkpoint_dir} + LLaMA-Adapter {adapter_dir}"
+    return Loaded(model.eval(), Tokenizer(checkpoint_dir), f"{checkpoint_dir} + LLaMA-Adapter {adapter_dir}",
+                  adapter_config.prompt_style, Path(checkpoint_dir))

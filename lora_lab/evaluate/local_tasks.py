@@ -25,6 +25,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Optional
@@ -116,7 +117,13 @@ def task_manager_for(tasks: list[str], data_dir: Optional[Path] = None):
     out_dir = Path(os.environ.get("LORA_LAB_CACHE", "~/.cache/lora_lab")).expanduser() / "eval_tasks" / key
     out_dir.mkdir(parents=True, exist_ok=True)
     local = write_local_tasks(data_dir, out_dir) if data_dir.is_dir() else []
-    manager = TaskManager(include_path=str(out_dir))
+    index_log = logging.getLogger("lm_eval.tasks._index")
+    level = index_log.level
+    index_log.setLevel(logging.ERROR)  # each local task "overrides existing task": that is the point, not news
+    try:
+        manager = TaskManager(include_path=str(out_dir))
+    finally:
+        index_log.setLevel(level)
     table = local_table()
     for name in tasks:
         if name not in manager.all_tasks:
