@@ -324,3 +324,14 @@ def test_one_line_errors(tiny, tmp_path):
     assert r.returncode == 1 and "n_embd 64 vs 32" in r.stderr.strip().splitlines()[-1]
     r = run_cli("--checkpoint_dir", ckpt, "--tasks", "perplexity")
     assert r.returncode == 1 and "needs --data" in r.stderr
+
+
+def test_perplexity_and_json_do_not_import_lm_eval():
+    """lm-eval is an optional extra: only the lm-eval path imports it."""
+    import os
+
+    code = ("import sys; import lora_lab.evaluate.__main__, lora_lab.evaluate.perplexity, lora_lab.evaluate.json_task,"
+            " lora_lab.evaluate.load, lora_lab.data.json_extraction; assert 'lm_eval' not in sys.modules, 'imported'")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
