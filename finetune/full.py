@@ -29,6 +29,8 @@ Memory, in bytes per parameter (activations come on top, see --activation_checkp
 
 --data is a built-in name (json_extraction: offline and synthetic; alpaca, alpaca-cleaned, alpaca-finance, dolly,
 lima: downloaded once) or a local .json / .jsonl / .csv file with instruction, input (optional) and output fields.
+Raw text (a .txt file or a folder of .txt files) is continued pre-training: every token a target
+(tutorials/continued_pretraining.md).
 Hyperparameters can also come from a YAML file: --config my_run.yaml. Ctrl-C saves the state at the end of the
 step in progress; run the same command with --resume to continue exactly where it stopped.
 
@@ -73,6 +75,7 @@ def setup(
     data: str = "json_extraction",
     out_dir: Path = Path("out/finetune/full"),
     val_data: Optional[str] = None,
+    blank_line_docs: bool = False,
     resume: bool = False,
     # full fine-tuning: every weight trains; the optimizer decides how much state each one carries
     optimizer: Literal["adamw", "adafactor", "sgd"] = "adamw",
@@ -119,6 +122,8 @@ def setup(
         data: a built-in dataset name or a local .json/.jsonl/.csv file of instruction/input/output rows.
         out_dir: where the fine-tuned checkpoint, metrics.csv and the resume state go.
         val_data: a separate validation file (default: a held-out share of `data`).
+        blank_line_docs: raw text (continued pre-training): documents are separated by blank lines, not one per
+            .txt file.
         resume: continue the interrupted run in out_dir exactly where it stopped.
         optimizer: adamw (two moments per weight), sgd (with momentum 0.9: one) or adafactor (factored second
             moment, no first: almost no state; torch.optim.Adafactor). The module docstring has the memory table.
@@ -169,7 +174,8 @@ def setup(
     main(fabric, **args)
 
 
-def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_data: Optional[str], resume: bool,
+def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_data: Optional[str],
+         blank_line_docs: bool, resume: bool,
          optimizer: str, prompt_style: Optional[str],
          max_seq_length: int, mask_prompt: bool, packing: bool, n_train: Optional[int], n_val: Optional[int],
          max_steps: Optional[int], epochs: float, batch_size: int, micro_batch_size: int,
@@ -203,7 +209,8 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     train_dl, val_dl, data_stats = get_dataloaders(
         data, tokenizer, style, max_seq_length=max_seq_length, micro_batch_size=micro_batch_size, seed=seed,
         val_data=val_data, n_train=n_train, n_val=n_val, mask_prompt=mask_prompt, bucket_by_length=True,
-        pad_id=tokenizer.eos_id or 0, verbose=fabric.is_global_zero, packing=packing)
+        pad_id=tokenizer.eos_id or 0, verbose=fabric.is_global_zero, packing=packing,
+        blank_line_docs=blank_line_docs)
     if max_steps is None:
         max_steps = max(1, math.ceil(epochs * data_stats["n_train"] / batch_size))
 

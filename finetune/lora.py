@@ -9,6 +9,8 @@ out_dir and used by generate/lora.py, `python -m lora_lab.merge_lora` and `pytho
 
 --data is a built-in name (json_extraction: offline and synthetic; alpaca, alpaca-cleaned, alpaca-finance, dolly,
 lima: downloaded once) or a local .json / .jsonl / .csv file with instruction, input (optional) and output fields.
+Raw text (a .txt file or a folder of .txt files) is continued pre-training: every token a target
+(tutorials/continued_pretraining.md).
 Hyperparameters can also come from a YAML file: --config my_run.yaml. Ctrl-C saves the state at the end of the
 step in progress; run the same command with --resume to continue exactly where it stopped.
 """
@@ -45,6 +47,7 @@ def setup(
     data: str = "json_extraction",
     out_dir: Path = Path("out/finetune/lora"),
     val_data: Optional[str] = None,
+    blank_line_docs: bool = False,
     resume: bool = False,
     # LoRA: which layers get an update, its rank and scale
     lora_r: int = 8,
@@ -97,6 +100,8 @@ def setup(
         data: a built-in dataset name or a local .json/.jsonl/.csv file of instruction/input/output rows.
         out_dir: where the adapter, its config, metrics.csv and the resume state go.
         val_data: a separate validation file (default: a held-out share of `data`).
+        blank_line_docs: raw text (continued pre-training): documents are separated by blank lines, not one per
+            .txt file.
         resume: continue the interrupted run in out_dir exactly where it stopped.
         lora_r: rank of the update B A.
         lora_alpha: the update is scaled by lora_alpha / lora_r.
@@ -151,7 +156,8 @@ def setup(
     main(fabric, **args)
 
 
-def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_data: Optional[str], resume: bool,
+def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_data: Optional[str],
+         blank_line_docs: bool, resume: bool,
          lora_r: int, lora_alpha: float, lora_dropout: float, lora_targets: Union[tuple[str, ...], str],
          use_rslora: bool, use_dora: bool, lora_plus_ratio: Optional[float], prompt_style: Optional[str],
          max_seq_length: int, mask_prompt: bool, packing: bool, n_train: Optional[int], n_val: Optional[int],
@@ -183,7 +189,8 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     train_dl, val_dl, data_stats = get_dataloaders(
         data, tokenizer, style, max_seq_length=max_seq_length, micro_batch_size=micro_batch_size, seed=seed,
         val_data=val_data, n_train=n_train, n_val=n_val, mask_prompt=mask_prompt, bucket_by_length=True,
-        pad_id=tokenizer.eos_id or 0, verbose=fabric.is_global_zero, packing=packing)
+        pad_id=tokenizer.eos_id or 0, verbose=fabric.is_global_zero, packing=packing,
+        blank_line_docs=blank_line_docs)
     if max_steps is None:
         max_steps = max(1, math.ceil(epochs * data_stats["n_train"] / batch_size))
 

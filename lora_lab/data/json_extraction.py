@@ -11,8 +11,8 @@ from a seed, so the data (and the train/validation split) is the same on every m
   issue      one of ISSUES for a negative review, "none" otherwise
   rating     1-5 stars (positive 4-5, neutral 3, negative 1-2), written in the review in one of several ways
 
-`evaluate_extractions` scores generations: the share that are valid JSON, that have exactly the schema's keys,
-and that have every value right.
+`evaluate_extractions` scores generations with lora_lab/json_score.py (the scorer of `python -m lora_lab.evaluate
+--tasks json`): the share that are valid JSON, that have exactly the schema's keys, and that have every value right.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import random
 from typing import Iterable, Sequence
+
+from lora_lab.json_score import parse_json_object, score_json, summarize  # noqa: F401 (parse_json_object re-exported)
 
 KEYS = ("product", "sentiment", "issue", "rating")
 INSTRUCTION = ("Extract the product, sentiment, issue and rating from the customer review. Answer with a JSON object "
@@ -98,33 +100,17 @@ def json_extraction_dataset(n_train: int = 1000, n_val: int = 100, seed: int = 4
     return samples[:n_train], samples[n_train:]
 
 
-def parse_json_object(text: str):
-    """The JSON object a generation starts with (trailing text is ignored), or None if it is not valid JSON."""
-    text = text.strip()
-    try:
-        obj, _ = json.JSONDecoder().raw_decode(text)
-    except json.JSONDecodeError:
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
 def evaluate_extractions(generations: Iterable[str], targets: Sequence[str]) -> dict:
-    """Share of generations that are valid JSON objects, have exactly KEYS, and have every value right."""
+    """Share of generations that are valid JSON objects, have exactly KEYS, and have every value right, and per
+    key the share with that value right: lora_lab.json_score, the general JSON scorer, applied to this task."""
     generations = list(generations)
     if len(generations) != len(targets):
         raise ValueError(f"{len(generations)} generations for {len(targets)} targets")
-    valid = schema = exact = 0
+    rows = [score_json(text, target) for text, target in zip(generations, targets)]
     field_right = {k: 0 for k in KEYS}
     for text, target in zip(generations, targets):
         obj, want = parse_json_object(text), json.loads(target)
-        if obj is None:
-            continue
-        valid += 1
-        if set(obj) == set(KEYS):
-            schema += 1
         for k in KEYS:
-            field_right[k] += obj.get(k) == want[k]
-        exact += obj == want
+            field_right[k] += obj is not None and obj.get(k) == want[k]
     n = max(len(generations), 1)
-    return {"n": len(generations), "valid_json": valid / n, "exact_keys": schema / n, "all_correct": exact / n,
-            **{f"{k}_correct": v / n for k, v in field_right.items()}}
+    return {**summarize(rows), **{f"{k}_correct": v / n for k, v in field_right.items()}}

@@ -243,7 +243,8 @@ def get_dataloaders(data: Union[str, Path, Sequence[dict]], tokenizer, prompt_st
                     mask_prompt: bool = True, ignore_index: int = IGNORE_INDEX, system: Optional[str] = None,
                     bucket_by_length: bool = False, pad_id: int = 0, pad_multiple_of: Optional[int] = None,
                     eval_batch_size: Optional[int] = None, drop_last: bool = False, num_workers: int = 0,
-                    verbose: bool = True, packing: bool = False) -> tuple[DataLoader, Optional[DataLoader], dict]:
+                    verbose: bool = True, packing: bool = False,
+                    blank_line_docs: bool = False) -> tuple[DataLoader, Optional[DataLoader], dict]:
     """(train_dl, val_dl, stats) for `data` (a dataset name, a file, or a list of row dicts).
 
     val_dl is None when there are no validation rows (val_split_fraction=0 and no val_data). stats holds
@@ -253,7 +254,19 @@ def get_dataloaders(data: Union[str, Path, Sequence[dict]], tokenizer, prompt_st
     See the module docstring for the loss convention and for resuming at an exact batch.
     packing: the training samples are packed several to a row of max_seq_length (lora_lab/data/packing.py), and
     micro_batch_size counts those rows; n_train is then the number of rows (n_samples the samples in them) and
-    the batches carry segment_ids for the model. Validation stays unpacked (comparable with unpacked runs)."""
+    the batches carry segment_ids for the model. Validation stays unpacked (comparable with unpacked runs).
+
+    Raw text (a .txt file or a folder of them) is continued pre-training: text.py packs it into blocks in which every
+    token is a target (blank_line_docs: documents are separated by blank lines)."""
+    from lora_lab.data.text import is_text_data, text_dataloaders
+
+    if is_text_data(data):
+        if val_data is not None:
+            raise LoraLabError(f"--val_data with raw text {data}: the held-out text is the last val_split_fraction "
+                               f"of it; leave --val_data out")
+        return text_dataloaders(data, tokenizer, max_seq_length, micro_batch_size, seed, val_split_fraction,
+                                blank_line_docs, pad_id, eval_batch_size, drop_last, num_workers, n_train, n_val,
+                                verbose)
     if isinstance(prompt_style, str):
         prompt_style = PromptStyle.from_name(prompt_style)
     if max_seq_length < 2:

@@ -1,0 +1,154 @@
+"""Load the model an evaluation scores: a base checkpoint, optionally with what fine-tuning produced.
+
+    loaded = load_model(checkpoint_dir, adapter_dir=None, quantize=None)
+    loaded.model, loaded.tokenizer, loaded.about, loaded.prompt_style (the style it was tuned with)
+
+`adapter_dir` may hold any of the fine-tuning scripts' outputs, recognised by the file that describes it:
+
+  lora_config.json     finetune/lora.py or finetune/qlora.py: LoRA set up as in training, then merged into 16-bit
+                       weights (as generate/lora.py does); a QLoRA adapter (or --quantize nf4) runs unmerged beside
+                       the NF4 base it was trained on
+  adapter_config.json  finetune/adapter.py: LLaMA-Adapter (V1 or V2) on the base, as generate/adapter.py does
+  model_config.json    finetune/full.py: a whole checkpoint, evaluated as it is (the base only checks the shapes)
+
+The base is the adapter's recorded base model unless `checkpoint_dir` is given. An adapter trained on a base
+of other shapes stops with one line (merge_lora.check_adapter_fits), before any weights are read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from lora_lab.checkpoint import CONFIG_FILE, is_checkpoint, load_config
+from lora_lab.model import GPT
+from lora_lab.tokenizer import Tokenizer
+from lora_lab.utils import LoraLabError
+
+PathLike = Union[str, Path]
+
+
+@dataclass
+class Loaded:
+    model: GPT
+    tokenizer: Tokenizer
+    about: str  # what was loaded, for the report
+    prompt_style: str  # the prompt style the model was (fine-)tuned with
+    checkpoint_dir: Path  # the checkpoint whose tokenizer files and chat template apply
+
+
+def adapter_kind(adapter_dir: PathLike) -> str:
+    """"lora", "adapter" (LLaMA-Adapter) or "full" (a checkpoint), from the files in adapter_dir."""
+    from lora_lab.adapter import ADAPTER_CONFIG_FILE as LLAMA_ADAPTER_CONFIG
+    from lora_lab.lora import ADAPTER_CONFIG_FILE as LORA_CONFIG
+
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise LoraLabError(f"--adapter_dir {adapter_dir} does not exist: pass the out_dir of a finetune/*.py run")
+    if (adapter_dir / LORA_CONFIG).is_file():
+        return "lora"
+    if (adapter_dir / LLAMA_ADAPTER_CONFIG).is_file():
+        return "adapter"
+    if is_checkpoint(adapter_dir):
+        return "full"
+    raise LoraLabError(f"--adapter_dir {adapter_dir} holds none of {LORA_CONFIG} (LoRA / QLoRA), "
+                       f"{LLAMA_ADAPTER_CONFIG} (LLaMA-Adapter) or {CONFIG_FILE} (a full fine-tune): pass the out_dir "
+                       f"of a finetune/*.py run")
+
+
+def recorded_base(adapter_dir: PathLike) -> Path:
+    """The base model an adapter was trained on (its config's base_model), for evaluating the base beside it."""
+    kind = adapter_kind(adapter_dir)
+    if kind == "full":
+        raise LoraLabError(f"{adapter_dir} is a full fine-tune, which does not record its base: pass --checkpoint_dir")
+    if kind == "lora":
+        from lora_lab.lora import load_lora
+        from lora_lab.merge_lora import base_checkpoint_dir
+
+        return base_checkpoint_dir(load_lora(adapter_dir)[0], None, adapter_dir)
+    from lora_lab.adapter import base_checkpoint_dir, load_adapter
+
+    return base_checkpoint_dir(load_adapter(adapter_dir)[0], None, adapter_dir)
+
+
+def load_model(checkpoint_dir: Optional[PathLike], adapter_dir: Optional[PathLike] = None,
+               quantize: Optional[str] = None, device: Union[str, torch.device] = "cpu",
+               dtype: torch.dtype = torch.float32) -> Loaded:
+    """The model (in eval mode) of base + adapter_dir, its tokenizer, a description and its prompt style."""
+    from lora_lab.merge_lora import SHAPE_FIELDS, check_adapter_fits
+    from lora_lab.nf4 import quantize_nf4
+
+    if quantize not in (None, "none", "nf4"):
+        raise LoraLabError(f"--quantize {quantize!r}: use nf4 (or leave it out)")
+    kind = adapter_kind(adapter_dir) if adapter_dir is not None else "base"
+
+    if kind == "full":
+        config = load_config(adapter_dir)
+        if checkpoint_dir is not None:  # the base is only a check here: the shapes must be the base's
+            base = load_config(checkpoint_dir).to_dict()
+            ours = config.to_dict()
+            diffs = [f"{k} {ours[k]} vs {base[k]}" for k in SHAPE_FIELDS if ours.get(k) != base.get(k)]
+            if diffs:
+                raise LoraLabError(f"{adapter_dir} is a model of other shapes than {checkpoint_dir} "
+                                   f"({', '.join(diffs)}): pass the --checkpoint_dir it was fine-tuned from")
+        model = GPT.from_checkpoint(adapter_dir, device=device, dtype=dtype).eval()
+        if quantize == "nf4":
+            quantize_nf4(model)
+        return Loaded(model, Tokenizer(adapter_dir), f"full fine-tune {adapter_dir}", config.prompt_style,
+                      Path(adapter_dir))
+
+    if kind == "base":
+        if checkpoint_dir is None:
+            raise LoraLabError("pass --checkpoint_dir (the model to evaluate) or --adapter_dir")
+        config = load_config(checkpoint_dir)  # one line if it is not a checkpoint
+        model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=dtype).eval()
+        if quantize == "nf4":
+            quantize_nf4(model)  # every nn.Linear but lm_head -> NF4Linear
+        about = str(checkpoint_dir) + (" (NF4)" if quantize == "nf4" else "")
+        return Loaded(model, Tokenizer(checkpoint_dir), about, config.prompt_style, Path(checkpoint_dir))
+
+    if kind == "lora":
+        from lora_lab.lora import (ADAPTER_WEIGHTS_FILE, inject_lora, load_lora, load_lora_state_dict, merge_lora,
+                                   merge_lora_into_dequantized)
+        from lora_lab.merge_lora import base_checkpoint_dir
+
+        lora_config, adapter = load_lora(adapter_dir)
+        checkpoint_dir = base_checkpoint_dir(lora_config, checkpoint_dir, adapter_dir)
+        check_adapter_fits(lora_config, load_config(checkpoint_dir), adapter_dir, checkpoint_dir)
+        q = lora_config.base_quantization  # set for a QLoRA adapter: the NF4 base it learned to correct
+        if q or quantize == "nf4":
+            model = GPT.from_checkpoint(checkpoint_dir, device=device).eval()
+            quantize_nf4(model, **{k: v for k, v in (q or {}).items() if k != "method"})
+            model.to(dtype)
+        else:
+            model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=dtype).eval()
+        inject_lora(model, r=lora_config.r, alpha=lora_config.alpha, targets=lora_config.targets,
+                    use_rslora=lora_config.use_rslora, use_dora=lora_config.use_dora, lora_dtype=torch.float32)
+        load_lora_state_dict(model, adapter, source=Path(adapter_dir) / ADAPTER_WEIGHTS_FILE)
+        if quantize == "nf4":
+            pass  # NF4 weights cannot absorb the update: it runs beside them
+        elif q:
+            merge_lora_into_dequantized(model, dtype=dtype)
+        else:
+            merge_lora(model)
+        what = "QLoRA" if q else "LoRA"
+        return Loaded(model.eval(), Tokenizer(checkpoint_dir), f"{checkpoint_dir} + {what} {adapter_dir}",
+                      lora_config.prompt_style, Path(checkpoint_dir))
+
+    from lora_lab.adapter import ADAPTER_WEIGHTS_FILE, base_checkpoint_dir, inject_adapter, load_adapter, \
+        load_adapter_state_dict
+
+    adapter_config, adapter = load_adapter(adapter_dir)
+    checkpoint_dir = base_checkpoint_dir(adapter_config, checkpoint_dir, adapter_dir)
+    check_adapter_fits(adapter_config, load_config(checkpoint_dir), adapter_dir, checkpoint_dir)
+    model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=dtype).eval()
+    if quantize == "nf4":
+        quantize_nf4(model)
+    inject_adapter(model, adapter_prompt_length=adapter_config.adapter_prompt_length,
+                   adapter_start_layer=adapter_config.adapter_start_layer, version=adapter_config.adapter_version)
+    load_adapter_state_dict(model, adapter, source=Path(adapter_dir) / ADAPTER_WEIGHTS_FILE)
+    return Loaded(model.eval(), Tokenizer(checkpoint_dir), f"{checkpoint_dir} + LLaMA-Adapter {adapter_dir}",
+                  adapter_config.prompt_style, Path(checkpoint_dir))
