@@ -315,15 +315,15 @@ def load_trained_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], 
 # Hugging Face export: a *ForSequenceClassification folder
 # ------------------------------------------------------------------------------------------------------------
 def export_hf_classifier(model_dir: Union[str, Path], out_dir: Union[str, Path],
-                         dtype: Optional[torch.dtype] = None) -> dict:
+                         dtype: Union[str, torch.dtype, None] = None) -> dict:
     """Write a head / blocks / full classifier as a Hugging Face folder that AutoModelForSequenceClassification
     loads: the base's architecture with ForSequenceClassification, num_labels, id2label, label2id and pad_token_id
     in config.json, the head as score.weight. Returns the config.json dict."""
     from safetensors.torch import save_file
 
-    from lora_lab.convert_hf import expected_shapes, export_hf_state_dict
+    from lora_lab.convert_hf import _as_dtype, expected_shapes, export_hf_state_dict
 
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model_dir, out_dir, dtype = Path(model_dir), Path(out_dir), _as_dtype(dtype)
     config, _ = read_classifier(model_dir)
     if config.method in ("lora", "qlora"):
         raise LoraLabError(f"{model_dir} is a {config.method} classifier: export it with `python -m "
