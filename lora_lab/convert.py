@@ -2,6 +2,7 @@
 
     python -m lora_lab.convert SRC OUT_DIR [--tokenizer PATH] [--dtype float32|bfloat16|float16]
     python -m lora_lab.convert --to hf CHECKPOINT_DIR OUT_DIR
+    python -m lora_lab.convert --to hf CLASSIFIER_DIR OUT_DIR    # finetune/classify.py's: *ForSequenceClassification
 
 SRC is one of:
   - a Hugging Face model folder (config.json + safetensors or .bin weights + tokenizer files);
@@ -167,6 +168,10 @@ def export(checkpoint_dir: Path, out_dir: Path, dtype: Optional[str] = None) -> 
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     if dtype is not None and dtype not in DTYPES:
         raise LoraLabError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
+    if (checkpoint_dir / "classifier_config.json").is_file():  # finetune/classify.py's output: *ForSequenceClassification
+        fn = importlib.import_module("lora_lab.classifier").export_hf_classifier
+        _call(fn, checkpoint_dir, out_dir, dtype=dtype)
+        return f"Exported the classifier {checkpoint_dir} to Hugging Face format in {out_dir}"
     load_config(checkpoint_dir)  # one clear line if it is not a checkpoint
     fn = importlib.import_module("lora_lab.convert_hf").export_hf
     _call(fn, checkpoint_dir, out_dir, dtype=dtype)

@@ -12,6 +12,10 @@ PEFT's LoRA format is a folder with two files:
     adapter_model.safetensors    base_model.model.<HF module>.lora_A.weight  (r, in)
                                  base_model.model.<HF module>.lora_B.weight  (out, r)
                                  base_model.model.<HF module>.lora_magnitude_vector  (out,)   DoRA only
+A LoRA classifier (finetune/classify.py --method lora) is exported as task_type SEQ_CLS, its head (`score`) in
+modules_to_save (PEFT saves such a module whole, as base_model.model.score.weight), for
+AutoModelForSequenceClassification + PeftModel.from_pretrained.
+
 PEFT computes each adapted layer as we do (lora_lab/lora.py): x W^T + b + (alpha/r) x A^T B^T, alpha/sqrt(r)
 with use_rslora, and the same DoRA formula, so the tensors are copied unchanged under the Hugging Face module
 names of the base model's family (the name tables of lora_lab/convert_hf.py).
@@ -50,6 +54,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lora_lab.checkpoint import WEIGHTS_FILE, load_config
+from lora_lab.classifier import peft_classifier_parts
 from lora_lab.config import Config
 from lora_lab.convert_hf import Family, fuse_qkv, hf_family_for
 from lora_lab.lora import ADAPTER_CONFIG_FILE, LoRAConfig, load_lora
@@ -223,6 +228,10 @@ def export_peft(adapter_dir: PathLike, out_dir: PathLike, checkpoint_dir: Option
                                                   base_model_name_or_path)
     except LoraLabError as e:
         raise LoraLabError(f"{adapter_dir}: {e}") from None
+    head = peft_classifier_parts(adapter_dir)
+    if head is not None:  # a lora / qlora classifier (finetune/classify.py): its head trained whole, PEFT's way to save it
+        adapter_config.update(task_type="SEQ_CLS", modules_to_save=["score"])
+        state_dict.update({f"{PEFT_PREFIX}{k}": v.contiguous() for k, v in head.items()})
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / PEFT_WEIGHTS_FILE) as tmp:
         save_file(state_dict, str(tmp), metadata={"format": "pt"})
