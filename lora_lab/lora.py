@@ -552,6 +552,9 @@ class LoRAConfig:
     # "double_quant": True}; None: a float base. quantize_nf4(model, blocksize=..., double_quant=...) rebuilds
     # that base bit for bit from the float checkpoint
     base_quantization: Optional[dict] = None
+    # how the adapter was trained, when not by plain fine-tuning on answers: finetune/dpo.py writes {"method": "dpo",
+    # "loss", "beta", "reference", ...}; tools that use the adapter need nothing from it
+    trained_with: Optional[dict] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:

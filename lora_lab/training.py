@@ -206,9 +206,10 @@ class MetricsLog:
     saved one), and the steps they describe are about to be done again."""
 
     def __init__(self, path: Path, fabric, start_step: Optional[int] = None, logger_name: str = "csv",
-                 hparams: Optional[dict] = None) -> None:
+                 hparams: Optional[dict] = None, fields: Optional[list[str]] = None) -> None:
         self.path, self.enabled = Path(path), fabric.is_global_zero
-        self.fields = ["step", "train_loss", "val_loss", "val_ppl", "lr", "tokens", "tokens_per_sec"]
+        # fields: the columns, for a method that logs others (finetune/dpo.py: TRL's rewards/... names)
+        self.fields = list(fields or ["step", "train_loss", "val_loss", "val_ppl", "lr", "tokens", "tokens_per_sec"])
         self.logger, self.plot_warned, self.rows, self.plotted = None, False, 0, -1
         if not self.enabled:
             return

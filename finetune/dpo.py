@@ -1,0 +1,417 @@
+"""Preference fine-tuning with DPO on LoRA (or QLoRA): learn to prefer the chosen answer of each pair to the rejected.
+
+    python finetune/dpo.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct \
+        --data pairs.json --out_dir out/finetune/dpo [--adapter_dir out/finetune/lora] [--beta 0.1]
+
+For a prompt x, a chosen answer y_w and a rejected one y_l, DPO (Rafailov et al. 2023; lora_lab/dpo.py explains it)
+minimises, over the pairs,
+
+    L = -log sigmoid(beta * [(log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))])
+
+where pi is the model being trained (LoRA: only A and B of the adapted layers move) and pi_ref the same model as it
+was before this run: with --adapter_dir, the base plus that (SFT) adapter, which the policy continues to train;
+without it, the bare base (a fresh LoRA adds exactly nothing at the start: B = 0). log pi(y|x) sums the log-probs
+of the answer's tokens only (the prompt is context). pi_ref is scored once, before the first step, on every
+pair: the one line `reference_logps(...)` below. No second copy of the model is kept and no adapter is switched
+off later; the scores go into the resume state, so --resume continues exactly. --loss ipo or hinge swaps the
+loss for IPO's or SLiC's; --quantize nf4 keeps the frozen base in 4 bits (QLoRA-DPO, as finetune/qlora.py).
+
+--data is a .json / .jsonl / .csv file of pairs {instruction, input (optional), chosen, rejected} or {prompt,
+chosen, rejected} (lora_lab/data/preference.py); a held-out share (or --val_data) measures the reward accuracy:
+the share of pairs whose chosen answer the trained model rewards more than the rejected one. The result is an
+ordinary LoRA adapter (lora_config.json says `trained_with: {method: dpo, ...}`) for generate/lora.py,
+`python -m lora_lab.merge_lora` and `python -m lora_lab.export_peft`. Ctrl-C saves the state at the end of the
+step in progress; run the same command with --resume to continue exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import lightning as L
+import torch
+
+from lora_lab import GPT, Tokenizer
+from lora_lab.checkpoint import load_config
+from lora_lab.data.preference import get_preference_dataloaders
+from lora_lab.dpo import (METRICS, add_metrics, answer_logps, check_dpo_settings, mean_metrics, pair_metrics,
+                          preference_loss, reference_logps)
+from lora_lab.generate import peak_memory_bytes, reset_peak_memory
+from lora_lab.lora import (LoRAConfig, count_parameters, inject_lora, load_lora, load_lora_state_dict,
+                           lora_plus_param_groups, lora_state_dict, mark_only_lora_trainable, normalize_targets,
+                           save_lora)
+from lora_lab.merge_lora import check_adapter_fits
+from lora_lab.nf4 import quantize_nf4
+from lora_lab.prompts import PromptStyle
+from lora_lab.training import (TRAIN_STATE_FILE, MetricsLog, StopRequest, Throughput, format_seconds,
+                               generate_answers, iter_keeping_rng, load_train_state, lr_at, micro_batches,
+                               parse_duration, rng_state, save_train_state, set_lr, set_rng_state)
+from lora_lab.utils import LoraLabError, cli
+
+# metrics.csv: TRL's / torchtune's names for the training step, the same with val_ for the held-out pairs
+COLUMNS = (["step", *METRICS] + ["val_" + m for m in METRICS] + ["val_prefers_chosen", "lr", "tokens",
+                                                                    "tokens_per_sec"])
+
+
+def setup(
+    checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"),
+    data: str = "pairs.json",
+    out_dir: Path = Path("out/finetune/dpo"),
+    val_data: Optional[str] = None,
+    resume: bool = False,
+    # DPO: where the policy starts (and so the reference), the loss and its beta, the base's storage
+    adapter_dir: Optional[Path] = None,
+    beta: float = 0.1,
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid",
+    quantize: Optional[Literal["nf4"]] = None,
+    nf4_blocksize: int = 64,
+    double_quant: bool = True,
+    # LoRA: which layers get an update, its rank and scale (with --adapter_dir: the adapter's own)
+    lora_r: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.05,
+    lora_targets: Union[tuple[str, ...], str] = ("query", "value"),
+    use_rslora: bool = False,
+    use_dora: bool = False,
+    lora_plus_ratio: Optional[float] = None,
+    # data
+    prompt_style: Optional[str] = None,
+    max_seq_length: int = 512,
+    n_train: Optional[int] = None,
+    n_val: Optional[int] = None,
+    # optimisation
+    max_steps: Optional[int] = None,
+    epochs: float = 1.0,
+    batch_size: int = 16,
+    micro_batch_size: int = 4,
+    learning_rate: float = 5e-4,
+    weight_decay: float = 0.0,
+    warmup_steps: int = 10,
+    min_lr: float = 0.0,
+    grad_clip: float = 1.0,
+    activation_checkpointing: bool = False,
+    max_time: Optional[str] = None,
+    # evaluation, checkpoints, logging
+    eval_interval: int = 25,
+    eval_iters: int = 100,
+    eval_samples: int = 3,
+    save_interval: int = 100,
+    log_interval: int = 1,
+    seed: int = 42,
+    # hardware
+    precision: Optional[str] = None,
+    devices: int = 1,
+    num_nodes: int = 1,
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto",
+) -> None:
+    """Preference fine-tuning with DPO on LoRA.
+
+    Args:
+        checkpoint_dir: the base model (a lora_lab checkpoint: see `python -m lora_lab.download`).
+        data: a local .json/.jsonl/.csv file of preference pairs (instruction, input, chosen, rejected).
+        out_dir: where the adapter, its config, metrics.csv and the resume state go.
+        val_data: a separate file of held-out pairs (default: a held-out share of `data`).
+        resume: continue the interrupted run in out_dir exactly where it stopped.
+        adapter_dir: an SFT LoRA adapter to start from: the policy continues it and the reference is base + it as
+            it is now. Default: a fresh LoRA, and the bare base as reference.
+        beta: the KL leash to the reference: larger keeps the policy closer (0.1 is usual).
+        loss: sigmoid (DPO), ipo (IPO, on per-token mean log-probs) or hinge (SLiC).
+        quantize: nf4 stores the frozen base's linear layers (but lm_head) in 4-bit NF4 (QLoRA-DPO).
+        nf4_blocksize: with --quantize nf4: weights per absmax scale (64 as in QLoRA).
+        double_quant: with --quantize nf4: quantize the scales too (8 bits, blocks of 256).
+        lora_r: rank of the update B A (a fresh adapter only).
+        lora_alpha: the update is scaled by lora_alpha / lora_r (a fresh adapter only).
+        lora_dropout: dropout on the LoRA branch's input.
+        lora_targets: layers to adapt (a fresh adapter only): query, key, value, projection, mlp, lm_head, or all.
+        use_rslora: scale by alpha / sqrt(r) instead of alpha / r (a fresh adapter only).
+        use_dora: DoRA (weight-decomposed LoRA) (a fresh adapter only).
+        lora_plus_ratio: LoRA+: B learns this many times faster than A (e.g. 16).
+        prompt_style: how prompts are wrapped (default: the base model's own).
+        max_seq_length: pairs whose prompt + longer answer exceed it are left out (and counted).
+        n_train: use only the first n_train training pairs.
+        n_val: likewise for validation pairs.
+        max_steps: optimizer steps (default: `epochs` passes over the data).
+        epochs: passes over the training pairs when max_steps is not given.
+        batch_size: global batch size in PAIRS per optimizer step (over all devices).
+        micro_batch_size: pairs per forward/backward pass on one device (2x as many sequences).
+        learning_rate: peak learning rate, after a linear warm-up, decayed to min_lr by a cosine.
+        weight_decay: AdamW weight decay on the trainable parameters.
+        warmup_steps: optimizer steps of linear warm-up.
+        min_lr: learning rate at the end of the cosine decay.
+        grad_clip: clip the gradient norm to this (0 to disable).
+        activation_checkpointing: recompute activations in the backward pass: less memory, slower.
+        max_time: time budget (3600, 90m, 1.5h, 23:30:00): stop, evaluate and save when it is spent.
+        eval_interval: validate every this many optimizer steps.
+        eval_iters: at most this many validation batches per validation.
+        eval_samples: greedy answers to this many held-out prompts, shown before and after training.
+        save_interval: save the adapter and resume state every this many optimizer steps.
+        log_interval: print progress every this many optimizer steps.
+        seed: seeds data order, initialisation and dropout.
+        precision: 32-true, bf16-true, bf16-mixed, 16-mixed (default: bf16-true on GPU, 32-true on CPU).
+        devices: devices per node (data parallel over them).
+        num_nodes: nodes, as Fabric launches them.
+        strategy: auto, ddp, or fsdp to shard the model over GPUs.
+    """
+    if precision is None:
+        precision = "bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision)
+    fabric.launch()
+    args = dict(locals())
+    del args["fabric"]
+    main(fabric, **args)
+
+
+def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_data: Optional[str], resume: bool,
+         adapter_dir: Optional[Path], beta: float, loss: str, quantize: Optional[str], nf4_blocksize: int,
+         double_quant: bool, lora_r: int, lora_alpha: float, lora_dropout: float,
+         lora_targets: Union[tuple[str, ...], str], use_rslora: bool, use_dora: bool,
+         lora_plus_ratio: Optional[float], prompt_style: Optional[str], max_seq_length: int, n_train: Optional[int],
+         n_val: Optional[int], max_steps: Optional[int], epochs: float, batch_size: int, micro_batch_size: int,
+         learning_rate: float, weight_decay: float, warmup_steps: int, min_lr: float, grad_clip: float,
+         activation_checkpointing: bool, max_time: Optional[str], eval_interval: int, eval_iters: int,
+         eval_samples: int, save_interval: int, log_interval: int, seed: int, precision: str, devices: int,
+         num_nodes: int, strategy: str) -> None:
+    hparams = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "fabric"}
+    out_dir = Path(out_dir)
+    # cheap checks of the arguments first, so that a mistake is reported before minutes of data and model loading
+    load_config(checkpoint_dir)  # one line if checkpoint_dir is not a lora_lab checkpoint
+    check_dpo_settings(beta, loss)
+    sft = load_lora(adapter_dir) if adapter_dir is not None else None  # (config, weights): one line if not an adapter
+    if sft is not None:
+        check_adapter_fits(sft[0], load_config(checkpoint_dir), adapter_dir, checkpoint_dir)
+    lora_targets = normalize_targets(lora_targets.split(",") if isinstance(lora_targets, str) else lora_targets)
+    if fabric.world_size > 1 and batch_size % (micro_batch_size * fabric.world_size):
+        raise LoraLabError(f"batch_size={batch_size} is not a multiple of micro_batch_size x devices = "
+                           f"{micro_batch_size * fabric.world_size}")
+    grad_accum = max(1, batch_size // (micro_batch_size * fabric.world_size))
+    if resume and not (out_dir / TRAIN_STATE_FILE).is_file():
+        raise LoraLabError(f"--resume: {out_dir / TRAIN_STATE_FILE} does not exist: there is no interrupted run in "
+                           f"{out_dir} to resume (start without --resume)")
+    if not resume and (out_dir / TRAIN_STATE_FILE).is_file():
+        raise LoraLabError(f"{out_dir} already holds a run: add --resume to continue it, or choose another "
+                           "--out_dir")
+    fabric.seed_everything(seed)
+
+    # ---- data: pairs, the two answers of each in one batch, only answer tokens scored ------------------------
+    tokenizer = Tokenizer(checkpoint_dir)
+    style = PromptStyle.from_checkpoint(checkpoint_dir, prompt_style or (sft[0].prompt_style if sft else None))
+    train_dl, val_dl, data_stats = get_preference_dataloaders(
+        data, tokenizer, style, max_seq_length=max_seq_length, micro_batch_size=micro_batch_size, seed=seed,
+        val_data=val_data, n_train=n_train, n_val=n_val, pad_id=tokenizer.eos_id or 0, verbose=fabric.is_global_zero)
+    if max_steps is None:
+        max_steps = max(1, math.ceil(epochs * data_stats["n_train"] / batch_size))
+
+    # ---- the model: load the base, (quantize it,) add LoRA or the SFT adapter, freeze everything else ----------
+    model = GPT.from_checkpoint(checkpoint_dir)
+    base_quantization = None
+    if quantize == "nf4":
+        quantize_nf4(model, blocksize=nf4_blocksize, double_quant=double_quant)  # every nn.Linear but lm_head -> NF4
+        base_quantization = {"method": "nf4", "blocksize": nf4_blocksize, "double_quant": double_quant}
+    trained_with = {"method": "dpo", "loss": loss, "beta": beta,
+                    "reference": f"base + {adapter_dir} (the starting adapter)" if sft else "the base model"}
+    if sft is not None:  # continue the SFT adapter: its shape and settings, its weights
+        lora_config = LoRAConfig(**{**sft[0].to_dict(), "dropout": lora_dropout, "lora_plus_ratio": lora_plus_ratio,
+                                    "base_model": str(checkpoint_dir), "base_config": model.config.to_dict(),
+                                    "prompt_style": style.name, "base_quantization": base_quantization,
+                                    "trained_with": {**trained_with, "sft_adapter": str(adapter_dir)}})
+    else:
+        lora_config = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=list(lora_targets),
+                                 use_rslora=use_rslora, use_dora=use_dora, lora_plus_ratio=lora_plus_ratio,
+                                 base_model=str(checkpoint_dir), base_config=model.config.to_dict(),
+                                 prompt_style=style.name, base_quantization=base_quantization,
+                                 trained_with=trained_with)
+    inject_lora(model, r=lora_config.r, alpha=lora_config.alpha, dropout=lora_config.dropout,
+                targets=lora_config.targets, use_rslora=lora_config.use_rslora, use_dora=lora_config.use_dora)
+    if sft is not None:
+        load_lora_state_dict(model, sft[1], source=adapter_dir)
+    mark_only_lora_trainable(model)
+    model.activation_checkpointing = activation_checkpointing
+    trainable, total = count_parameters(model)
+    fabric.print(f"DPO ({loss}, beta={beta}) on LoRA r={lora_config.r} alpha={lora_config.alpha} on "
+                 f"{', '.join(lora_config.targets)}" + (f" continuing {adapter_dir}" if sft else "") +
+                 f"{' (NF4 base)' if quantize else ''}: {trainable:,} trainable parameters of {total:,} "
+                 f"({100 * trainable / total:.2f}%)")
+
+    if lora_plus_ratio:
+        param_groups = lora_plus_param_groups(model, learning_rate, ratio=lora_plus_ratio, weight_decay=weight_decay)
+    else:
+        param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    optimizer = torch.optim.AdamW(param_groups, lr=learning_rate, weight_decay=weight_decay, betas=(0.9, 0.95))
+    gpt = model  # the plain module, for generation and saving
+    model, optimizer = fabric.setup(model, optimizer)
+
+    state = {"step": 0, "micro_batches": 0, "tokens": 0}
+    datasets = [dl.dataset for dl in (train_dl, val_dl) if dl is not None]
+    if resume:
+        saved = load_train_state(out_dir / TRAIN_STATE_FILE)
+        load_lora_state_dict(gpt, saved["lora"], source=out_dir / TRAIN_STATE_FILE)
+        optimizer.load_state_dict(saved["optimizer"])
+        train_dl.batch_sampler.load_state_dict(saved["sampler"])
+        set_rng_state(saved["rng"])
+        state.update(saved["counters"])
+        for ds, ref in zip(datasets, state["reference"]):  # pi_ref as scored when the run started
+            ds.ref_logps = ref
+        fabric.print(f"Resuming from step {state['step']} of {max_steps}")
+    else:
+        # THE REFERENCE: pi_ref is the model as it is now, before any step: score every pair's answers with it once
+        for ds in datasets:
+            ds.ref_logps = reference_logps(model, ds, micro_batch_size)  # (N, 2) [chosen, rejected]
+        state["reference"] = [ds.ref_logps for ds in datasets]  # saved with the counters: --resume reuses them
+
+    eval_rows = val_dl.dataset.rows[:eval_samples] if val_dl is not None else []
+    if val_dl is not None and not resume:
+        before = validate(fabric, model, val_dl, eval_iters, beta, loss)
+        before_answers = generate_samples(gpt, tokenizer, style, eval_rows)
+    fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hparams, out_dir, max_steps, grad_accum,
+        learning_rate, warmup_steps, min_lr, grad_clip, beta, loss, parse_duration(max_time), eval_interval,
+        eval_iters, save_interval, log_interval)
+    if val_dl is not None and not resume and not state.get("stopped"):
+        after = validate(fabric, model, val_dl, eval_iters, beta, loss)
+        fabric.print(f"Held-out pairs before -> after DPO: reward accuracy {before['rewards/accuracies']:.1%} -> "
+                     f"{after['rewards/accuracies']:.1%}, reward margin {before['rewards/margins']:.3f} -> "
+                     f"{after['rewards/margins']:.3f}, chosen answer more likely than the rejected one "
+                     f"{before['prefers_chosen']:.1%} -> {after['prefers_chosen']:.1%}")
+        for row, old, new in zip(eval_rows, before_answers, generate_samples(gpt, tokenizer, style, eval_rows)):
+            fabric.print(f"\nPrompt: {row['instruction']}" + (f"\n{row['input']}" if row["input"] else "") +
+                         f"\n  before: {old}\n  after:  {new}")
+
+
+def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hparams, out_dir, max_steps, grad_accum,
+        learning_rate, warmup_steps, min_lr, grad_clip, beta, loss, max_time, eval_interval, eval_iters,
+        save_interval, log_interval) -> None:
+    stop = StopRequest()
+    metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"], fields=COLUMNS)
+    throughput = Throughput(state["step"], max_steps)
+    reset_peak_memory(fabric.device)
+    batches = micro_batches(train_dl, fabric.global_rank, fabric.world_size, state)
+    val = None
+
+    while state["step"] < max_steps:
+        lr = lr_at(state["step"], max_steps, learning_rate, warmup_steps, min_lr)
+        set_lr(optimizer, lr)
+        sums: dict[str, float] = {}
+        for i in range(grad_accum):
+            batch = next(batches)
+            # gradients are averaged over devices only at the last micro-batch of the step
+            with fabric.no_backward_sync(model, enabled=i < grad_accum - 1):
+                logps, n_tokens = answer_logps(model, batch["input_ids"], batch["labels"])  # (2b,) each
+                chosen, rejected = logps.chunk(2)  # the batch is [b chosen; b rejected]
+                out = preference_loss(chosen, rejected, batch["ref_chosen_logps"].to(logps),
+                                      batch["ref_rejected_logps"].to(logps), beta, loss, *n_tokens.chunk(2))
+                micro_loss = out["losses"].mean()
+                fabric.backward(micro_loss / grad_accum)
+            if not torch.isfinite(micro_loss):
+                raise not_finite("loss", micro_loss.item(), state["step"] + 1, out_dir)
+            add_metrics(sums, pair_metrics(out, chosen, rejected))
+            state["tokens"] += batch["input_ids"].numel() * fabric.world_size
+            throughput.update(batch["input_ids"].numel() * fabric.world_size)
+        if grad_clip:
+            norm = fabric.clip_gradients(model, optimizer, max_norm=grad_clip, error_if_nonfinite=False)
+            if not torch.isfinite(norm):  # a finite loss whose gradient overflowed
+                raise not_finite("gradient norm", norm.item(), state["step"] + 1, out_dir)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        step, train = state["step"], mean_metrics(all_reduce_sums(fabric, sums))
+
+        if step % log_interval == 0 or step == max_steps:
+            fabric.print(f"step {step}/{max_steps} | loss {train['loss']:.4f} | reward acc "
+                         f"{train['rewards/accuracies']:.2f} | margin {train['rewards/margins']:.3f} | lr {lr:.2e} | "
+                         f"{throughput.tokens_per_sec():,.0f} tok/s | ETA {format_seconds(throughput.eta(step))}")
+        row = {"step": step, **train, "lr": lr, "tokens": state["tokens"],
+               "tokens_per_sec": throughput.tokens_per_sec()}
+        out_of_time = max_time is not None and throughput.elapsed() > max_time
+        stop_requested = stop.requested
+        if fabric.world_size > 1:
+            # every device must take the same branch below (validate, save, break): a device that trained on
+            # alone would wait forever for the others in its next gradient all-reduce. Each device has its own
+            # clock and Ctrl-C reaches them at slightly different times, so agree: stop if any device says so
+            flags = torch.tensor([out_of_time, stop_requested], dtype=torch.float32, device=fabric.device)
+            out_of_time, stop_requested = (bool(f) for f in fabric.all_reduce(flags, reduce_op="sum").tolist())
+        if val_dl is not None and (step % eval_interval == 0 or step == max_steps or out_of_time):
+            val = validate(fabric, model, val_dl, eval_iters, beta, loss)
+            row.update({f"val_{k}": v for k, v in val.items()})
+            fabric.print(f"step {step}: held-out loss {val['loss']:.4f}, reward accuracy "
+                         f"{val['rewards/accuracies']:.1%}, margin {val['rewards/margins']:.3f}")
+        metrics.log(row)
+        if step % save_interval == 0 or step == max_steps or out_of_time or stop_requested:
+            save(fabric, gpt, optimizer, train_dl, state, lora_config, hparams, out_dir)
+        if out_of_time:
+            fabric.print(f"Time budget of {format_seconds(max_time)} spent after step {step}: stopping")
+            break
+        if stop_requested:
+            fabric.print(f"Stopped at step {step}; state saved: resume with the same command and --resume")
+            state["stopped"] = True
+            break
+    stop.restore()  # Ctrl-C interrupts as usual again
+
+    fabric.print(f"Trainable parameters {count_parameters(gpt)[0]:,} | {state['step']} steps in "
+                 f"{format_seconds(throughput.elapsed())} | {throughput.tokens_per_sec():,.0f} tokens/s | "
+                 f"peak memory {peak_memory_bytes(fabric.device) / 2**30:.2f} GiB"
+                 + (f" | final held-out reward accuracy {val['rewards/accuracies']:.1%}" if val is not None else ""))
+    fabric.print(f"Adapter saved to {out_dir}")
+
+
+def all_reduce_sums(fabric, sums: dict[str, float]) -> dict[str, float]:
+    """The metric sums of the global batch, not only of this device's share."""
+    if fabric.world_size == 1:
+        return sums
+    total = fabric.all_reduce(torch.tensor(list(sums.values()), device=fabric.device), reduce_op="sum")
+    return dict(zip(sums, total.tolist()))
+
+
+def not_finite(what: str, value: float, step: int, out_dir: Path) -> LoraLabError:
+    saved = (f"; the last saved state is in {out_dir} (continue from it with --resume)"
+             if (out_dir / TRAIN_STATE_FILE).is_file() else "")
+    return LoraLabError(f"the {what} is {value} at step {step}: lower --learning_rate (or use --precision 32-true)"
+                        + saved)
+
+
+@torch.no_grad()
+def validate(fabric, model, val_dl, eval_iters: int, beta: float, loss: str) -> dict[str, float]:
+    """The logged metrics' means over (at most) eval_iters batches of held-out pairs, and `prefers_chosen`: the
+    share of pairs whose chosen answer the policy finds more likely than the rejected one."""
+    model.eval()
+    sums: dict[str, float] = {}
+    for i, batch in enumerate(iter_keeping_rng(val_dl)):  # validating must not change training's dropout masks
+        if i >= eval_iters:
+            break
+        logps, n_tokens = answer_logps(model, batch["input_ids"], batch["labels"])  # (2b,)
+        chosen, rejected = logps.chunk(2)
+        out = preference_loss(chosen, rejected, batch["ref_chosen_logps"].to(logps),
+                              batch["ref_rejected_logps"].to(logps), beta, loss, *n_tokens.chunk(2))
+        add_metrics(sums, pair_metrics(out, chosen, rejected))
+        add_metrics(sums, {"prefers_chosen": (chosen > rejected).float().sum().item()})
+    model.train()
+    sums = all_reduce_sums(fabric, sums)
+    return {**mean_metrics(sums), "prefers_chosen": sums["prefers_chosen"] / sums["pairs"]}
+
+
+def generate_samples(gpt, tokenizer, style, rows) -> list[str]:
+    """Greedy answers to held-out prompts, to show before and after training."""
+    gpt.eval()
+    answers = generate_answers(gpt, tokenizer, style, rows, max_new_tokens=64)
+    gpt.train()
+    return answers
+
+
+def save(fabric, gpt, optimizer, train_dl, state, lora_config, hparams, out_dir) -> None:
+    """The adapter (for generate/merge/export) and the resume state, each written atomically."""
+    if fabric.is_global_zero:
+        save_lora(out_dir, gpt, lora_config)
+        save_train_state(out_dir / TRAIN_STATE_FILE, {
+            "lora": {k: v.detach().cpu() for k, v in lora_state_dict(gpt).items()},
+            "optimizer": optimizer.state_dict(),
+            "sampler": train_dl.batch_sampler.state_dict(),
+            "rng": rng_state(),
+            "counters": {k: v for k, v in state.items() if k != "stopped"},
+            "hparams": hparams,
+        })
+    fabric.barrier()
+
+
+if __name__ == "__main__":
+    torch.set_float32_matmul_precision("high")
+    cli(setup)
