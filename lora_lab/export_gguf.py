@@ -372,8 +372,10 @@ def tokenizer_metadata(checkpoint_dir: PathLike, vocab_size: int) -> dict:
     pad = json.loads(tok_config.read_text()).get("pad_token") if tok_config.is_file() else None
     pad = pad.get("content") if isinstance(pad, dict) else pad
     meta["pad"] = tok.token_to_id(pad) if pad else None
-    if tok.backend == "sentencepiece":
-        sp = tok.processor
+    if (checkpoint_dir / "tokenizer.model").is_file():  # SentencePiece: pieces, scores and types as they are
+        from sentencepiece import SentencePieceProcessor
+
+        sp = SentencePieceProcessor(model_file=str(checkpoint_dir / "tokenizer.model"))
         tokens, scores, types = [], [], []
         for i in range(sp.vocab_size()):
             tokens.append(sp.id_to_piece(i))
@@ -386,12 +388,10 @@ def tokenizer_metadata(checkpoint_dir: PathLike, vocab_size: int) -> dict:
         path = checkpoint_dir / "tokenizer.json"
         data = json.loads(path.read_text())
         model = data.get("model") or {}
-        byte_level = "ByteLevel" in json.dumps(data.get("pre_tokenizer")) or \
-            (data.get("decoder") or {}).get("type") == "ByteLevel"
-        if model.get("type") != "BPE" or not byte_level:
-            raise LoraLabError(f"{path}: only byte-level BPE tokenizer.json files (GPT-2 style) and SentencePiece "
-                               f"tokenizer.model files are exported to GGUF; this one is {model.get('type')} "
-                               f"without a ByteLevel step: put the model's tokenizer.model in {checkpoint_dir}")
+        if model.get("type") != "BPE":
+            raise LoraLabError(f"{path}: a {model.get('type')} tokenizer is not exported to GGUF (only BPE, "
+                               f"byte-level or SentencePiece-style): put the model's tokenizer.model in "
+                               f"{checkpoint_dir}")
         by_id = {i: t for t, i in model["vocab"].items()}
         types_by_id = {i: NORMAL for i in by_id}
         for added in data.get("added_tokens") or []:
@@ -403,8 +403,14 @@ def tokenizer_metadata(checkpoint_dir: PathLike, vocab_size: int) -> dict:
         tokens = [by_id.get(i, f"[PAD{i}]") for i in range(n)]
         types = [types_by_id.get(i, USER_DEFINED) for i in range(n)]
         merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-        meta.update(model="gpt2", pre=_pre_tokenizer_name(data.get("pre_tokenizer"), path), tokens=tokens,
-                    scores=None, types=types, merges=merges, unk=None, add_space_prefix=None)
+        byte_level = "ByteLevel" in json.dumps(data.get("pre_tokenizer")) or \
+            (data.get("decoder") or {}).get("type") == "ByteLevel"
+        if byte_level:  # GPT-2 style: tokens, merges and the pre-tokenizer's name
+            meta.update(model="gpt2", pre=_pre_tokenizer_name(data.get("pre_tokenizer"), path), tokens=tokens,
+                        scores=None, types=types, merges=merges, unk=None, add_space_prefix=None)
+        else:  # SentencePiece BPE as tokenizer.json ("▁" for spaces, <0xXX> byte pieces)
+            meta.update(model="llama", pre="default", tokens=tokens, types=types, merges=None,
+                        **_sentencepiece_scores(data, tokens, types, merges))
     if len(meta["tokens"]) < vocab_size:  # an embedding padded beyond the vocabulary (e.g. Pythia's 50304)
         extra = vocab_size - len(meta["tokens"])
         meta["tokens"] += [f"[PAD{i}]" for i in range(len(meta["tokens"]), vocab_size)]
@@ -415,6 +421,28 @@ def tokenizer_metadata(checkpoint_dir: PathLike, vocab_size: int) -> dict:
         raise LoraLabError(f"{checkpoint_dir}: the tokenizer has {len(meta['tokens'])} tokens but the model's "
                            f"embedding has {vocab_size} rows")
     return meta
+
+
+def _sentencepiece_scores(data: dict, tokens: list[str], types: list[int], merges: list[str]) -> dict:
+    """Scores, unk and add_space_prefix for a SentencePiece-style BPE tokenizer.json. llama.cpp's SentencePiece
+    tokenizer merges the adjacent pair whose merged piece scores highest; Hugging Face's BPE the pair of lowest
+    merge rank: scoring each piece -(rank of the merge that makes it) gives the same merges."""
+    from lora_lab.sp_vocab import is_byte_piece
+
+    rank = {}
+    for k, m in enumerate(merges):
+        rank.setdefault(m.replace(" ", "", 1), k)
+    scores = [-float(rank[t]) if t in rank else 0.0 for t in tokens]
+    for i, t in enumerate(tokens):
+        if types[i] == NORMAL and is_byte_piece(t):
+            types[i] = BYTE
+    unk = (data.get("model") or {}).get("unk_token")
+    unk_id = tokens.index(unk) if unk in tokens else None
+    if unk_id is not None:
+        types[unk_id] = UNKNOWN
+    text = json.dumps([data.get("normalizer"), data.get("pre_tokenizer")])
+    add_space_prefix = '"Prepend"' in text or ('"Metaspace"' in text and '"never"' not in text)
+    return {"scores": scores, "unk": unk_id, "add_space_prefix": add_space_prefix}
 
 
 # Jinja chat templates (what llama.cpp's --jinja, LM Studio and tokenizer.chat_template readers run) for our
