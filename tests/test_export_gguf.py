@@ -228,8 +228,8 @@ def test_unsupported_configs_and_adapters_are_one_line_errors(tmp_path, small_vo
     assert not (tmp_path / "a.gguf").exists()
 
 
-def test_cli_convert_to_gguf_and_merge_lora_to_gguf(tmp_path):
-    ckpt = write_family_checkpoint(tmp_path / "ckpt", "smollm2_tied")
+def test_cli_convert_to_gguf_and_merge_lora_to_gguf(tmp_path, small_vocab):
+    ckpt = write_family_checkpoint(tmp_path / "ckpt", "smollm2_tied", small_vocab)
     env = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     run = lambda *args: subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env,
                                        cwd=tmp_path)
@@ -250,3 +250,155 @@ def test_cli_convert_to_gguf_and_merge_lora_to_gguf(tmp_path):
 
     meta = _Meta(open_gguf(tmp_path / "merged.gguf"), tmp_path / "merged.gguf")
     assert "### Instruction:" in meta.get("tokenizer.chat_template")  # the adapter's prompt style, not ChatML's
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# llama.cpp itself
+# ---------------------------------------------------------------------------------------------------------------
+def assert_same_greedy(theirs: list[int], our_logits: torch.Tensor, prompt_len: int, atol: float) -> None:
+    """llama.cpp's greedy continuation is ours: at each step our argmax is its token, unless our two best logits
+    are within the logits tolerance (a tie that rounding may break either way)."""
+    for i, t in enumerate(theirs):
+        row = our_logits[prompt_len - 1 + i]  # (vocab,)
+        if int(row.argmax()) != t:
+            gap = float(row.max() - row[t])
+            assert gap <= 2 * atol, f"step {i}: llama.cpp chose {t}, we chose {int(row.argmax())} (gap {gap:.2e})"
+
+
+def check_against_llama_cpp(ckpt: Path, gguf_file: Path, atol: float, n_greedy: int = 8) -> None:
+    tok = Tokenizer(ckpt)
+    llm = llama_cpp(gguf_file)
+    for text in TEXTS:  # the same token ids as our tokenizer
+        assert llm.tokenize(text.encode(), add_bos=tok.add_bos, special=True) == tok.encode(text).tolist(), text
+    model = GPT.from_checkpoint(ckpt).eval()
+    ids = sample_ids(tok)
+    theirs = llama_cpp_logits(llm, ids)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0]  # (T, vocab)
+    torch.testing.assert_close(theirs, ours, atol=atol, rtol=0)
+    greedy = llama_cpp_greedy(llm, ids, n_greedy)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids + greedy]))[0]
+    assert_same_greedy(greedy, ours, len(ids), atol)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_llama_cpp_gives_our_logits_greedy_tokens_and_token_ids(family, tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (.ci/run installs it)")
+    ckpt = write_family_checkpoint(tmp_path / "ckpt", family)
+    export_gguf(ckpt, tmp_path / "m.gguf", "f32", progress=False)
+    check_against_llama_cpp(ckpt, tmp_path / "m.gguf", FAMILIES[family][3])
+
+
+@pytest.mark.parametrize("family", ["llama2_sp", "pythia"])
+def test_llama_cpp_small_vocab(family, tmp_path, small_vocab):
+    """The SentencePiece-style tokenizer.json path (scores from merge ranks) and a fused attn_qkv, quickly."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (.ci/run installs it)")
+    ckpt = write_family_checkpoint(tmp_path / "ckpt", family, small_vocab)
+    export_gguf(ckpt, tmp_path / "m.gguf", "f32", progress=False)
+    check_against_llama_cpp(ckpt, tmp_path / "m.gguf", FAMILIES[family][3])
+
+
+ADAPTERS = {  # name -> (family, LoRAConfig kwargs)
+    "llama_qv": ("llama2_sp", dict(r=4, alpha=8.0, targets=["query", "value"])),
+    "llama_all": ("llama2_sp", dict(r=4, alpha=16.0, targets=["all"])),
+    "llama_rslora": ("llama3_scaled", dict(r=8, alpha=4.0, targets=["query", "key", "mlp"], use_rslora=True)),
+    "qwen2_qkv": ("qwen2", dict(r=4, alpha=8.0, targets=["query", "key", "value", "projection"])),
+    "pythia_fused_qv": ("pythia", dict(r=4, alpha=8.0, targets=["query", "value", "mlp"])),
+    "falcon_fused_all": ("falcon40b", dict(r=2, alpha=4.0, targets=["all"], use_rslora=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(ADAPTERS))
+def test_llama_cpp_applies_our_lora_adapter_as_our_merged_model(case, tmp_path, small_vocab):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (.ci/run installs it)")
+    family, kwargs = ADAPTERS[case]
+    ckpt = write_family_checkpoint(tmp_path / "ckpt", family, small_vocab)
+    model = GPT.from_checkpoint(ckpt).eval()
+    inject_lora(model, **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for k, p in lora_state_dict(model).items():  # B != 0, so the adapter matters
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    lc = LoRAConfig(**kwargs, base_model=str(ckpt), base_config=model.config.to_dict())
+    save_lora(tmp_path / "lora", model, lc)
+    export_gguf(ckpt, tmp_path / "base.gguf", "f32", progress=False)
+    summary = write_gguf_adapter(tmp_path / "lora", tmp_path / "adapter.gguf", progress=False)
+    assert summary["alpha"] == pytest.approx(lc.alpha * math.sqrt(lc.r) if lc.use_rslora else lc.alpha)
+    ids = sample_ids(Tokenizer(ckpt))
+    merge_lora(model)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0]  # (T, vocab)
+        base = GPT.from_checkpoint(ckpt).eval()(torch.tensor([ids]))[0]
+    theirs = llama_cpp_logits(llama_cpp(tmp_path / "base.gguf", tmp_path / "adapter.gguf"), ids)
+    atol = FAMILIES[family][3]
+    assert (ours - base).abs().max() > 100 * atol  # the adapter changes the logits far beyond the tolerance
+    torch.testing.assert_close(theirs, ours, atol=atol, rtol=0)
+
+
+def test_adapter_cli_writes_gguf_and_modelfile(tmp_path, small_vocab):
+    ckpt = write_family_checkpoint(tmp_path / "ckpt", "smollm2_tied", small_vocab)
+    model = GPT.from_checkpoint(ckpt)
+    inject_lora(model, r=4, targets=["query", "value"])
+    lc = LoRAConfig(r=4, targets=["query", "value"], base_model=str(ckpt), base_config=model.config.to_dict(),
+                    prompt_style="chatml")
+    save_lora(tmp_path / "lora", model, lc)
+    env = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-m", "lora_lab.export_gguf", "--adapter_dir", str(tmp_path / "lora"),
+                        "--out_file", str(tmp_path / "out" / "adapter.gguf")], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    from lora_lab.convert_gguf import _Meta, open_gguf
+
+    meta = _Meta(open_gguf(tmp_path / "out" / "adapter.gguf"), tmp_path / "adapter.gguf")
+    assert (meta.get("general.type"), meta.get("adapter.type"), meta.get("general.architecture")) == (
+        "adapter", "lora", "llama")
+    assert meta.get("adapter.lora.alpha") == pytest.approx(16.0)
+    names = {t.name for t in open_gguf(tmp_path / "out" / "adapter.gguf").tensors}
+    assert names == {f"blk.{i}.attn_{p}.weight.lora_{ab}" for i in range(2) for p in "qv" for ab in "ab"}
+    modelfile = (tmp_path / "out" / "Modelfile").read_text().splitlines()
+    assert "FROM ./base.gguf" in modelfile and "ADAPTER ./adapter.gguf" in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert any(line.startswith('TEMPLATE """') and "<|im_start|>user" in line for line in modelfile)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SmolLM2-135M-Instruct
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct as our checkpoint (from the Q4_1 GGUF in the assets), and our F32 and Q8_0 exports."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (.ci/run installs it)")
+    from lora_lab.convert_gguf import convert_gguf
+
+    out = tmp_path_factory.mktemp("smollm2-export")
+    convert_gguf(require_asset(f"{SMOL}/SmolLM2-135M-Instruct.Q4_1.gguf"), out / "ckpt")
+    for outtype in ("f32", "q8_0"):
+        export_gguf(out / "ckpt", out / f"{outtype}.gguf", outtype, progress=False)
+    return out
+
+
+@pytest.mark.slow
+def test_smollm2_f32_export_in_llama_cpp(smollm2):
+    """Logits (atol 2e-3 after 30 layers in float32), greedy tokens and token ids of the real model."""
+    tok = Tokenizer(smollm2 / "ckpt")
+    llm = llama_cpp(smollm2 / "f32.gguf", n_ctx=512)
+    for text in TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=tok.add_bos, special=True) == tok.encode(text).tolist(), text
+    model = GPT.from_checkpoint(smollm2 / "ckpt").eval()
+    ids = tok.encode(CHATML_PROMPT).tolist()
+    greedy = llama_cpp_greedy(llm, ids, 32)
+    assert tok.decode(greedy).startswith("The capital of France is Paris.")
+    with torch.no_grad():
+        ours = model(torch.tensor([ids + greedy]))[0]
+    theirs = llama_cpp_logits(llm, ids + greedy)
+    torch.testing.assert_close(theirs, ours, atol=2e-3, rtol=0)
+    assert_same_greedy(greedy, ours, len(ids), 2e-3)
+
+
+@pytest.mark.slow
+def test_smollm2_q8_0_export_gives_our_first_32_greedy_tokens(smollm2):
+    tok = Tokenizer(smollm2 / "ckpt")
+    ids = tok.encode(CHATML_PROMPT).tolist()
+    model = GPT.from_checkpoint(smollm2 / "ckpt").eval()
+    assert llama_cpp_greedy(llama_cpp(smollm2 / "q8_0.gguf", n_ctx=512), ids, 32) == our_greedy(model, ids, 32)
