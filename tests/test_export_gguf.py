@@ -359,7 +359,7 @@ def test_adapter_cli_writes_gguf_and_modelfile(tmp_path, small_vocab):
     modelfile = (tmp_path / "out" / "Modelfile").read_text().splitlines()
     assert "FROM ./base.gguf" in modelfile and "ADAPTER ./adapter.gguf" in modelfile
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
-    assert any(line.startswith('TEMPLATE """') and "<|im_start|>user" in line for line in modelfile)
+    assert 'TEMPLATE """{{ if .System }}<|im_start|>system' in "\n".join(modelfile)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -402,3 +402,32 @@ def test_smollm2_q8_0_export_gives_our_first_32_greedy_tokens(smollm2):
     ids = tok.encode(CHATML_PROMPT).tolist()
     model = GPT.from_checkpoint(smollm2 / "ckpt").eval()
     assert llama_cpp_greedy(llama_cpp(smollm2 / "q8_0.gguf", n_ctx=512), ids, 32) == our_greedy(model, ids, 32)
+
+
+@pytest.mark.parametrize("qlora", [False, True])
+def test_merge_lora_to_gguf_holds_the_merged_weights(qlora, tmp_path, small_vocab):
+    """merge_lora --to gguf writes what merge_lora --to lora_lab writes (QLoRA: merged into the dequantized NF4
+    base), read back by our importer bit for bit at F32."""
+    from lora_lab.convert_gguf import convert_gguf
+    from lora_lab.merge_lora import merge_lora_checkpoint
+    from lora_lab.nf4 import quantize_nf4
+
+    ckpt = write_family_checkpoint(tmp_path / "ckpt", "llama3_scaled", small_vocab)
+    model = GPT.from_checkpoint(ckpt)
+    quant = {"method": "nf4", "blocksize": 64, "double_quant": True} if qlora else None
+    if qlora:
+        quantize_nf4(model, blocksize=64, double_quant=True)
+    inject_lora(model, r=4, targets=["query", "key", "mlp"])
+    with torch.no_grad():
+        for p in lora_state_dict(model).values():
+            p.normal_(0, 0.1)
+    save_lora(tmp_path / "lora", model, LoRAConfig(r=4, targets=["query", "key", "mlp"], base_model=str(ckpt),
+                                                   base_config=GPT.from_checkpoint(ckpt).config.to_dict(),
+                                                   base_quantization=quant))
+    merge_lora_checkpoint(None, tmp_path / "lora", tmp_path / "merged", to="lora_lab")
+    merge_lora_checkpoint(None, tmp_path / "lora", tmp_path / "merged.gguf", to="gguf", outtype="f32")
+    convert_gguf(tmp_path / "merged.gguf", tmp_path / "back")
+    (_, merged), (_, back) = load_checkpoint(tmp_path / "merged"), load_checkpoint(tmp_path / "back")
+    assert merged.keys() == back.keys()
+    for k, v in merged.items():
+        assert torch.equal(back[k], v.float()), k
