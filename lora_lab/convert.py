@@ -3,6 +3,7 @@
     python -m lora_lab.convert SRC OUT_DIR [--tokenizer PATH] [--dtype float32|bfloat16|float16]
     python -m lora_lab.convert --to hf CHECKPOINT_DIR OUT_DIR
     python -m lora_lab.convert --to hf CLASSIFIER_DIR OUT_DIR    # finetune/classify.py's: *ForSequenceClassification
+    python -m lora_lab.convert --to gguf CHECKPOINT_DIR OUT.gguf [--outtype f32|f16|bf16|q8_0|q4_0]   (llama.cpp)
 
 SRC is one of:
   - a Hugging Face model folder (config.json + safetensors or .bin weights + tokenizer files);
@@ -10,8 +11,8 @@ SRC is one of:
     model's tokenizer.json / tokenizer_config.json, when you would rather use those than the GGUF's vocabulary;
   - a llama2.c model `.bin` (the 7-int32 header export); --tokenizer: its tokenizer.bin.
 
-The converters live in lora_lab/convert_hf.py, convert_gguf.py and convert_llama2c.py; this file only
-recognises the source and dispatches.
+The converters live in lora_lab/convert_hf.py, convert_gguf.py and convert_llama2c.py (export_gguf.py for
+--to gguf); this file only recognises the source and dispatches.
 """
 
 from __future__ import annotations
@@ -183,14 +184,25 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                      epilog=f"SRC: {ACCEPTED}.")
     parser.add_argument("src", type=Path, metavar="SRC", help="what to convert")
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="the folder to write")
-    parser.add_argument("--to", choices=("lora_lab", "hf"), default="lora_lab",
-                        help="hf: export the lora_lab checkpoint SRC as a Hugging Face folder")
+    parser.add_argument("--to", choices=("lora_lab", "hf", "gguf"), default="lora_lab",
+                        help="hf: export the lora_lab checkpoint SRC as a Hugging Face folder; gguf: as one "
+                             "llama.cpp GGUF file (OUT_DIR is then the .gguf file)")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="GGUF: a folder with tokenizer.json; llama2.c: its tokenizer.bin")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="cast the weights (default: keep them)")
+    parser.add_argument("--outtype", default=None, help="--to gguf: f32, f16 (default), bf16, q8_0 or q4_0")
     args = parser.parse_args(argv)
     with one_line_errors():
-        if args.to == "hf":
+        if args.outtype is not None and args.to != "gguf":
+            raise LoraLabError("--outtype is for --to gguf; use --dtype for the other formats")
+        if args.to == "gguf":
+            if args.tokenizer is not None or args.dtype is not None:
+                raise LoraLabError("--to gguf takes --outtype, not --tokenizer or --dtype: the checkpoint has its "
+                                   "tokenizer")
+            load_config(args.src)  # one clear line if SRC is not a lora_lab checkpoint
+            summary = importlib.import_module("lora_lab.export_gguf").export_gguf(args.src, args.out_dir,
+                                                                                  args.outtype or "f16")
+        elif args.to == "hf":
             if args.tokenizer is not None:
                 raise LoraLabError("--tokenizer is not used with --to hf: the checkpoint has its tokenizer")
             summary = export(args.src, args.out_dir, dtype=args.dtype)

@@ -9,6 +9,8 @@ Two things llama.cpp changes on the way in that we undo:
     rotate-half RoPE layout to llama.cpp's interleaved-pairs layout: reshape (n_head, 2, hs/2) and swap axes 1, 2
     (K with the KV head count). `interleaved_to_halves` is its exact inverse.
   - Gemma's RMSNorm scales by (1 + weight); llama.cpp stores 1 + weight. We store the weight.
+  - GPT-NeoX and Falcon (and Phi-2, optionally) fuse q, k and v into one attn_qkv matrix, [Q; K; V] rows; we split
+    it. Falcon-40B's attn_norm is the MLP's norm and attn_norm_2 the attention's.
 
 Dequantized weights are what llama.cpp computes with, so the converted model matches the GGUF model, not the
 original unquantized checkpoint.
@@ -38,7 +40,8 @@ from lora_lab.prompts import prompt_style_from_chat_template
 from lora_lab.utils import LoraLabError, atomic_write_text
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-SUPPORTED_ARCHS = ("llama", "qwen2", "gemma")
+SUPPORTED_ARCHS = ("llama", "qwen2", "gemma", "phi2", "gptneox", "falcon")
+LAYER_NORM_ARCHS = ("phi2", "gptneox", "falcon")  # LayerNorm + GELU MLP
 # architectures whose Q/K rows llama.cpp's converter permutes to its interleaved RoPE layout (the rest use NeoX RoPE)
 PERMUTED_QK_ARCHS = ("llama",)
 
@@ -47,6 +50,7 @@ _LAYER_NAMES = {
     "attn_norm": "norm_1", "ffn_norm": "norm_2",
     "attn_q": "attn.q_proj", "attn_k": "attn.k_proj", "attn_v": "attn.v_proj", "attn_output": "attn.o_proj",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_qkv": "attn.qkv", "attn_norm_2": "norm_1",  # split into q/k/v; Falcon-40B's attention norm
 }
 _GLOBAL_NAMES = {"token_embd": "wte", "output_norm": "norm_f", "output": "lm_head"}
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
@@ -165,6 +169,16 @@ def config_from_gguf(meta: _Meta, tensors: dict, path: Path) -> Config:
     )
     if arch == "gemma":
         kw.update(norm_unit_offset=True, mlp_class="geglu", gelu_approximate="tanh", scale_embeddings=True)
+    if arch in LAYER_NORM_ARCHS:
+        kw.update(norm_class="LayerNorm", norm_eps=float(meta.need(f"{arch}.attention.layer_norm_epsilon")),
+                  mlp_class="gelu", parallel_residual=True, attn_qkv_bias=None,
+                  bias="blk.0.attn_output.bias" in tensors, lm_head_bias="output.bias" in tensors)
+        if arch == "phi2":
+            kw.update(shared_attention_norm=True, gelu_approximate="tanh")
+        elif arch == "gptneox":
+            kw.update(parallel_residual=bool(meta.get(f"{arch}.use_parallel_residual", True)))
+        else:
+            kw.update(shared_attention_norm="blk.0.attn_norm_2.weight" not in tensors)
     scaling = meta.get(f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
         raise LoraLabError(f"{path}: RoPE scaling {scaling!r} is not supported (only Llama 3's, stored as the "
@@ -245,12 +259,21 @@ def convert_gguf(gguf_path: Union[str, Path], out_dir: Union[str, Path], tokeniz
         check_type(t, path)
 
     arch = config.extra["gguf_architecture"]
+    falcon40b = arch == "falcon" and not config.shared_attention_norm
     state_dict = {}
     for t in progress(reader.tensors, desc=f"Converting {path.name}", unit="tensor"):
         if t.name == "rope_freqs.weight":
             continue
         name = gguf_name_to_ours(t.name)
+        if falcon40b and ".norm_1." in name and ".attn_norm." in t.name:
+            name = name.replace(".norm_1.", ".norm_2.")  # Falcon-40B: attn_norm feeds the MLP
         w = dequantize(t, path)
+        if ".attn.qkv." in name:  # [Q; K; V] rows
+            hs = config.head_size
+            q, k, v = w.split([config.n_head * hs, config.n_query_groups * hs, config.n_query_groups * hs])
+            for part, x in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+                state_dict[name.replace(".qkv.", f".{part}.")] = x.clone().to(dtype)
+            continue
         if arch in PERMUTED_QK_ARCHS and (".attn.q_proj." in name or ".attn.k_proj." in name):
             n = config.n_head if ".q_proj." in name else config.n_query_groups
             w = interleaved_to_halves(w, n)  # (n * hs, C) back to rotate-half order

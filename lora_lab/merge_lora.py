@@ -6,13 +6,18 @@
     python -m lora_lab.merge_lora --adapter_dir out/finetune/lora --out_dir out/merged-hf --to hf
     # a Hugging Face folder: AutoModelForCausalLM.from_pretrained("out/merged-hf")
 
+    python -m lora_lab.merge_lora --adapter_dir out/finetune/lora --to gguf --out_dir merged.gguf [--outtype q8_0]
+    # one llama.cpp GGUF file (`python -m lora_lab.merge_lora ... --to gguf merged.gguf` works too); see
+    # lora_lab/export_gguf.py. A QLoRA adapter merges into the dequantized NF4 base, as for the other formats.
+
 Every adapted weight becomes W + (alpha/r) B A (DoRA: m (W + s B A) / ||W + s B A||, see lora_lab/lora.py), so
 the merged model computes what base + adapter computes, up to floating point rounding, at the base model's cost.
 
   --checkpoint_dir  the base model; default: the `base_model` the adapter was trained on (in lora_config.json)
   --dtype           the merged weights' dtype (float32, bfloat16, float16); default: the base checkpoint's
   --to              lora_lab (default: model_config.json + model.safetensors + tokenizer files, whose prompt
-                    style is the adapter's) or hf (config.json + model.safetensors in Hugging Face layout)
+                    style is the adapter's), hf (config.json + model.safetensors in Hugging Face layout) or
+                    gguf (one llama.cpp file, --outtype f32|f16|bf16|q8_0|q4_0, chat template of the adapter's style)
 
 The weights are merged in place, so the model is in memory once (plus, for a LoRA on a tied lm_head, a copy of
 the embedding matrix: lm_head stops sharing it, since the embedding itself must not change).
@@ -123,11 +128,19 @@ def merged_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def merge_lora_checkpoint(checkpoint_dir: Optional[PathLike], adapter_dir: PathLike, out_dir: PathLike,
-                          to: str = "lora_lab", dtype: Optional[torch.dtype] = None) -> Config:
-    """Write base + adapter, merged, to out_dir (as a lora_lab checkpoint, or with to="hf" a Hugging Face
-    folder); returns the merged model's Config."""
-    if to not in ("lora_lab", "hf"):
-        raise LoraLabError(f"--to {to!r}: use lora_lab or hf")
+                          to: str = "lora_lab", dtype: Optional[torch.dtype] = None,
+                          outtype: Optional[str] = None) -> Config:
+    """Write base + adapter, merged, to out_dir (as a lora_lab checkpoint, with to="hf" a Hugging Face
+    folder, with to="gguf" one llama.cpp GGUF file of `outtype`); returns the merged model's Config."""
+    if to not in ("lora_lab", "hf", "gguf"):
+        raise LoraLabError(f"--to {to!r}: use lora_lab, hf or gguf")
+    if outtype is not None and to != "gguf":
+        raise LoraLabError("--outtype is for --to gguf; use --dtype for the other formats")
+    if to == "gguf":
+        from lora_lab.export_gguf import OUTTYPES
+
+        if (outtype or "f16") not in OUTTYPES:
+            raise LoraLabError(f"--outtype {outtype}: use one of {', '.join(OUTTYPES)}")
     lora_config, _ = load_lora(adapter_dir)  # small; read first so a bad adapter fails before the base loads
     checkpoint_dir = base_checkpoint_dir(lora_config, checkpoint_dir, adapter_dir)
     out_dir = Path(out_dir)
@@ -138,6 +151,11 @@ def merge_lora_checkpoint(checkpoint_dir: Optional[PathLike], adapter_dir: PathL
     # the merged model is prompted the way it was fine-tuned
     config = replace(model.config, prompt_style=lora_config.prompt_style)
     state_dict = merged_state_dict(model)
+    if to == "gguf":
+        from lora_lab.export_gguf import write_gguf_model
+
+        write_gguf_model(config, state_dict, out_dir, tokenizer_dir=checkpoint_dir, outtype=outtype or "f16")
+        return config
     if to == "lora_lab":
         save_checkpoint(out_dir, config, state_dict, tokenizer_dir=checkpoint_dir)
     else:
@@ -167,8 +185,9 @@ def main(
     adapter_dir: Path,
     out_dir: Path,
     checkpoint_dir: Optional[Path] = None,
-    to: Literal["lora_lab", "hf"] = "lora_lab",
+    to: Literal["lora_lab", "hf", "gguf"] = "lora_lab",
     dtype: Optional[str] = None,
+    outtype: Optional[str] = None,
 ) -> None:
     """Merge a LoRA adapter into its base model and save the result.
 
@@ -176,13 +195,21 @@ def main(
         adapter_dir: the output directory of a LoRA fine-tuning run (lora.safetensors + lora_config.json).
         out_dir: where the merged model goes (a new directory).
         checkpoint_dir: the base model; default: the base_model recorded in the adapter's lora_config.json.
-        to: lora_lab (a checkpoint for generate/base.py and GPT.from_checkpoint) or hf (a Hugging Face folder).
+        to: lora_lab (a checkpoint for generate/base.py and GPT.from_checkpoint), hf (a Hugging Face folder) or
+            gguf (out_dir is then the .gguf file to write, for llama.cpp / Ollama / LM Studio).
         dtype: dtype of the merged weights (float32, bfloat16, float16); default: the base checkpoint's.
+        outtype: with --to gguf, the GGUF weight type: f32, f16 (default), bf16, q8_0 or q4_0.
     """
-    config = merge_lora_checkpoint(checkpoint_dir, adapter_dir, out_dir, to=to, dtype=_dtype(dtype))
+    config = merge_lora_checkpoint(checkpoint_dir, adapter_dir, out_dir, to=to, dtype=_dtype(dtype), outtype=outtype)
     print(f"Merged {adapter_dir} into {config.name or 'the base model'}: saved to {out_dir}"
-          + (" (Hugging Face layout)" if to == "hf" else ""), file=sys.stderr)
+          + {"hf": " (Hugging Face layout)", "gguf": " (llama.cpp GGUF)"}.get(to, ""), file=sys.stderr)
+
+
+def gguf_file_as_out_dir(args: list[str]) -> list[str]:
+    """`... --to gguf merged.gguf`: a bare .gguf path is the --out_dir."""
+    return [f"--out_dir={a}" if a.endswith(".gguf") and not a.startswith("-") and (i == 0 or
+            not args[i - 1].startswith("--")) else a for i, a in enumerate(args)]
 
 
 if __name__ == "__main__":
-    cli(main)
+    cli(main, gguf_file_as_out_dir(sys.argv[1:]))
