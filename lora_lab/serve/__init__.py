@@ -1,0 +1,12 @@
+"""Serve one base model with many LoRA adapters over the OpenAI API (`python -m lora_lab.serve`).
+
+    multi_lora.py   the stacked multi-adapter layer: each row of a batch gathers its own adapter's A and B
+    adapters.py     reading lora_lab / PEFT adapter directories; the LRU of loaded adapters
+    engine.py       continuous batching on a KV cache with one row per request and per-row positions
+    server.py       the model, tokenizer, adapters and engine together (used in-process by tests and benchmarks)
+    app.py          the FastAPI app: /v1/completions, /v1/chat/completions, /v1/models, adapter loading, /health
+    __main__.py     the command line (uvicorn)
+
+The HTTP part needs the optional extra `serve` (pip install -e ".[serve]": FastAPI and uvicorn).
+See tutorials/serve.md.
+"""

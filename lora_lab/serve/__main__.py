@@ -1,0 +1,80 @@
+"""Serve a base model and many LoRA adapters over the OpenAI API.
+
+    python -m lora_lab.serve --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct \
+        --adapters sql=out/finetune/lora-sql chat=out/finetune/lora-chat --adapters_root out/adapters \
+        --port 8000
+
+    curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \
+        -d '{"model": "sql", "messages": [{"role": "user", "content": "List all users"}], "max_tokens": 64}'
+
+Needs the `serve` extra: pip install -e ".[serve]" (FastAPI and uvicorn). See tutorials/serve.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lora_lab.utils import LoraLabError, one_line_errors
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m lora_lab.serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint_dir", type=Path, required=True, help="the base model (a lora_lab checkpoint)")
+    p.add_argument("--adapters", nargs="*", default=[], metavar="NAME=DIR",
+                   help="adapters loaded at start: lora_lab or PEFT adapter directories, served under NAME")
+    p.add_argument("--adapters_root", type=Path, default=None,
+                   help="a folder of adapter directories, each loaded on first use by its folder name")
+    p.add_argument("--quantize", choices=["nf4"], default=None, help="nf4: a 4-bit base (adapters stay float)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max_batch_size", type=int, default=16, help="requests decoded together (KV cache rows)")
+    p.add_argument("--max_loaded_adapters", type=int, default=8,
+                   help="adapters kept loaded; the least recently used are dropped and reloaded when asked for")
+    p.add_argument("--max_seq_length", type=int, default=None,
+                   help="tokens per request (prompt + completion); default: the model's block_size, at most 4096")
+    p.add_argument("--precision", default=None, help="bf16-true, 16-true or 32-true; default bf16 on a GPU, else 32")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    return p.parse_args(argv)
+
+
+def parse_adapters(pairs: list[str]) -> dict[str, Path]:
+    adapters = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise LoraLabError(f"--adapters {pair!r}: write NAME=DIR")
+        if name in adapters:
+            raise LoraLabError(f"--adapters: the name {name!r} is given twice")
+        adapters[name] = Path(path)
+    return adapters
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    with one_line_errors():
+        try:
+            import uvicorn
+
+            from lora_lab.serve.app import create_app
+        except ImportError as e:
+            raise LoraLabError(f"the server needs FastAPI and uvicorn ({e}): pip install -e '.[serve]'") from None
+        from lora_lab.checkpoint import load_config
+        from lora_lab.serve.server import ModelServer
+
+        adapters = parse_adapters(args.adapters)
+        config = load_config(args.checkpoint_dir)  # one line if it is not a checkpoint, before any loading
+        max_seq_length = args.max_seq_length or min(config.block_size, 4096)
+        server = ModelServer.load(args.checkpoint_dir, adapters, args.adapters_root, args.quantize, args.precision,
+                                  args.device, args.max_batch_size, args.max_loaded_adapters, max_seq_length)
+        print(f"serving {server.name} with {len(adapters)} adapter(s) on http://{args.host}:{args.port} "
+              f"(max_batch_size {args.max_batch_size}, context {server.engine.max_seq_length})", file=sys.stderr)
+        # Ctrl-C: uvicorn stops accepting, gives running requests up to 5 s to finish, then the app's shutdown
+        # aborts what is left and the engine thread ends
+        uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning",
+                    timeout_graceful_shutdown=5)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""What the server holds: the base model (float or NF4), its tokenizer, the adapter store and the engine.
+
+    server = ModelServer.load("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct", adapters={"sql": "out/sql"})
+    req = server.request("sql", prompt_ids, max_tokens=64, on_event=...)   # then server.engine.submit(req)
+
+Kept apart from the HTTP layer (lora_lab/serve/app.py) so tests, benchmarks and batch generation drive the same
+engine in-process. Prompt styles: an adapter's requests are wrapped in the style it was fine-tuned with (its
+lora_config.json), the base model's in the checkpoint's; chat messages are rendered by `render_chat`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from lora_lab.checkpoint import load_config
+from lora_lab.generate import select_device, select_dtype
+from lora_lab.model import GPT
+from lora_lab.nf4 import quantize_nf4
+from lora_lab.prompts import PromptStyle
+from lora_lab.serve.adapters import AdapterStore
+from lora_lab.serve.engine import Engine, Request
+from lora_lab.tokenizer import Tokenizer
+from lora_lab.utils import LoraLabError
+
+NF4_SETTINGS = {"method": "nf4", "blocksize": 64, "double_quant": True}  # quantize_nf4's defaults, as QLoRA trains
+
+
+class ModelServer:
+    def __init__(self, model: GPT, tokenizer: Tokenizer, checkpoint_dir: Path, store: AdapterStore,
+                 engine: Engine, name: str) -> None:
+        self.model, self.tokenizer, self.checkpoint_dir = model, tokenizer, checkpoint_dir
+        self.store, self.engine, self.name = store, engine, name
+        self.base_style = PromptStyle.from_checkpoint(checkpoint_dir)
+        self.created = int(time.time())
+
+    @classmethod
+    def load(cls, checkpoint_dir, adapters: Optional[dict] = None, adapters_root=None, quantize: Optional[str] = None,
+             precision: Optional[str] = None, device: str = "auto", max_batch_size: int = 16,
+             max_loaded_adapters: int = 8, max_seq_length: Optional[int] = None, start: bool = True) -> "ModelServer":
+        """Load the base (quantized to NF4 with quantize="nf4"), register and load `adapters` {name: dir} (each
+        checked now, so a bad one fails at start), and start the engine thread."""
+        checkpoint_dir = Path(checkpoint_dir)
+        if max_batch_size < 1 or max_loaded_adapters < 1:
+            raise LoraLabError("--max_batch_size and --max_loaded_adapters must be at least 1")
+        if quantize not in (None, "nf4", "none"):
+            raise LoraLabError(f"--quantize {quantize}: use nf4 (or leave it out)")
+        if adapters_root is not None and not Path(adapters_root).is_dir():
+            raise LoraLabError(f"--adapters_root {adapters_root} is not a directory")
+        device = select_device(device)
+        dtype = select_dtype(precision, device)
+        config = load_config(checkpoint_dir)
+        if quantize == "nf4":  # as generate/lora.py: quantize the stored weights, then cast the rest to dtype
+            model = GPT.from_checkpoint(checkpoint_dir, device=device).eval()
+            quantize_nf4(model)  # every nn.Linear but lm_head -> NF4Linear
+            model.to(dtype)
+        else:
+            model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=dtype).eval()
+        model.requires_grad_(False)
+        tokenizer = Tokenizer(checkpoint_dir)
+        store = AdapterStore(model, config, max_loaded_adapters, adapters_root,
+                             quantization=NF4_SETTINGS if quantize == "nf4" else None)
+        for name, path in (adapters or {}).items():
+            if not name or name == (config.name or checkpoint_dir.name):
+                raise LoraLabError(f"adapter name {name!r} is empty or the base model's name")
+            store.register(name, path)
+        engine = Engine(model, tokenizer, store, max_batch_size, max_seq_length,
+                        on_release=lambda r: store.release(r.adapter) if r.adapter else None)
+        server = cls(model, tokenizer, checkpoint_dir, store, engine, config.name or checkpoint_dir.name)
+        if start:
+            engine.start()
+        return server
+
+    # ---- requests -----------------------------------------------------------------------------------------------
+    def is_base(self, model: str) -> bool:
+        return model in (self.name, str(self.checkpoint_dir))
+
+    def style_for(self, adapter) -> PromptStyle:
+        name = adapter.prompt_style if adapter is not None and adapter.prompt_style else None
+        return PromptStyle.from_checkpoint(self.checkpoint_dir, name=name) if name else self.base_style
+
+    def request(self, model: str, on_event: Callable, prompt: Optional[str] = None,
+                messages: Optional[list[dict]] = None, **kwargs) -> Request:
+        """A Request for `model` (the base's name or an adapter's), its adapter slot taken (KeyError: unknown
+        model). `prompt` is passed as it is (completions), `messages` rendered in the adapter's prompt style."""
+        adapter_name = None if self.is_base(model) else model
+        slot, adapter = self.store.acquire(adapter_name) if adapter_name else (0, None)
+        try:
+            style = self.style_for(adapter)
+            text = prompt if messages is None else render_chat(style, messages)
+            prompt_ids = self.tokenizer.encode(text).tolist()
+            if not prompt_ids:
+                raise LoraLabError("the prompt is empty")
+            limit = self.engine.max_seq_length
+            if len(prompt_ids) >= limit:
+                raise LoraLabError(f"the prompt has {len(prompt_ids)} tokens but this server's context holds {limit} "
+                                   f"tokens (prompt + completion): shorten it")
+            stop_ids = list(dict.fromkeys(self.tokenizer.eos_ids + style.stop_tokens(self.tokenizer)))
+            return Request(prompt_ids=prompt_ids, on_event=on_event, stop_ids=stop_ids, slot=slot,
+                           adapter=adapter_name, **kwargs)
+        except BaseException:
+            if adapter_name:
+                self.store.release(adapter_name)
+            raise
+
+
+# the text that closes a finished assistant turn in each style, for multi-turn chats
+TURN_END = {"chatml": "<|im_end|>\n", "llama3": "<|eot_id|>", "gemma": "<end_of_turn>\n", "zephyr": "</s>\n",
+            "mistral": "</s>", "llama2-chat": " </s>", "plain": "\n\n", "alpaca": "\n\n"}
+
+
+def render_chat(style: PromptStyle, messages: list[dict]) -> str:
+    """OpenAI chat messages -> the prompt text in `style`. A system message (first) goes where the style puts
+    one; each user turn is wrapped by style.apply, each earlier assistant answer follows its turn and is closed
+    by the style's end-of-turn text. One user message gives exactly style.apply(content, system=...), the
+    prompt generate/*.py builds."""
+    system = None
+    if messages and messages[0]["role"] in ("system", "developer"):
+        system, messages = messages[0]["content"], messages[1:]
+    if not messages or messages[-1]["role"] != "user":
+        raise LoraLabError("messages must end with a user message")
+    plain = type(style)(default_system=None)  # later turns: no (default) system message again
+    text = ""
+    for i, m in enumerate(messages):
+        role = m["role"]
+        if role == "user":
+            expected_user = i % 2 == 0
+            if not expected_user:
+                raise LoraLabError(f"messages[{i}]: user and assistant messages must alternate")
+            text += style.apply(m["content"], system=system) if i == 0 else plain.apply(m["content"])
+        elif role == "assistant":
+            if i % 2 == 0:
+                raise LoraLabError(f"messages[{i}]: user and assistant messages must alternate")
+            text += m["content"] + TURN_END.get(style.name, "\n\n")
+        else:
+            raise LoraLabError(f"messages[{i}].role {role!r}: only a first system message, then user and "
+                               f"assistant messages are supported")
+    return text
