@@ -63,7 +63,7 @@ def setup(
     epochs: float = 1.0,
     batch_size: int = 16,
     micro_batch_size: int = 4,
-    learning_rate: float = 1e-3,
+    learning_rate: float = 2e-3,
     weight_decay: float = 0.0,
     warmup_steps: int = 10,
     min_lr: float = 0.0,

@@ -152,6 +152,8 @@ def test_smooth_is_bias_corrected():
     from lora_lab.plot import smooth
 
     assert smooth([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
+    assert smooth([1.0, 0.0, 0.0]) == [1.0, 0.0, 0.0]  # 3 steps: nothing to average over
+    assert smooth([1.0] + [0.0] * 99)[1] == pytest.approx(0.09 / 0.19)  # beta 0.9 at 100 steps
     assert smooth([1.0, 0.0], beta=0.5) == pytest.approx([1.0, 1 / 3])
 
 
