@@ -103,7 +103,7 @@ def setup(
     # evaluation, checkpoints, logging
     eval_interval: int = 25,
     eval_iters: int = 100,
-    eval_samples: int = 20,
+    eval_samples: int = 10,
     save_interval: int = 100,
     log_interval: int = 1,
     logger_name: Literal["csv", "tensorboard", "mlflow", "wandb"] = "csv",

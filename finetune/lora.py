@@ -69,7 +69,7 @@ def setup(
     epochs: float = 1.0,
     batch_size: int = 16,
     micro_batch_size: int = 4,
-    learning_rate: float = 1e-3,
+    learning_rate: float = 2e-3,
     weight_decay: float = 0.0,
     warmup_steps: int = 10,
     min_lr: float = 0.0,
@@ -81,7 +81,7 @@ def setup(
     # evaluation, checkpoints, logging
     eval_interval: int = 25,
     eval_iters: int = 100,
-    eval_samples: int = 20,
+    eval_samples: int = 10,
     save_interval: int = 100,
     log_interval: int = 1,
     logger_name: Literal["csv", "tensorboard", "mlflow", "wandb"] = "csv",

@@ -4,8 +4,8 @@
 
 A typo in a flag must cost a second, not the minutes of building a data set and loading a model that come before
 the line that would otherwise notice it. Each check reads only the arguments a script has (a full fine-tuning run
-has no lora_r), and raises a one-line LoraLabError naming the flag. What needs the checkpoint's config (does
-lora_targets fit the model?) follows right after, in main, still before anything slow.
+has no lora_r), and raises a one-line LoraLabError naming the flag. A method's own settings (full.py's
+--optimizer, adapter.py's --adapter_version) are checked by the script, in main, still before anything slow.
 tests/test_early_checks.py calls every script with each mistake and asserts that no model was loaded.
 """
 
@@ -19,8 +19,8 @@ from lora_lab.utils import LoraLabError
 # integer flags that count something and must be >= 1 (or >= 0), when a script has them and they are set
 AT_LEAST_ONE = ("lora_r", "batch_size", "micro_batch_size", "max_steps", "max_seq_length", "eval_interval",
                 "eval_iters", "save_interval", "log_interval", "devices", "num_nodes", "n_train", "n_val",
-                "max_new_tokens", "top_k", "adapter_prompt_length", "nf4_blocksize")
-AT_LEAST_ZERO = ("warmup_steps", "eval_samples", "adapter_start_layer")
+                "max_new_tokens", "top_k", "nf4_blocksize")
+AT_LEAST_ZERO = ("warmup_steps", "eval_samples")
 POSITIVE = ("epochs", "learning_rate", "lora_alpha", "lora_plus_ratio")
 NON_NEGATIVE = ("weight_decay", "min_lr", "grad_clip", "neftune_alpha", "temperature")
 
@@ -39,8 +39,6 @@ def check_args(args: Mapping[str, Any]) -> None:
             raise LoraLabError(f"--{name} {value!r}: use a number {'> 0' if name in POSITIVE else '>= 0'}")
     if args.get("lora_dropout") is not None and not 0 <= args["lora_dropout"] < 1:
         raise LoraLabError(f"--lora_dropout {args['lora_dropout']!r}: use a probability in [0, 1)")
-    if args.get("adapter_version") is not None and args["adapter_version"] not in (1, 2):
-        raise LoraLabError(f"--adapter_version {args['adapter_version']!r}: use 1 (LLaMA-Adapter) or 2 (V2)")
     if args.get("top_p") is not None and not 0 < args["top_p"] <= 1:
         raise LoraLabError(f"--top_p {args['top_p']!r}: use a probability in (0, 1]")
     if args.get("batch_size") and args.get("micro_batch_size") and args["micro_batch_size"] > args["batch_size"]:

@@ -71,3 +71,12 @@ def make_logger(name: str, out_dir: Path, run_name: Optional[str] = None):
 
     # WANDB_MODE (offline, disabled) and WANDB_PROJECT are read by wandb itself
     return WandbLogger(name=run_name, save_dir=str(out_dir), project=os.environ.get("WANDB_PROJECT", "lora_lab"))
+
+
+def close_logger(logger) -> None:
+    """Flush and close what a logger has open (wandb's background process included)."""
+    logger.finalize("success")
+    if type(logger).__name__ == "WandbLogger":
+        import wandb
+
+        wandb.finish()

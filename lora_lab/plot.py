@@ -53,9 +53,12 @@ def read_hparams(out_dir: Path) -> dict:
     return yaml.safe_load(path.read_text()) or {}
 
 
-def smooth(values: Sequence[float], beta: float = 0.9) -> list[float]:
+def smooth(values: Sequence[float], beta: Optional[float] = None) -> list[float]:
     """Bias-corrected exponential moving average: m_t = beta m_{t-1} + (1 - beta) x_t, reported as
-    m_t / (1 - beta^t), so that the first value is x_1 and not (1 - beta) x_1."""
+    m_t / (1 - beta^t), so that the first value is x_1 and not (1 - beta) x_1. By default beta averages over
+    about a tenth of the run (1 / (1 - beta) steps), at most ~10 steps (beta 0.9): a short run is not flattened."""
+    if beta is None:
+        beta = max(0.0, min(0.9, 1 - 10 / max(len(values), 1)))
     m, out = 0.0, []
     for t, x in enumerate(values, start=1):
         m = beta * m + (1 - beta) * x
@@ -66,6 +69,8 @@ def smooth(values: Sequence[float], beta: float = 0.9) -> list[float]:
 def describe(out_dir: Path) -> str:
     """`name: r 8, lr 0.001, batch 16, ...` for titles and legends."""
     hp = read_hparams(out_dir)
+    if hp.get("max_steps") is None and (Path(out_dir) / METRICS_FILE).is_file():  # (default: one epoch)
+        hp["max_steps"] = max((step for step, _ in read_metrics(out_dir).get("train_loss", [])), default=None)
     parts = [f"{short} {hp[key]}" for key, short in KEY_HPARAMS.items() if hp.get(key) not in (None, "")]
     name = Path(out_dir).resolve().name
     return f"{name}: {', '.join(parts)}" if parts else name

@@ -259,21 +259,20 @@ class MetricsLog:
             from lora_lab.plot import PLOT_FILE, plot_runs
 
             plot_runs([self.path.parent], self.path.parent / PLOT_FILE)
-        except ImportError:
+        except Exception as e:  # noqa: BLE001 - a plot is never worth a training run
             if not self.plot_warned:
-                print("warning: matplotlib is not installed, so no loss.png: pip install 'lora_lab[plot]'",
-                      file=sys.stderr)
+                reason = ("matplotlib is not installed: pip install 'lora_lab[plot]'" if isinstance(e, ImportError)
+                          else f"{type(e).__name__}: {e}")
+                print(f"warning: no loss.png ({reason})", file=sys.stderr)
                 self.plot_warned = True
 
     def finish(self) -> None:
         """At the end of the run: the final plot, and the tracker's files closed."""
         self.plot()
         if self.logger is not None:
-            self.logger.finalize("success")
-            if type(self.logger).__name__ == "WandbLogger":
-                import wandb
+            from lora_lab.loggers import close_logger
 
-                wandb.finish()
+            close_logger(self.logger)
 
 
 def _plain(value):

@@ -67,8 +67,9 @@ SPECIFIC = {
              (dict(lora_targets="quary"), r"unknown LoRA target 'quary'")],
     "qlora": [(dict(lora_r=-4), r"--lora_r -4"), (dict(nf4_blocksize=0), r"--nf4_blocksize 0")],
     "full": [(dict(optimizer="adam"), r"--optimizer 'adam'")],
-    "adapter": [(dict(adapter_prompt_length=0), r"--adapter_prompt_length 0"),
-                (dict(adapter_version=3), r"--adapter_version 3")],
+    "adapter": [(dict(adapter_prompt_length=0), r"adapter_prompt_length must be a positive integer, got 0"),
+                (dict(adapter_version=3, adapter_start_layer=1), r"adapter_version must be 1 \(LLaMA-Adapter\) or 2"),
+                (dict(adapter_start_layer=2), r"adapter_start_layer=2 but the model has only 2 layers")],
 }
 
 

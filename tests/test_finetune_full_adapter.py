@@ -59,6 +59,10 @@ def run_full(ckpt: Path, out_dir: Path, **overrides) -> Path:
     return out_dir
 
 
+# besides metrics.csv, every run writes its hyperparameters and its loss plot (tests/test_run_record.py)
+RUN_RECORD = ("hparams.yaml", "loss.png")
+
+
 def run_adapter(ckpt: Path, out_dir: Path, **overrides) -> Path:
     fa.setup(checkpoint_dir=ckpt, out_dir=out_dir, **{**ADAPTER, **overrides})
     return out_dir
@@ -120,7 +124,7 @@ def test_full_run_writes_a_checkpoint_that_loads_everywhere(tiny_ckpt, full_refe
     tokenizer_files = {p.name for p in tiny_ckpt.iterdir()} - {CONFIG_FILE, WEIGHTS_FILE}
     assert tokenizer_files >= {"tokenizer.json", "tokenizer_config.json"}
     assert {p.name for p in out.iterdir()} == {CONFIG_FILE, WEIGHTS_FILE, "metrics.csv", TRAIN_STATE_FILE,
-                                               *tokenizer_files}
+                                               *RUN_RECORD, *tokenizer_files}
     base_config, config = load_config(tiny_ckpt), load_config(out)
     assert config.prompt_style == "chatml" and config.extra == {"finetuned_from": str(tiny_ckpt)}
     assert {**config.to_dict(), "extra": {}} == {**base_config.to_dict(), "extra": {}}
@@ -251,7 +255,7 @@ def test_adapter_run_writes_the_adapter(tiny_ckpt, adapter_reference, tmp_path, 
     out = run_adapter(tiny_ckpt, tmp_path / "out", max_steps=3, eval_interval=3, eval_samples=2)
     stdout = capsys.readouterr().out
     assert {p.name for p in out.iterdir()} == {ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE, "metrics.csv",
-                                               TRAIN_STATE_FILE}
+                                               TRAIN_STATE_FILE, *RUN_RECORD}
     config, weights = load_adapter(out)
     assert config == AdapterConfig(adapter_prompt_length=4, adapter_start_layer=1, base_model=str(tiny_ckpt),
                                    base_config=load_config(tiny_ckpt).to_dict(), prompt_style="chatml")
@@ -342,7 +346,7 @@ def test_adapter_v2_run_writes_the_adapter_and_generate_reads_its_version(tiny_c
     out = run_adapter(tiny_ckpt, tmp_path / "out", max_steps=3, eval_interval=3, adapter_version=2)
     stdout = capsys.readouterr().out
     assert {p.name for p in out.iterdir()} == {ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE, "metrics.csv",
-                                               TRAIN_STATE_FILE}
+                                               TRAIN_STATE_FILE, *RUN_RECORD}
     config, weights = load_adapter(out)
     assert config.adapter_version == 2
     # the v1 tensors, a scale and a bias on each of the 2 x 7 linear layers and lm_head, the 5 norms' weights

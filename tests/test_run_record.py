@@ -152,6 +152,8 @@ def test_smooth_is_bias_corrected():
     from lora_lab.plot import smooth
 
     assert smooth([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
+    assert smooth([1.0, 0.0, 0.0]) == [1.0, 0.0, 0.0]  # 3 steps: nothing to average over
+    assert smooth([1.0] + [0.0] * 99)[1] == pytest.approx(0.09 / 0.19)  # beta 0.9 at 100 steps
     assert smooth([1.0, 0.0], beta=0.5) == pytest.approx([1.0, 1 / 3])
 
 
@@ -159,7 +161,7 @@ def test_a_missing_matplotlib_warns_once_and_the_run_finishes(tiny_ckpt, tmp_pat
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     out = run(tiny_ckpt, tmp_path / "out", save_interval=2)
     assert (out / "lora.safetensors").is_file() and not (out / "loss.png").exists()
-    assert capsys.readouterr().err.count("matplotlib is not installed") == 1
+    assert capsys.readouterr().err.count("warning: no loss.png (matplotlib is not installed: pip install") == 1
 
 
 # ------------------------------------------------------------------------------------------------------------

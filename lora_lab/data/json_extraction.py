@@ -84,7 +84,7 @@ def make_sample(rng: random.Random) -> dict:
     return {"instruction": INSTRUCTION, "input": review, "output": json.dumps(target)}
 
 
-def json_extraction_dataset(n_train: int = 1000, n_val: int = 100, seed: int = 42) -> tuple[list[dict], list[dict]]:
+def json_extraction_dataset(n_train: int = 400, n_val: int = 40, seed: int = 42) -> tuple[list[dict], list[dict]]:
     """Deterministic (train, validation) lists of samples; no review text appears in both."""
     rng = random.Random(seed)
     seen, samples = set(), []
