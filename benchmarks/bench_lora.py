@@ -42,6 +42,7 @@ from typing import Optional
 
 import torch
 
+from lora_lab.flops import peak_flops_of, training_flops
 from lora_lab.utils import LoraLabError, cli
 
 SMOLLM2_CONFIG = Path(__file__).resolve().parents[1].parent / "shared/assets/models/smollm2-135m-instruct/config.json"
@@ -262,6 +263,10 @@ def main(checkpoint_dir: Optional[str] = None, batch_size: int = 4, seq_len: int
         models = {side: build(side, dirs, lora) for side in SIDES}
         vocab_size = models["ours"][0].config.vocab_size
         batches = make_batches(vocab_size, batch_size, seq_len)
+        # model FLOPs of a step of each row (lora_lab/flops.py): the same work on both sides
+        step_flops = {row: training_flops(models["ours"][0])(
+            labels.numel(), int((labels[:, 1:] != -100).sum()), batch_size * seq_len * (seq_len + 1) // 2)
+            for row, (x, labels) in batches.items()}
 
         for row, (x, labels) in batches.items():
             for model, _ in models.values():
@@ -294,14 +299,18 @@ def main(checkpoint_dir: Optional[str] = None, batch_size: int = 4, seq_len: int
           f"dropout {dropout:g}, AdamW; torch {torch.__version__}, transformers {tf_version}, peft {peft_version}, "
           f"{torch.get_num_threads()} threads, {repeats} interleaved steps per side and row\n")
     # speed-up: PEFT's best / our best, and the median of PEFT / ours over the steps the two took in turn
-    columns = ["labels", "lora_lab s/step best, median", "PEFT s/step best, median", "speed-up best, paired"]
+    peak, peak_source = peak_flops_of("cpu", torch.float32)
+    print(f"MFU: model FLOPs of the best step (lora_lab/flops.py) over the {peak_source}: {peak / 1e9:.1f} GFLOP/s")
+    columns = ["labels", "lora_lab s/step best, median", "PEFT s/step best, median", "speed-up best, paired",
+               "MFU ours, PEFT"]
     if memory:
         columns += ["peak RSS growth MiB ours, PEFT", "peak tensors MiB ours, PEFT"]
     lines = []
     for row in ROWS:
         o, p = times["ours", row], times["peft", row]
         line = [row, f"{min(o):.2f}, {statistics.median(o):.2f}", f"{min(p):.2f}, {statistics.median(p):.2f}",
-                f"{min(p) / min(o):.2f}x, {statistics.median(a / b for a, b in zip(p, o)):.2f}x"]
+                f"{min(p) / min(o):.2f}x, {statistics.median(a / b for a, b in zip(p, o)):.2f}x",
+                f"{100 * step_flops[row] / min(o) / peak:.1f}%, {100 * step_flops[row] / min(p) / peak:.1f}%"]
         if memory:
             line += [f"{mem['ours', row][k] / 2**20:.0f}, {mem['peft', row][k] / 2**20:.0f}" for k in ("rss", "tensors")]
         lines.append(line)

@@ -51,6 +51,7 @@ from bench_lora import make_batches, print_table, step_memory, write_checkpoints
 from lora_lab import GPT  # noqa: E402
 from lora_lab.adapter import adapter_param_groups, inject_adapter, mark_only_adapter_trainable  # noqa: E402
 from lora_lab.convert_hf import export_hf_state_dict  # noqa: E402
+from lora_lab.flops import peak_flops_of, training_flops  # noqa: E402
 from lora_lab.lora import count_parameters, inject_lora, mark_only_lora_trainable, normalize_targets  # noqa: E402
 from lora_lab.nf4 import model_size_report, quantize_nf4  # noqa: E402
 from lora_lab.utils import LoraLabError, cli  # noqa: E402
@@ -203,6 +204,13 @@ def main(checkpoint_dir: Optional[str] = None, methods: list[str] = list(METHODS
             print(f"full fine-tuning, ours and transformers': the losses ({loss:.4f}) and all gradients agree")
         rows = [{"method": m, "trainable": count_parameters(model)[0], "total": count_parameters(model)[1],
                  "weight_bytes": model_size_report(model)["total_bytes"]} for m, (model, _) in models.items()]
+        # model FLOPs of one step (lora_lab/flops.py); transformers' full fine-tuning does our full's
+        with torch.device("meta"):
+            full_model = GPT(models["lora"][0].config)
+        for row in rows:
+            counted = full_model if row["method"] == "transformers" else models[row["method"]][0]
+            row["step_flops"] = training_flops(counted)(batch_size * seq_len, batch_size * (seq_len - 1),
+                                                        batch_size * seq_len * (seq_len + 1) // 2)
 
         times = {m: [] for m in methods}
         for m, (model, opt) in models.items():
@@ -219,6 +227,9 @@ def main(checkpoint_dir: Optional[str] = None, methods: list[str] = list(METHODS
             t, lora = times[row["method"]], times["lora"]
             row.update(best=min(t), median=statistics.median(t), vs_lora_best=min(t) / min(lora),
                        vs_lora_paired=statistics.median(a / b for a, b in zip(t, lora)))
+        peak, peak_source = peak_flops_of("cpu", torch.float32)
+        for row in rows:
+            row["mfu"] = row["step_flops"] / row["best"] / peak
         if memory:
             args = dict(dirs=dirs, vocab_size=vocab_size, batch_size=batch_size, seq_len=seq_len, threads=threads)
             for row in rows:
@@ -229,14 +240,16 @@ def main(checkpoint_dir: Optional[str] = None, methods: list[str] = list(METHODS
     weights = "tiny random Llama" if tiny else checkpoint_dir or "SmolLM2-135M architecture, seeded random weights"
     print(f"\n{weights}; float32, batch {batch_size} x {seq_len}, labels = inputs, AdamW; torch {torch.__version__}, "
           f"transformers {tf_version}, {torch.get_num_threads()} threads, {repeats} interleaved steps per method\n")
-    columns = ["method", "trainable parameters", "weights MiB", "s/step best, median", "vs LoRA best, paired"]
+    print(f"MFU: model FLOPs of the best step (lora_lab/flops.py) over the {peak_source}: "
+          f"{peak / 1e9:.1f} GFLOP/s")
+    columns = ["method", "trainable parameters", "weights MiB", "s/step best, median", "vs LoRA best, paired", "MFU"]
     if memory:
         columns += ["peak RSS growth MiB", "peak tensors MiB"]
     lines = []
     for row in rows:
         line = [row["method"], f"{row['trainable']:,} ({100 * row['trainable'] / row['total']:.3g}%)",
                 f"{row['weight_bytes'] / 2**20:.1f}", f"{row['best']:.2f}, {row['median']:.2f}",
-                f"{row['vs_lora_best']:.2f}x, {row['vs_lora_paired']:.2f}x"]
+                f"{row['vs_lora_best']:.2f}x, {row['vs_lora_paired']:.2f}x", f"{100 * row['mfu']:.1f}%"]
         if memory:
             line += [f"{row['rss'] / 2**20:.0f}", f"{row['tensors'] / 2**20:.0f}"]
         lines.append(line)

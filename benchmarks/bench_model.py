@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_lab import GPT
+from lora_lab.flops import peak_flops_of, training_flops
 from lora_lab.generate import generate
 
 SMOLLM2_CONFIG = Path(__file__).resolve().parents[1].parent / "shared/assets/models/smollm2-135m-instruct/config.json"
@@ -91,6 +92,12 @@ def main(checkpoint_dir: str | None = None, batch_size: int = 4, seq_len: int = 
         t_ours.append(best_of(ours_step, 1))
         t_hf.append(best_of(hf_step, 1))
     rows.append((f"fwd+bwd {batch_size}x{seq_len} (s)", min(t_ours), min(t_hf)))
+    # model FLOPs of the step (lora_lab/flops.py: every weight trains; lm_head on all positions, as both sides
+    # here compute the logits of every position) over the CPU's measured matmul peak
+    step_flops = training_flops(ours)(batch_size * seq_len, batch_size * seq_len,
+                                      batch_size * seq_len * (seq_len + 1) // 2)
+    peak, peak_source = peak_flops_of(x.device, torch.float32)
+    mfu = (step_flops / min(t_ours) / peak, step_flops / min(t_hf) / peak)
 
     ours.eval(), hf.eval()
     prompt = x[0, :16]
@@ -120,6 +127,8 @@ def main(checkpoint_dir: str | None = None, batch_size: int = 4, seq_len: int = 
     for label, o, h in rows:
         ratio = o / h if "(s)" in label else h / o  # always time ratio: < 1.0 means we are faster
         print(f"| {label:<28} | {o:>9.3f} | {h:>12.3f} | {ratio:>16.2f} |")
+    print(f"fwd+bwd MFU: lora_lab {100 * mfu[0]:.1f}%, transformers {100 * mfu[1]:.1f}% "
+          f"({step_flops / 1e9:.0f} GFLOP per step; {peak_source}: {peak / 1e9:.1f} GFLOP/s)")
 
 
 if __name__ == "__main__":
