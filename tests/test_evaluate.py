@@ -320,8 +320,10 @@ def test_one_line_errors(tiny, tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 1 and "hellaswag_validation.jsonl" in last and str(empty) in last and "Hub" in last
     other = lora_adapter(ckpt, tmp_path / "other", n_embd=64)  # recorded as trained on a wider base
-    r = run_cli("--checkpoint_dir", ckpt, "--adapter_dir", other, "--tasks", "perplexity", "--data", "x.txt")
-    assert r.returncode == 1 and "n_embd 64 vs 32" in r.stderr.strip().splitlines()[-1]
+    r = run_cli("--adapter_dir", other, "--compare", "--tasks", "perplexity", "--data", "x.txt")
+    assert r.returncode == 1 and "n_embd 64 vs 32" in r.stderr.strip().splitlines()[-1]  # before the base is run
+    r = run_cli("--checkpoint_dir", ckpt, "--tasks", "perplexity", "--data", tmp_path / "missing.txt")
+    assert r.returncode == 1 and "missing.txt: no such file" in r.stderr.strip().splitlines()[-1]
     r = run_cli("--checkpoint_dir", ckpt, "--tasks", "perplexity")
     assert r.returncode == 1 and "needs --data" in r.stderr
 

@@ -111,8 +111,8 @@ def test_every_finetune_script_trains_on_raw_text(script, corpus, tmp_path, tmp_
 
 @pytest.mark.slow
 def test_lora_on_tinyshakespeare_lowers_held_out_perplexity(tmp_path):
-    """Continued pre-training with LoRA (SmolLM2-135M-Instruct, a few dozen steps): the held-out end of the text
-    becomes more predictable."""
+    """Continued pre-training with LoRA (SmolLM2-135M-Instruct, 8 steps of 4 x 128 tokens): the held-out end of the
+    text becomes more predictable."""
     import subprocess
     import sys
 
@@ -129,7 +129,7 @@ def test_lora_on_tinyshakespeare_lowers_held_out_perplexity(tmp_path):
     torch.set_num_threads(2)
     L = 128
     base = load_model(ckpt)
-    held_out = split_stream(token_stream(read_documents(text), base.tokenizer), L, 0.05)[1][:2048]
+    held_out = split_stream(token_stream(read_documents(text), base.tokenizer), L, 0.05)[1][:1024]
 
     def ppl(model) -> float:
         nll, n = sliding_window_nll(model, held_out, max_length=L, stride=L)
@@ -137,9 +137,9 @@ def test_lora_on_tinyshakespeare_lowers_held_out_perplexity(tmp_path):
 
     before = ppl(base.model)
     del base
-    ft.setup(checkpoint_dir=ckpt, data=str(text), out_dir=tmp_path / "lora", max_steps=30, batch_size=8,
-             micro_batch_size=8, max_seq_length=L, learning_rate=1e-3, warmup_steps=3, lora_r=8,
-             lora_targets="all", eval_interval=1000, eval_iters=2, log_interval=10, eval_samples=0)
+    ft.setup(checkpoint_dir=ckpt, data=str(text), out_dir=tmp_path / "lora", max_steps=8, batch_size=4,
+             micro_batch_size=4, max_seq_length=L, learning_rate=2e-3, warmup_steps=2, lora_r=8,
+             lora_targets="all", eval_interval=1000, eval_iters=1, log_interval=4, eval_samples=0)
     after = ppl(load_model(ckpt, tmp_path / "lora").model)
     print(f"held-out perplexity {before:.2f} -> {after:.2f}")
-    assert after < 0.9 * before
+    assert after < 0.95 * before

@@ -28,9 +28,9 @@ from typing import Literal, Optional
 import torch
 
 from lora_lab.evaluate.compare import compare_table, flatten_lm_eval
-from lora_lab.evaluate.load import load_model
+from lora_lab.evaluate.load import check_fits, load_model
 from lora_lab.evaluate.local_tasks import OUR_TASKS
-from lora_lab.generate import select_device, select_dtype
+from lora_lab.generate import peak_memory_bytes, select_device, select_dtype
 from lora_lab.utils import LoraLabError, atomic_write_text, cli
 
 BASE = "base"  # --adapter_dir base: the base model alone, in a comparison
@@ -98,6 +98,10 @@ def main(
 
         schema = load_schema(json_schema)
     checkpoint_dir, models = models_to_run(checkpoint_dir, adapter_dir, compare)
+    for _, adapter in models:  # every model loadable (config files only), before minutes of work on the first
+        check_fits(checkpoint_dir, adapter)
+    if "perplexity" in ours or (data is not None and "json" in ours):
+        check_data(data)
     task_manager = None
     if lm_eval_tasks:  # check every name (and where its data is) before loading any model
         try:
@@ -160,6 +164,17 @@ def main(
         print(f"Wrote {out_file}", file=sys.stderr)
 
 
+def check_data(data: str) -> None:
+    """--data is raw text, a file or a dataset name: else one line, before any model is loaded."""
+    from lora_lab.data.instructions import BUILTIN_DATASETS, NAMED_DATASETS
+    from lora_lab.data.text import is_text_data
+
+    if not (is_text_data(data) or Path(data).expanduser().is_file() or data in NAMED_DATASETS
+            or data in BUILTIN_DATASETS):
+        raise LoraLabError(f"--data {data}: no such file or folder, and not a dataset name "
+                           f"({', '.join((*BUILTIN_DATASETS, *NAMED_DATASETS))})")
+
+
 def _jsonable(value):
     """What json cannot write (numpy numbers, functions in lm-eval's task configs) as numbers or text."""
     if hasattr(value, "item"):
@@ -209,9 +224,10 @@ def run_lm_eval(loaded, tasks, task_manager, num_fewshot, limit, batch_size, see
                               fewshot_random_seed=seed, log_samples=False)
     seconds = time.perf_counter() - t0
     n = lm.n_requests
-    speed = {"requests": n, "seconds": seconds, "requests_per_s": n / max(seconds, 1e-9),
+    peak = peak_memory_bytes(lm._device)
+    speed = {"requests": n, "seconds": seconds, "requests_per_s": n / max(seconds, 1e-9), "peak_memory_bytes": peak,
              "line": f"lm-eval: {n} requests in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} requests/s, data "
-                     f"loading included)"}
+                     f"loading included); peak memory {peak / 2**30:.2f} GiB"}
     return results, speed
 
 

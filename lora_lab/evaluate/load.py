@@ -74,26 +74,51 @@ def recorded_base(adapter_dir: PathLike) -> Path:
     return base_checkpoint_dir(load_adapter(adapter_dir)[0], None, adapter_dir)
 
 
+def check_fits(checkpoint_dir: Optional[PathLike], adapter_dir: Optional[PathLike]) -> None:
+    """Cheap checks (config files only) that base + adapter_dir can be loaded: one line if not. Run for every model
+    of a comparison before the first is evaluated, so a mistake does not surface after minutes of work."""
+    from lora_lab.merge_lora import SHAPE_FIELDS, check_adapter_fits
+
+    if adapter_dir is None:
+        if checkpoint_dir is None:
+            raise LoraLabError("pass --checkpoint_dir (the model to evaluate) or --adapter_dir")
+        load_config(checkpoint_dir)
+        return
+    kind = adapter_kind(adapter_dir)
+    if kind == "full":
+        if checkpoint_dir is not None:  # the base is only a check here: the shapes must be the base's
+            base, ours = load_config(checkpoint_dir).to_dict(), load_config(adapter_dir).to_dict()
+            diffs = [f"{k} {ours[k]} vs {base[k]}" for k in SHAPE_FIELDS if ours.get(k) != base.get(k)]
+            if diffs:
+                raise LoraLabError(f"{adapter_dir} is a model of other shapes than {checkpoint_dir} "
+                                   f"({', '.join(diffs)}): pass the --checkpoint_dir it was fine-tuned from")
+        return
+    if kind == "lora":
+        from lora_lab.lora import load_lora
+        from lora_lab.merge_lora import base_checkpoint_dir
+
+        adapter_config = load_lora(adapter_dir)[0]
+    else:
+        from lora_lab.adapter import base_checkpoint_dir, load_adapter
+
+        adapter_config = load_adapter(adapter_dir)[0]
+    checkpoint_dir = base_checkpoint_dir(adapter_config, checkpoint_dir, adapter_dir)
+    check_adapter_fits(adapter_config, load_config(checkpoint_dir), adapter_dir, checkpoint_dir)
+
+
 def load_model(checkpoint_dir: Optional[PathLike], adapter_dir: Optional[PathLike] = None,
                quantize: Optional[str] = None, device: Union[str, torch.device] = "cpu",
                dtype: torch.dtype = torch.float32) -> Loaded:
     """The model (in eval mode) of base + adapter_dir, its tokenizer, a description and its prompt style."""
-    from lora_lab.merge_lora import SHAPE_FIELDS, check_adapter_fits
     from lora_lab.nf4 import quantize_nf4
 
     if quantize not in (None, "none", "nf4"):
         raise LoraLabError(f"--quantize {quantize!r}: use nf4 (or leave it out)")
     kind = adapter_kind(adapter_dir) if adapter_dir is not None else "base"
 
+    check_fits(checkpoint_dir, adapter_dir)  # one line, before any weights are read
     if kind == "full":
         config = load_config(adapter_dir)
-        if checkpoint_dir is not None:  # the base is only a check here: the shapes must be the base's
-            base = load_config(checkpoint_dir).to_dict()
-            ours = config.to_dict()
-            diffs = [f"{k} {ours[k]} vs {base[k]}" for k in SHAPE_FIELDS if ours.get(k) != base.get(k)]
-            if diffs:
-                raise LoraLabError(f"{adapter_dir} is a model of other shapes than {checkpoint_dir} "
-                                   f"({', '.join(diffs)}): pass the --checkpoint_dir it was fine-tuned from")
         model = GPT.from_checkpoint(adapter_dir, device=device, dtype=dtype).eval()
         if quantize == "nf4":
             quantize_nf4(model)
@@ -101,9 +126,7 @@ def load_model(checkpoint_dir: Optional[PathLike], adapter_dir: Optional[PathLik
                       Path(adapter_dir))
 
     if kind == "base":
-        if checkpoint_dir is None:
-            raise LoraLabError("pass --checkpoint_dir (the model to evaluate) or --adapter_dir")
-        config = load_config(checkpoint_dir)  # one line if it is not a checkpoint
+        config = load_config(checkpoint_dir)
         model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=dtype).eval()
         if quantize == "nf4":
             quantize_nf4(model)  # every nn.Linear but lm_head -> NF4Linear
@@ -117,7 +140,6 @@ def load_model(checkpoint_dir: Optional[PathLike], adapter_dir: Optional[PathLik
 
         lora_config, adapter = load_lora(adapter_dir)
         checkpoint_dir = base_checkpoint_dir(lora_config, checkpoint_dir, adapter_dir)
-        check_adapter_fits(lora_config, load_config(checkpoint_dir), adapter_dir, checkpoint_dir)
         q = lora_config.base_quantization  # set for a QLoRA adapter: the NF4 base it learned to correct
         if q or quantize == "nf4":
             model = GPT.from_checkpoint(checkpoint_dir, device=device).eval()
@@ -143,7 +165,6 @@ def load_model(checkpoint_dir: Optional[PathLike], adapter_dir: Optional[PathLik
 
     adapter_config, adapter = load_adapter(adapter_dir)
     checkpoint_dir = base_checkpoint_dir(adapter_config, checkpoint_dir, adapter_dir)
-    check_adapter_fits(adapter_config, load_config(checkpoint_dir), adapter_dir, checkpoint_dir)
     model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=dtype).eval()
     if quantize == "nf4":
         quantize_nf4(model)
