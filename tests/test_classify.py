@@ -199,6 +199,21 @@ def test_each_method_trains_only_what_it_says_and_reloads_identically(method, ti
     assert scores["test"]["n"] == 16 and len(scores["test"]["confusion"]) == 2
 
 
+def test_time_budget_stop_then_resume_is_exact(tiny_ckpt, reviews, tmp_path, capsys):
+    """--max_time 0 stops after step 1 (saving the resume state); --resume then ends bit for bit where the
+    uninterrupted run ends (LoRA dropout 0.1: the saved random state matters)."""
+    from safetensors.torch import load_file
+
+    settings = dict(max_steps=6, lora_dropout=0.1)
+    reference = run(tiny_ckpt, reviews, tmp_path / "reference", "lora", **settings)
+    out = run(tiny_ckpt, reviews, tmp_path / "out", "lora", max_time="0", **settings)
+    assert "Time budget of 0:00 spent after step 1: stopping" in capsys.readouterr().out
+    run(tiny_ckpt, reviews, out, "lora", resume=True, **settings)
+    assert "Resuming from step 1 of 6" in capsys.readouterr().out
+    ours, theirs = load_file(str(out / CLASSIFIER_WEIGHTS_FILE)), load_file(str(reference / CLASSIFIER_WEIGHTS_FILE))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_head_stays_float_under_nf4(tiny_ckpt, reviews, tmp_path, monkeypatch):
     saves = capture_saves(monkeypatch)
     run(tiny_ckpt, reviews, tmp_path / "q", "qlora", max_steps=2)
