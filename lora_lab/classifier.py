@@ -32,8 +32,9 @@ Saving. A classifier folder holds classifier_config.json (labels in their fixed 
 blocks, the base model and its config, max_seq_length, LoRA and quantization settings) and classifier.safetensors
 with exactly the tensors that trained (the head as `score.*`); the base model's weights are read from base_model
 again (all of them are in the file for `full`). The tokenizer files are copied too. load_classifier() rebuilds the
-model (test_each_method_trains_only_what_it_says_and_reloads_identically). A lora / qlora classifier also has the usual lora_config.json +
-lora.safetensors, so `python -m lora_lab.export_peft` exports it (task_type SEQ_CLS, `score` in modules_to_save);
+model (test_each_method_trains_only_what_it_says_and_reloads_identically). A lora / qlora classifier also has the
+usual lora_config.json + lora.safetensors, so `python -m lora_lab.export_peft` exports it (task_type SEQ_CLS,
+`score` in modules_to_save);
 export_hf_classifier writes head / blocks / full classifiers as a Hugging Face *ForSequenceClassification folder
 (`python -m lora_lab.convert --to hf OUT HF_DIR`). Both are tested against transformers and PEFT.
 """
