@@ -19,8 +19,7 @@ import torch
 
 import finetune.classify as ft
 from conftest import ROOT, require_asset
-from lora_lab.checkpoint import load_config
-from lora_lab.classifier import (CLASSIFIER_WEIGHTS_FILE, ClassifierConfig, add_classification_head,
+from lora_lab.classifier import (CLASSIFIER_WEIGHTS_FILE, add_classification_head,
                                  classification_scores, classify, load_classifier, pool)
 from lora_lab.config import Config
 from lora_lab.data.classification import collate_texts, load_classification
@@ -48,7 +47,8 @@ def write_reviews(path: Path, n: int = 160, seed: int = 0, **labels_of) -> Path:
         writer.writerow(["text", "label"])
         for _ in range(n):
             label = rng.choice(["good", "bad"])
-            words = [rng.choice(FILLER) for _ in range(rng.randint(2, 8))] + [rng.choice(GOOD if label == "good" else BAD)]
+            last = rng.choice(GOOD if label == "good" else BAD)  # the word that decides
+            words = [rng.choice(FILLER) for _ in range(rng.randint(2, 8))] + [last]
             writer.writerow([" ".join(words), labels_of.get(label, label)])
     return path
 
