@@ -22,7 +22,8 @@ import torch
 # run as `python generate/classify.py` from a checkout without installing: make lora_lab importable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lora_lab.classifier import classification_scores, classify, format_scores, load_classifier, read_classifier  # noqa: E402
+from lora_lab.classifier import (classification_scores, classify, format_scores, load_classifier,  # noqa: E402
+                                 read_classifier)
 from lora_lab.data.classification import collate_texts  # noqa: E402
 from lora_lab.data.instructions import _iter_records, _Unreadable  # noqa: E402
 from lora_lab.generate import peak_memory_bytes, reset_peak_memory, select_device, select_dtype  # noqa: E402

@@ -32,8 +32,9 @@ Saving. A classifier folder holds classifier_config.json (labels in their fixed 
 blocks, the base model and its config, max_seq_length, LoRA and quantization settings) and classifier.safetensors
 with exactly the tensors that trained (the head as `score.*`); the base model's weights are read from base_model
 again (all of them are in the file for `full`). The tokenizer files are copied too. load_classifier() rebuilds the
-model (test_save_load_predicts_identically). A lora / qlora classifier also has the usual lora_config.json +
-lora.safetensors, so `python -m lora_lab.export_peft` exports it (task_type SEQ_CLS, `score` in modules_to_save);
+model (test_each_method_trains_only_what_it_says_and_reloads_identically). A lora / qlora classifier also has the
+usual lora_config.json + lora.safetensors, so `python -m lora_lab.export_peft` exports it (task_type SEQ_CLS,
+`score` in modules_to_save);
 export_hf_classifier writes head / blocks / full classifiers as a Hugging Face *ForSequenceClassification folder
 (`python -m lora_lab.convert --to hf OUT HF_DIR`). Both are tested against transformers and PEFT.
 """
@@ -53,7 +54,7 @@ import torch.nn.functional as F
 
 from lora_lab.checkpoint import copy_tokenizer_files, load_config, read_adapter_files, save_adapter_files
 from lora_lab.config import Config
-from lora_lab.lora import LoRAConfig, inject_lora, lora_state_dict, save_lora
+from lora_lab.lora import LoRAConfig, save_lora
 from lora_lab.model import GPT
 from lora_lab.nf4 import quantize_nf4
 from lora_lab.utils import LoraLabError, atomic_path, atomic_write_text
@@ -222,7 +223,8 @@ class ClassifierConfig:
     def from_dict(cls, d: dict) -> "ClassifierConfig":
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
-            raise LoraLabError(f"unknown classifier config keys {sorted(unknown)}: not written by this lora_lab version")
+            raise LoraLabError(f"unknown classifier config keys {sorted(unknown)}: not written by this lora_lab "
+                               f"version")
         return cls(**d)
 
     def lora_config(self) -> Optional[LoRAConfig]:
@@ -367,6 +369,6 @@ def peft_classifier_parts(adapter_dir: Union[str, Path]) -> Optional[dict[str, t
 
 __all__ = ["CLASSIFIER_CONFIG_FILE", "CLASSIFIER_WEIGHTS_FILE", "METHODS", "POOLINGS", "ClassifierConfig",
            "add_classification_head", "classification_scores", "classify", "export_hf_classifier",
-           "extract_features", "format_scores", "is_classifier", "load_classifier", "load_trained_state_dict", "logistic_regression",
-           "peft_classifier_parts", "pool", "pooled_hidden_states", "read_classifier", "save_classifier",
-           "trained_state_dict"]
+           "extract_features", "format_scores", "is_classifier", "load_classifier", "load_trained_state_dict",
+           "logistic_regression", "peft_classifier_parts", "pool", "pooled_hidden_states", "read_classifier",
+           "save_classifier", "trained_state_dict"]

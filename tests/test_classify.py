@@ -19,8 +19,7 @@ import torch
 
 import finetune.classify as ft
 from conftest import ROOT, require_asset
-from lora_lab.checkpoint import load_config
-from lora_lab.classifier import (CLASSIFIER_WEIGHTS_FILE, ClassifierConfig, add_classification_head,
+from lora_lab.classifier import (CLASSIFIER_WEIGHTS_FILE, add_classification_head,
                                  classification_scores, classify, load_classifier, pool)
 from lora_lab.config import Config
 from lora_lab.data.classification import collate_texts, load_classification
@@ -48,7 +47,8 @@ def write_reviews(path: Path, n: int = 160, seed: int = 0, **labels_of) -> Path:
         writer.writerow(["text", "label"])
         for _ in range(n):
             label = rng.choice(["good", "bad"])
-            words = [rng.choice(FILLER) for _ in range(rng.randint(2, 8))] + [rng.choice(GOOD if label == "good" else BAD)]
+            last = rng.choice(GOOD if label == "good" else BAD)  # the word that decides
+            words = [rng.choice(FILLER) for _ in range(rng.randint(2, 8))] + [last]
             writer.writerow([" ".join(words), labels_of.get(label, label)])
     return path
 
@@ -197,6 +197,21 @@ def test_each_method_trains_only_what_it_says_and_reloads_identically(method, ti
     scores = json.loads((out / ft.SCORES_FILE).read_text())
     assert set(scores) >= {"validation", "test", "train_seconds", "peak_memory_bytes"}
     assert scores["test"]["n"] == 16 and len(scores["test"]["confusion"]) == 2
+
+
+def test_time_budget_stop_then_resume_is_exact(tiny_ckpt, reviews, tmp_path, capsys):
+    """--max_time 0 stops after step 1 (saving the resume state); --resume then ends bit for bit where the
+    uninterrupted run ends (LoRA dropout 0.1: the saved random state matters)."""
+    from safetensors.torch import load_file
+
+    settings = dict(max_steps=6, lora_dropout=0.1)
+    reference = run(tiny_ckpt, reviews, tmp_path / "reference", "lora", **settings)
+    out = run(tiny_ckpt, reviews, tmp_path / "out", "lora", max_time="0", **settings)
+    assert "Time budget of 0:00 spent after step 1: stopping" in capsys.readouterr().out
+    run(tiny_ckpt, reviews, out, "lora", resume=True, **settings)
+    assert "Resuming from step 1 of 6" in capsys.readouterr().out
+    ours, theirs = load_file(str(out / CLASSIFIER_WEIGHTS_FILE)), load_file(str(reference / CLASSIFIER_WEIGHTS_FILE))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_head_stays_float_under_nf4(tiny_ckpt, reviews, tmp_path, monkeypatch):

@@ -267,3 +267,57 @@ def test_generate_adapter_decodes_as_generate_lora():
     assert next(p for p in lora_params if p[0] == "quantize")[1] == "Optional[Literal['nf4', 'none']]"
     assert [p for p in params if p[0] not in ("quantize", "adapter_dir")] == [p for p in lora_params
                                                                             if p[0] not in ("quantize", "adapter_dir")]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# finetune/classify.py: lora.py's training loop with a classification loss
+# ------------------------------------------------------------------------------------------------------------
+# statements that differ because the loss is a cross-entropy over classes, not over next tokens (dropped from both)
+CLASSIFY_OWN = ["logits = classify(", "loss = F.cross_entropy(", "val_loss, val_accuracy = validate(",
+                "row.update(val_loss=val_loss", 'fabric.print(f"step {step}: val loss']
+LORA_OWN = ['loss = model(batch["input_ids"], labels=batch["labels"]', "val_loss = validate(",
+            "row.update(val_loss=val_loss", 'fabric.print(f"step {step}: val loss']
+CLASSIFY_RENAMES = [("classifier_config", "lora_config"), ("Classifier saved to", "Adapter saved to")]
+# shared options whose default suits classification differently (texts are short; LoRA on every block linear
+# layer, as the issue's experiment; no FSDP)
+CLASSIFY_OWN_DEFAULTS = OWN_DEFAULTS | {"data", "max_seq_length", "micro_batch_size", "strategy", "lora_targets"}
+
+
+def classify_normalised(function: str, script_name: str, drops: list[str], renames=()) -> str:
+    source = script_source(script_name)
+    node = functions(ast.parse(source))[function]
+    node = Normalise(source, renames, drops).visit(node)
+    node.args = ast.arguments(posonlyargs=[], args=[], kwonlyargs=[], kw_defaults=[], defaults=[])
+    return ast.dump(node, indent=1)
+
+
+@pytest.mark.parametrize("function", ["fit", "not_finite"])
+def test_classify_trains_with_loras_loop(function):
+    assert_same(classify_normalised(function, "classify", CLASSIFY_OWN, CLASSIFY_RENAMES),
+                classify_normalised(function, REFERENCE, LORA_OWN), f"finetune/classify.py {function}()")
+
+
+def test_classify_shares_loras_options_and_shape():
+    def params(name):
+        return list(inspect.signature(function_object(name, "setup")).parameters.values())
+
+    ours = {p.name: p for p in params("classify")}
+    shared = [p for p in params(REFERENCE) if p.name in ours]
+    # every option of lora.py but the LoRA ones that have no meaning here and the generation / prompt ones
+    assert {p.name for p in params(REFERENCE)} - set(ours) == {"use_rslora", "use_dora", "lora_plus_ratio",
+                                                               "prompt_style", "mask_prompt", "eval_samples"}
+    assert [p.name for p in shared] == [n for n in ours if n in {p.name for p in shared}]  # same order
+    for p in shared:
+        if p.name not in CLASSIFY_OWN_DEFAULTS:
+            assert (ours[p.name].annotation, ours[p.name].default) == (p.annotation, p.default), p.name
+    order = [f for f in functions(script("classify")[1]) if f in ORDER + ["evaluate"]]
+    assert order == ["setup", "main", "fit", "not_finite", "validate", "evaluate", "save"]
+    for function in ("fit", "save"):
+        ours_args = [renamed_classify(a) for a in inspect.signature(function_object("classify", function)).parameters]
+        assert ours_args == list(inspect.signature(function_object(REFERENCE, function)).parameters)
+
+
+def renamed_classify(text: str) -> str:
+    for ours, theirs in CLASSIFY_RENAMES:
+        text = text.replace(ours, theirs)
+    return text
