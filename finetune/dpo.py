@@ -257,7 +257,7 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     else:
         # THE REFERENCE: pi_ref is the model as it is now, before any step: score every pair's answers with it once
         for ds in datasets:
-            ds.ref_logps = reference_logps(model, ds, micro_batch_size)  # (N, 2) [chosen, rejected]
+            ds.ref_logps = reference_logps(model, ds, micro_batch_size, verbose=fabric.is_global_zero)  # (N, 2)
         state["reference"] = [ds.ref_logps for ds in datasets]  # saved with the counters: --resume reuses them
 
     eval_rows = val_dl.dataset.rows[:eval_samples] if val_dl is not None else []
