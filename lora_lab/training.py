@@ -201,7 +201,8 @@ class MetricsLog:
     come from a run that crashed or was killed after its last saved state (or from an earlier run that never
     saved one), and the steps they describe are about to be done again."""
 
-    def __init__(self, path: Path, fabric, start_step: Optional[int] = None, fields: Optional[list[str]] = None) -> None:
+    def __init__(self, path: Path, fabric, start_step: Optional[int] = None,
+                 fields: Optional[list[str]] = None) -> None:
         self.path, self.enabled = Path(path), fabric.is_global_zero
         # fields: the columns, for a method that logs others (finetune/dpo.py: TRL's rewards/... names)
         self.fields = list(fields or ["step", "train_loss", "val_loss", "val_ppl", "lr", "tokens", "tokens_per_sec"])
