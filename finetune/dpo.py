@@ -178,9 +178,10 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     # cheap checks of the arguments first, so that a mistake is reported before minutes of data and model loading
     load_config(checkpoint_dir)  # one line if checkpoint_dir is not a lora_lab checkpoint
     check_dpo_settings(beta, loss)
-    sft = load_lora(adapter_dir) if adapter_dir is not None else None  # (config, weights): one line if not an adapter
-    if sft is not None:
-        check_adapter_fits(sft[0], load_config(checkpoint_dir), adapter_dir, checkpoint_dir)
+    # the SFT adapter to continue (one line if adapter_dir is not one, or was trained on another base)
+    sft_config, sft_weights = load_lora(adapter_dir) if adapter_dir is not None else (None, None)
+    if sft_config is not None:
+        check_adapter_fits(sft_config, load_config(checkpoint_dir), adapter_dir, checkpoint_dir)
     lora_targets = normalize_targets(lora_targets.split(",") if isinstance(lora_targets, str) else lora_targets)
     if fabric.world_size > 1 and batch_size % (micro_batch_size * fabric.world_size):
         raise LoraLabError(f"batch_size={batch_size} is not a multiple of micro_batch_size x devices = "
@@ -196,7 +197,7 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
 
     # ---- data: pairs, the two answers of each in one batch, only answer tokens scored ------------------------
     tokenizer = Tokenizer(checkpoint_dir)
-    style = PromptStyle.from_checkpoint(checkpoint_dir, prompt_style or (sft[0].prompt_style if sft else None))
+    style = PromptStyle.from_checkpoint(checkpoint_dir, prompt_style or (sft_config and sft_config.prompt_style))
     train_dl, val_dl, data_stats = get_preference_dataloaders(
         data, tokenizer, style, max_seq_length=max_seq_length, micro_batch_size=micro_batch_size, seed=seed,
         val_data=val_data, n_train=n_train, n_val=n_val, pad_id=tokenizer.eos_id or 0, verbose=fabric.is_global_zero)
@@ -210,9 +211,9 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
         quantize_nf4(model, blocksize=nf4_blocksize, double_quant=double_quant)  # every nn.Linear but lm_head -> NF4
         base_quantization = {"method": "nf4", "blocksize": nf4_blocksize, "double_quant": double_quant}
     trained_with = {"method": "dpo", "loss": loss, "beta": beta,
-                    "reference": f"base + {adapter_dir} (the starting adapter)" if sft else "the base model"}
-    if sft is not None:  # continue the SFT adapter: its shape and settings, its weights
-        lora_config = LoRAConfig(**{**sft[0].to_dict(), "dropout": lora_dropout, "lora_plus_ratio": lora_plus_ratio,
+                    "reference": f"base + {adapter_dir} (the starting adapter)" if sft_config else "the base model"}
+    if sft_config is not None:  # continue the SFT adapter: its shape and settings, its weights
+        lora_config = LoRAConfig(**{**sft_config.to_dict(), "dropout": lora_dropout, "lora_plus_ratio": lora_plus_ratio,
                                     "base_model": str(checkpoint_dir), "base_config": model.config.to_dict(),
                                     "prompt_style": style.name, "base_quantization": base_quantization,
                                     "trained_with": {**trained_with, "sft_adapter": str(adapter_dir)}})
@@ -224,13 +225,13 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
                                  trained_with=trained_with)
     inject_lora(model, r=lora_config.r, alpha=lora_config.alpha, dropout=lora_config.dropout,
                 targets=lora_config.targets, use_rslora=lora_config.use_rslora, use_dora=lora_config.use_dora)
-    if sft is not None:
-        load_lora_state_dict(model, sft[1], source=adapter_dir)
+    if sft_weights is not None:
+        load_lora_state_dict(model, sft_weights, source=adapter_dir)
     mark_only_lora_trainable(model)
     model.activation_checkpointing = activation_checkpointing
     trainable, total = count_parameters(model)
     fabric.print(f"DPO ({loss}, beta={beta}) on LoRA r={lora_config.r} alpha={lora_config.alpha} on "
-                 f"{', '.join(lora_config.targets)}" + (f" continuing {adapter_dir}" if sft else "") +
+                 f"{', '.join(lora_config.targets)}" + (f" continuing {adapter_dir}" if sft_config else "") +
                  f"{' (NF4 base)' if quantize else ''}: {trainable:,} trainable parameters of {total:,} "
                  f"({100 * trainable / total:.2f}%)")
 
@@ -256,8 +257,9 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
         fabric.print(f"Resuming from step {state['step']} of {max_steps}")
     else:
         # THE REFERENCE: pi_ref is the model as it is now, before any step: score every pair's answers with it once
+        # (each device scores all pairs: a device may meet any pair in a later epoch)
         for ds in datasets:
-            ds.ref_logps = reference_logps(model, ds, micro_batch_size)  # (N, 2) [chosen, rejected]
+            ds.ref_logps = reference_logps(model, ds, micro_batch_size, verbose=fabric.is_global_zero)  # (N, 2)
         state["reference"] = [ds.ref_logps for ds in datasets]  # saved with the counters: --resume reuses them
 
     eval_rows = val_dl.dataset.rows[:eval_samples] if val_dl is not None else []

@@ -40,6 +40,8 @@ Each claim is checked in tests/test_dpo.py:
 from __future__ import annotations
 
 import math
+import sys
+import time
 from typing import Optional
 
 import torch
@@ -142,7 +144,7 @@ def mean_metrics(total: dict[str, float]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def reference_logps(model, dataset, batch_size: int) -> torch.Tensor:
+def reference_logps(model, dataset, batch_size: int, verbose: bool = False) -> torch.Tensor:
     """log pi_ref of every pair's two answers, (N, 2) [chosen, rejected], from `model` as it is now.
 
     Called once before training, this IS the reference pass (TRL's precompute_ref_log_probs): the model then is
@@ -155,7 +157,12 @@ def reference_logps(model, dataset, batch_size: int) -> torch.Tensor:
     model.eval()
     device = next(p for p in model.parameters()).device
     out = torch.empty(len(dataset), 2)  # (N, 2)
+    t0, shown = time.perf_counter(), 0.0
     for start in range(0, len(dataset), batch_size):
+        if verbose and time.perf_counter() - shown > 30:  # a long pass says where it is
+            shown = time.perf_counter()
+            print(f"Scoring the reference: {start}/{len(dataset)} pairs ({shown - t0:.0f} s)", file=sys.stderr,
+                  flush=True)
         idx = list(range(start, min(start + batch_size, len(dataset))))
         batch = collate_pairs([dataset.pair(i) for i in idx])
         logps, _ = answer_logps(model, batch["input_ids"].to(device), batch["labels"].to(device))  # (2b,)

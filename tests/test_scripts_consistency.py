@@ -321,3 +321,44 @@ def renamed_classify(text: str) -> str:
     for ours, theirs in CLASSIFY_RENAMES:
         text = text.replace(ours, theirs)
     return text
+
+
+# ------------------------------------------------------------------------------------------------------------
+# finetune/dpo.py: the same shape and plumbing, another objective (pairs of answers against a reference)
+# ------------------------------------------------------------------------------------------------------------
+DPO = "dpo"
+RENAMES[DPO] = []
+METHOD_STATEMENTS[DPO] = []
+DPO_ARGUMENTS = ["adapter_dir", "beta", "loss", "quantize", "nf4_blocksize", "double_quant", *METHOD_ARGUMENTS["lora"]]
+# SFT options that mean nothing for pairs: only answers are ever scored; no embedding noise against a fixed reference
+DPO_DROPPED = {"mask_prompt", "neftune_alpha"}
+DPO_OWN_DEFAULTS = OWN_DEFAULTS | {"data", "eval_samples"}
+
+
+def test_dpo_setup_shares_every_option_but_its_own():
+    def shared(script_name, own):
+        params = inspect.signature(function_object(script_name, "setup")).parameters.values()
+        return [(p.name, p.annotation if p.name not in DPO_OWN_DEFAULTS else None,
+                 p.default if p.name not in DPO_OWN_DEFAULTS else None)
+                for p in params if p.name not in own and p.name not in DPO_DROPPED]
+
+    assert shared(DPO, DPO_ARGUMENTS) == shared(REFERENCE, METHOD_ARGUMENTS[REFERENCE])
+    names = list(inspect.signature(function_object(DPO, "setup")).parameters)
+    i = names.index("resume") + 1
+    assert names[i:i + len(DPO_ARGUMENTS)] == DPO_ARGUMENTS
+    test_setup_documents_every_option_and_main_takes_them_all(DPO)
+
+
+def test_dpo_same_functions_order_imports_and_shared_plumbing():
+    order = [f for f in functions(script(DPO)[1]) if f in ORDER]
+    assert order == [f for f in ORDER if f != "evaluate_json"]  # its before/after is generate_samples + validate
+
+    def training_imports(script_name):
+        return sorted(a.name for node in script(script_name)[1].body if isinstance(node, ast.ImportFrom)
+                      and node.module == "lora_lab.training" for a in node.names)
+
+    assert training_imports(DPO) == training_imports(REFERENCE)
+    for function in ("not_finite", "save"):  # word for word lora.py's
+        assert_same(normalised(DPO, function), normalised(REFERENCE, function), f"finetune/dpo.py {function}()")
+    assert list(inspect.signature(function_object(DPO, "save")).parameters) == \
+        list(inspect.signature(function_object(REFERENCE, "save")).parameters)

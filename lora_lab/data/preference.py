@@ -57,8 +57,9 @@ def _column_map(records: list, columns: Optional[dict], where: str) -> dict:
     mapping.update(columns or {})
     for f in ("instruction", "chosen", "rejected"):
         if keys and mapping[f] not in keys:
-            raise LoraLabError(f"{where} has no {mapping[f]!r} column (its columns: {', '.join(sorted(map(str, keys)))}):"
-                               f" preference data needs {FILE_HELP}; or pass columns={{\"{f}\": \"<column name>\"}}")
+            have = ", ".join(sorted(map(str, keys)))
+            raise LoraLabError(f"{where} has no {mapping[f]!r} column (its columns: {have}): preference data needs "
+                               f"{FILE_HELP}; or pass columns={{\"{f}\": \"<column name>\"}}")
     return mapping
 
 
