@@ -13,7 +13,6 @@ llama.cpp runs with an F32 KV cache (its default is F16) so that the comparison 
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
