@@ -332,7 +332,7 @@ def test_llama_cpp_applies_our_lora_adapter_as_our_merged_model(case, tmp_path, 
         base = GPT.from_checkpoint(ckpt).eval()(torch.tensor([ids]))[0]
     theirs = llama_cpp_logits(llama_cpp(tmp_path / "base.gguf", tmp_path / "adapter.gguf"), ids)
     atol = FAMILIES[family][3]
-    assert (ours - base).abs().max() > 100 * atol  # the adapter changes the logits far beyond the tolerance
+    assert (ours - base).abs().max() > 20 * atol  # the adapter changes the logits far beyond the tolerance
     torch.testing.assert_close(theirs, ours, atol=atol, rtol=0)
 
 
