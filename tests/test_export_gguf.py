@@ -106,10 +106,14 @@ def small_vocab(tmp_path_factory) -> Path:
 
 
 def llama_cpp(model_path: Path, lora_path: Path = None, n_ctx: int = 256):
+    """llama.cpp on our file, through benchmarks/bench_gguf.py's loader (no AMX-repacked weights: see there)."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (.ci/run installs it)")
-    return llama_cpp.Llama(model_path=str(model_path), lora_path=str(lora_path) if lora_path else None,
-                           logits_all=True, n_ctx=n_ctx, n_threads=2, n_batch=256, seed=0, verbose=False,
-                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_gguf import load_llama_cpp
+
+    return load_llama_cpp(model_path, lora_path=str(lora_path) if lora_path else None, logits_all=True,
+                          n_ctx=n_ctx, n_threads=2, n_batch=256, seed=0, verbose=False,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
 
 
 def llama_cpp_logits(llm, ids: list[int]) -> torch.Tensor:
