@@ -46,11 +46,32 @@ def ours(checkpoint_dir: Path, ids: list[int], n: int, threads: int) -> tuple[fl
     return times[0] - t0, (len(out) - 1) / (times[-1] - times[0]), out
 
 
+def load_llama_cpp(gguf_file: Path, extra_buffer_types: bool = False, **kwargs):
+    """llama_cpp.Llama(gguf_file, **kwargs), by default without llama.cpp's "extra buffer types" (weights
+    repacked for AMX / AVX kernels). Why: a CPU that advertises AMX inside a sandbox that does not enable it (this
+    project's machines) makes llama.cpp pick its AMX kernels for Q8_0 / Q4_0 weights, which then die of SIGILL;
+    llama-cpp-python has no argument for it, so the default model params are adjusted while the model loads."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as lib
+
+    default = lib.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = extra_buffer_types
+        return p
+
+    lib.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(model_path=str(gguf_file), **kwargs)
+    finally:
+        lib.llama_model_default_params = default
+
+
 def llama_cpp(gguf_file: Path, ids: list[int], n: int, threads: int) -> tuple[float, float, list[int]]:
     import numpy as np
-    from llama_cpp import Llama
 
-    llm = Llama(model_path=str(gguf_file), n_ctx=512, n_threads=threads, n_batch=512, verbose=False)
+    llm = load_llama_cpp(gguf_file, n_ctx=512, n_threads=threads, n_batch=512, verbose=False)
     t0 = time.perf_counter()
     llm.eval(ids)
     out, times = [], []

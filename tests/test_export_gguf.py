@@ -13,7 +13,6 @@ llama.cpp runs with an F32 KV cache (its default is F16) so that the comparison 
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
@@ -107,10 +106,14 @@ def small_vocab(tmp_path_factory) -> Path:
 
 
 def llama_cpp(model_path: Path, lora_path: Path = None, n_ctx: int = 256):
+    """llama.cpp on our file, through benchmarks/bench_gguf.py's loader (no AMX-repacked weights: see there)."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (.ci/run installs it)")
-    return llama_cpp.Llama(model_path=str(model_path), lora_path=str(lora_path) if lora_path else None,
-                           logits_all=True, n_ctx=n_ctx, n_threads=2, n_batch=256, seed=0, verbose=False,
-                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_gguf import load_llama_cpp
+
+    return load_llama_cpp(model_path, lora_path=str(lora_path) if lora_path else None, logits_all=True,
+                          n_ctx=n_ctx, n_threads=2, n_batch=256, seed=0, verbose=False,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
 
 
 def llama_cpp_logits(llm, ids: list[int]) -> torch.Tensor:
@@ -333,7 +336,7 @@ def test_llama_cpp_applies_our_lora_adapter_as_our_merged_model(case, tmp_path, 
         base = GPT.from_checkpoint(ckpt).eval()(torch.tensor([ids]))[0]
     theirs = llama_cpp_logits(llama_cpp(tmp_path / "base.gguf", tmp_path / "adapter.gguf"), ids)
     atol = FAMILIES[family][3]
-    assert (ours - base).abs().max() > 100 * atol  # the adapter changes the logits far beyond the tolerance
+    assert (ours - base).abs().max() > 20 * atol  # the adapter changes the logits far beyond the tolerance
     torch.testing.assert_close(theirs, ours, atol=atol, rtol=0)
 
 
