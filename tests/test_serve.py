@@ -475,3 +475,20 @@ def test_cli_serves_and_ctrl_c_exits_cleanly(workdir):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_render_chat_in_the_adapters_prompt_style():
+    from lora_lab.prompts import PromptStyle
+    from lora_lab.serve.server import render_chat
+    from lora_lab.utils import LoraLabError
+
+    style = PromptStyle.from_name("chatml", default_system="Be brief.")
+    one = [{"role": "user", "content": "Hi"}]
+    assert render_chat(style, one) == style.apply("Hi")  # what generate/*.py builds for --prompt Hi
+    turns = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
+    assert render_chat(style, turns) == ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                                         "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n"
+                                         "<|im_start|>assistant\n")
+    with pytest.raises(LoraLabError, match="end with a user message"):
+        render_chat(style, turns[:3])

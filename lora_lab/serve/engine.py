@@ -166,6 +166,8 @@ class Engine:
                 for req in self.rows:
                     self._finish(req, None, error=f"engine error: {type(e).__name__}: {e}")
                 self.rows, self.lengths = [], []
+                for cache in self.caches:
+                    cache.row_offset = 0
         with self.cond:
             pending = list(self.waiting) + self.rows
             self.waiting.clear()
