@@ -34,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="adapters kept loaded; the least recently used are dropped and reloaded when asked for")
     p.add_argument("--max_seq_length", type=int, default=None,
                    help="tokens per request (prompt + completion); default: the model's block_size, at most 4096")
+    p.add_argument("--shutdown_grace", type=float, default=5.0,
+                   help="on Ctrl-C, seconds running requests may take to finish before they are aborted")
     p.add_argument("--precision", default=None, help="bf16-true, 16-true or 32-true; default bf16 on a GPU, else 32")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     return p.parse_args(argv)
@@ -70,10 +72,22 @@ def main(argv=None) -> None:
                                   args.device, args.max_batch_size, args.max_loaded_adapters, max_seq_length)
         print(f"serving {server.name} with {len(adapters)} adapter(s) on http://{args.host}:{args.port} "
               f"(max_batch_size {args.max_batch_size}, context {server.engine.max_seq_length})", file=sys.stderr)
-        # Ctrl-C: uvicorn stops accepting, gives running requests up to 5 s to finish, then the app's shutdown
-        # aborts what is left and the engine thread ends
-        uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning",
-                    timeout_graceful_shutdown=5)
+        # Ctrl-C: uvicorn stops accepting connections; the engine lets running requests finish for
+        # --shutdown_grace seconds, then aborts the rest (their streams end with finish_reason "abort" and
+        # [DONE]); then the app's shutdown stops the engine thread. A second Ctrl-C exits at once.
+        grace = args.shutdown_grace
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig, frame) -> None:
+                server.engine.drain(grace)
+                super().handle_exit(sig, frame)
+
+        try:
+            Server(uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level="warning",
+                                  timeout_graceful_shutdown=grace + 10)).run()
+        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: stopping is what was asked for
+            pass
+        print("server stopped", file=sys.stderr)
 
 
 if __name__ == "__main__":

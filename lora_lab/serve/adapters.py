@@ -64,7 +64,11 @@ def read_adapter(name: str, path, config: Config) -> AdapterWeights:
         from lora_lab.merge_lora import check_adapter_fits
 
         lora_config, tensors = load_lora(path)
-        check_adapter_fits(lora_config, config, path, "the served base model")
+        try:
+            check_adapter_fits(lora_config, config, path, "the served base model")
+        except LoraLabError as e:  # its advice (--checkpoint_dir) is for the scripts: say what it means here
+            raise LoraLabError(f"adapter {name!r} does not fit the served base model: "
+                               f"{str(e).split(': pass the --checkpoint_dir')[0]}") from None
         adapter = AdapterWeights(name, path, lora_config.r, lora_config.scaling, lora_config.use_dora,
                                  lora_config.prompt_style, base_quantization=lora_config.base_quantization)
         for key, t in tensors.items():

@@ -111,6 +111,7 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.cond = threading.Condition()
         self.stopping = False
+        self.drain_deadline: Optional[float] = None  # set by drain(): abort what still runs after it
         self.steps = 0
         self.thread: Optional[threading.Thread] = None
 
@@ -126,9 +127,17 @@ class Engine:
         if len(req.prompt_ids) >= self.max_seq_length:
             raise ValueError(f"prompt of {len(req.prompt_ids)} tokens; the context holds {self.max_seq_length}")
         with self.cond:
-            if self.stopping:
+            if self.stopping or self.drain_deadline is not None:
                 raise RuntimeError("the server is shutting down")
             self.waiting.append(req)
+            self.cond.notify()
+
+    def drain(self, grace: float) -> None:
+        """Begin shutting down (Ctrl-C): take no new requests, let the running ones finish for `grace` seconds,
+        then abort the rest (("done", "abort")), so that open streams end properly before the server closes."""
+        with self.cond:
+            if self.drain_deadline is None:
+                self.drain_deadline = time.perf_counter() + grace
             self.cond.notify()
 
     def shutdown(self, timeout: float = 30.0) -> None:
@@ -157,6 +166,8 @@ class Engine:
                 for req in self.rows:
                     self._finish(req, None, error=f"engine error: {type(e).__name__}: {e}")
                 self.rows, self.lengths = [], []
+                for cache in self.caches:
+                    cache.row_offset = 0
         with self.cond:
             pending = list(self.waiting) + self.rows
             self.waiting.clear()
@@ -169,6 +180,9 @@ class Engine:
     def step(self) -> None:
         """Admit and prefill waiting requests, then one decode step for every running request."""
         with self.store.lock:
+            if self.drain_deadline is not None and time.perf_counter() > self.drain_deadline:
+                for req in self.rows:
+                    req.cancelled = True
             self._drop_cancelled()
             admitted = []
             with self.cond:
