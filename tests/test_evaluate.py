@@ -119,12 +119,15 @@ def test_batched_loglikelihoods_equal_unbatched(tiny):
         n_ctx, n_cont = int(torch.randint(1, 40, (1,), generator=gen)), int(torch.randint(1, 6, (1,), generator=gen))
         ids = torch.randint(0, 49152, (n_ctx + n_cont,), generator=gen).tolist()
         requests.append((("ctx", "cont"), ids[:n_ctx], ids[n_ctx:]))
+    for answer in (330, 331, 332):  # one context, one-token answers (MMLU's " A" ... " D"): one shared row
+        requests.append((("ctx", "cont"), requests[0][1], [answer]))
     one = ours(ckpt, batch_size=1)._loglikelihood_tokens(requests)
     batched = ours(ckpt, batch_size=5)._loglikelihood_tokens(requests)
     for (lp1, g1), (lp5, g5) in zip(one, batched):
         assert lp5 == pytest.approx(lp1, abs=1e-5)
         assert g1 == g5
     assert len({round(lp, 3) for lp, _ in one}) > 10  # the requests really differ
+    assert len({lp for lp, _ in batched[-3:]}) == 3  # a shared row still scores each answer
 
 
 def test_loglikelihood_rolling_is_the_sum_over_windows(tiny):

@@ -9,7 +9,9 @@ lm-eval asks a model three kinds of question (its `Instance`s):
                                          that each predict new tokens only (perplexity tasks)
   generate_until(context, {until, ...})  a greedy continuation, cut at the first stop sequence
 
-Batching. The requests are sorted by length, longest first (as lm-eval's own Collator does, so a batch holds
+Batching. Requests that feed the model the same tokens share one row (the one-token answers " A" ... " D" of an
+MMLU question all read the question: one forward pass, as lm-eval's hf model does with its logits cache). The rows
+are sorted by length, longest first (as lm-eval's own Collator does, so a batch holds
 sequences of similar length and the first batch is the largest: an out-of-memory error comes at once), right-padded
 to the longest of the batch and run together. Right padding needs no attention mask: with causal attention a
 position never sees the positions after it, so the pads cannot change the logits of the real tokens
@@ -83,29 +85,32 @@ class LoraLabLM(TemplateLM):
         """requests: [((context, continuation) or None, context_ids, continuation_ids)] -> [(logprob, is_greedy)]."""
         L = self.max_length
         self.n_requests += sum(r[0] is not None for r in requests)
-        items = []
+        # the model reads (context + continuation) minus its last token, cut from the left to block_size. Requests
+        # that read the same tokens (a multiple-choice question's one-token answers " A", " B", ...: the same
+        # context) share one row of the batch: their logits are the same
+        rows: dict[tuple, list[int]] = {}
         for i, (_, context, continuation) in enumerate(requests):
-            # the model reads (context + continuation) minus its last token, cut from the left to block_size
-            inp = (context + continuation)[-(L + 1):][:-1]
-            items.append((i, inp, continuation))
-        order = sorted(range(len(items)), key=lambda j: (-len(items[j][1]), items[j][1]))  # longest first
-        results: list = [None] * len(items)
+            rows.setdefault(tuple((context + continuation)[-(L + 1):][:-1]), []).append(i)
+        order = sorted(rows, key=lambda inp: (-len(inp), inp))  # longest first
+        results: list = [None] * len(requests)
         for start in range(0, len(order), self.batch_size):
-            batch = [items[j] for j in order[start:start + self.batch_size]]
-            T = max(len(inp) for _, inp, _ in batch)
+            batch = order[start:start + self.batch_size]
+            T = len(batch[0])
             idx = torch.zeros(len(batch), T, dtype=torch.long)  # (B, T) right padding: the pads come after
-            for b, (_, inp, _) in enumerate(batch):
+            for b, inp in enumerate(batch):
                 idx[b, :len(inp)] = torch.tensor(inp)
             logits = self.model(idx.to(self._device))  # (B, T, vocab)
-            for b, (i, inp, cont) in enumerate(batch):
-                n, c = len(inp), len(cont)
-                logprobs = F.log_softmax(logits[b, n - c:n].float(), dim=-1)  # (c, vocab) the continuation's rows
-                target = torch.tensor(cont, device=logprobs.device)  # (c,)
-                logprob = logprobs.gather(-1, target[:, None]).sum().item()
-                greedy = bool((logprobs.argmax(dim=-1) == target).all())
-                results[i] = (logprob, greedy)
-                if requests[i][0] is not None:
-                    self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
+            for b, inp in enumerate(batch):
+                for i in rows[inp]:
+                    cont = requests[i][2]
+                    n, c = len(inp), len(cont)
+                    logprobs = F.log_softmax(logits[b, n - c:n].float(), dim=-1)  # (c, vocab) the continuation's
+                    target = torch.tensor(cont, device=logprobs.device)  # (c,)
+                    logprob = logprobs.gather(-1, target[:, None]).sum().item()
+                    greedy = bool((logprobs.argmax(dim=-1) == target).all())
+                    results[i] = (logprob, greedy)
+                    if requests[i][0] is not None:
+                        self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
             if self.progress and not disable_tqdm:
                 print(f"\rloglikelihood: {min(start + self.batch_size, len(order))}/{len(order)}", end="",
                       file=sys.stderr, flush=True)
