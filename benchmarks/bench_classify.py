@@ -142,7 +142,7 @@ def cached_rows(model, cache: dict, num_labels: int, epochs: float, seed: int, l
 
     import finetune.classify as ft
     from lora_lab.classifier import classification_scores, logistic_regression, pool
-    from lora_lab.training import lr_at
+    from lora_lab.training import lr_at, set_lr
 
     defaults = {k: v.default for k, v in __import__("inspect").signature(ft.setup).parameters.items()}
     top = [model.blocks[i] for i in range(model.config.n_layer - TOP, model.config.n_layer)]
@@ -179,7 +179,11 @@ def cached_rows(model, cache: dict, num_labels: int, epochs: float, seed: int, l
         for p in params:
             p.requires_grad_(True)
         lr0 = defaults["learning_rate"] or ft.DEFAULT_LEARNING_RATES["blocks" if n_blocks else "head"]
-        optimizer = torch.optim.AdamW(params, lr=lr0, weight_decay=0.0, betas=(0.9, 0.95))
+        head_lr = ft.DEFAULT_LEARNING_RATES["head"]  # the script's --head_learning_rate default
+        body = [p for p in params if all(p is not q for q in head.parameters())]
+        groups = ([{"params": body, "lr_ratio": 1.0}] if body else []) + [
+            {"params": list(head.parameters()), "lr_ratio": head_lr / lr0}]
+        optimizer = torch.optim.AdamW(groups, lr=lr0, weight_decay=0.0, betas=(0.9, 0.95))
         # the script's batch (16) of texts of similar length: the cache's batches, in a seeded order per epoch
         train = cache["train"]
         max_steps = max(1, math.ceil(epochs * len(train)))
@@ -188,8 +192,7 @@ def cached_rows(model, cache: dict, num_labels: int, epochs: float, seed: int, l
             if not order:
                 order = list(range(len(train)))
                 rng.shuffle(order)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, max_steps, lr0, defaults["warmup_steps"], 0.0)
+            set_lr(optimizer, lr_at(step, max_steps, lr0, defaults["warmup_steps"], 0.0))
             batch = train[order.pop()]
             loss = F.cross_entropy(run_top(blocks, norm, head, batch), batch[-1])
             loss.backward()
@@ -262,7 +265,17 @@ def main() -> None:
         info["prefix_seconds"] = saved["prefix_seconds"]
         results.update(saved["rows"])
     else:
-        model, cache, prefix_seconds = prefix_cache(args.checkpoint_dir, splits, labels, args.max_seq_length)
+        cache_file = args.out_dir / "prefix_cache.pt"  # the frozen pass, kept: the rows can be redone cheaply
+        if cache_file.is_file():
+            import torch
+
+            from lora_lab import GPT
+
+            model, saved = GPT.from_checkpoint(args.checkpoint_dir).eval(), torch.load(cache_file, weights_only=True)
+            cache, prefix_seconds = saved["cache"], saved["seconds"]
+        else:
+            model, cache, prefix_seconds = prefix_cache(args.checkpoint_dir, splits, labels, args.max_seq_length)
+            __import__("torch").save({"cache": cache, "seconds": prefix_seconds}, cache_file)
         rows = cached_rows(model, cache, len(labels), args.epochs, args.seed, args.features_l2)
         del model, cache
         info["prefix_seconds"] = prefix_seconds

@@ -67,6 +67,7 @@ def setup(
     val_split: float = 0.1,
     test_split: float = 0.1,
     features_l2: float = 1e-2,
+    head_learning_rate: Optional[float] = None,
     lora_r: int = 8,
     lora_alpha: float = 16.0,
     lora_dropout: float = 0.05,
@@ -120,6 +121,8 @@ def setup(
         val_split: share of `data` held out for validation when there is no --val_data.
         test_split: share of `data` held out for testing when there is no --test_data.
         features_l2: --method features: the logistic regression's L2 penalty (on standardised features).
+        head_learning_rate: the new head's peak learning rate, when pretrained weights train with it (blocks, lora,
+            qlora, full): a freshly initialised head needs a larger one than they do (default 2e-3, head's).
         lora_r: lora / qlora: rank of the update B A.
         lora_alpha: the update is scaled by lora_alpha / lora_r.
         lora_dropout: dropout on the LoRA branch's input.
@@ -163,7 +166,7 @@ def setup(
 def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_data: Optional[str], resume: bool,
          method: str, trainable_blocks: int, pool: str, text_column: str, label_column: str,
          labels: Optional[Union[tuple[str, ...], str]], test_data: Optional[str], val_split: float, test_split: float,
-         features_l2: float, lora_r: int, lora_alpha: float, lora_dropout: float,
+         features_l2: float, head_learning_rate: Optional[float], lora_r: int, lora_alpha: float, lora_dropout: float,
          lora_targets: Union[tuple[str, ...], str], max_seq_length: int, n_train: Optional[int],
          n_val: Optional[int], max_steps: Optional[int], epochs: float, batch_size: int, micro_batch_size: int,
          learning_rate: Optional[float], weight_decay: float, warmup_steps: int, min_lr: float, grad_clip: float,
@@ -178,6 +181,7 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     lora_targets = normalize_targets(lora_targets.split(",") if isinstance(lora_targets, str) else lora_targets)
     labels = labels.split(",") if isinstance(labels, str) else labels
     learning_rate = DEFAULT_LEARNING_RATES[method] if learning_rate is None else learning_rate
+    head_learning_rate = head_learning_rate or (learning_rate if method == "head" else DEFAULT_LEARNING_RATES["head"])
     if fabric.world_size > 1 and batch_size % (micro_batch_size * fabric.world_size):
         raise LoraLabError(f"batch_size={batch_size} is not a multiple of micro_batch_size x devices = "
                            f"{micro_batch_size * fabric.world_size}")
@@ -240,8 +244,11 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
         fit_features(fabric, gpt, train_dl, classifier_config, features_l2, out_dir)
         state = {"step": 0}
     else:
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate,
-                                      weight_decay=weight_decay, betas=(0.9, 0.95))
+        # the new head learns at head_learning_rate, the pretrained weights that train at learning_rate
+        pretrained = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("lm_head.")]
+        param_groups = ([{"params": pretrained}] if pretrained else []) + [
+            {"params": list(model.lm_head.parameters()), "lr_ratio": head_learning_rate / learning_rate}]
+        optimizer = torch.optim.AdamW(param_groups, lr=learning_rate, weight_decay=weight_decay, betas=(0.9, 0.95))
         gpt = model  # the plain module, for evaluation and saving
         model, optimizer = fabric.setup(model, optimizer)
 
