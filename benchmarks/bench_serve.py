@@ -22,7 +22,8 @@ Request i uses adapter i mod k, for k in `--adapter_counts`. Rows of the table:
 Measured: aggregate generated tokens/s (all tokens / wall time from the common start to the last token) and time to
 first token (median over requests, from the common start; for PEFT the time of a 1-token generate of the same
 batch, since generate gives nothing before it ends). `--repeats` rounds run every setup once each, in turn, and the
-best round of each setup is reported, so that the load of a shared machine drifting during the run hits all alike. Cold load: reading one adapter directory and writing it into
+best round of each setup is reported, so that the load of a shared machine drifting during the run hits all alike.
+Cold load: reading one adapter directory and writing it into
 the engine's stacked layers (median of 5). Before timing, every side decodes the first requests and the greedy
 tokens are compared: the engine must equal lora_lab.generate on each prompt alone, with the adapter merged.
 On a shared machine read the ratios, not the absolute numbers.
@@ -62,7 +63,8 @@ def make_adapters(ours_dir: Path, out: Path, n: int, r: int, peft: bool) -> list
     config = load_config(ours_dir)
     with torch.device("meta"):  # only the LoRA layers' names and shapes are needed
         layers = list(lora_modules(inject_lora(GPT(config), r=r, alpha=2.0 * r, targets=TARGETS)))
-    lora_config = LoRAConfig(r=r, alpha=2.0 * r, targets=TARGETS, base_model=str(ours_dir), base_config=config.to_dict())
+    lora_config = LoRAConfig(r=r, alpha=2.0 * r, targets=TARGETS, base_model=str(ours_dir),
+                             base_config=config.to_dict())
     for k in range(n):
         g = torch.Generator().manual_seed(100 + k)
         tensors = {}
@@ -178,11 +180,13 @@ def main(requests: int = 32, adapter_counts: list[int] = [1, 8, 32], prompt_len:
     for k in adapter_counts:
         use = [names[i % k] for i in range(requests)]
         groups = [[i for i in range(requests) if use[i] == n] for n in dict.fromkeys(use)]
-        setups.append((f"engine, {k} adapter(s) mixed", k, lambda use=use: run_engine(server, prompts, use, new_tokens)))
+        setups.append((f"engine, {k} adapter(s) mixed", k,
+                       lambda use=use: run_engine(server, prompts, use, new_tokens)))
         setups.append((f"one batch per adapter, {k}", k,
                        lambda use=use, groups=groups: run_engine(server, prompts, use, new_tokens, groups=groups)))
         if peft_model is not None:
-            setups.append((f"transformers + PEFT, {k}", k, lambda use=use: run_peft(peft_model, prompts, use, new_tokens)))
+            setups.append((f"transformers + PEFT, {k}", k,
+                           lambda use=use: run_peft(peft_model, prompts, use, new_tokens)))
     best: dict = {}
     for _ in range(repeats):
         for setup, k, fn in setups:

@@ -56,7 +56,8 @@ def workdir(tmp_path_factory):
     from lora_lab.export_peft import export_peft
 
     export_peft(tmp / "adapters" / "qv4", tmp / "peft_qv4")  # the same adapter in PEFT's format
-    other = make_base(tmp / "other", Config(name="other", **dict(LLAMA, n_embd=48, vocab_size=49152)), tokenizer_dir=tok)
+    other = make_base(tmp / "other", Config(name="other", **dict(LLAMA, n_embd=48, vocab_size=49152)),
+                      tokenizer_dir=tok)
     make_adapter(other, tmp / "misfit", ["query"])  # trained on a base of other shapes
     return tmp
 
@@ -324,7 +325,8 @@ def test_errors_are_openai_style_and_the_server_stays_up(live):
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
         r = http.post("/v1/completions", json={"model": "tiny", "prompt": "word " * 200})
         assert r.status_code == 400 and "96" in r.json()["error"]["message"]  # the context limit is said
-        r = http.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "assistant", "content": "x"}]})
+        r = http.post("/v1/chat/completions",
+                      json={"model": "tiny", "messages": [{"role": "assistant", "content": "x"}]})
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
         assert http.get("/health").json()["status"] == "ok"
 

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file
 
 from lora_lab.config import Config
-from lora_lab.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, ROLES, load_lora, role_of
+from lora_lab.lora import ADAPTER_CONFIG_FILE, ROLES, load_lora, role_of
 from lora_lab.serve.multi_lora import AdapterBank, inject_multi_lora
 from lora_lab.utils import LoraLabError
 
@@ -177,7 +177,8 @@ class AdapterStore:
     def names(self) -> list[str]:
         names = list(self.known)
         if self.adapters_root is not None and self.adapters_root.is_dir():
-            names += sorted(p.name for p in self.adapters_root.iterdir() if self.path_of(p.name) and p.name not in names)
+            names += sorted(p.name for p in self.adapters_root.iterdir()
+                            if p.name not in names and self.path_of(p.name))
         return names
 
     def register(self, name: str, path) -> AdapterWeights:

@@ -14,7 +14,8 @@ Each request owns one row of a key/value cache of `max_batch_size` rows (SlotKVC
 
 So requests join and leave the batch at every step and never wait for each other to finish. A row's tokens
 depend only on its own prompt and adapter: greedy decoding gives what generate/base.py / generate/lora.py give
-for that prompt alone (up to the rounding of batched matmuls; tests/test_serve.py checks token for token).
+for that prompt alone (up to the rounding of batched matmuls; tests/test_serve.py,
+test_concurrent_mixed_adapters_match_generate_scripts, checks token for token).
 
 Events go back to the caller through `Request.on_event(kind, payload)`, called from the engine thread:
 ("text", str) for new text, then ("done", finish_reason) with finish_reason "stop", "length" or "abort", or

@@ -21,7 +21,10 @@ so a DoRA slot also stores g (out,), gathered per row like A and B; other slots 
 The base layer is whatever it was (nn.Linear, or NF4Linear with --quantize nf4): it is called as is, and the
 adapters stay float32 (as generate/lora.py and QLoRA training keep them). `inject_multi_lora` is the one helper
 that swaps these layers in place of the targeted linear layers; the engine sets `bank.slots` before each forward.
-Tested in tests/test_serve.py (test_multi_lora_layer_matches_lora_linear_per_row).
+Tested in tests/test_serve.py: each row equals LoRALinear with its own adapter, for mixed ranks and a DoRA slot, and
+slot 0 (and an evicted slot) gives the base output exactly (test_multi_lora_layer_matches_lora_linear_per_row);
+whole models with mixed adapters match generate/lora.py token for token
+(test_concurrent_mixed_adapters_match_generate_scripts).
 """
 
 from __future__ import annotations

@@ -14,8 +14,6 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
-
 from lora_lab.checkpoint import load_config
 from lora_lab.generate import select_device, select_dtype
 from lora_lab.model import GPT
