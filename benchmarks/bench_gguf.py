@@ -71,7 +71,7 @@ def load_llama_cpp(gguf_file: Path, extra_buffer_types: bool = False, **kwargs):
 def llama_cpp(gguf_file: Path, ids: list[int], n: int, threads: int) -> tuple[float, float, list[int]]:
     import numpy as np
 
-    llm = load_llama_cpp(gguf_file, n_ctx=512, n_threads=threads, n_batch=512, verbose=False)
+    llm = load_llama_cpp(gguf_file, n_ctx=512, n_threads=threads, n_batch=512, logits_all=True, verbose=False)
     t0 = time.perf_counter()
     llm.eval(ids)
     out, times = [], []
