@@ -109,3 +109,24 @@ def test_get_dataloaders_packing_gives_rows_with_segment_ids():
     # every sample's tokens are in exactly one row
     n_tokens = sum(len(train_dl.dataset.dataset[i]["input_ids"]) for i in range(40))
     assert sum(train_dl.dataset.lengths) == n_tokens == stats["train_tokens"]
+
+
+@pytest.mark.parametrize("script", ["lora", "qlora", "full", "adapter"])
+def test_every_finetune_script_trains_packed_and_reports_mfu(script, tmp_path, capsys):
+    import importlib
+
+    from tiny_checkpoint import write_tiny_checkpoint
+
+    ft = importlib.import_module(f"finetune.{script}")
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt", require_asset(SMOL_TOKENIZER),
+                                 **({"n_layer": 3} if script == "adapter" else {}))
+    extra = {"adapter_start_layer": 1} if script == "adapter" else {}
+    ft.setup(checkpoint_dir=ckpt, out_dir=tmp_path / "out", data="json_extraction", n_train=24, n_val=4,
+             eval_samples=0, max_steps=2, batch_size=2, micro_batch_size=1, max_seq_length=512, warmup_steps=1,
+             eval_interval=2, eval_iters=1, packing=True, peak_flops=1e8, **extra)
+    captured = capsys.readouterr()
+    assert "packed 24 samples into" in captured.err
+    steps = [line for line in captured.out.splitlines() if line.startswith("step ") and "| loss " in line]
+    assert len(steps) == 2 and all("| MFU " in line for line in steps)
+    summary = next(line for line in captured.out.splitlines() if line.startswith("Trainable parameters"))
+    assert "FLOP/s of 100.0 MFLOP/s, --peak_flops)" in summary
