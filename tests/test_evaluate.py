@@ -340,3 +340,49 @@ def test_perplexity_and_json_do_not_import_lm_eval():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr
+
+
+def test_load_model_for_every_kind_of_fine_tune(tiny, tmp_path):
+    """--adapter_dir takes what each finetune script writes; each loads to the model the script trained."""
+    from lora_lab.adapter import AdapterConfig, inject_adapter, save_adapter
+    from lora_lab.checkpoint import save_checkpoint
+    from lora_lab.evaluate.load import adapter_kind, load_model
+    from lora_lab.model import GPT
+    from lora_lab.nf4 import NF4Linear
+
+    ckpt, _ = tiny
+    idx = torch.randint(0, 49152, (1, 12))
+    base = GPT.from_checkpoint(ckpt).eval()
+    with torch.no_grad():
+        base_logits = base(idx)
+        # a full fine-tune: a whole checkpoint
+        full = GPT.from_checkpoint(ckpt)
+        for p in full.parameters():
+            p.add_(0.01)
+        save_checkpoint(tmp_path / "full", full.config, full.state_dict(), tokenizer_dir=ckpt)
+        loaded = load_model(ckpt, tmp_path / "full")
+        assert adapter_kind(tmp_path / "full") == "full"
+        assert torch.allclose(loaded.model(idx), full.eval()(idx), atol=1e-5)
+        # a LLaMA-Adapter with non-zero gates
+        model = GPT.from_checkpoint(ckpt)
+        inject_adapter(model, adapter_prompt_length=3, adapter_start_layer=0)
+        for name, p in model.named_parameters():
+            if ".attn." in name and "gate" in name:  # the adapter's gates (zero at init), not mlp.gate_proj
+                p.fill_(0.5)
+        config = AdapterConfig(adapter_prompt_length=3, adapter_start_layer=0, base_model=str(ckpt),
+                               base_config=model.config.to_dict(), prompt_style="chatml")
+        save_adapter(tmp_path / "llama_adapter", model, config)
+        loaded = load_model(None, tmp_path / "llama_adapter")  # the base from adapter_config.json
+        assert adapter_kind(tmp_path / "llama_adapter") == "adapter" and loaded.prompt_style == "chatml"
+        expected = model.eval()(idx)
+        assert torch.allclose(loaded.model(idx), expected, atol=1e-5) and not torch.allclose(expected, base_logits)
+        # LoRA merged, and LoRA beside an NF4 base
+        lora_adapter(ckpt, tmp_path / "lora")
+        merged = load_model(None, tmp_path / "lora").model(idx)
+        nf4 = load_model(None, tmp_path / "lora", quantize="nf4")
+        assert any(isinstance(m, NF4Linear) for m in nf4.model.modules())
+        assert not torch.allclose(merged, base_logits)
+        nf4_base = load_model(ckpt, quantize="nf4").model(idx)
+        assert not torch.allclose(nf4.model(idx), nf4_base)  # the adapter runs beside the 4-bit weights
+    with pytest.raises(Exception, match="holds none of"):
+        load_model(ckpt, tmp_path)

@@ -1,5 +1,5 @@
-"""Fine-tuning data: instruction rows (instructions.py), their tokens, batches and order (sft.py), and the
-built-in offline JSON-extraction task (json_extraction.py)."""
+"""Fine-tuning data: instruction rows (instructions.py), their tokens, batches and order (sft.py), the
+built-in offline JSON-extraction task (json_extraction.py), and raw text for continued pre-training (text.py)."""
 
 from lora_lab.data.instructions import (NAMED_DATASETS, InstructionData, load_instructions, read_instruction_file,
                                         split_rows)

@@ -22,8 +22,8 @@ def flatten_lm_eval(results: dict) -> Scores:
         direction = results.get("higher_is_better", {}).get(task, {})
         for key, value in metrics.items():
             metric = key.split(",")[0]
-            if metric == "alias" or metric.endswith("_stderr") or not isinstance(value, (int, float)):
-                continue
+            if "," not in key or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue  # a metric is "name,filter"; alias, sample_len and the standard errors are not scores
             out[(task, key.replace(",none", ""))] = (float(value), direction.get(metric, True))
     return out
 
