@@ -335,6 +335,8 @@ def test_client_disconnect_mid_stream_frees_its_row(live):
     import httpx
 
     engine = live.model_server.engine
+    released, release = [], engine.on_release
+    engine.on_release = lambda r: (released.append(r), release(r))  # see how the request ends
     with httpx.Client(base_url=live.url, timeout=60, trust_env=False) as http:
         body = {"model": "all8", "prompt": "Tell me a long story", "max_tokens": 80, "temperature": 0, "stream": True}
         with http.stream("POST", "/v1/completions", json=body) as r:
@@ -346,6 +348,8 @@ def test_client_disconnect_mid_stream_frees_its_row(live):
         while engine.busy() and time.time() < deadline:
             time.sleep(0.05)
         assert engine.busy() == 0 and not live.model_server.store.in_use
+        engine.on_release = release
+        assert released[0].finish_reason == "abort" and len(released[0].generated) < 80  # dropped, not finished
         r = http.post("/v1/completions", json={"model": "all8", "prompt": "hi", "max_tokens": 3, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
 
@@ -383,6 +387,8 @@ def test_load_64_requests_over_8_adapters_with_disconnects(workdir):
     want = expected_engine_root(root, workdir, sorted(set(jobs)))
     server = ModelServer.load(workdir / "base", adapters_root=root, device="cpu", max_batch_size=16,
                               max_loaded_adapters=8)
+    released, release = [], server.engine.on_release
+    server.engine.on_release = lambda r: (released.append(r.finish_reason), release(r))
     live = LiveServer(server)
     try:
         def call(i):
@@ -413,7 +419,8 @@ def test_load_64_requests_over_8_adapters_with_disconnects(workdir):
         with httpx.Client(base_url=live.url, timeout=30, trust_env=False) as http:
             health = http.get("/health").json()
         assert health == {"status": "ok", "running": 0, "waiting": 0, "loaded_adapters": health["loaded_adapters"]}
-        assert not server.store.in_use
+        assert not server.store.in_use and len(released) == 64
+        assert 1 <= released.count("abort") <= 16  # clients that left were dropped (some may have finished first)
     finally:
         live.stop()
 
