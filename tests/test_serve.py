@@ -335,6 +335,8 @@ def test_client_disconnect_mid_stream_frees_its_row(live):
     import httpx
 
     engine = live.model_server.engine
+    released, release = [], engine.on_release
+    engine.on_release = lambda r: (released.append(r), release(r))  # see how the request ends
     with httpx.Client(base_url=live.url, timeout=60, trust_env=False) as http:
         body = {"model": "all8", "prompt": "Tell me a long story", "max_tokens": 80, "temperature": 0, "stream": True}
         with http.stream("POST", "/v1/completions", json=body) as r:
@@ -346,6 +348,8 @@ def test_client_disconnect_mid_stream_frees_its_row(live):
         while engine.busy() and time.time() < deadline:
             time.sleep(0.05)
         assert engine.busy() == 0 and not live.model_server.store.in_use
+        engine.on_release = release
+        assert released[0].finish_reason == "abort" and len(released[0].generated) < 80  # dropped, not finished
         r = http.post("/v1/completions", json={"model": "all8", "prompt": "hi", "max_tokens": 3, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
 
@@ -383,6 +387,8 @@ def test_load_64_requests_over_8_adapters_with_disconnects(workdir):
     want = expected_engine_root(root, workdir, sorted(set(jobs)))
     server = ModelServer.load(workdir / "base", adapters_root=root, device="cpu", max_batch_size=16,
                               max_loaded_adapters=8)
+    released, release = [], server.engine.on_release
+    server.engine.on_release = lambda r: (released.append(r.finish_reason), release(r))
     live = LiveServer(server)
     try:
         def call(i):
@@ -413,7 +419,8 @@ def test_load_64_requests_over_8_adapters_with_disconnects(workdir):
         with httpx.Client(base_url=live.url, timeout=30, trust_env=False) as http:
             health = http.get("/health").json()
         assert health == {"status": "ok", "running": 0, "waiting": 0, "loaded_adapters": health["loaded_adapters"]}
-        assert not server.store.in_use
+        assert not server.store.in_use and len(released) == 64
+        assert 1 <= released.count("abort") <= 16  # clients that left were dropped (some may have finished first)
     finally:
         live.stop()
 
@@ -494,3 +501,44 @@ def test_render_chat_in_the_adapters_prompt_style():
                                          "<|im_start|>assistant\n")
     with pytest.raises(LoraLabError, match="end with a user message"):
         render_chat(style, turns[:3])
+
+
+def test_adapter_saved_by_peft_serves_as_transformers_plus_peft_generates(workdir):
+    """An adapter written by PEFT itself (save_pretrained), not by us: the engine's greedy tokens equal those of
+    transformers + PEFT generating from the same base weights."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lora_lab.convert_hf import export_hf
+
+    export_hf(workdir / "base", workdir / "base_hf", dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(workdir / "base_hf", dtype=torch.float32).eval()
+    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                               use_rslora=True))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3)
+    peft_model.save_pretrained(workdir / "peft_native")
+    server = ModelServer.load(workdir / "base", {"native": workdir / "peft_native"}, device="cpu", max_batch_size=2)
+    try:
+        for prompt in PROMPTS[:2]:
+            req_ids = server.tokenizer.encode(prompt).tolist()
+            done = threading.Event()
+            req = server.request("native", lambda kind, _: done.set() if kind != "text" else None, prompt=prompt,
+                                 max_tokens=N_NEW, temperature=0.0)
+            req.stop_ids = ()  # generate every token, as transformers does below
+            server.engine.submit(req)
+            assert done.wait(60)
+            with torch.no_grad():
+                out = peft_model.generate(input_ids=torch.tensor([req_ids]), max_new_tokens=N_NEW, do_sample=False,
+                                          min_new_tokens=N_NEW, pad_token_id=0)
+            assert req.generated == out[0, len(req_ids):].tolist(), prompt
+            with torch.no_grad(), peft_model.disable_adapter():  # the adapter matters: the base answers otherwise
+                base = peft_model.generate(input_ids=torch.tensor([req_ids]), max_new_tokens=N_NEW, do_sample=False,
+                                           min_new_tokens=N_NEW, pad_token_id=0)
+            assert base[0, len(req_ids):].tolist() != req.generated
+    finally:
+        server.engine.shutdown()

@@ -33,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_loaded_adapters", type=int, default=8,
                    help="adapters kept loaded; the least recently used are dropped and reloaded when asked for")
     p.add_argument("--max_seq_length", type=int, default=None,
-                   help="tokens per request (prompt + completion); default: the model's block_size, at most 4096")
+                   help="tokens per request (prompt + completion); default: the model's block_size, at most 2048. "
+                        "The KV cache holds max_batch_size x max_seq_length tokens, allocated at start")
     p.add_argument("--shutdown_grace", type=float, default=5.0,
                    help="on Ctrl-C, seconds running requests may take to finish before they are aborted")
     p.add_argument("--precision", default=None, help="bf16-true, 16-true or 32-true; default bf16 on a GPU, else 32")
@@ -67,7 +68,7 @@ def main(argv=None) -> None:
 
         adapters = parse_adapters(args.adapters)
         config = load_config(args.checkpoint_dir)  # one line if it is not a checkpoint, before any loading
-        max_seq_length = args.max_seq_length or min(config.block_size, 4096)
+        max_seq_length = args.max_seq_length or min(config.block_size, 2048)
         server = ModelServer.load(args.checkpoint_dir, adapters, args.adapters_root, args.quantize, args.precision,
                                   args.device, args.max_batch_size, args.max_loaded_adapters, max_seq_length)
         print(f"serving {server.name} with {len(adapters)} adapter(s) on http://{args.host}:{args.port} "
