@@ -263,9 +263,9 @@ def test_not_a_gguf_file_and_unsupported_arch(tmp_path):
     with pytest.raises(LoraLabError, match="not a readable GGUF") as e:
         convert_gguf(tmp_path / "x.gguf", tmp_path / "out")
     one_line(e)
-    write_gguf(tmp_path / "neox.gguf", CONFIG, random_weights(CONFIG), arch="gptneox")
-    with pytest.raises(LoraLabError, match="'gptneox' is not supported") as e:
-        convert_gguf(tmp_path / "neox.gguf", tmp_path / "out")
+    write_gguf(tmp_path / "stablelm.gguf", CONFIG, random_weights(CONFIG), arch="stablelm")
+    with pytest.raises(LoraLabError, match="'stablelm' is not supported") as e:
+        convert_gguf(tmp_path / "stablelm.gguf", tmp_path / "out")
     one_line(e)
     with pytest.raises(LoraLabError, match="does not exist"):
         convert_gguf(tmp_path / "missing.gguf", tmp_path / "out")
