@@ -247,7 +247,8 @@ class FlopsMeter:
     @classmethod
     def for_fabric(cls, model: nn.Module, fabric, peak_flops: Optional[float] = None) -> "FlopsMeter":
         """For a Fabric run: its device, and the compute dtype of its precision plugin."""
-        precision = str(getattr(fabric, "_precision", None) and fabric._precision.precision or "32-true")
+        plugin = getattr(fabric.strategy, "precision", None)
+        precision = str(getattr(plugin, "precision", "32-true"))
         dtype = torch.bfloat16 if precision.startswith("bf16") else \
             torch.float16 if precision.startswith("16") else torch.float32
         return cls(model, fabric.device, dtype, peak_flops)
