@@ -8,5 +8,5 @@ from lora_lab.data.sft import (IGNORE_INDEX, LengthBucketSampler, SFTDataset, Sh
                                get_dataloaders, padding_fraction, tokenize_sample)
 
 __all__ = ["NAMED_DATASETS", "InstructionData", "load_instructions", "read_instruction_file", "split_rows",
-           "PackedDataset", "pack_indices", "IGNORE_INDEX", "LengthBucketSampler", "SFTDataset", "ShuffledBatchSampler", "collate",
-           "get_dataloaders", "padding_fraction", "tokenize_sample"]
+           "PackedDataset", "pack_indices", "IGNORE_INDEX", "LengthBucketSampler", "SFTDataset",
+           "ShuffledBatchSampler", "collate", "get_dataloaders", "padding_fraction", "tokenize_sample"]
