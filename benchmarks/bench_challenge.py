@@ -3,7 +3,7 @@
 
     python benchmarks/bench_challenge.py                                   # GPU: Llama-3.1-8B shape, 2 x 2048, bf16
     python benchmarks/bench_challenge.py --model mistral-7b --seq_len 1024 --batch_size 4
-    python benchmarks/bench_challenge.py --compile true --packed true      # our side compiled (peers stay eager)
+    python benchmarks/bench_challenge.py --compile true                    # our side compiled (peers stay eager)
     python benchmarks/bench_challenge.py --device cpu                      # CPU: a reduced size, stated in the output
 
 The model is the named architecture (lora_lab.config: Llama-2-7b-hf, Mistral-7B-v0.1, Meta-Llama-3.1-8B) with
