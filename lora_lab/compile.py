@@ -3,12 +3,12 @@
     compile_blocks(model)      # before the first forward; every method (full, LoRA, QLoRA, adapter) the same way
 
 Why the blocks and not the whole model: the blocks are where the time goes (all the matrix multiplies but
-lm_head), they are all alike (so one compiled graph serves every layer: inductor compiles once, not n_layer
-times), and what is around them does not compile well: the fused loss (lora_lab/model.py LinearCrossEntropy)
-picks the target positions with a data-dependent shape and loops over chunks in an autograd.Function, and it
-is already one matmul per chunk. The blocks are compiled in place (their
-`forward`), so parameter names, state dicts, adapters saved and resume states are exactly those of the eager
-model; one graph serves all the blocks (tested: 10 blocks, 1 graph).
+lm_head), they are all alike (so compiled graphs are shared between layers), and what is around them does
+not compile well: the fused loss (lora_lab/model.py LinearCrossEntropy) picks the target positions with a
+data-dependent shape and loops over chunks in an autograd.Function, and it is already one matmul per chunk. The
+blocks are compiled in place (their `forward`), so parameter names, state dicts, adapters saved and resume
+states are exactly those of the eager model. One graph serves all the blocks whose input needs a gradient
+(with LoRA, block 0 gets its own): inductor compiles twice, not n_layer times.
 
 What it fuses: norms, RoPE, the SwiGLU/GELU products, LoRA's dropout and scaling, and on CUDA the NF4
 dequantization into the matmul that reads it (lora_lab/nf4.py already compiles that pair on CUDA; inside a

@@ -53,7 +53,8 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(method):
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads, eager_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    # two graphs for any depth: block 0 (whose input needs no gradient under LoRA) and one for all the others
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
     assert list(model.state_dict()) == keys  # nothing renamed: adapters and resume states are unchanged
     # evaluation runs the eager blocks (no compilation for other shapes or a KV cache)
     frames = torch._dynamo.utils.counters["stats"]["calls_captured"]

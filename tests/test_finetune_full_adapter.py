@@ -76,8 +76,8 @@ def assert_tensors_equal(a: dict, b: dict) -> None:
 
 def summary_line(stdout: str, n_steps: int) -> int:
     """The trainable-parameter count of the run's closing line (which must be there, well formed)."""
-    found = re.search(rf"^Trainable parameters ([\d,]+) \| {n_steps} steps in \S+ \| [\d,]+ tokens/s \| peak memory "
-                      rf"\d+\.\d\d GiB \| final val loss \d+\.\d+$", stdout, re.M)
+    found = re.search(rf"^Trainable parameters ([\d,]+) \| {n_steps} steps in \S+ \| [\d,]+ tokens/s \| MFU \d+\.\d% "
+                      rf"\([^)]*\) \| peak memory \d+\.\d\d GiB \| final val loss \d+\.\d+$", stdout, re.M)
     assert found, stdout
     return int(found.group(1).replace(",", ""))
 

@@ -167,10 +167,12 @@ def test_run_writes_adapter_metrics_and_state(tiny_ckpt, tmp_path, capsys):
 
     stdout = capsys.readouterr().out
     for step in range(1, 5):
-        assert re.search(rf"^step {step}/4 \| loss \d+\.\d{{4}} \| lr \S+ \| [\d,]+ tok/s \| ETA \d+:\d\d$", stdout,
+        assert re.search(rf"^step {step}/4 \| loss \d+\.\d{{4}} \| lr \S+ \| [\d,]+ tok/s \| MFU \d+\.\d% \| "
+                         rf"ETA \d+:\d\d$", stdout,
                          re.M), stdout
     n_trainable = sum(t.numel() for t in weights.values())
     summary = re.search(r"^Trainable parameters ([\d,]+) \| 4 steps in \S+ \| [\d,]+ tokens/s \| "
+                        r"MFU \d+\.\d% \(\S+ \S+/s of \S+ \S+/s, measured float32 matmul probe\) \| "
                         r"peak memory \d+\.\d\d GiB \| final val loss \d+\.\d+$", stdout, re.M)
     assert summary and int(summary.group(1).replace(",", "")) == n_trainable, stdout
     assert re.search(r"JSON before -> after fine-tuning: valid \d+% -> \d+%", stdout)

@@ -121,3 +121,13 @@ def test_meter_reports_mfu_of_the_counted_flops():
     assert meter.mfu(elapsed=flops / 0.5e9) == pytest.approx(0.5)
     assert meter.format(flops / 0.5e9) == "MFU 50.0%"
     assert "of 1.0 GFLOP/s, --peak_flops" in meter.summary(flops / 0.5e9)
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16-true", torch.bfloat16), ("bf16-mixed", torch.bfloat16),
+                                              ("32-true", torch.float32)])
+def test_meter_for_fabric_takes_the_precisions_compute_dtype(precision, dtype):
+    import lightning as L
+
+    fabric = L.Fabric(accelerator="cpu", devices=1, precision=precision)
+    meter = FlopsMeter.for_fabric(tiny_model("lora"), fabric, peak_flops=1e9)
+    assert meter.dtype == dtype and meter.device.type == "cpu" and meter.peak == 1e9
