@@ -183,8 +183,11 @@ def measure_peak_flops(device: Union[str, torch.device] = "cpu", dtype: torch.dt
     key = (str(device), dtype, size, torch.get_num_threads())
     if key in _probe_cache and not fresh:
         return _probe_cache[key]
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+    # its own generator: the probe runs at the first progress line, and drawing from the global RNG there would
+    # shift every later dropout mask (a resumed run, which probes again, would no longer train as the uninterrupted one)
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, generator=gen).to(dtype)
+    b = torch.randn(size, size, device=device, generator=gen).to(dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     a @ b  # warm-up
     sync()
