@@ -86,8 +86,9 @@ def check_data(data: str, flag: str = "data") -> None:
     from lora_lab.data.instructions import BUILTIN_DATASETS, LOCAL_FILE_HELP, NAMED_DATASETS
 
     name = str(data)
-    if name in BUILTIN_DATASETS or name in NAMED_DATASETS or Path(name).expanduser().is_file():
-        return
+    path = Path(name).expanduser()
+    if name in BUILTIN_DATASETS or name in NAMED_DATASETS or path.is_file() or path.is_dir():
+        return  # (a folder: .txt documents for continued pre-training, read by lora_lab/data/text.py)
     choices = ", ".join((*BUILTIN_DATASETS, *NAMED_DATASETS))
     raise LoraLabError(f"--{flag} {name!r} is neither a dataset name ({choices}) nor an existing file: pass one of "
                        f"those names or a path to {LOCAL_FILE_HELP}")
