@@ -25,16 +25,15 @@ import torch
 # run as `python generate/base.py` from a checkout without installing: make lora_lab importable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lora_lab.adapter import (ADAPTER_WEIGHTS_FILE, base_checkpoint_dir, inject_adapter, load_adapter,  # noqa: E402
-                              load_adapter_state_dict)
+from lora_lab.adapted import load_adapter_model  # noqa: E402
+from lora_lab.adapter import base_checkpoint_dir, load_adapter  # noqa: E402
 from lora_lab.checkpoint import load_config  # noqa: E402
 from lora_lab.checks import check_args  # noqa: E402
 from lora_lab.download import ensure_checkpoint  # noqa: E402
 from lora_lab.generate import (StreamDecoder, generate, generation_stats, reset_peak_memory,  # noqa: E402
                                select_device, select_dtype, synchronize)
-from lora_lab.merge_lora import check_adapter_fits  # noqa: E402
-from lora_lab.model import GPT  # noqa: E402
-from lora_lab.nf4 import model_size_report, quantize_nf4  # noqa: E402
+from lora_lab.lora import check_adapter_fits  # noqa: E402
+from lora_lab.nf4 import model_size_report  # noqa: E402
 from lora_lab.prompts import PromptStyle  # noqa: E402
 from lora_lab.tokenizer import Tokenizer  # noqa: E402
 from lora_lab.utils import LoraLabError, cli  # noqa: E402
@@ -86,13 +85,10 @@ def main(
 
     # 1. the model and its tokenizer
     t0 = time.perf_counter()
-    model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=dtype).eval()
-    if quantize == "nf4":
-        quantize_nf4(model)  # every nn.Linear but lm_head -> NF4Linear
-    # the adapter: the attention (V2: and every linear layer) swapped as in training, then its tensors
-    inject_adapter(model, adapter_prompt_length=adapter_config.adapter_prompt_length,
-                   adapter_start_layer=adapter_config.adapter_start_layer, version=adapter_config.adapter_version)
-    load_adapter_state_dict(model, adapter, source=Path(adapter_dir) / ADAPTER_WEIGHTS_FILE)
+    # the base in dtype (with nf4: every nn.Linear but lm_head in NF4), the attention (V2: and every linear layer)
+    # swapped as in training, then the adapter's tensors: lora_lab/adapted.py, the loader evaluation uses too
+    model = load_adapter_model(checkpoint_dir, adapter_dir, quantize=quantize, device=device, dtype=dtype,
+                               adapter=(adapter_config, adapter))
     tokenizer = Tokenizer(checkpoint_dir)
     version = " V2" if adapter_config.adapter_version == 2 else ""
     print(f"Loaded {config.name or checkpoint_dir} + LLaMA-Adapter{version} {adapter_dir} ({dtype}, {device}) in "

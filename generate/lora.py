@@ -27,16 +27,15 @@ import torch
 # run as `python generate/base.py` from a checkout without installing: make lora_lab importable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lora_lab.adapted import load_lora_model  # noqa: E402
 from lora_lab.checkpoint import load_config  # noqa: E402
 from lora_lab.checks import check_args  # noqa: E402
 from lora_lab.download import ensure_checkpoint  # noqa: E402
 from lora_lab.generate import (StreamDecoder, generate, generation_stats, reset_peak_memory,  # noqa: E402
                                select_device, select_dtype, synchronize)
-from lora_lab.lora import (ADAPTER_WEIGHTS_FILE, inject_lora, load_lora, load_lora_state_dict, merge_lora,  # noqa: E402
+from lora_lab.lora import (base_checkpoint_dir, check_adapter_fits, load_lora, merge_lora,  # noqa: E402
                             merge_lora_into_dequantized)
-from lora_lab.merge_lora import base_checkpoint_dir, check_adapter_fits  # noqa: E402
-from lora_lab.model import GPT  # noqa: E402
-from lora_lab.nf4 import model_size_report, quantize_nf4  # noqa: E402
+from lora_lab.nf4 import model_size_report  # noqa: E402
 from lora_lab.prompts import PromptStyle  # noqa: E402
 from lora_lab.tokenizer import Tokenizer  # noqa: E402
 from lora_lab.utils import LoraLabError, cli  # noqa: E402
@@ -90,17 +89,11 @@ def main(
     t0 = time.perf_counter()
     q = lora_config.base_quantization  # {'method': 'nf4', 'blocksize', 'double_quant'} for a QLoRA adapter
     quantize = quantize or ("nf4" if q else "none")
-    if q or quantize == "nf4":
-        # the weights as stored, quantized as finetune/qlora.py did (same bits), then the rest cast to dtype
-        model = GPT.from_checkpoint(checkpoint_dir, device=device).eval()
-        quantize_nf4(model, **{k: v for k, v in (q or {}).items() if k != "method"})  # nn.Linear but lm_head -> NF4
-        model.to(dtype)  # embeddings, norms, lm_head; NF4 codes stay, and dequantize to the input's dtype
-    else:
-        model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=dtype).eval()
-    # the adapter: LoRA layers set up as in training (float32 adapters, so B A is rounded once), then its weights
-    inject_lora(model, r=lora_config.r, alpha=lora_config.alpha, targets=lora_config.targets,
-                use_rslora=lora_config.use_rslora, use_dora=lora_config.use_dora, lora_dtype=torch.float32)
-    load_lora_state_dict(model, adapter, source=Path(adapter_dir) / ADAPTER_WEIGHTS_FILE)
+    # the base as the adapter was trained on (a QLoRA adapter's: the stored weights quantized to NF4 again, same
+    # bits; with nf4 any adapter's), then the LoRA layers set up as in training (float32, so B A is rounded once)
+    # and the adapter's weights loaded: lora_lab/adapted.py, the loader evaluation and merge_lora use too
+    model = load_lora_model(checkpoint_dir, adapter_dir, quantize=quantize, merge=False, device=device, dtype=dtype,
+                            adapter=(lora_config, adapter))
     if quantize == "nf4":
         pass  # 4-bit weights cannot absorb W + (alpha/r) B A: the adapter runs beside them, two small matmuls a layer
     elif q:

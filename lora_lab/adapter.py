@@ -79,7 +79,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora_lab import merge_lora  # LoRA's rule for finding the base model, shared
+from lora_lab import lora  # LoRA's rule for finding the base model, shared
 from lora_lab.checkpoint import read_adapter_files, save_adapter_files
 from lora_lab.config import Config
 from lora_lab.model import CausalSelfAttention, RMSNorm
@@ -468,4 +468,4 @@ def load_adapter(adapter_dir: Union[str, Path]) -> tuple[AdapterConfig, dict[str
 def base_checkpoint_dir(adapter_config: AdapterConfig, checkpoint_dir: Optional[Union[str, Path]],
                         adapter_dir: Union[str, Path]) -> Path:
     """`checkpoint_dir` if given, else the base model the adapter was trained on, if that directory exists here."""
-    return merge_lora.base_checkpoint_dir(adapter_config, checkpoint_dir, adapter_dir, config_file=ADAPTER_CONFIG_FILE)
+    return lora.base_checkpoint_dir(adapter_config, checkpoint_dir, adapter_dir, config_file=ADAPTER_CONFIG_FILE)

@@ -57,6 +57,7 @@ import torch
 
 from lora_lab.checkpoint import WEIGHTS_FILE, load_config
 from lora_lab.config import Config
+from lora_lab.lora import base_checkpoint_dir, check_adapter_fits, load_lora
 from lora_lab.model import llama3_scale
 from lora_lab.prompts import chat_template, prompt_style_from_chat_template, prompt_styles
 from lora_lab.utils import LoraLabError, atomic_path, atomic_write_text
@@ -640,9 +641,6 @@ def _module_order(module: str) -> tuple:
 def write_gguf_adapter(adapter_dir: PathLike, out_file: PathLike, checkpoint_dir: Optional[PathLike] = None,
                        progress: bool = True) -> dict:
     """A lora_lab LoRA adapter directory -> llama.cpp's LoRA GGUF; returns a summary dict."""
-    from lora_lab.lora import load_lora
-    from lora_lab.merge_lora import base_checkpoint_dir, check_adapter_fits
-
     adapter_dir = Path(adapter_dir)
     if (adapter_dir / "adapter_config.json").is_file() and not (adapter_dir / "lora_config.json").is_file():
         raise LoraLabError(f"{adapter_dir} is a LLaMA-Adapter: llama.cpp cannot apply its gated prefix attention "

@@ -57,8 +57,7 @@ from lora_lab.checkpoint import WEIGHTS_FILE, load_config
 from lora_lab.classifier import peft_classifier_parts
 from lora_lab.config import Config
 from lora_lab.convert_hf import Family, fuse_qkv, hf_family_for
-from lora_lab.lora import ADAPTER_CONFIG_FILE, LoRAConfig, load_lora
-from lora_lab.merge_lora import base_checkpoint_dir, check_adapter_fits
+from lora_lab.lora import ADAPTER_CONFIG_FILE, LoRAConfig, base_checkpoint_dir, check_adapter_fits, load_lora
 from lora_lab.progress import progress
 from lora_lab.utils import LoraLabError, atomic_path, atomic_write_text, cli
 

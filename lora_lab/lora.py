@@ -63,6 +63,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lora_lab.checkpoint import read_adapter_files, save_adapter_files
+from lora_lab.config import Config
 from lora_lab.nf4 import (NF4Linear, dequantize_nf4, drop_nf4_weight, holds_nf4, move_nf4_weight, nf4_linear,
                           nf4_state_of, nf4_statistics_kept)
 from lora_lab.progress import progress
@@ -84,6 +85,9 @@ ROLES = tuple(ROLE_LAYERS)
 ROLE_WORDS = {"query": "query projections", "key": "key projections", "value": "value projections",
               "projection": "attention output projections", "mlp": "MLP projections", "lm_head": "lm_head"}
 LORA_PARAMS = ("lora_A", "lora_B", "lora_magnitude")
+# the Config fields that decide the shapes of the layers an adapter can hold weights for
+SHAPE_FIELDS = ("vocab_size", "n_layer", "n_embd", "n_head", "head_size", "n_query_groups", "intermediate_size",
+                "mlp_class")
 
 
 class LoRALinear(nn.Module):
@@ -621,3 +625,35 @@ def load_lora(adapter_dir: Union[str, Path]) -> tuple[LoRAConfig, dict[str, torc
             raise LoraLabError(f"{adapter_dir} is not a LoRA adapter directory: {path.name} is missing{hint}; "
                                f"pass the output directory of a fine-tuning run")
     return read_adapter_files(config_path, weights_path, LoRAConfig.from_dict, "LoRA")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Which base an adapter goes on (LoRA's rule; LLaMA-Adapter's config has the same base_model / base_config)
+# ------------------------------------------------------------------------------------------------------------
+def base_checkpoint_dir(lora_config: LoRAConfig, checkpoint_dir: Optional[Union[str, Path]],
+                        adapter_dir: Union[str, Path], config_file: str = ADAPTER_CONFIG_FILE) -> Path:
+    """`checkpoint_dir` if given, else the base model the adapter was trained on, if that directory exists here.
+    Any adapter config with a `base_model` (LLaMA-Adapter's too, saved as `config_file` in adapter_dir)."""
+    if checkpoint_dir is not None:
+        return Path(checkpoint_dir)
+    config_path = Path(adapter_dir) / config_file
+    if not lora_config.base_model:
+        raise LoraLabError(f"{config_path} does not name its base model: pass --checkpoint_dir")
+    if not Path(lora_config.base_model).is_dir():
+        raise LoraLabError(f"{config_path} names the base model {lora_config.base_model}, which does not exist here "
+                           f"(it is relative to where fine-tuning ran): pass --checkpoint_dir")
+    return Path(lora_config.base_model)
+
+
+def check_adapter_fits(lora_config: LoRAConfig, config: Config, adapter_dir: Union[str, Path],
+                       checkpoint_dir: Union[str, Path]) -> None:
+    """One line naming the differences when the adapter was trained on a base model of other shapes."""
+    base = lora_config.base_config
+    if not base:  # an adapter saved without its base config: load_lora_state_dict still checks every shape
+        return
+    ours = config.to_dict()
+    diffs = [f"{k} {base[k]} vs {ours[k]}" for k in SHAPE_FIELDS if k in base and base[k] != ours[k]]
+    if diffs:
+        trained_on = base.get("name") or lora_config.base_model or "another model"
+        raise LoraLabError(f"{adapter_dir} was trained on {trained_on}, whose shapes differ from {checkpoint_dir} "
+                           f"({', '.join(diffs)}): pass the --checkpoint_dir of the base model it was trained on")

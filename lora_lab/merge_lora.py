@@ -22,7 +22,8 @@ the merged model computes what base + adapter computes, up to floating point rou
 The weights are merged in place, so the model is in memory once (plus, for a LoRA on a tied lm_head, a copy of
 the embedding matrix: lm_head stops sharing it, since the embedding itself must not change).
 
-The helpers `base_checkpoint_dir` and `check_adapter_fits` are shared with generate/lora.py.
+Loading base + adapter is lora_lab/adapted.py's, as for generate/lora.py and evaluation; the helpers
+`base_checkpoint_dir` and `check_adapter_fits` are lora_lab/lora.py's (importable from here too).
 """
 
 from __future__ import annotations
@@ -37,50 +38,20 @@ from typing import Literal, Optional, Union
 import torch
 from safetensors.torch import save_file
 
+from lora_lab.adapted import add_lora, load_base, load_lora_model
 from lora_lab.checkpoint import WEIGHTS_FILE, copy_tokenizer_files, load_config, save_checkpoint
 from lora_lab.config import Config
 from lora_lab.convert_hf import EXTRA_TOKENIZER_FILES, export_hf_state_dict
+from lora_lab.export_gguf import OUTTYPES, write_gguf_model
 from lora_lab.generate import PRECISIONS
-from lora_lab.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, LoRAConfig, inject_lora, load_lora, \
-    load_lora_state_dict, merge_lora, merge_lora_into_dequantized
-from lora_lab.nf4 import quantize_nf4
+# base_checkpoint_dir, check_adapter_fits and SHAPE_FIELDS live in lora.py (export_gguf, export_peft, serve and
+# the LLaMA-Adapter use them too); imported here also for `from lora_lab.merge_lora import ...`
+from lora_lab.lora import (ADAPTER_WEIGHTS_FILE, SHAPE_FIELDS, LoRAConfig, base_checkpoint_dir,  # noqa: F401
+                           check_adapter_fits, load_lora, merge_lora, merge_lora_into_dequantized)
 from lora_lab.model import GPT
 from lora_lab.utils import LoraLabError, atomic_path, atomic_write_text, cli
 
 PathLike = Union[str, Path]
-
-# the Config fields that decide the shapes of the layers an adapter can hold weights for
-SHAPE_FIELDS = ("vocab_size", "n_layer", "n_embd", "n_head", "head_size", "n_query_groups", "intermediate_size",
-                "mlp_class")
-
-
-def base_checkpoint_dir(lora_config: LoRAConfig, checkpoint_dir: Optional[PathLike], adapter_dir: PathLike,
-                        config_file: str = ADAPTER_CONFIG_FILE) -> Path:
-    """`checkpoint_dir` if given, else the base model the adapter was trained on, if that directory exists here.
-    Any adapter config with a `base_model` (LLaMA-Adapter's too, saved as `config_file` in adapter_dir)."""
-    if checkpoint_dir is not None:
-        return Path(checkpoint_dir)
-    config_path = Path(adapter_dir) / config_file
-    if not lora_config.base_model:
-        raise LoraLabError(f"{config_path} does not name its base model: pass --checkpoint_dir")
-    if not Path(lora_config.base_model).is_dir():
-        raise LoraLabError(f"{config_path} names the base model {lora_config.base_model}, which does not exist here "
-                           f"(it is relative to where fine-tuning ran): pass --checkpoint_dir")
-    return Path(lora_config.base_model)
-
-
-def check_adapter_fits(lora_config: LoRAConfig, config: Config, adapter_dir: PathLike,
-                       checkpoint_dir: PathLike) -> None:
-    """One line naming the differences when the adapter was trained on a base model of other shapes."""
-    base = lora_config.base_config
-    if not base:  # an adapter saved without its base config: load_lora_state_dict still checks every shape
-        return
-    ours = config.to_dict()
-    diffs = [f"{k} {base[k]} vs {ours[k]}" for k in SHAPE_FIELDS if k in base and base[k] != ours[k]]
-    if diffs:
-        trained_on = base.get("name") or lora_config.base_model or "another model"
-        raise LoraLabError(f"{adapter_dir} was trained on {trained_on}, whose shapes differ from {checkpoint_dir} "
-                           f"({', '.join(diffs)}): pass the --checkpoint_dir of the base model it was trained on")
 
 
 def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
@@ -97,25 +68,19 @@ def load_merged(checkpoint_dir: PathLike, adapter_dir: PathLike,
     lora_config, adapter = load_lora(adapter_dir)
     checkpoint_dir = base_checkpoint_dir(lora_config, checkpoint_dir, adapter_dir)
     check_adapter_fits(lora_config, load_config(checkpoint_dir), adapter_dir, checkpoint_dir)
-    model = GPT.from_checkpoint(checkpoint_dir).eval()
-    q = lora_config.base_quantization
-    if q:  # a QLoRA adapter learned to correct the NF4 weights: rebuild that exact base (quantization is deterministic)
-        quantize_nf4(model, blocksize=q["blocksize"], double_quant=q["double_quant"])
-        inject_lora(model, r=lora_config.r, alpha=lora_config.alpha, targets=lora_config.targets,
-                    use_rslora=lora_config.use_rslora, use_dora=lora_config.use_dora, lora_dtype=torch.float32)
-        load_lora_state_dict(model, adapter, source=Path(adapter_dir) / ADAPTER_WEIGHTS_FILE)
+    if lora_config.base_quantization:
+        # a QLoRA adapter learned to correct the NF4 weights: rebuild that exact base (quantization is deterministic)
+        model = load_lora_model(checkpoint_dir, adapter_dir, merge=False, adapter=(lora_config, adapter))
         # layer by layer: dequantize, add (alpha/r) B A, round once; never two full copies of the weights
         merge_lora_into_dequantized(model, dtype=dtype)
         return model, lora_config
+    model = load_base(checkpoint_dir)  # in the dtype it is stored in
     stored = model.wte.weight.dtype
     # merge in the wider of the two dtypes, so the merged weight is rounded to the narrower one only once
     widen = dtype is not None and torch.finfo(dtype).eps < torch.finfo(stored).eps
     if widen:
         model.to(dtype)
-    # adapters in float32 whatever the base: B A is formed in float32 and rounded once, when added to W
-    inject_lora(model, r=lora_config.r, alpha=lora_config.alpha, targets=lora_config.targets,
-                use_rslora=lora_config.use_rslora, use_dora=lora_config.use_dora, lora_dtype=torch.float32)
-    load_lora_state_dict(model, adapter, source=Path(adapter_dir) / ADAPTER_WEIGHTS_FILE)
+    add_lora(model, lora_config, adapter, source=Path(adapter_dir) / ADAPTER_WEIGHTS_FILE)  # float32 adapters
     merge_lora(model)  # W <- W + (alpha/r) B A in every adapted layer; a LoRA'd tied lm_head gets its own weight
     if dtype is not None and not widen:
         model.to(dtype)  # parameter by parameter: the old copy of each is freed as the new one is made
@@ -136,11 +101,8 @@ def merge_lora_checkpoint(checkpoint_dir: Optional[PathLike], adapter_dir: PathL
         raise LoraLabError(f"--to {to!r}: use lora_lab, hf or gguf")
     if outtype is not None and to != "gguf":
         raise LoraLabError("--outtype is for --to gguf; use --dtype for the other formats")
-    if to == "gguf":
-        from lora_lab.export_gguf import OUTTYPES
-
-        if (outtype or "f16") not in OUTTYPES:
-            raise LoraLabError(f"--outtype {outtype}: use one of {', '.join(OUTTYPES)}")
+    if to == "gguf" and (outtype or "f16") not in OUTTYPES:
+        raise LoraLabError(f"--outtype {outtype}: use one of {', '.join(OUTTYPES)}")
     lora_config, _ = load_lora(adapter_dir)  # small; read first so a bad adapter fails before the base loads
     checkpoint_dir = base_checkpoint_dir(lora_config, checkpoint_dir, adapter_dir)
     out_dir = Path(out_dir)
@@ -152,8 +114,6 @@ def merge_lora_checkpoint(checkpoint_dir: Optional[PathLike], adapter_dir: PathL
     config = replace(model.config, prompt_style=lora_config.prompt_style)
     state_dict = merged_state_dict(model)
     if to == "gguf":
-        from lora_lab.export_gguf import write_gguf_model
-
         write_gguf_model(config, state_dict, out_dir, tokenizer_dir=checkpoint_dir, outtype=outtype or "f16")
         return config
     if to == "lora_lab":

@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import math
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Sequence, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lora_lab.data.batches import IGNORE_INDEX, ShuffledBatchSampler, collate
 from lora_lab.utils import LoraLabError
 
 TEXT_SUFFIX = ".txt"
@@ -143,10 +145,6 @@ def text_dataloaders(data: Union[str, Path], tokenizer, max_seq_length: int, mic
                      eval_batch_size=None, drop_last: bool = False, num_workers: int = 0, n_train=None, n_val=None,
                      verbose: bool = True) -> tuple[DataLoader, DataLoader, dict]:
     """(train_dl, val_dl, stats), the shape get_dataloaders returns, for raw text. n_train / n_val cap the blocks."""
-    from functools import partial
-
-    from lora_lab.data.sft import IGNORE_INDEX, ShuffledBatchSampler, collate
-
     docs = read_documents(data, blank_line_docs)
     stream = token_stream(docs, tokenizer)  # (N,)
     train_stream, val_stream = split_stream(stream, max_seq_length, val_split_fraction)

@@ -6,13 +6,15 @@
 `adapter_dir` may hold any of the fine-tuning scripts' outputs, recognised by the file that describes it:
 
   lora_config.json     finetune/lora.py or finetune/qlora.py: LoRA set up as in training, then merged into 16-bit
-                       weights (as generate/lora.py does); a QLoRA adapter (or --quantize nf4) runs unmerged beside
-                       the NF4 base it was trained on
-  adapter_config.json  finetune/adapter.py: LLaMA-Adapter (V1 or V2) on the base, as generate/adapter.py does
+                       weights (a QLoRA adapter: into its dequantized NF4 base); with --quantize nf4 it runs
+                       unmerged beside the NF4 base
+  adapter_config.json  finetune/adapter.py: LLaMA-Adapter (V1 or V2) on the base
   model_config.json    finetune/full.py: a whole checkpoint, evaluated as it is (the base only checks the shapes)
 
+The adapters are loaded by lora_lab/adapted.py, as generate/lora.py and generate/adapter.py load them.
+
 The base is the adapter's recorded base model unless `checkpoint_dir` is given. An adapter trained on a base
-of other shapes stops with one line (merge_lora.check_adapter_fits), before any weights are read.
+of other shapes stops with one line (lora.check_adapter_fits), before any weights are read.
 """
 
 from __future__ import annotations
@@ -23,8 +25,15 @@ from typing import Optional, Union
 
 import torch
 
+from lora_lab.adapted import check_quantize, load_adapter_model, load_lora_model
+from lora_lab.adapter import ADAPTER_CONFIG_FILE as LLAMA_ADAPTER_CONFIG
+from lora_lab.adapter import base_checkpoint_dir as adapter_base_checkpoint_dir
+from lora_lab.adapter import load_adapter
 from lora_lab.checkpoint import CONFIG_FILE, is_checkpoint, load_config
+from lora_lab.lora import ADAPTER_CONFIG_FILE as LORA_CONFIG
+from lora_lab.lora import SHAPE_FIELDS, base_checkpoint_dir, check_adapter_fits, load_lora
 from lora_lab.model import GPT
+from lora_lab.nf4 import quantize_nf4
 from lora_lab.tokenizer import Tokenizer
 from lora_lab.utils import LoraLabError
 
@@ -42,9 +51,6 @@ class Loaded:
 
 def adapter_kind(adapter_dir: PathLike) -> str:
     """"lora", "adapter" (LLaMA-Adapter) or "full" (a checkpoint), from the files in adapter_dir."""
-    from lora_lab.adapter import ADAPTER_CONFIG_FILE as LLAMA_ADAPTER_CONFIG
-    from lora_lab.lora import ADAPTER_CONFIG_FILE as LORA_CONFIG
-
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise LoraLabError(f"--adapter_dir {adapter_dir} does not exist: pass the out_dir of a finetune/*.py run")
@@ -59,26 +65,23 @@ def adapter_kind(adapter_dir: PathLike) -> str:
                        f"of a finetune/*.py run")
 
 
+def read_adapter(adapter_dir: PathLike, kind: str):
+    """(config, tensors) of a "lora" (LoRAConfig) or "adapter" (LLaMA-Adapter's AdapterConfig) adapter_dir."""
+    return load_lora(adapter_dir) if kind == "lora" else load_adapter(adapter_dir)
+
+
 def recorded_base(adapter_dir: PathLike) -> Path:
     """The base model an adapter was trained on (its config's base_model), for evaluating the base beside it."""
     kind = adapter_kind(adapter_dir)
     if kind == "full":
         raise LoraLabError(f"{adapter_dir} is a full fine-tune, which does not record its base: pass --checkpoint_dir")
-    if kind == "lora":
-        from lora_lab.lora import load_lora
-        from lora_lab.merge_lora import base_checkpoint_dir
-
-        return base_checkpoint_dir(load_lora(adapter_dir)[0], None, adapter_dir)
-    from lora_lab.adapter import base_checkpoint_dir, load_adapter
-
-    return base_checkpoint_dir(load_adapter(adapter_dir)[0], None, adapter_dir)
+    base_dir = base_checkpoint_dir if kind == "lora" else adapter_base_checkpoint_dir
+    return base_dir(read_adapter(adapter_dir, kind)[0], None, adapter_dir)
 
 
 def check_fits(checkpoint_dir: Optional[PathLike], adapter_dir: Optional[PathLike]) -> None:
     """Cheap checks (config files only) that base + adapter_dir can be loaded: one line if not. Run for every model
     of a comparison before the first is evaluated, so a mistake does not surface after minutes of work."""
-    from lora_lab.merge_lora import SHAPE_FIELDS, check_adapter_fits
-
     if adapter_dir is None:
         if checkpoint_dir is None:
             raise LoraLabError("pass --checkpoint_dir (the model to evaluate) or --adapter_dir")
@@ -93,16 +96,9 @@ def check_fits(checkpoint_dir: Optional[PathLike], adapter_dir: Optional[PathLik
                 raise LoraLabError(f"{adapter_dir} is a model of other shapes than {checkpoint_dir} "
                                    f"({', '.join(diffs)}): pass the --checkpoint_dir it was fine-tuned from")
         return
-    if kind == "lora":
-        from lora_lab.lora import load_lora
-        from lora_lab.merge_lora import base_checkpoint_dir
-
-        adapter_config = load_lora(adapter_dir)[0]
-    else:
-        from lora_lab.adapter import base_checkpoint_dir, load_adapter
-
-        adapter_config = load_adapter(adapter_dir)[0]
-    checkpoint_dir = base_checkpoint_dir(adapter_config, checkpoint_dir, adapter_dir)
+    adapter_config = read_adapter(adapter_dir, kind)[0]
+    base_dir = base_checkpoint_dir if kind == "lora" else adapter_base_checkpoint_dir
+    checkpoint_dir = base_dir(adapter_config, checkpoint_dir, adapter_dir)
     check_adapter_fits(adapter_config, load_config(checkpoint_dir), adapter_dir, checkpoint_dir)
 
 
@@ -110,10 +106,7 @@ def load_model(checkpoint_dir: Optional[PathLike], adapter_dir: Optional[PathLik
                quantize: Optional[str] = None, device: Union[str, torch.device] = "cpu",
                dtype: torch.dtype = torch.float32) -> Loaded:
     """The model (in eval mode) of base + adapter_dir, its tokenizer, a description and its prompt style."""
-    from lora_lab.nf4 import quantize_nf4
-
-    if quantize not in (None, "none", "nf4"):
-        raise LoraLabError(f"--quantize {quantize!r}: use nf4 (or leave it out)")
+    check_quantize(quantize)
     kind = adapter_kind(adapter_dir) if adapter_dir is not None else "base"
 
     check_fits(checkpoint_dir, adapter_dir)  # one line, before any weights are read
@@ -133,43 +126,18 @@ def load_model(checkpoint_dir: Optional[PathLike], adapter_dir: Optional[PathLik
         about = str(checkpoint_dir) + (" (NF4)" if quantize == "nf4" else "")
         return Loaded(model, Tokenizer(checkpoint_dir), about, config.prompt_style, Path(checkpoint_dir))
 
+    # an adapter: base + adapter as lora_lab/adapted.py loads it for generate/lora.py and generate/adapter.py
+    adapter = read_adapter(adapter_dir, kind)
+    adapter_config = adapter[0]
     if kind == "lora":
-        from lora_lab.lora import (ADAPTER_WEIGHTS_FILE, inject_lora, load_lora, load_lora_state_dict, merge_lora,
-                                   merge_lora_into_dequantized)
-        from lora_lab.merge_lora import base_checkpoint_dir
-
-        lora_config, adapter = load_lora(adapter_dir)
-        checkpoint_dir = base_checkpoint_dir(lora_config, checkpoint_dir, adapter_dir)
-        q = lora_config.base_quantization  # set for a QLoRA adapter: the NF4 base it learned to correct
-        if q or quantize == "nf4":
-            model = GPT.from_checkpoint(checkpoint_dir, device=device).eval()
-            quantize_nf4(model, **{k: v for k, v in (q or {}).items() if k != "method"})
-            model.to(dtype)
-        else:
-            model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=dtype).eval()
-        inject_lora(model, r=lora_config.r, alpha=lora_config.alpha, targets=lora_config.targets,
-                    use_rslora=lora_config.use_rslora, use_dora=lora_config.use_dora, lora_dtype=torch.float32)
-        load_lora_state_dict(model, adapter, source=Path(adapter_dir) / ADAPTER_WEIGHTS_FILE)
-        if quantize == "nf4":
-            pass  # NF4 weights cannot absorb the update: it runs beside them
-        elif q:
-            merge_lora_into_dequantized(model, dtype=dtype)
-        else:
-            merge_lora(model)
-        what = "QLoRA" if q else "LoRA"
-        return Loaded(model.eval(), Tokenizer(checkpoint_dir), f"{checkpoint_dir} + {what} {adapter_dir}",
-                      lora_config.prompt_style, Path(checkpoint_dir))
-
-    from lora_lab.adapter import ADAPTER_WEIGHTS_FILE, base_checkpoint_dir, inject_adapter, load_adapter, \
-        load_adapter_state_dict
-
-    adapter_config, adapter = load_adapter(adapter_dir)
-    checkpoint_dir = base_checkpoint_dir(adapter_config, checkpoint_dir, adapter_dir)
-    model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=dtype).eval()
-    if quantize == "nf4":
-        quantize_nf4(model)
-    inject_adapter(model, adapter_prompt_length=adapter_config.adapter_prompt_length,
-                   adapter_start_layer=adapter_config.adapter_start_layer, version=adapter_config.adapter_version)
-    load_adapter_state_dict(model, adapter, source=Path(adapter_dir) / ADAPTER_WEIGHTS_FILE)
-    return Loaded(model.eval(), Tokenizer(checkpoint_dir), f"{checkpoint_dir} + LLaMA-Adapter {adapter_dir}",
-                  adapter_config.prompt_style, Path(checkpoint_dir))
+        checkpoint_dir = base_checkpoint_dir(adapter_config, checkpoint_dir, adapter_dir)
+        # merged into 16-bit weights (a QLoRA adapter: into its dequantized NF4 base); with nf4, beside the NF4 base
+        model = load_lora_model(checkpoint_dir, adapter_dir, quantize=quantize, merge=True, device=device,
+                                dtype=dtype, adapter=adapter)
+        about = f"{checkpoint_dir} + {'QLoRA' if adapter_config.base_quantization else 'LoRA'} {adapter_dir}"
+    else:
+        checkpoint_dir = adapter_base_checkpoint_dir(adapter_config, checkpoint_dir, adapter_dir)
+        model = load_adapter_model(checkpoint_dir, adapter_dir, quantize=quantize, device=device, dtype=dtype,
+                                   adapter=adapter)
+        about = f"{checkpoint_dir} + LLaMA-Adapter {adapter_dir}"
+    return Loaded(model, Tokenizer(checkpoint_dir), about, adapter_config.prompt_style, Path(checkpoint_dir))

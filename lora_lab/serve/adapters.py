@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file
 
 from lora_lab.config import Config
-from lora_lab.lora import ADAPTER_CONFIG_FILE, ROLES, load_lora, role_of
+from lora_lab.lora import ADAPTER_CONFIG_FILE, ROLES, check_adapter_fits, load_lora, role_of
 from lora_lab.serve.multi_lora import AdapterBank, inject_multi_lora
 from lora_lab.utils import LoraLabError
 
@@ -61,8 +61,6 @@ def read_adapter(name: str, path, config: Config) -> AdapterWeights:
     t0 = time.perf_counter()
     path = Path(path)
     if (path / ADAPTER_CONFIG_FILE).is_file():
-        from lora_lab.merge_lora import check_adapter_fits
-
         lora_config, tensors = load_lora(path)
         try:
             check_adapter_fits(lora_config, config, path, "the served base model")

@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from lora_lab.adapted import load_base
 from lora_lab.checkpoint import load_config
 from lora_lab.generate import select_device, select_dtype
 from lora_lab.model import GPT
-from lora_lab.nf4 import quantize_nf4
 from lora_lab.prompts import PromptStyle
 from lora_lab.serve.adapters import AdapterStore
 from lora_lab.serve.engine import Engine, Request
@@ -51,12 +51,8 @@ class ModelServer:
         device = select_device(device)
         dtype = select_dtype(precision, device)
         config = load_config(checkpoint_dir)
-        if quantize == "nf4":  # as generate/lora.py: quantize the stored weights, then cast the rest to dtype
-            model = GPT.from_checkpoint(checkpoint_dir, device=device).eval()
-            quantize_nf4(model)  # every nn.Linear but lm_head -> NF4Linear
-            model.to(dtype)
-        else:
-            model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=dtype).eval()
+        # nf4: as generate/lora.py, the stored weights quantized (every nn.Linear but lm_head), then the rest cast
+        model = load_base(checkpoint_dir, nf4=NF4_SETTINGS if quantize == "nf4" else None, device=device, dtype=dtype)
         model.requires_grad_(False)
         tokenizer = Tokenizer(checkpoint_dir)
         store = AdapterStore(model, config, max_loaded_adapters, adapters_root,

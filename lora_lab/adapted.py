@@ -1,0 +1,117 @@
+"""A base model with an adapter on it, rebuilt as it was trained: the one loader of generate/, evaluate, merge, serve.
+
+    model = load_lora_model(checkpoint_dir, "out/finetune/lora", quantize=None, merge=True, device=..., dtype=...)
+    model = load_adapter_model(checkpoint_dir, "out/finetune/adapter", quantize=None, device=..., dtype=...)
+    model = load_base(checkpoint_dir, nf4=None, device=..., dtype=...)
+
+The steps, in this order, because each one decides the numbers of the next:
+
+  1. the base. A QLoRA adapter (lora_config.json's `base_quantization`) learned to correct the NF4 weights of its
+     base, so that base is rebuilt bit for bit: the weights as stored are quantized with the recorded block size
+     and double quantization (quantization is deterministic), then the rest (embeddings, norms, lm_head) is cast
+     to `dtype`. quantize="nf4" puts any adapter on such a 4-bit base. Otherwise the base is loaded in `dtype`.
+  2. the adapter's layers, set up as in training: LoRA in float32 whatever the base's dtype (so B A is formed in
+     float32 and rounded once, when it is added to W), the LLaMA-Adapter's attention (V2: its linear layers) swapped.
+  3. its tensors, every name and shape checked (one line if one does not fit).
+  4. merge=True folds LoRA into the weights that can absorb it: W <- W + (alpha/r) B A in 16-bit weights (decoding
+     then costs what the base's does); for a QLoRA adapter on 16-bit weights, layer by layer: dequantize, add the
+     update, round once to dtype. On a 4-bit base (quantize="nf4") the adapter stays beside the NF4 weights:
+     they cannot absorb it. A LLaMA-Adapter never merges (its prefixes are attended to, not added).
+
+`checkpoint_dir=None` is the base model the adapter records (lora.base_checkpoint_dir); an adapter trained on a
+base of other shapes stops with one line (lora.check_adapter_fits) before any weights are read.
+Tested through its users: tests/test_use_adapter.py and tests/test_qlora.py (generate/lora.py, merge_lora),
+tests/test_finetune_full_adapter.py (generate/adapter.py), tests/test_evaluate.py (every kind), tests/test_serve.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from lora_lab.adapter import (ADAPTER_WEIGHTS_FILE as LLAMA_ADAPTER_WEIGHTS_FILE, AdapterConfig, base_checkpoint_dir
+                              as adapter_base_checkpoint_dir, inject_adapter, load_adapter, load_adapter_state_dict)
+from lora_lab.checkpoint import load_config
+from lora_lab.lora import (ADAPTER_WEIGHTS_FILE, LoRAConfig, base_checkpoint_dir, check_adapter_fits, inject_lora,
+                           load_lora, load_lora_state_dict, merge_lora, merge_lora_into_dequantized)
+from lora_lab.model import GPT
+from lora_lab.nf4 import quantize_nf4
+from lora_lab.utils import LoraLabError
+
+PathLike = Union[str, Path]
+QUANTIZE = (None, "none", "nf4")
+
+
+def check_quantize(quantize: Optional[str]) -> None:
+    if quantize not in QUANTIZE:
+        raise LoraLabError(f"--quantize {quantize!r}: use nf4 (or leave it out)")
+
+
+def load_base(checkpoint_dir: PathLike, nf4: Optional[dict] = None, device=None,
+              dtype: Optional[torch.dtype] = None) -> GPT:
+    """The base model in eval mode. nf4: None for float weights in `dtype` (None: as stored); else quantize_nf4's
+    settings ({} for its defaults; a lora_config's base_quantization, whose "method" is ignored): every nn.Linear but
+    lm_head quantized from the weights as stored, as finetune/qlora.py does (same bits), then the rest cast."""
+    if nf4 is None:
+        return GPT.from_checkpoint(checkpoint_dir, device=device, dtype=dtype).eval()
+    model = GPT.from_checkpoint(checkpoint_dir, device=device).eval()
+    quantize_nf4(model, **{k: v for k, v in nf4.items() if k != "method"})  # nn.Linear but lm_head -> NF4Linear
+    if dtype is not None:
+        model.to(dtype)  # embeddings, norms, lm_head; NF4 codes stay, and dequantize to the input's dtype
+    return model
+
+
+def add_lora(model: GPT, lora_config: LoRAConfig, tensors: dict[str, torch.Tensor], source: PathLike) -> GPT:
+    """LoRA layers set up as `lora_config` trained them, in float32 (B A rounded once), then `tensors` loaded."""
+    inject_lora(model, r=lora_config.r, alpha=lora_config.alpha, targets=lora_config.targets,
+                use_rslora=lora_config.use_rslora, use_dora=lora_config.use_dora, lora_dtype=torch.float32)
+    load_lora_state_dict(model, tensors, source=source)
+    return model
+
+
+def load_lora_model(checkpoint_dir: Optional[PathLike], adapter_dir: PathLike, quantize: Optional[str] = None,
+                    merge: bool = True, device=None, dtype: Optional[torch.dtype] = None,
+                    adapter: Optional[tuple[LoRAConfig, dict[str, torch.Tensor]]] = None) -> GPT:
+    """Base + the LoRA / QLoRA adapter in adapter_dir, in eval mode (see the module docstring for the steps).
+
+    quantize: None or "none": 16-bit weights (a QLoRA adapter: on its NF4 base, merged into the dequantized weights
+    when merge=True); "nf4": a 4-bit base, the adapter unmerged beside it. merge=False leaves every LoRA layer
+    unmerged (on the NF4 base for a QLoRA adapter), for callers that merge themselves. adapter: what
+    load_lora(adapter_dir) returned, if the caller read it already."""
+    check_quantize(quantize)
+    lora_config, tensors = adapter if adapter is not None else load_lora(adapter_dir)
+    checkpoint_dir = base_checkpoint_dir(lora_config, checkpoint_dir, adapter_dir)
+    check_adapter_fits(lora_config, load_config(checkpoint_dir), adapter_dir, checkpoint_dir)
+    q = lora_config.base_quantization  # set for a QLoRA adapter: the NF4 base it learned to correct
+    nf4 = q if q else ({} if quantize == "nf4" else None)
+    model = load_base(checkpoint_dir, nf4=nf4, device=device, dtype=dtype)
+    add_lora(model, lora_config, tensors, source=Path(adapter_dir) / ADAPTER_WEIGHTS_FILE)
+    if not merge or quantize == "nf4":
+        return model  # 4-bit weights cannot absorb W + (alpha/r) B A: the adapter runs beside them
+    if q:
+        merge_lora_into_dequantized(model, dtype=dtype)  # layer by layer: dequantize, add, round once to dtype
+    else:
+        merge_lora(model)  # W <- W + (alpha/r) B A; a LoRA'd tied lm_head gets its own weight
+    return model.eval()
+
+
+def load_adapter_model(checkpoint_dir: Optional[PathLike], adapter_dir: PathLike, quantize: Optional[str] = None,
+                       device=None, dtype: Optional[torch.dtype] = None,
+                       adapter: Optional[tuple[AdapterConfig, dict[str, torch.Tensor]]] = None) -> GPT:
+    """Base + the LLaMA-Adapter (V1 or V2) in adapter_dir, in eval mode. quantize="nf4": the frozen base's linear
+    layers in 4 bits (quantized from `dtype`), the prefixes and gates (V2: scales, biases, norms) in dtype.
+    adapter: what load_adapter(adapter_dir) returned, if the caller read it already."""
+    check_quantize(quantize)
+    adapter_config, tensors = adapter if adapter is not None else load_adapter(adapter_dir)
+    checkpoint_dir = adapter_base_checkpoint_dir(adapter_config, checkpoint_dir, adapter_dir)
+    check_adapter_fits(adapter_config, load_config(checkpoint_dir), adapter_dir, checkpoint_dir)
+    model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=dtype).eval()
+    if quantize == "nf4":
+        quantize_nf4(model)  # every nn.Linear but lm_head -> NF4Linear
+    # the attention (V2: and every linear layer) swapped as in training, then its tensors
+    inject_adapter(model, adapter_prompt_length=adapter_config.adapter_prompt_length,
+                   adapter_start_layer=adapter_config.adapter_start_layer, version=adapter_config.adapter_version)
+    load_adapter_state_dict(model, tensors, source=Path(adapter_dir) / LLAMA_ADAPTER_WEIGHTS_FILE)
+    return model.eval()
