@@ -87,14 +87,14 @@ def load_lora_model(checkpoint_dir: Optional[PathLike], adapter_dir: PathLike, q
     q = lora_config.base_quantization  # set for a QLoRA adapter: the NF4 base it learned to correct
     nf4 = q if q else ({} if quantize == "nf4" else None)
     model = load_base(checkpoint_dir, nf4=nf4, device=device, dtype=dtype)
-    add_lora(model, lora_config, tensors, source=Path(adapter_dir) / ADAPTER_WEIGHTS_FILE)
+    add_lora(model, lora_config, tensors, source=Path(adapter_dir) / ADAPTER_WEIGHTS_FILE).eval()
     if not merge or quantize == "nf4":
         return model  # 4-bit weights cannot absorb W + (alpha/r) B A: the adapter runs beside them
     if q:
         merge_lora_into_dequantized(model, dtype=dtype)  # layer by layer: dequantize, add, round once to dtype
     else:
         merge_lora(model)  # W <- W + (alpha/r) B A; a LoRA'd tied lm_head gets its own weight
-    return model.eval()
+    return model.eval()  # the layers merging made too
 
 
 def load_adapter_model(checkpoint_dir: Optional[PathLike], adapter_dir: PathLike, quantize: Optional[str] = None,

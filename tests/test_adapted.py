@@ -61,9 +61,11 @@ def test_unmerged_is_the_model_built_by_hand_and_merged_computes_the_same(tmp_pa
     assert any(isinstance(m, LoRALinear) for m in unmerged.modules())
     assert any(holds_nf4(m) for m in unmerged.modules()) == qlora  # a QLoRA adapter gets its NF4 base back
     assert torch.equal(logits(unmerged), reference)
+    assert not any(m.training for m in unmerged.modules())
     merged = load_lora_model(base_dir, adapter_dir, merge=True)  # 16-bit weights: QLoRA's into the dequantized base
     assert not any(isinstance(m, NF4Linear) or holds_nf4(m) for m in merged.modules())
     assert all(m.merged for m in merged.modules() if isinstance(m, LoRALinear))
+    assert not any(m.training for m in merged.modules())
     torch.testing.assert_close(logits(merged), reference, atol=2e-5 * reference.abs().max().item(), rtol=1e-5)
 
 
