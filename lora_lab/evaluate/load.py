@@ -70,13 +70,18 @@ def read_adapter(adapter_dir: PathLike, kind: str):
     return load_lora(adapter_dir) if kind == "lora" else load_adapter(adapter_dir)
 
 
+def base_dir(kind: str, adapter_config, checkpoint_dir: Optional[PathLike], adapter_dir: PathLike) -> Path:
+    """checkpoint_dir, or else the base model the adapter records (each kind names its own config file)."""
+    rule = base_checkpoint_dir if kind == "lora" else adapter_base_checkpoint_dir
+    return rule(adapter_config, checkpoint_dir, adapter_dir)
+
+
 def recorded_base(adapter_dir: PathLike) -> Path:
     """The base model an adapter was trained on (its config's base_model), for evaluating the base beside it."""
     kind = adapter_kind(adapter_dir)
     if kind == "full":
         raise LoraLabError(f"{adapter_dir} is a full fine-tune, which does not record its base: pass --checkpoint_dir")
-    base_dir = base_checkpoint_dir if kind == "lora" else adapter_base_checkpoint_dir
-    return base_dir(read_adapter(adapter_dir, kind)[0], None, adapter_dir)
+    return base_dir(kind, read_adapter(adapter_dir, kind)[0], None, adapter_dir)
 
 
 def check_fits(checkpoint_dir: Optional[PathLike], adapter_dir: Optional[PathLike]) -> None:
@@ -97,8 +102,7 @@ def check_fits(checkpoint_dir: Optional[PathLike], adapter_dir: Optional[PathLik
                                    f"({', '.join(diffs)}): pass the --checkpoint_dir it was fine-tuned from")
         return
     adapter_config = read_adapter(adapter_dir, kind)[0]
-    base_dir = base_checkpoint_dir if kind == "lora" else adapter_base_checkpoint_dir
-    checkpoint_dir = base_dir(adapter_config, checkpoint_dir, adapter_dir)
+    checkpoint_dir = base_dir(kind, adapter_config, checkpoint_dir, adapter_dir)
     check_adapter_fits(adapter_config, load_config(checkpoint_dir), adapter_dir, checkpoint_dir)
 
 
@@ -129,14 +133,13 @@ def load_model(checkpoint_dir: Optional[PathLike], adapter_dir: Optional[PathLik
     # an adapter: base + adapter as lora_lab/adapted.py loads it for generate/lora.py and generate/adapter.py
     adapter = read_adapter(adapter_dir, kind)
     adapter_config = adapter[0]
+    checkpoint_dir = base_dir(kind, adapter_config, checkpoint_dir, adapter_dir)
     if kind == "lora":
-        checkpoint_dir = base_checkpoint_dir(adapter_config, checkpoint_dir, adapter_dir)
         # merged into 16-bit weights (a QLoRA adapter: into its dequantized NF4 base); with nf4, beside the NF4 base
         model = load_lora_model(checkpoint_dir, adapter_dir, quantize=quantize, merge=True, device=device,
                                 dtype=dtype, adapter=adapter)
         about = f"{checkpoint_dir} + {'QLoRA' if adapter_config.base_quantization else 'LoRA'} {adapter_dir}"
     else:
-        checkpoint_dir = adapter_base_checkpoint_dir(adapter_config, checkpoint_dir, adapter_dir)
         model = load_adapter_model(checkpoint_dir, adapter_dir, quantize=quantize, device=device, dtype=dtype,
                                    adapter=adapter)
         about = f"{checkpoint_dir} + LLaMA-Adapter {adapter_dir}"
