@@ -71,9 +71,10 @@ def main(checkpoint_dir: Path, data: Path, steps: int = 16, micro_batch_size: in
             totals[name]["texts"] += len(batch["labels"])
             totals[name]["tokens"] += int(batch["attention_mask"].sum())
             meters[name].update(batch)
+    fill = sum(packed.lengths) / (max_seq_length * len(packed))
     print(f"LoRA classifier step on {checkpoint_dir.name}, {len(ds)} texts ({sum(ds.lengths) / len(ds):.1f} tokens "
-          f"on average); packed rows of {max_seq_length} are {sum(packed.lengths) / (max_seq_length * len(packed)):.1%} "
-          f"full; {steps} steps each, alternating, {threads} thread(s) on {device}")
+          f"on average); packed rows of {max_seq_length} are {fill:.1%} full; {steps} steps each, alternating, "
+          f"{threads} thread(s) on {device}")
     print("| layout | per step | texts/s | real tokens/s | MFU |")
     print("|---|---|---|---|---|")
     for name, t in totals.items():

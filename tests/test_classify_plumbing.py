@@ -3,7 +3,8 @@ tokens, the loss and gradients of the same texts unpacked), MFU in the progress 
 --logger_name's run record, the features method's time and memory line, the cheap argument checks before anything
 slow (lora_lab/checks.py), and --compile (the eager losses; slow).
 
-The tiny model, the tiny checkpoint with SmolLM2's tokenizer and the good/bad reviews are tests/test_classify.py's."""
+The tiny model, the tiny checkpoint with SmolLM2's tokenizer and the good/bad reviews are tests/test_classify.py's
+(as its fixtures make them)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,27 @@ import pytest
 import torch
 
 import finetune.classify as ft
+from conftest import require_asset
 from lora_lab.classifier import classify, extract_features, pool_segments
 from lora_lab.data.classification import (PackedTexts, classification_dataloaders, collate_packed_texts,
                                           collate_texts, load_classification)
 from lora_lab.model import GPT
 from lora_lab.tokenizer import Tokenizer
 from lora_lab.utils import LoraLabError
-from test_classify import reviews, run, tiny_ckpt, tiny_model  # noqa: F401 (fixtures)
+from test_classify import run, tiny_model, write_reviews
+from tiny_checkpoint import SMOL_TOKENIZER, write_tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", require_asset(SMOL_TOKENIZER))
+
+
+@pytest.fixture(scope="module")
+def reviews(tmp_path_factory):
+    return write_reviews(tmp_path_factory.mktemp("data") / "reviews.csv")
 
 
 class Texts(torch.utils.data.Dataset):

@@ -237,7 +237,8 @@ def classification_dataloaders(data: ClassificationData, tokenizer, max_seq_leng
     if packing:  # rows are (nearly) max_seq_length long already: no length buckets
         train_rows = PackedTexts(train_ds, max_seq_length, seed)
         sampler = ShuffledBatchSampler(len(train_rows), micro_batch_size, seed)
-        train_dl = DataLoader(train_rows, batch_sampler=sampler, collate_fn=partial(collate_packed_texts, pad_id=pad_id))
+        train_dl = DataLoader(train_rows, batch_sampler=sampler,
+                              collate_fn=partial(collate_packed_texts, pad_id=pad_id))
     else:
         sampler = LengthBucketSampler(train_ds.lengths, micro_batch_size, seed)
         train_dl = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate_fn)
