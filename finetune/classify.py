@@ -18,7 +18,7 @@ from --val_data / --test_data or are held out of --data (--val_split, --test_spl
 and the confusion matrix on both. The classifier is saved with its config in out_dir and used by
 generate/classify.py, `python -m lora_lab.export_peft` (lora) and `python -m lora_lab.convert --to hf` (head, blocks,
 full). Training runs as in finetune/lora.py (the same loop: Fabric, --max_time, Ctrl-C then --resume exactly,
-validation, progress, metrics.csv).
+validation, progress with MFU, metrics.csv, --logger_name trackers and loss.png, --compile, --packing).
 """
 
 from __future__ import annotations
@@ -34,11 +34,15 @@ import torch
 import torch.nn.functional as F
 
 from lora_lab import GPT, Tokenizer
+from lora_lab.checks import check_args
 from lora_lab.checkpoint import load_config
 from lora_lab.classifier import (METHODS, POOLINGS, ClassifierConfig, add_classification_head, classification_scores,
                                  classify, extract_features, format_scores, load_trained_state_dict,
                                  logistic_regression, save_classifier, trained_state_dict)
+from lora_lab.compile import compile_blocks
 from lora_lab.data.classification import classification_dataloaders, load_classification
+from lora_lab.download import ensure_checkpoint
+from lora_lab.flops import FlopsMeter
 from lora_lab.generate import peak_memory_bytes, reset_peak_memory
 from lora_lab.lora import count_parameters, inject_lora, mark_only_lora_trainable, normalize_targets
 from lora_lab.nf4 import quantize_nf4
@@ -74,6 +78,7 @@ def setup(
     lora_targets: Union[tuple[str, ...], str] = ("query", "key", "value", "projection", "mlp"),
     # data
     max_seq_length: int = 256,
+    packing: bool = False,
     n_train: Optional[int] = None,
     n_val: Optional[int] = None,
     # optimisation
@@ -88,15 +93,18 @@ def setup(
     grad_clip: float = 1.0,
     neftune_alpha: float = 0.0,
     activation_checkpointing: bool = False,
+    compile: bool = False,
     max_time: Optional[str] = None,
     # evaluation, checkpoints, logging
     eval_interval: int = 25,
     eval_iters: int = 100,
     save_interval: int = 100,
     log_interval: int = 1,
+    logger_name: Literal["csv", "tensorboard", "mlflow", "wandb"] = "csv",
     seed: int = 42,
     # hardware
     precision: Optional[str] = None,
+    peak_flops: Optional[float] = None,
     devices: int = 1,
     num_nodes: int = 1,
     strategy: Literal["auto", "ddp"] = "auto",
@@ -129,6 +137,8 @@ def setup(
         lora_targets: layers to adapt (default every linear layer of the blocks): query, key, value, projection,
             mlp.
         max_seq_length: longer texts are cut to their first max_seq_length tokens (and counted).
+        packing: put several training texts in each row of max_seq_length (no padding; each attends only to
+            itself and is read at its own last token); batch_size and micro_batch_size then count rows.
         n_train: use only the first n_train training texts.
         n_val: likewise for validation texts.
         max_steps: optimizer steps (default: `epochs` passes over the data).
@@ -143,17 +153,24 @@ def setup(
         grad_clip: clip the gradient norm to this (0 to disable).
         neftune_alpha: NEFTune noise on the embeddings while training (0 = off).
         activation_checkpointing: recompute activations in the backward pass: less memory, slower.
+        compile: torch.compile each transformer block for training (minutes to compile; fastest with --packing;
+            --method features trains nothing and runs eagerly).
         max_time: time budget (3600, 90m, 1.5h, 23:30:00): stop, evaluate and save when it is spent.
         eval_interval: validate every this many optimizer steps.
         eval_iters: at most this many validation batches per validation (the final scores use all).
         save_interval: save the classifier and resume state every this many optimizer steps.
         log_interval: print progress every this many optimizer steps.
+        logger_name: where metrics and hyperparameters go besides metrics.csv and hparams.yaml: csv (nowhere
+            else), tensorboard, mlflow or wandb (lora_lab/loggers.py). loss.png is drawn at every save.
         seed: seeds the held-out split, data order, initialisation and dropout.
         precision: 32-true, bf16-true, bf16-mixed, 16-mixed (default: bf16-true on GPU, 32-true on CPU).
+        peak_flops: the device's peak FLOP/s for the MFU figure (default: the GPU's datasheet, or a CPU probe).
         devices: devices per node (data parallel over them).
         num_nodes: nodes, as Fabric launches them.
         strategy: auto or ddp.
     """
+    check_args(locals())  # every argument that can be judged without data or a model, before anything slow
+    checkpoint_dir = ensure_checkpoint(checkpoint_dir)  # the default model is fetched once if missing
     if precision is None:
         precision = "bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
     fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision)
@@ -167,12 +184,12 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
          method: str, trainable_blocks: int, pool: str, text_column: str, label_column: str,
          labels: Optional[Union[tuple[str, ...], str]], test_data: Optional[str], val_split: float, test_split: float,
          features_l2: float, head_learning_rate: Optional[float], lora_r: int, lora_alpha: float, lora_dropout: float,
-         lora_targets: Union[tuple[str, ...], str], max_seq_length: int, n_train: Optional[int],
+         lora_targets: Union[tuple[str, ...], str], max_seq_length: int, packing: bool, n_train: Optional[int],
          n_val: Optional[int], max_steps: Optional[int], epochs: float, batch_size: int, micro_batch_size: int,
          learning_rate: Optional[float], weight_decay: float, warmup_steps: int, min_lr: float, grad_clip: float,
-         neftune_alpha: float, activation_checkpointing: bool, max_time: Optional[str], eval_interval: int,
-         eval_iters: int, save_interval: int, log_interval: int, seed: int, precision: str, devices: int,
-         num_nodes: int, strategy: str) -> None:
+         neftune_alpha: float, activation_checkpointing: bool, compile: bool, max_time: Optional[str],
+         eval_interval: int, eval_iters: int, save_interval: int, log_interval: int, logger_name: str, seed: int,
+         precision: str, peak_flops: Optional[float], devices: int, num_nodes: int, strategy: str) -> None:
     hparams = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "fabric"}
     out_dir = Path(out_dir)
     # cheap checks of the arguments first, so that a mistake is reported before minutes of data and model loading
@@ -201,7 +218,7 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     pad_id = tokenizer.eos_id or 0  # any id will do: the attention mask, not the id, tells the model what is padding
     train_dl, val_dl, test_dl, data_stats = classification_dataloaders(
         rows, tokenizer, max_seq_length=max_seq_length, micro_batch_size=micro_batch_size, seed=seed, pad_id=pad_id,
-        verbose=fabric.is_global_zero)
+        verbose=fabric.is_global_zero, packing=packing)
     if max_steps is None:
         max_steps = max(1, math.ceil(epochs * data_stats["n_train"] / batch_size))
 
@@ -253,6 +270,8 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
         model, optimizer = fabric.setup(model, optimizer)
 
         state = {"step": 0, "micro_batches": 0, "tokens": 0}
+        if compile:  # torch.compile each block for training (lora_lab/compile.py)
+            compile_blocks(gpt)
         if resume:
             saved = load_train_state(out_dir / TRAIN_STATE_FILE)
             load_trained_state_dict(gpt, saved["trained"], out_dir / TRAIN_STATE_FILE)
@@ -265,6 +284,9 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
             grad_accum, learning_rate, warmup_steps, min_lr, grad_clip, neftune_alpha, parse_duration(max_time),
             eval_interval, eval_iters, save_interval, log_interval)
     train_seconds, peak = time.perf_counter() - t0, peak_memory_bytes(fabric.device)
+    if method == "features":  # (the training methods' fit() ends with this line's figures, MFU included)
+        fabric.print(f"Features of {data_stats['n_samples']:,} texts and the logistic regression in "
+                     f"{format_seconds(train_seconds)} | peak memory {peak / 2**30:.2f} GiB")
     if not state.get("stopped"):
         scores = {split: evaluate(fabric, gpt, loader, classifier_config, split)
                   for split, loader in (("validation", val_dl), ("test", test_dl)) if loader is not None}
@@ -309,8 +331,10 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, classifier_confi
         grad_accum, learning_rate, warmup_steps, min_lr, grad_clip, neftune_alpha, max_time, eval_interval,
         eval_iters, save_interval, log_interval) -> None:
     stop = StopRequest()
-    metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"])
+    metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"], logger_name=hparams["logger_name"],
+                         hparams=hparams)  # + hparams.yaml, an experiment tracker, loss.png
     throughput = Throughput(state["step"], max_steps)
+    flops = FlopsMeter.for_fabric(gpt, fabric, hparams["peak_flops"])  # model FLOPs, for MFU (lora_lab/flops.py)
     reset_peak_memory(fabric.device)
     batches = micro_batches(train_dl, fabric.global_rank, fabric.world_size, state)
     val_loss = None
@@ -324,7 +348,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, classifier_confi
             # gradients are averaged over devices only at the last micro-batch of the step
             with fabric.no_backward_sync(model, enabled=i < grad_accum - 1):
                 logits = classify(model, batch["input_ids"], batch["attention_mask"], classifier_config.pooling,
-                                  neftune_alpha)  # (B, num_labels)
+                                  neftune_alpha, segment_ids=batch.get("segment_ids"))  # (texts, num_labels)
                 loss = F.cross_entropy(logits.float(), batch["labels"].to(logits.device))
                 fabric.backward(loss / grad_accum)
             if not torch.isfinite(loss):
@@ -332,6 +356,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, classifier_confi
             loss_sum += loss.item()
             state["tokens"] += batch["input_ids"].numel() * fabric.world_size
             throughput.update(batch["input_ids"].numel() * fabric.world_size)
+            flops.update(batch)
         if grad_clip:
             norm = fabric.clip_gradients(model, optimizer, max_norm=grad_clip, error_if_nonfinite=False)
             if not torch.isfinite(norm):  # a finite loss whose gradient overflowed
@@ -345,7 +370,8 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, classifier_confi
 
         if step % log_interval == 0 or step == max_steps:
             fabric.print(f"step {step}/{max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
-                         f"{throughput.tokens_per_sec():,.0f} tok/s | ETA {format_seconds(throughput.eta(step))}")
+                         f"{throughput.tokens_per_sec():,.0f} tok/s | {flops.format(throughput.elapsed())} | "
+                         f"ETA {format_seconds(throughput.eta(step))}")
         row = {"step": step, "train_loss": train_loss, "lr": lr, "tokens": state["tokens"],
                "tokens_per_sec": throughput.tokens_per_sec()}
         out_of_time = max_time is not None and throughput.elapsed() > max_time
@@ -363,6 +389,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, classifier_confi
         metrics.log(row)
         if step % save_interval == 0 or step == max_steps or out_of_time or stop_requested:
             save(fabric, gpt, optimizer, train_dl, state, classifier_config, hparams, out_dir)
+            metrics.plot()  # OUT_DIR/loss.png, up to date with what is saved
         if out_of_time:
             fabric.print(f"Time budget of {format_seconds(max_time)} spent after step {step}: stopping")
             break
@@ -371,9 +398,11 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, classifier_confi
             state["stopped"] = True
             break
     stop.restore()  # Ctrl-C interrupts as usual again
+    metrics.finish()  # the final loss.png; the tracker's files closed
 
     fabric.print(f"Trainable parameters {count_parameters(gpt)[0]:,} | {state['step']} steps in "
                  f"{format_seconds(throughput.elapsed())} | {throughput.tokens_per_sec():,.0f} tokens/s | "
+                 f"{flops.summary(throughput.elapsed())} | "
                  f"peak memory {peak_memory_bytes(fabric.device) / 2**30:.2f} GiB"
                  + (f" | final val loss {val_loss:.4f}" if val_loss is not None else ""))
     fabric.print(f"Classifier saved to {out_dir}")

@@ -59,9 +59,12 @@ def check_args(args: Mapping[str, Any]) -> None:
         from lora_lab.training import parse_duration
 
         parse_duration(args["max_time"])
-    for name in ("data", "val_data"):
-        if args.get(name) is not None:
-            check_data(args[name], name)
+    if "label_column" in args:  # finetune/classify.py: labelled texts in a file, not an instruction data set
+        check_classification_args(args)
+    else:
+        for name in ("data", "val_data"):
+            if args.get(name) is not None:
+                check_data(args[name], name)
     if args.get("out_dir") is not None and Path(args["out_dir"]).exists() and not Path(args["out_dir"]).is_dir():
         raise LoraLabError(f"--out_dir {args['out_dir']} is a file: give a directory")
     if args.get("checkpoint_dir") is not None:
@@ -92,6 +95,51 @@ def check_data(data: str, flag: str = "data") -> None:
     choices = ", ".join((*BUILTIN_DATASETS, *NAMED_DATASETS))
     raise LoraLabError(f"--{flag} {name!r} is neither a dataset name ({choices}) nor an existing file: pass one of "
                        f"those names or a path to {LOCAL_FILE_HELP}")
+
+
+def check_classification_args(args: Mapping[str, Any]) -> None:
+    """finetune/classify.py's own arguments: its data files (.csv / .json / .jsonl that exist), the held-out
+    shares, the method, the pooling and the counts only it has."""
+    from lora_lab.classifier import METHODS, POOLINGS
+    from lora_lab.data.classification import SUFFIXES
+
+    for flag in ("data", "val_data", "test_data"):
+        value = args.get(flag)
+        if value is None:
+            continue
+        path = Path(str(value)).expanduser()
+        if path.suffix.lower() not in SUFFIXES:
+            raise LoraLabError(f"--{flag} {str(value)!r}: give a .csv, .json or .jsonl file of labelled texts (a text "
+                               f"and a label column)")
+        if not path.is_file():
+            raise LoraLabError(f"--{flag} {str(value)!r} does not exist: give a .csv, .json or .jsonl file of "
+                               f"labelled texts")
+    for flag in ("val_split", "test_split"):
+        value = args.get(flag)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 <= value < 1):
+            raise LoraLabError(f"--{flag} {value!r}: use a share in [0, 1)")
+    if (args.get("val_data") is None and args.get("test_data") is None
+            and (args.get("val_split") or 0) + (args.get("test_split") or 0) >= 1):
+        raise LoraLabError(f"--val_split {args['val_split']} + --test_split {args['test_split']} leave no training "
+                           f"texts: their sum must be below 1")
+    if args.get("method") is not None and args["method"] not in METHODS:
+        raise LoraLabError(f"--method {args['method']!r}: use one of {', '.join(METHODS)}")
+    if args.get("pool") is not None and args["pool"] not in POOLINGS:
+        raise LoraLabError(f"--pool {args['pool']!r}: use one of {', '.join(POOLINGS)}")
+    value = args.get("trainable_blocks")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise LoraLabError(f"--trainable_blocks {value!r}: use a whole number >= 1")
+    for flag in ("features_l2", "head_learning_rate"):
+        value = args.get(flag)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0
+                                  or (flag == "head_learning_rate" and value == 0) or value != value):
+            raise LoraLabError(f"--{flag} {value!r}: use a number {'> 0' if flag == 'head_learning_rate' else '>= 0'}")
+    labels = args.get("labels")
+    if labels is not None:
+        names = labels.split(",") if isinstance(labels, str) else [str(name) for name in labels]
+        if any(not name.strip() for name in names):
+            raise LoraLabError(f"--labels {labels!r}: a label name is empty (give them as fresh,rotten)")
 
 
 def check_checkpoint_dir(checkpoint_dir: Path) -> None:

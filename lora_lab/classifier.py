@@ -28,6 +28,11 @@ What trains is the method's choice (finetune/classify.py shows each one in a lin
     lora      LoRA adapters + the head            qlora    the same on an NF4 base (the head stays float)
     full      everything
 
+Packing (--packing). Several texts share a row of max_seq_length: segment_ids number them 1, 2, ... along the
+row (0 for the padding at its end); the model lets each token attend only to its own text with positions restarting
+at its first token, and pool_segments reads each text at its own last token (or averages its own tokens), so every
+text gets the logits it gets alone and the loss is the unpacked one (test_packed_loss_equals_unpacked).
+
 Saving. A classifier folder holds classifier_config.json (labels in their fixed order, pooling, method, trained
 blocks, the base model and its config, max_seq_length, LoRA and quantization settings) and classifier.safetensors
 with exactly the tensors that trained (the head as `score.*`); the base model's weights are read from base_model
@@ -99,20 +104,49 @@ def pool(x: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "last") -
     raise LoraLabError(f"--pool {pooling!r}: use one of {', '.join(POOLINGS)}")
 
 
+def pool_segments(x: torch.Tensor, segment_ids: torch.Tensor, pooling: str = "last") -> torch.Tensor:
+    """(R, T, K) per-position vectors of packed rows -> (N, K), one per text: each text is a run of equal
+    segment ids > 0 (0 is padding), read at its own last token or averaged over its own tokens; texts in row
+    order, then left to right (the order of the packed batch's labels)."""
+    seg = segment_ids.to(x.device)  # (R, T)
+    real = seg > 0  # (R, T)
+    if pooling == "last":
+        last = real.clone()  # (R, T) True at a text's last token: the next token is another text's, or none
+        last[:, :-1] &= seg[:, 1:] != seg[:, :-1]
+        return x[last]  # (N, K) row-major: row by row, left to right
+    if pooling == "mean":
+        starts = real.clone()  # (R, T) True at a text's first token
+        starts[:, 1:] &= seg[:, 1:] != seg[:, :-1]
+        text = starts.flatten().cumsum(0) - 1  # (R*T,) which text each token belongs to (for real tokens)
+        keep = real.flatten()
+        n = int(starts.sum())
+        sums = x.new_zeros(n, x.size(-1)).index_add(0, text[keep], x.flatten(0, 1)[keep])  # (N, K)
+        counts = torch.bincount(text[keep], minlength=n).to(x.dtype)  # (N,)
+        return sums / counts[:, None]  # (N, K)
+    raise LoraLabError(f"--pool {pooling!r}: use one of {', '.join(POOLINGS)}")
+
+
 def classify(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "last",
-             neftune_alpha: float = 0.0) -> torch.Tensor:
-    """Class logits (B, num_labels) of a model whose lm_head is a classification head."""
+             neftune_alpha: float = 0.0, segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Class logits (B, num_labels) of a model whose lm_head is a classification head; with `segment_ids`
+    (packed rows, lora_lab/data/classification.py: several texts per row, 1, 2, ... and 0 for padding) the
+    logits (N, num_labels) of each of the N texts, each attending only to itself and read at its own tokens."""
+    if segment_ids is not None:
+        logits = model(input_ids, segment_ids=segment_ids.to(input_ids.device),
+                       neftune_alpha=neftune_alpha)  # (R, T, L)
+        return pool_segments(logits, segment_ids, pooling)  # (N, L)
     logits = model(input_ids, segment_ids=attention_mask.to(input_ids.device), neftune_alpha=neftune_alpha)  # (B, T, L)
     return pool(logits, attention_mask, pooling)  # (B, L)
 
 
 @torch.no_grad()
 def pooled_hidden_states(model: GPT, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         pooling: str = "last") -> torch.Tensor:
-    """The frozen model's pooled final hidden states (B, C): the features a head (or a logistic regression) reads."""
+                         pooling: str = "last", segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The frozen model's pooled final hidden states (B, C): the features a head (or a logistic regression) reads
+    (with segment_ids, packed rows: (N, C), one per text)."""
     head, model.lm_head = model.lm_head, nn.Identity()
     try:
-        return classify(model, input_ids, attention_mask, pooling).float()  # (B, C)
+        return classify(model, input_ids, attention_mask, pooling, segment_ids=segment_ids).float()  # (B, C)
     finally:
         model.lm_head = head
 
@@ -121,12 +155,12 @@ def pooled_hidden_states(model: GPT, input_ids: torch.Tensor, attention_mask: to
 def extract_features(model: GPT, loader, pooling: str = "last", device=None, progress: bool = True):
     """(features (N, C) float32, labels (N,)) of every batch of `loader`, in its order, with progress."""
     xs, ys, done, shown = [], [], 0, time.perf_counter()
-    total = len(loader.dataset)
+    total = len(getattr(loader.dataset, "dataset", loader.dataset))  # texts (packed rows hold several)
     for batch in loader:
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        xs.append(pooled_hidden_states(model, ids, mask, pooling).cpu())
+        xs.append(pooled_hidden_states(model, ids, mask, pooling, batch.get("segment_ids")).cpu())
         ys.append(batch["labels"])
-        done += ids.size(0)
+        done += len(batch["labels"])
         if progress and (done == total or time.perf_counter() - shown > 5):
             shown = time.perf_counter()
             print(f"features: {done}/{total} texts", file=sys.stderr, flush=True)

@@ -31,6 +31,8 @@ FlashAttention's figures count.
 Only the tokens that carry the model's work are counted: padding is not (it is waste, which MFU is meant to
 show; packing removes it), and lm_head runs only where the loss has a target (lora_lab/model.py's fused loss
 skips the rest). So  FLOPs(batch) = per_token * real tokens + per_target * targets + per_pair * causal pairs.
+A classifier (lora_lab/classifier.py) has a head of n_embd x num_labels that scores every real token before
+one is pooled: its "targets" are its real tokens (classification_batch_counts; tests/test_flops.py).
 
 The peak: known GPUs' dense (no sparsity) tensor-core peaks by dtype from the vendors' datasheets (PEAK_FLOPS;
 float32 on a GPU counts as TF32 when torch's float32 matmul precision allows it, as the finetune scripts set);
@@ -126,7 +128,9 @@ def training_flops(model: nn.Module) -> TrainingFlops:
                     per_token += 2 * p.numel() * (1 + grad_flows + p.requires_grad)
     any_trains = first < len(blocks) or head_trains
     n_head = _matmul_shape(model.lm_head) or config.n_embd * config.vocab_size
-    per_target = 2 * n_head * (1 + any_trains + head_trains)
+    # the head's input gradient is needed only if something below it trains (a classifier's head-only method)
+    grad_below = first < len(blocks) or model.wte.weight.requires_grad
+    per_target = 2 * n_head * (1 + grad_below + head_trains)
     for name in ("lora_A", "lora_B"):
         p = getattr(model.lm_head, name, None)
         if isinstance(p, torch.Tensor):
@@ -140,6 +144,8 @@ def batch_counts(batch: dict) -> tuple[int, int, int]:
     """(real tokens, targets, causal attention pairs) of a training batch {"input_ids", "labels"[,
     "segment_ids"]}. A row's real tokens end at its last target: the SFT data ends every sample with its answer
     (and EOS), so what follows is padding; packed rows restart positions (and pairs) in each segment."""
+    if batch["labels"].dim() == 1:  # a classifier's batch: one label per text
+        return classification_batch_counts(batch)
     labels = batch["labels"]  # (B, T)
     B, T = labels.shape
     idx = torch.arange(T, device=labels.device)
@@ -154,6 +160,22 @@ def batch_counts(batch: dict) -> tuple[int, int, int]:
         positions = idx.expand(B, T)
     pairs = int(((positions + 1) * real).sum())
     return int(real.sum()), targets, pairs
+
+
+def classification_batch_counts(batch: dict) -> tuple[int, int, int]:
+    """(real tokens, head positions, causal attention pairs) of a classifier's batch {"input_ids",
+    "attention_mask", "labels" (B,)[, "segment_ids"]} (lora_lab/data/classification.py). The model runs every
+    position and its head (a small Linear(n_embd, num_labels), lora_lab/classifier.py) scores every position
+    before one is pooled, so the head counts at every real token; padding is left out, as for SFT batches.
+    Pairs are causal within each text (a packed row's texts, or an unpacked row's one text, left or right
+    padded)."""
+    segment_ids = batch.get("segment_ids")
+    if segment_ids is None:
+        segment_ids = batch["attention_mask"]  # (B, T) 1 real / 0 pad: one text per row
+    real = segment_ids > 0  # (B, T)
+    positions = _segment_positions(segment_ids)  # (B, T) restarting at each text's first token
+    tokens = int(real.sum())
+    return tokens, tokens, int(((positions + 1) * real).sum())
 
 
 def _segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:

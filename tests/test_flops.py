@@ -104,6 +104,61 @@ def test_batch_counts_skip_padding_and_restart_pairs_per_packed_sample():
     assert pairs == (1 + 2 + 3 + 4) + (1 + 2) + (1 + 2 + 3)
 
 
+def classifier(method: str) -> GPT:
+    """tiny_model's GPT as finetune/classify.py makes a classifier of it: lm_head -> a 3-class head, and what trains."""
+    from lora_lab.classifier import add_classification_head
+
+    model = tiny_model("lora" if method == "lora" else "full")
+    add_classification_head(model, 3)
+    if method != "full":
+        model.requires_grad_(False)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("lm_head.") or (method == "lora" and "lora_" in name)
+                             or (method == "blocks" and name.startswith(("blocks.2.", "blocks.3.", "norm_f."))))
+    return model
+
+
+@pytest.mark.parametrize("method", ["head", "blocks", "lora", "full"])
+def test_classifier_step_is_counted_at_every_real_token(method):
+    """A classifier's step (lora_lab/classifier.py classify: the head scores every position, one is pooled)
+    against torch's count: per_token and per_target (the n_embd x 3 head) at every token of rows without padding;
+    the head-only method needs no input gradient below the head (4 n_head, not 6). Then the counts of a padded
+    and of a packed batch: real tokens only, pairs causal within each text."""
+    from lora_lab.classifier import classify
+
+    model = classifier(method)
+    x = torch.randint(0, 256, (B, T))
+    mask = torch.ones(B, T, dtype=torch.long)
+    y = torch.tensor([0, 2])
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        torch.nn.functional.cross_entropy(classify(model, x, mask), y).backward()
+    ops = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    f = training_flops(model)
+    n_head = model.lm_head.weight.numel()
+    assert f.per_target == {"head": 4, "blocks": 6, "lora": 6, "full": 6}[method] * n_head
+    tokens, targets, pairs = batch_counts({"input_ids": x, "attention_mask": mask, "labels": y})
+    assert (tokens, targets, pairs) == (B * T, B * T, B * T * (T + 1) // 2)
+    ours = f(tokens, targets, pairs) - f.per_pair * pairs
+    if method == "lora":  # the first block's input gradients autograd skips (see the LoRA test above)
+        one_block = 2 * sum(m.in_features * m.out_features for m in model.blocks[0].modules()
+                            if hasattr(m, "in_features") and not isinstance(m, type(model.blocks[0])))
+        assert ops["aten.mm"] <= ours <= ops["aten.mm"] + one_block * B * T
+    else:
+        assert ops["aten.mm"] == ours
+    # the math backend computes every (query, key) pair; under LoRA on q and v block 0 needs no dK (the same
+    # first-block approximation, at most one layer's backward: 2 of the per_pair's 4 nh hs units per layer)
+    one_layer_backward = 8 * model.config.n_head * model.config.head_size * B * T * T
+    assert ops["aten.bmm"] <= f.per_pair * B * T * T <= ops["aten.bmm"] + one_layer_backward * (method == "lora")
+
+    # padding (right or left) is not counted; packed texts restart their pairs
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1]])
+    assert batch_counts({"input_ids": mask, "attention_mask": mask, "labels": y}) == (7, 7, 10 + 6)
+    segment_ids = torch.tensor([[1, 1, 2, 2, 2, 0], [1, 2, 2, 3, 3, 3]])
+    packed = {"input_ids": segment_ids, "attention_mask": (segment_ids > 0).long(), "segment_ids": segment_ids,
+              "labels": torch.zeros(5, dtype=torch.long)}
+    assert batch_counts(packed) == (11, 11, (3 + 6) + (1 + 3 + 6))
+
+
 def test_peaks_table_override_and_cpu_probe():
     assert peak_flops_of("cpu", torch.float32, 1e12) == (1e12, "--peak_flops")
     peak, source = peak_flops_of("cpu", torch.float32)

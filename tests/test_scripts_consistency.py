@@ -273,14 +273,10 @@ def test_generate_adapter_decodes_as_generate_lora():
 # finetune/classify.py: lora.py's training loop with a classification loss
 # ------------------------------------------------------------------------------------------------------------
 # statements that differ because the loss is a cross-entropy over classes, not over next tokens (dropped from both)
-# the plumbing lora.py's loop has and classify.py does not have yet (experiment trackers and loss.png, MFU): its
-# batches are texts with one label each, which FlopsMeter and loss.png (next-token losses) do not count yet
-NOT_YET = ["metrics = MetricsLog(", "flops = FlopsMeter", "flops.update(batch)", "metrics.plot()", "metrics.finish()",
-           'fabric.print(f"step {step}/{max_steps}', 'fabric.print(f"Trainable parameters']
 CLASSIFY_OWN = ["logits = classify(", "loss = F.cross_entropy(", "val_loss, val_accuracy = validate(",
-                "row.update(val_loss=val_loss", 'fabric.print(f"step {step}: val loss', *NOT_YET]
+                "row.update(val_loss=val_loss", 'fabric.print(f"step {step}: val loss']
 LORA_OWN = ['loss = model(batch["input_ids"], labels=batch["labels"]', "val_loss = validate(",
-            "row.update(val_loss=val_loss", 'fabric.print(f"step {step}: val loss', *NOT_YET]
+            "row.update(val_loss=val_loss", 'fabric.print(f"step {step}: val loss']
 CLASSIFY_RENAMES = [("classifier_config", "lora_config"), ("Classifier saved to", "Adapter saved to")]
 # shared options whose default suits classification differently (texts are short; LoRA on every block linear
 # layer, as the issue's experiment; no FSDP)
@@ -310,9 +306,8 @@ def test_classify_shares_loras_options_and_shape():
     # every option of lora.py but the LoRA ones that have no meaning here and the generation / prompt ones
     assert {p.name for p in params(REFERENCE)} - set(ours) == {"use_rslora", "use_dora", "lora_plus_ratio",
                                                                "prompt_style", "mask_prompt", "eval_samples",
-                                                               # not (yet) for texts with labels
-                                                               "blank_line_docs", "packing", "compile",
-                                                               "peak_flops", "logger_name"}
+                                                               # raw text has no labels
+                                                               "blank_line_docs"}
     assert [p.name for p in shared] == [n for n in ours if n in {p.name for p in shared}]  # same order
     for p in shared:
         if p.name not in CLASSIFY_OWN_DEFAULTS:
@@ -322,6 +317,15 @@ def test_classify_shares_loras_options_and_shape():
     for function in ("fit", "save"):
         ours_args = [renamed_classify(a) for a in inspect.signature(function_object("classify", function)).parameters]
         assert ours_args == list(inspect.signature(function_object(REFERENCE, function)).parameters)
+
+
+def test_classify_setup_is_loras():
+    """setup() checks the arguments and fetches the default model first, then starts Fabric, as lora.py's."""
+    def body(name):
+        node = functions(script(name)[1])["setup"]
+        return "\n".join(ast.dump(stmt) for stmt in node.body[1:])  # without the docstring
+
+    assert body("classify") == body(REFERENCE)
 
 
 def renamed_classify(text: str) -> str:

@@ -21,6 +21,9 @@ Each text is encoded as the tokenizer does by default (no prompt template: a cla
 cut to max_seq_length tokens, keeping its start (as Hugging Face's truncation does); cut texts are counted.
 Batches are right-padded; the attention mask tells the model which tokens are real (the model reads it as
 segment_ids, so each text gets exactly the logits it gets alone, see lora_lab/classifier.py).
+With packing (--packing), training rows hold several texts each (grouped by lora_lab/data/packing.py's
+pack_indices); their segment_ids number the texts of a row 1, 2, ... so that each attends only to itself, and
+labels lists the texts' classes row by row (collate_packed_texts).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lora_lab.data.instructions import _iter_records, _Unreadable, split_rows
+from lora_lab.data.packing import pack_indices
 from lora_lab.data.sft import LengthBucketSampler, ShuffledBatchSampler
 from lora_lab.utils import LoraLabError
 
@@ -179,20 +183,65 @@ def collate_texts(samples: Sequence[dict], pad_id: int = 0) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+class PackedTexts(Dataset):
+    """Rows of several texts of a ClassificationDataset, at most max_seq_length tokens each (grouped by
+    lora_lab/data/packing.py's pack_indices, as --packing groups instruction samples); an item is its texts."""
+
+    def __init__(self, dataset: ClassificationDataset, max_seq_length: int, seed: int = 0) -> None:
+        self.dataset = dataset
+        self.packs = pack_indices(dataset.lengths, max_seq_length, seed)
+        self.lengths = [sum(dataset.lengths[i] for i in row) for row in self.packs]
+
+    def __len__(self) -> int:
+        return len(self.packs)
+
+    def __getitem__(self, r: int) -> list[dict]:
+        return [self.dataset[i] for i in self.packs[r]]
+
+
+def collate_packed_texts(rows: Sequence[Sequence[dict]], pad_id: int = 0) -> dict:
+    """Packed rows, right-padded to the longest: input_ids (R, T); segment_ids (R, T) numbering each row's texts
+    1, 2, ... (0 for padding: each text attends only to itself, lora_lab/classifier.py pool_segments reads it);
+    attention_mask (R, T) 1 real / 0 pad; labels (N,) of the N texts, row by row, left to right."""
+    T = max(sum(len(s["input_ids"]) for s in row) for row in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (R, T)
+    segment_ids = torch.zeros((len(rows), T), dtype=torch.long)  # (R, T)
+    labels = []
+    for r, row in enumerate(rows):
+        start = 0
+        for segment, s in enumerate(row, start=1):
+            n = len(s["input_ids"])
+            input_ids[r, start:start + n] = torch.as_tensor(s["input_ids"])
+            segment_ids[r, start:start + n] = segment
+            labels.append(s.get("label", -1))
+            start += n
+    return {"input_ids": input_ids, "attention_mask": (segment_ids > 0).long(), "segment_ids": segment_ids,
+            "labels": torch.tensor(labels, dtype=torch.long)}  # labels (N,)
+
+
 def classification_dataloaders(data: ClassificationData, tokenizer, max_seq_length: int, micro_batch_size: int,
                                seed: int = 42, pad_id: int = 0, eval_batch_size: Optional[int] = None,
-                               verbose: bool = True) -> tuple[DataLoader, Optional[DataLoader],
-                                                              Optional[DataLoader], dict]:
+                               verbose: bool = True, packing: bool = False) -> tuple[DataLoader, Optional[DataLoader],
+                                                                                     Optional[DataLoader], dict]:
     """(train_dl, val_dl, test_dl, stats). Training batches group texts of similar length (less padding) in an
     order drawn from (seed, epoch): `train_dl.batch_sampler.state_dict()` resumes at the exact batch, as in
-    lora_lab/data/sft.py. val_dl / test_dl are None when the split is empty."""
+    lora_lab/data/sft.py. val_dl / test_dl are None when the split is empty.
+    packing: the training texts are packed several to a row of max_seq_length (PackedTexts) and micro_batch_size
+    counts rows; n_train is then the number of rows (n_samples the texts in them). Validation and test stay
+    unpacked."""
     if max_seq_length < 1:
         raise LoraLabError(f"--max_seq_length {max_seq_length}: use 1 or more")
     make = partial(ClassificationDataset, tokenizer=tokenizer, labels=data.labels, max_seq_length=max_seq_length)
     train_ds, val_ds, test_ds = make(data.train), make(data.val), make(data.test)
     collate_fn = partial(collate_texts, pad_id=pad_id)
-    sampler = LengthBucketSampler(train_ds.lengths, micro_batch_size, seed)
-    train_dl = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate_fn)
+    if packing:  # rows are (nearly) max_seq_length long already: no length buckets
+        train_rows = PackedTexts(train_ds, max_seq_length, seed)
+        sampler = ShuffledBatchSampler(len(train_rows), micro_batch_size, seed)
+        train_dl = DataLoader(train_rows, batch_sampler=sampler,
+                              collate_fn=partial(collate_packed_texts, pad_id=pad_id))
+    else:
+        sampler = LengthBucketSampler(train_ds.lengths, micro_batch_size, seed)
+        train_dl = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate_fn)
 
     def eval_loader(ds):
         if not len(ds):
@@ -204,7 +253,8 @@ def classification_dataloaders(data: ClassificationData, tokenizer, max_seq_leng
     for s in train_ds.samples:
         counts[s["label"]] += 1
     stats = {"source": data.source, "labels": list(data.labels), "n_rows": data.n_rows,
-             "n_other_label": data.n_other_label, "n_train": len(train_ds), "n_val": len(val_ds),
+             "n_other_label": data.n_other_label, "n_train": len(train_dl.dataset), "n_samples": len(train_ds),
+             "n_val": len(val_ds),
              "n_test": len(test_ds), "train_counts": counts,
              "n_truncated": train_ds.n_truncated + val_ds.n_truncated + test_ds.n_truncated,
              "mean_length": sum(train_ds.lengths) / len(train_ds)}
@@ -215,5 +265,7 @@ def classification_dataloaders(data: ClassificationData, tokenizer, max_seq_leng
         print(f"Data: {len(train_ds)} training, {len(val_ds)} validation, {len(test_ds)} test texts from "
               f"{data.source}; classes {', '.join(f'{n} ({c})' for n, c in zip(data.labels, counts))} in training"
               f"{other}; {stats['n_truncated']} cut to max_seq_length={max_seq_length}; "
-              f"{stats['mean_length']:.0f} tokens per text on average", file=sys.stderr)
+              f"{stats['mean_length']:.0f} tokens per text on average"
+              + (f"; packed {len(train_ds)} texts into {len(train_dl.dataset)} rows of {max_seq_length} tokens"
+                 if packing else ""), file=sys.stderr)
     return train_dl, eval_loader(val_ds), eval_loader(test_ds), stats
