@@ -359,13 +359,33 @@ def test_interrupted_run_resumes_exactly(reference_run, tiny_ckpt, pairs_file, t
 @pytest.mark.parametrize("bad, message", [
     (dict(loss="kto"), "--loss 'kto'"),
     (dict(beta=0.0), "--beta 0.0"),
-    (dict(adapter_dir="does/not/exist"), "adapter directory does/not/exist does not exist"),
-    (dict(data="missing.json"), "missing.json does not exist"),
+    (dict(adapter_dir="does/not/exist"), "--adapter_dir does/not/exist does not exist"),
+    (dict(adapter_dir="CKPT"), "is not a LoRA adapter folder: lora_config.json is missing (it looks like a model "
+                               "checkpoint"),
+    (dict(data="missing.json"), "--data 'missing.json' is not an existing file: pass a .json, .jsonl or .csv file "
+                                "of preference pairs"),
+    (dict(data="alpaca"), "--data 'alpaca' is not an existing file"),  # no built-in instruction set here
+    (dict(val_data="missing_val.json"), "--val_data 'missing_val.json' is not an existing file"),
+    (dict(data="TXT"), "is not .json, .jsonl or .csv"),
 ])
-def test_bad_input_is_one_line(tiny_ckpt, pairs_file, tmp_path, bad, message):
+def test_bad_input_is_one_line_before_the_model_loads(tiny_ckpt, pairs_file, tmp_path, monkeypatch, bad, message):
+    """check_args judges DPO's own arguments too (preference files, the adapter folder, beta, loss), before the
+    data set or the model is touched."""
+    txt = tmp_path / "pairs.txt"
+    txt.write_text("not pairs")
+    bad = {k: {"CKPT": str(tiny_ckpt), "TXT": str(txt)}.get(v, v) for k, v in bad.items()}
     args = {"data": pairs_file, **bad}
+
+    def slow(*a, **k):
+        raise AssertionError("reached the slow part before the mistake was reported")
+
+    monkeypatch.setattr(GPT, "from_checkpoint", slow)
+    monkeypatch.setattr(dpo_script, "get_preference_dataloaders", slow)
     with pytest.raises(LoraLabError, match=message.replace("(", r"\(").replace(".", r"\.")):
-        run(tiny_ckpt, args.pop("data"), tmp_path / "out", **args)
+        if "val_data" in args:
+            dpo_script.setup(checkpoint_dir=tiny_ckpt, out_dir=tmp_path / "out", **{**RUN, **args})
+        else:
+            run(tiny_ckpt, args.pop("data"), tmp_path / "out", **args)
     assert not (tmp_path / "out" / TRAIN_STATE_FILE).exists()
 
 
