@@ -233,12 +233,27 @@ def collate_pairs(pairs: Sequence[dict], pad_id: int = 0) -> dict:
     return batch
 
 
+def pack_rows(lengths: Sequence[int], max_seq_length: int) -> list[list[int]]:
+    """The sequences' indices grouped into rows (first fit, pack_indices) so that the (R, T) batch, T its longest
+    row, holds the fewest tokens: rows at most w long, for w = the longest sequence, twice it, ... up to
+    max_seq_length. w = the longest sequence alone already never makes more tokens than one sequence per row (R <= n
+    rows of at most that length); wider rows help when the lengths differ (a long chosen answer, short rejected ones)."""
+    longest = max(lengths)
+    best: Optional[list[list[int]]] = None
+    for width in sorted({longest * k for k in range(1, max_seq_length // longest + 1)} | {max_seq_length}):
+        rows = pack_indices(lengths, width)
+        cost = len(rows) * max(sum(lengths[i] for i in row) for row in rows)
+        if best is None or cost < best_cost:
+            best, best_cost = rows, cost
+    return best
+
+
 def collate_packed_pairs(pairs: Sequence[dict], max_seq_length: int, pad_id: int = 0) -> dict:
     """b pairs -> their 2b sequences (the b chosen, then the b rejected) packed into R <= 2b rows of at most
     max_seq_length tokens: input_ids, labels, segment_ids (R, T), segment k + 1 = sequence k, 0 = padding; with
     reference log-probs, ref_chosen_logps and ref_rejected_logps (b,) as collate_pairs gives them."""
     seqs = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
-    rows = [sorted(r) for r in pack_indices([len(s["input_ids"]) for s in seqs], max_seq_length)]
+    rows = [sorted(r) for r in pack_rows([len(s["input_ids"]) for s in seqs], max_seq_length)]
     T = max(sum(len(seqs[k]["input_ids"]) for k in row) for row in rows)
     input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (R, T)
     labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)  # (R, T)
