@@ -343,6 +343,28 @@ def test_run_writes_adapter_and_trl_named_metrics(reference_run, tiny_ckpt):
     assert float(rows[-1]["val_rewards/margins"]) > 0 and float(rows[-1]["val_loss"]) < LN2
 
 
+def test_run_record_hparams_tracker_and_loss_png_with_reward_accuracy(reference_run, tmp_path):
+    """lora.py's run record: hparams.yaml (DPO's own settings included) and loss.png, which for a DPO run draws
+    the loss (TRL's `loss` column) and, in a panel below, the reward accuracy: a taller figure than an SFT run's."""
+    import yaml
+
+    from lora_lab import plot
+    from test_run_record import png_size
+
+    pytest.importorskip("matplotlib")
+    hparams = yaml.safe_load((reference_run / "hparams.yaml").read_text())
+    assert (hparams["beta"], hparams["loss"], hparams["logger_name"], hparams["packing"]) == (0.1, "sigmoid", "csv",
+                                                                                              False)
+    assert png_size(reference_run / "loss.png") == (1000, 825)  # loss above, reward accuracy below
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    (sft / "metrics.csv").write_text("step,train_loss,val_loss,val_ppl,lr,tokens,tokens_per_sec\n1,2.0,,,0.1,8,1\n")
+    assert png_size(plot.plot_runs([sft], sft / "loss.png")) == (1000, 550)
+    series = plot.read_metrics(reference_run)
+    assert "loss" in series and "rewards/accuracies" in series and "val_rewards/accuracies" in series
+    assert plot.describe(reference_run).endswith("pairs.json, beta 0.1")
+
+
 def test_interrupted_run_resumes_exactly(reference_run, tiny_ckpt, pairs_file, tmp_path, monkeypatch):
     out = tmp_path / "out"
     monkeypatch.setattr(dpo_script, "StopRequest", stop_after(4))
