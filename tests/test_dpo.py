@@ -365,6 +365,16 @@ def test_run_record_hparams_tracker_and_loss_png_with_reward_accuracy(reference_
     assert plot.describe(reference_run).endswith("pairs.json, beta 0.1")
 
 
+def test_neftune_noises_the_policy_only(reference_run, tiny_ckpt, pairs_file, tmp_path):
+    """--neftune_alpha (as TRL's DPOTrainer takes it): the policy's training forward gets embedding noise, so step
+    1 is no longer exactly ln 2; the reference is scored without noise, bit for bit as without the flag."""
+    out = run(tiny_ckpt, pairs_file, tmp_path / "out", max_steps=1, neftune_alpha=50.0)
+    ours = load_train_state(out / TRAIN_STATE_FILE)["counters"]["reference"]
+    theirs = load_train_state(reference_run / TRAIN_STATE_FILE)["counters"]["reference"]
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert abs(float(metrics(out)[0]["loss"]) - LN2) > 1e-4
+
+
 def test_interrupted_run_resumes_exactly(reference_run, tiny_ckpt, pairs_file, tmp_path, monkeypatch):
     out = tmp_path / "out"
     monkeypatch.setattr(dpo_script, "StopRequest", stop_after(4))
