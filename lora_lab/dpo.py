@@ -35,6 +35,7 @@ Each claim is checked in tests/test_dpo.py:
     ln 2 and zero margins at the start                     test_loss_is_ln2_at_the_start (and the script's smoke test)
     the reference is the starting model, bit for bit      test_reference_is_the_starting_model_bit_for_bit
     hinge and ipo known values                             test_hinge_known_values, test_ipo_known_values
+    packed rows give the unpacked log-probs, loss, grads   tests/test_dpo_packing.py
 """
 
 from __future__ import annotations
