@@ -239,11 +239,11 @@ def pack_rows(lengths: Sequence[int], max_seq_length: int) -> list[list[int]]:
     max_seq_length. w = the longest sequence alone already never makes more tokens than one sequence per row (R <= n
     rows of at most that length); wider rows help when the lengths differ (a long chosen answer, short rejected ones)."""
     longest = max(lengths)
-    best: Optional[list[list[int]]] = None
+    best, best_cost = [[i] for i in range(len(lengths))], len(lengths) * longest  # one sequence per row
     for width in sorted({longest * k for k in range(1, max_seq_length // longest + 1)} | {max_seq_length}):
         rows = pack_indices(lengths, width)
-        cost = len(rows) * max(sum(lengths[i] for i in row) for row in rows)
-        if best is None or cost < best_cost:
+        cost = len(rows) * max(sum(lengths[i] for i in row) for row in rows)  # R x T of the batch
+        if cost < best_cost:
             best, best_cost = rows, cost
     return best
 
