@@ -162,7 +162,8 @@ def setup(
         neftune_alpha: NEFTune noise on the policy's embeddings while training (0 = off; TRL's DPOTrainer takes
             it too); the reference is scored without it.
         activation_checkpointing: recompute activations in the backward pass: less memory, slower.
-        compile: torch.compile each transformer block for training (minutes to compile; fastest with --packing).
+        compile: torch.compile each transformer block for training (minutes to compile; batch shapes vary, packed
+            or not, so torch compiles again until it marks the lengths dynamic).
         max_time: time budget (3600, 90m, 1.5h, 23:30:00): stop, evaluate and save when it is spent.
         eval_interval: validate every this many optimizer steps.
         eval_iters: at most this many validation batches per validation.
