@@ -392,10 +392,10 @@ def test_interrupted_run_resumes_exactly(reference_run, tiny_ckpt, pairs_file, t
     (dict(loss="kto"), "--loss 'kto'"),
     (dict(beta=0.0), "--beta 0.0"),
     (dict(adapter_dir="does/not/exist"), "--adapter_dir does/not/exist does not exist"),
-    (dict(adapter_dir="CKPT"), "is not a LoRA adapter folder: lora_config.json is missing (it looks like a model "
-                               "checkpoint"),
-    (dict(data="missing.json"), "--data 'missing.json' is not an existing file: pass a .json, .jsonl or .csv file "
-                                "of preference pairs"),
+    (dict(adapter_dir="CKPT"), ("is not a LoRA adapter folder: lora_config.json is missing (it looks like a model "
+                                "checkpoint")),
+    (dict(data="missing.json"), ("--data 'missing.json' is not an existing file: pass a .json, .jsonl or .csv file "
+                                 "of preference pairs")),
     (dict(data="alpaca"), "--data 'alpaca' is not an existing file"),  # no built-in instruction set here
     (dict(val_data="missing_val.json"), "--val_data 'missing_val.json' is not an existing file"),
     (dict(data="TXT"), "is not .json, .jsonl or .csv"),
