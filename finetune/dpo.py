@@ -16,6 +16,12 @@ pair: the one line `reference_logps(...)` below. No second copy of the model is 
 off later; the scores go into the resume state, so --resume continues exactly. --loss ipo or hinge swaps the
 loss for IPO's or SLiC's; --quantize nf4 keeps the frozen base in 4 bits (QLoRA-DPO, as finetune/qlora.py).
 
+--packing lays the chosen and rejected sequences of a micro-batch's pairs end to end in rows of max_seq_length
+(each attends only to itself; the loss is the unpacked one), --compile compiles the blocks, and every progress line
+and the final one report MFU: the policy's forward + backward over both sequences of every pair (the reference
+pass, forward only and done once before the first step, is timed on its own line); --logger_name sends the
+metrics to tensorboard, mlflow or wandb besides metrics.csv, and loss.png draws the loss and reward accuracy.
+
 --data is a .json / .jsonl / .csv file of pairs {instruction, input (optional), chosen, rejected} or {prompt,
 chosen, rejected} (lora_lab/data/preference.py); a held-out share (or --val_data) measures the reward accuracy:
 the share of pairs whose chosen answer the trained model rewards more than the rejected one. The result is an
@@ -27,6 +33,7 @@ step in progress; run the same command with --resume to continue exactly where i
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -34,15 +41,18 @@ import lightning as L
 import torch
 
 from lora_lab import GPT, Tokenizer
+from lora_lab.checks import check_args
 from lora_lab.checkpoint import load_config
+from lora_lab.compile import compile_blocks
 from lora_lab.data.preference import get_preference_dataloaders
+from lora_lab.download import ensure_checkpoint
 from lora_lab.dpo import (METRICS, add_metrics, answer_logps, check_dpo_settings, mean_metrics, pair_metrics,
                           preference_loss, reference_logps)
+from lora_lab.flops import FlopsMeter
 from lora_lab.generate import peak_memory_bytes, reset_peak_memory
-from lora_lab.lora import (LoRAConfig, count_parameters, inject_lora, load_lora, load_lora_state_dict,
-                           lora_plus_param_groups, lora_state_dict, mark_only_lora_trainable, normalize_targets,
-                           save_lora)
-from lora_lab.merge_lora import check_adapter_fits
+from lora_lab.lora import (LoRAConfig, check_adapter_fits, count_parameters, inject_lora, load_lora,
+                           load_lora_state_dict, lora_plus_param_groups, lora_state_dict, mark_only_lora_trainable,
+                           normalize_targets, save_lora)
 from lora_lab.nf4 import quantize_nf4
 from lora_lab.prompts import PromptStyle
 from lora_lab.training import (TRAIN_STATE_FILE, MetricsLog, StopRequest, Throughput, format_seconds,
@@ -79,6 +89,7 @@ def setup(
     # data
     prompt_style: Optional[str] = None,
     max_seq_length: int = 512,
+    packing: bool = False,
     n_train: Optional[int] = None,
     n_val: Optional[int] = None,
     # optimisation
@@ -91,7 +102,9 @@ def setup(
     warmup_steps: int = 10,
     min_lr: float = 0.0,
     grad_clip: float = 1.0,
+    neftune_alpha: float = 0.0,
     activation_checkpointing: bool = False,
+    compile: bool = False,
     max_time: Optional[str] = None,
     # evaluation, checkpoints, logging
     eval_interval: int = 25,
@@ -99,9 +112,11 @@ def setup(
     eval_samples: int = 3,
     save_interval: int = 100,
     log_interval: int = 1,
+    logger_name: Literal["csv", "tensorboard", "mlflow", "wandb"] = "csv",
     seed: int = 42,
     # hardware
     precision: Optional[str] = None,
+    peak_flops: Optional[float] = None,
     devices: int = 1,
     num_nodes: int = 1,
     strategy: Literal["auto", "ddp", "fsdp"] = "auto",
@@ -130,6 +145,8 @@ def setup(
         lora_plus_ratio: LoRA+: B learns this many times faster than A (e.g. 16).
         prompt_style: how prompts are wrapped (default: the base model's own).
         max_seq_length: pairs whose prompt + longer answer exceed it are left out (and counted).
+        packing: lay the 2 x micro_batch_size sequences of each micro-batch end to end in rows of max_seq_length
+            (each attends only to itself: the same loss, less padding); batch sizes still count pairs.
         n_train: use only the first n_train training pairs.
         n_val: likewise for validation pairs.
         max_steps: optimizer steps (default: `epochs` passes over the data).
@@ -141,19 +158,28 @@ def setup(
         warmup_steps: optimizer steps of linear warm-up.
         min_lr: learning rate at the end of the cosine decay.
         grad_clip: clip the gradient norm to this (0 to disable).
+        neftune_alpha: NEFTune noise on the policy's embeddings while training (0 = off; TRL's DPOTrainer takes
+            it too); the reference is scored without it.
         activation_checkpointing: recompute activations in the backward pass: less memory, slower.
+        compile: torch.compile each transformer block for training (minutes to compile; batch shapes vary, packed
+            or not, so torch compiles again until it marks the lengths dynamic).
         max_time: time budget (3600, 90m, 1.5h, 23:30:00): stop, evaluate and save when it is spent.
         eval_interval: validate every this many optimizer steps.
         eval_iters: at most this many validation batches per validation.
         eval_samples: greedy answers to this many held-out prompts, shown before and after training.
         save_interval: save the adapter and resume state every this many optimizer steps.
         log_interval: print progress every this many optimizer steps.
+        logger_name: where metrics and hyperparameters go besides metrics.csv and hparams.yaml: csv (nowhere
+            else), tensorboard, mlflow or wandb (lora_lab/loggers.py). loss.png is drawn at every save.
         seed: seeds data order, initialisation and dropout.
         precision: 32-true, bf16-true, bf16-mixed, 16-mixed (default: bf16-true on GPU, 32-true on CPU).
+        peak_flops: the device's peak FLOP/s for the MFU figure (default: the GPU's datasheet, or a CPU probe).
         devices: devices per node (data parallel over them).
         num_nodes: nodes, as Fabric launches them.
         strategy: auto, ddp, or fsdp to shard the model over GPUs.
     """
+    check_args(locals())  # every argument that can be judged without data or a model, before anything slow
+    checkpoint_dir = ensure_checkpoint(checkpoint_dir)  # the default model is fetched once if missing
     if precision is None:
         precision = "bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
     fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision)
@@ -167,11 +193,12 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
          adapter_dir: Optional[Path], beta: float, loss: str, quantize: Optional[str], nf4_blocksize: int,
          double_quant: bool, lora_r: int, lora_alpha: float, lora_dropout: float,
          lora_targets: Union[tuple[str, ...], str], use_rslora: bool, use_dora: bool,
-         lora_plus_ratio: Optional[float], prompt_style: Optional[str], max_seq_length: int, n_train: Optional[int],
-         n_val: Optional[int], max_steps: Optional[int], epochs: float, batch_size: int, micro_batch_size: int,
-         learning_rate: float, weight_decay: float, warmup_steps: int, min_lr: float, grad_clip: float,
-         activation_checkpointing: bool, max_time: Optional[str], eval_interval: int, eval_iters: int,
-         eval_samples: int, save_interval: int, log_interval: int, seed: int, precision: str, devices: int,
+         lora_plus_ratio: Optional[float], prompt_style: Optional[str], max_seq_length: int, packing: bool,
+         n_train: Optional[int], n_val: Optional[int], max_steps: Optional[int], epochs: float, batch_size: int,
+         micro_batch_size: int, learning_rate: float, weight_decay: float, warmup_steps: int, min_lr: float,
+         grad_clip: float, neftune_alpha: float, activation_checkpointing: bool, compile: bool,
+         max_time: Optional[str], eval_interval: int, eval_iters: int, eval_samples: int, save_interval: int,
+         log_interval: int, logger_name: str, seed: int, precision: str, peak_flops: Optional[float], devices: int,
          num_nodes: int, strategy: str) -> None:
     hparams = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "fabric"}
     out_dir = Path(out_dir)
@@ -200,7 +227,8 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     style = PromptStyle.from_checkpoint(checkpoint_dir, prompt_style or (sft_config and sft_config.prompt_style))
     train_dl, val_dl, data_stats = get_preference_dataloaders(
         data, tokenizer, style, max_seq_length=max_seq_length, micro_batch_size=micro_batch_size, seed=seed,
-        val_data=val_data, n_train=n_train, n_val=n_val, pad_id=tokenizer.eos_id or 0, verbose=fabric.is_global_zero)
+        val_data=val_data, n_train=n_train, n_val=n_val, pad_id=tokenizer.eos_id or 0, verbose=fabric.is_global_zero,
+        packing=packing)  # packed: each micro-batch's sequences end to end in rows, one segment each
     if max_steps is None:
         max_steps = max(1, math.ceil(epochs * data_stats["n_train"] / batch_size))
 
@@ -244,6 +272,8 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     model, optimizer = fabric.setup(model, optimizer)
 
     state = {"step": 0, "micro_batches": 0, "tokens": 0}
+    if compile:  # torch.compile each block for training (lora_lab/compile.py); the reference pass runs eager
+        compile_blocks(gpt)
     datasets = [dl.dataset for dl in (train_dl, val_dl) if dl is not None]
     if resume:
         saved = load_train_state(out_dir / TRAIN_STATE_FILE)
@@ -258,17 +288,21 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     else:
         # THE REFERENCE: pi_ref is the model as it is now, before any step: score every pair's answers with it once
         # (each device scores all pairs: a device may meet any pair in a later epoch)
+        t0 = time.perf_counter()
         for ds in datasets:
             ds.ref_logps = reference_logps(model, ds, micro_batch_size, verbose=fabric.is_global_zero)  # (N, 2)
         state["reference"] = [ds.ref_logps for ds in datasets]  # saved with the counters: --resume reuses them
+        # forward only, once: timed here, not counted in the training steps' throughput and MFU
+        fabric.print(f"Reference log-probs of {sum(len(ds) for ds in datasets):,} pairs scored in "
+                     f"{format_seconds(time.perf_counter() - t0)} (forward only, before the first step)")
 
     eval_rows = val_dl.dataset.rows[:eval_samples] if val_dl is not None else []
     if val_dl is not None and not resume:
         before = validate(fabric, model, val_dl, eval_iters, beta, loss)
         before_answers = generate_samples(gpt, tokenizer, style, eval_rows)
     fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hparams, out_dir, max_steps, grad_accum,
-        learning_rate, warmup_steps, min_lr, grad_clip, beta, loss, parse_duration(max_time), eval_interval,
-        eval_iters, save_interval, log_interval)
+        learning_rate, warmup_steps, min_lr, grad_clip, neftune_alpha, beta, loss, parse_duration(max_time),
+        eval_interval, eval_iters, save_interval, log_interval)
     if val_dl is not None and not resume and not state.get("stopped"):
         after = validate(fabric, model, val_dl, eval_iters, beta, loss)
         fabric.print(f"Held-out pairs before -> after DPO: reward accuracy {before['rewards/accuracies']:.1%} -> "
@@ -281,11 +315,13 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
 
 
 def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hparams, out_dir, max_steps, grad_accum,
-        learning_rate, warmup_steps, min_lr, grad_clip, beta, loss, max_time, eval_interval, eval_iters,
-        save_interval, log_interval) -> None:
+        learning_rate, warmup_steps, min_lr, grad_clip, neftune_alpha, beta, loss, max_time, eval_interval,
+        eval_iters, save_interval, log_interval) -> None:
     stop = StopRequest()
-    metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"], fields=COLUMNS)
+    metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"], logger_name=hparams["logger_name"],
+                         hparams=hparams, fields=COLUMNS)  # + hparams.yaml, an experiment tracker, loss.png
     throughput = Throughput(state["step"], max_steps)
+    flops = FlopsMeter.for_fabric(gpt, fabric, hparams["peak_flops"])  # model FLOPs, for MFU (lora_lab/flops.py)
     reset_peak_memory(fabric.device)
     batches = micro_batches(train_dl, fabric.global_rank, fabric.world_size, state)
     val = None
@@ -298,7 +334,8 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
             batch = next(batches)
             # gradients are averaged over devices only at the last micro-batch of the step
             with fabric.no_backward_sync(model, enabled=i < grad_accum - 1):
-                logps, n_tokens = answer_logps(model, batch["input_ids"], batch["labels"])  # (2b,) each
+                logps, n_tokens = answer_logps(model, batch["input_ids"], batch["labels"], batch.get("segment_ids"),
+                                               neftune_alpha)  # (2b,) each; packed rows: one segment per sequence
                 chosen, rejected = logps.chunk(2)  # the batch is [b chosen; b rejected]
                 out = preference_loss(chosen, rejected, batch["ref_chosen_logps"].to(logps),
                                       batch["ref_rejected_logps"].to(logps), beta, loss, *n_tokens.chunk(2))
@@ -309,6 +346,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
             add_metrics(sums, pair_metrics(out, chosen, rejected))
             state["tokens"] += batch["input_ids"].numel() * fabric.world_size
             throughput.update(batch["input_ids"].numel() * fabric.world_size)
+            flops.update(batch)  # the policy's forward + backward over both sequences of every pair
         if grad_clip:
             norm = fabric.clip_gradients(model, optimizer, max_norm=grad_clip, error_if_nonfinite=False)
             if not torch.isfinite(norm):  # a finite loss whose gradient overflowed
@@ -321,7 +359,8 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
         if step % log_interval == 0 or step == max_steps:
             fabric.print(f"step {step}/{max_steps} | loss {train['loss']:.4f} | reward acc "
                          f"{train['rewards/accuracies']:.2f} | margin {train['rewards/margins']:.3f} | lr {lr:.2e} | "
-                         f"{throughput.tokens_per_sec():,.0f} tok/s | ETA {format_seconds(throughput.eta(step))}")
+                         f"{throughput.tokens_per_sec():,.0f} tok/s | {flops.format(throughput.elapsed())} | "
+                         f"ETA {format_seconds(throughput.eta(step))}")
         row = {"step": step, **train, "lr": lr, "tokens": state["tokens"],
                "tokens_per_sec": throughput.tokens_per_sec()}
         out_of_time = max_time is not None and throughput.elapsed() > max_time
@@ -340,6 +379,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
         metrics.log(row)
         if step % save_interval == 0 or step == max_steps or out_of_time or stop_requested:
             save(fabric, gpt, optimizer, train_dl, state, lora_config, hparams, out_dir)
+            metrics.plot()  # OUT_DIR/loss.png, up to date with what is saved
         if out_of_time:
             fabric.print(f"Time budget of {format_seconds(max_time)} spent after step {step}: stopping")
             break
@@ -348,9 +388,11 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
             state["stopped"] = True
             break
     stop.restore()  # Ctrl-C interrupts as usual again
+    metrics.finish()  # the final loss.png; the tracker's files closed
 
     fabric.print(f"Trainable parameters {count_parameters(gpt)[0]:,} | {state['step']} steps in "
                  f"{format_seconds(throughput.elapsed())} | {throughput.tokens_per_sec():,.0f} tokens/s | "
+                 f"{flops.summary(throughput.elapsed())} | "
                  f"peak memory {peak_memory_bytes(fabric.device) / 2**30:.2f} GiB"
                  + (f" | final held-out reward accuracy {val['rewards/accuracies']:.1%}" if val is not None else ""))
     fabric.print(f"Adapter saved to {out_dir}")
@@ -380,7 +422,7 @@ def validate(fabric, model, val_dl, eval_iters: int, beta: float, loss: str) -> 
     for i, batch in enumerate(iter_keeping_rng(val_dl)):  # validating must not change training's dropout masks
         if i >= eval_iters:
             break
-        logps, n_tokens = answer_logps(model, batch["input_ids"], batch["labels"])  # (2b,)
+        logps, n_tokens = answer_logps(model, batch["input_ids"], batch["labels"], batch.get("segment_ids"))  # (2b,)
         chosen, rejected = logps.chunk(2)
         out = preference_loss(chosen, rejected, batch["ref_chosen_logps"].to(logps),
                               batch["ref_rejected_logps"].to(logps), beta, loss, *n_tokens.chunk(2))

@@ -7,6 +7,9 @@ the line that would otherwise notice it. Each check reads only the arguments a s
 has no lora_r), and raises a one-line LoraLabError naming the flag. A method's own settings (full.py's
 --optimizer, adapter.py's --adapter_version) are checked by the script, in main, still before anything slow.
 tests/test_early_checks.py calls every script with each mistake and asserts that no model was loaded.
+Names it does not know are left alone (each script checks its own in main). One exception: a script with --beta
+is finetune/dpo.py, whose --data / --val_data are preference-pair files (not dataset names), whose --adapter_dir
+is a LoRA adapter to continue, and whose --beta / --loss are judged here too.
 """
 
 from __future__ import annotations
@@ -59,12 +62,19 @@ def check_args(args: Mapping[str, Any]) -> None:
         from lora_lab.training import parse_duration
 
         parse_duration(args["max_time"])
+    preference = "beta" in args  # finetune/dpo.py: pairs of answers, not instruction data
     if "label_column" in args:  # finetune/classify.py: labelled texts in a file, not an instruction data set
         check_classification_args(args)
     else:
         for name in ("data", "val_data"):
             if args.get(name) is not None:
-                check_data(args[name], name)
+                (check_preference_data if preference else check_data)(args[name], name)
+    if preference:
+        from lora_lab.dpo import check_dpo_settings
+
+        check_dpo_settings(args["beta"], args.get("loss", "sigmoid"))
+        if args.get("adapter_dir") is not None:
+            check_lora_adapter_dir(Path(args["adapter_dir"]))
     if args.get("out_dir") is not None and Path(args["out_dir"]).exists() and not Path(args["out_dir"]).is_dir():
         raise LoraLabError(f"--out_dir {args['out_dir']} is a file: give a directory")
     if args.get("checkpoint_dir") is not None:
@@ -140,6 +150,32 @@ def check_classification_args(args: Mapping[str, Any]) -> None:
         names = labels.split(",") if isinstance(labels, str) else [str(name) for name in labels]
         if any(not name.strip() for name in names):
             raise LoraLabError(f"--labels {labels!r}: a label name is empty (give them as fresh,rotten)")
+
+
+def check_preference_data(data: str, flag: str = "data") -> None:
+    """DPO's data: an existing .json / .jsonl / .csv file of pairs (there are no built-in preference sets)."""
+    from lora_lab.data.instructions import DATA_SUFFIXES
+    from lora_lab.data.preference import FILE_HELP
+
+    path = Path(str(data)).expanduser()
+    if not path.is_file():
+        raise LoraLabError(f"--{flag} {str(data)!r} is not an existing file: pass {FILE_HELP}")
+    if path.suffix.lower() not in DATA_SUFFIXES:
+        raise LoraLabError(f"--{flag} {str(data)!r} is not .json, .jsonl or .csv: pass {FILE_HELP}")
+
+
+def check_lora_adapter_dir(adapter_dir: Path) -> None:
+    """A LoRA adapter folder (its two files exist; their contents are read, and judged, by load_lora)."""
+    from lora_lab.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
+
+    if not adapter_dir.is_dir():
+        raise LoraLabError(f"--adapter_dir {adapter_dir} does not exist: pass the out_dir of a LoRA fine-tuning run "
+                           f"(it holds {ADAPTER_WEIGHTS_FILE} and {ADAPTER_CONFIG_FILE})")
+    for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE):
+        if not (adapter_dir / name).is_file():
+            hint = (" (it looks like a model checkpoint, not an adapter)"
+                    if (adapter_dir / "model_config.json").is_file() else "")
+            raise LoraLabError(f"--adapter_dir {adapter_dir} is not a LoRA adapter folder: {name} is missing{hint}")
 
 
 def check_checkpoint_dir(checkpoint_dir: Path) -> None:

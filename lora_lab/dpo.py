@@ -35,6 +35,7 @@ Each claim is checked in tests/test_dpo.py:
     ln 2 and zero margins at the start                     test_loss_is_ln2_at_the_start (and the script's smoke test)
     the reference is the starting model, bit for bit      test_reference_is_the_starting_model_bit_for_bit
     hinge and ipo known values                             test_hinge_known_values, test_ipo_known_values
+    packed rows give the unpacked log-probs, loss, grads   tests/test_dpo_packing.py
 """
 
 from __future__ import annotations
@@ -55,19 +56,31 @@ METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "
            "logps/rejected")
 
 
-def answer_logps(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of the answer tokens' log-probabilities (B,), number of answer tokens (B,)) of each sequence.
+def answer_logps(model, input_ids: torch.Tensor, labels: torch.Tensor, segment_ids: Optional[torch.Tensor] = None,
+                 neftune_alpha: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the answer tokens' log-probabilities, number of answer tokens) of each sequence.
 
-    labels: input_ids with IGNORE_INDEX on the prompt and the padding, so only the answer (and its EOS) counts."""
-    logits = model(input_ids)[:, :-1]  # (B, T-1, V): position t predicts token t+1
-    targets = labels[:, 1:]  # (B, T-1)
+    labels: input_ids with IGNORE_INDEX on the prompt and the padding, so only the answer (and its EOS) counts.
+    One sequence per row (B,) each; or, with segment_ids (packed rows, lora_lab.data.preference's
+    collate_packed_pairs: segment k + 1 is sequence k, 0 padding), one per segment (n,) in segment order: each
+    sequence attends only to itself and its sum runs over its own segment, so the numbers are the unpacked ones.
+    neftune_alpha: NEFTune noise on the embeddings (training mode only, so never in the reference pass)."""
+    logits = model(input_ids, segment_ids=segment_ids, neftune_alpha=neftune_alpha)[:, :-1]  # (B, T-1, V)
+    targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
     keep = targets != IGNORE_INDEX  # (B, T-1)
     # log-softmax only of the rows with a target, in float32: the vocabulary is wide (49k+), the answers short
     picked = logits[keep].float().log_softmax(dim=-1)  # (n, V)
     token_logps = picked.gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)  # (n,)
     per_token = torch.zeros(targets.shape, dtype=token_logps.dtype, device=token_logps.device)  # (B, T-1)
     per_token = per_token.masked_scatter(keep, token_logps)  # row-major order, as logits[keep] took them
-    return per_token.sum(dim=-1), keep.sum(dim=-1)  # (B,), (B,)
+    if segment_ids is None:
+        return per_token.sum(dim=-1), keep.sum(dim=-1)  # (B,), (B,)
+    # packed: a target's sequence is its token's segment (a segment's first token is never a target: its prompt)
+    owner = segment_ids[:, 1:].reshape(-1)  # (B*(T-1),)
+    n = int(segment_ids.max())
+    sums = per_token.new_zeros(n + 1).index_add(0, owner, per_token.reshape(-1))  # (n+1,) [padding, seq 0, ...]
+    counts = keep.new_zeros(n + 1, dtype=torch.long).index_add(0, owner, keep.reshape(-1).long())  # (n+1,)
+    return sums[1:], counts[1:]  # (n,), (n,)
 
 
 # ------------------------------------------------------------------------------------------------------------

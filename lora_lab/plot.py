@@ -6,7 +6,8 @@ Every run writes OUT_DIR/loss.png itself (at each save and at the end). The figu
 against the optimizer step, raw (thin) and smoothed (an exponential moving average, bias-corrected like Adam's
 moments so that it starts at the first value instead of at zero), the validation loss (dots), and the learning
 rate on a second axis. The title names the run (its folder) and its key hyperparameters, read from
-OUT_DIR/hparams.yaml. With several runs (e.g. LoRA vs QLoRA, r 8 vs r 64) each gets a colour and the default
+OUT_DIR/hparams.yaml. A DPO run (finetune/dpo.py) logs its loss as `loss` and adds a panel below: the reward
+accuracy (the share of pairs whose chosen answer gets the larger implicit reward), training and held-out. With several runs (e.g. LoRA vs QLoRA, r 8 vs r 64) each gets a colour and the default
 output is loss_comparison.png in the working directory. matplotlib draws with its Agg backend: no display needed.
 tests/test_plot.py checks the files.
 """
@@ -25,7 +26,7 @@ METRICS_FILE, HPARAMS_FILE, PLOT_FILE = "metrics.csv", "hparams.yaml", "loss.png
 FIGSIZE, DPI = (10, 5.5), 100  # 1000 x 550 pixels
 # the hyperparameters worth a place in a title, in this order, with short names
 KEY_HPARAMS = {"lora_r": "r", "lora_alpha": "alpha", "adapter_version": "adapter v", "learning_rate": "lr",
-               "batch_size": "batch", "max_steps": "steps", "max_seq_length": "seq", "data": "data"}
+               "batch_size": "batch", "max_steps": "steps", "max_seq_length": "seq", "data": "data", "beta": "beta"}
 
 
 def read_metrics(out_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -70,7 +71,8 @@ def describe(out_dir: Path) -> str:
     """`name: r 8, lr 0.001, batch 16, ...` for titles and legends."""
     hp = read_hparams(out_dir)
     if hp.get("max_steps") is None and (Path(out_dir) / METRICS_FILE).is_file():  # (default: one epoch)
-        hp["max_steps"] = max((step for step, _ in read_metrics(out_dir).get("train_loss", [])), default=None)
+        series = read_metrics(out_dir)
+        hp["max_steps"] = max((step for step, _ in series.get("train_loss") or series.get("loss", [])), default=None)
     parts = [f"{short} {hp[key]}" for key, short in KEY_HPARAMS.items() if hp.get(key) not in (None, "")]
     name = Path(out_dir).resolve().name
     return f"{name}: {', '.join(parts)}" if parts else name
@@ -84,14 +86,19 @@ def plot_runs(out_dirs: Sequence[Path], out: Path, title: Optional[str] = None) 
     import matplotlib.pyplot as plt
 
     runs = [(Path(d), read_metrics(Path(d))) for d in out_dirs]
-    fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
+    accuracy = any("rewards/accuracies" in s for _, s in runs)  # DPO runs: their reward accuracy in a panel below
+    if accuracy:
+        fig, (ax, ax_acc) = plt.subplots(2, 1, figsize=(FIGSIZE[0], FIGSIZE[1] * 1.5), dpi=DPI, sharex=True,
+                                         gridspec_kw={"height_ratios": [2, 1]})
+    else:
+        fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     ax_lr = ax.twinx()
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (out_dir, series) in enumerate(runs):
         color = colors[i % len(colors)]
         label = describe(out_dir) if len(runs) > 1 else ""
         prefix = f"{label}: " if label else ""
-        train = series.get("train_loss", [])
+        train = series.get("train_loss") or series.get("loss", [])  # (DPO's metrics.csv: TRL's name, `loss`)
         if train:
             steps, losses = zip(*train)
             ax.plot(steps, losses, color=color, alpha=0.3, linewidth=0.8)
@@ -104,17 +111,32 @@ def plot_runs(out_dirs: Sequence[Path], out: Path, title: Optional[str] = None) 
         if lr:
             steps, rates = zip(*lr)
             ax_lr.plot(steps, rates, ":", color=color, linewidth=1, label=f"{prefix}learning rate")
+        if accuracy and series.get("rewards/accuracies"):
+            steps, values = zip(*series["rewards/accuracies"])
+            ax_acc.plot(steps, values, color=color, alpha=0.3, linewidth=0.8)
+            ax_acc.plot(steps, smooth(values), color=color, linewidth=2, label=f"{prefix}train (smoothed)")
+        if accuracy and series.get("val_rewards/accuracies"):
+            steps, values = zip(*series["val_rewards/accuracies"])
+            ax_acc.plot(steps, values, "o--", color=color, markersize=5, label=f"{prefix}held-out")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax_lr.set_ylabel("learning rate")
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-    losses = [v for _, s in runs for key in ("train_loss", "val_loss") for _, v in s.get(key, []) if math.isfinite(v)]
+    losses = [v for _, s in runs for key in ("train_loss", "loss", "val_loss") for _, v in s.get(key, [])
+              if math.isfinite(v)]
     if losses and max(losses) > 20 * max(min(losses), 1e-6):
         ax.set_yscale("log")  # a loss falling by orders of magnitude: linear would flatten everything after step 1
     lines = ax.get_legend_handles_labels()
     lines_lr = ax_lr.get_legend_handles_labels()
     ax.legend(lines[0] + lines_lr[0], lines[1] + lines_lr[1], loc="upper right", fontsize="small")
     ax.grid(alpha=0.3)
+    if accuracy:
+        ax.set_xlabel("")  # (the panel below carries it)
+        ax_acc.set_xlabel("optimizer step")
+        ax_acc.set_ylabel("reward accuracy")
+        ax_acc.set_ylim(-0.02, 1.02)
+        ax_acc.legend(loc="lower right", fontsize="small")
+        ax_acc.grid(alpha=0.3)
     ax.set_title(title or (describe(runs[0][0]) if len(runs) == 1 else f"{len(runs)} runs"), fontsize="medium")
     fig.tight_layout()
     out = Path(out)

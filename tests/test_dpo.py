@@ -343,6 +343,38 @@ def test_run_writes_adapter_and_trl_named_metrics(reference_run, tiny_ckpt):
     assert float(rows[-1]["val_rewards/margins"]) > 0 and float(rows[-1]["val_loss"]) < LN2
 
 
+def test_run_record_hparams_tracker_and_loss_png_with_reward_accuracy(reference_run, tmp_path):
+    """lora.py's run record: hparams.yaml (DPO's own settings included) and loss.png, which for a DPO run draws
+    the loss (TRL's `loss` column) and, in a panel below, the reward accuracy: a taller figure than an SFT run's."""
+    import yaml
+
+    from lora_lab import plot
+    from test_run_record import png_size
+
+    pytest.importorskip("matplotlib")
+    hparams = yaml.safe_load((reference_run / "hparams.yaml").read_text())
+    assert (hparams["beta"], hparams["loss"], hparams["logger_name"], hparams["packing"]) == (0.1, "sigmoid", "csv",
+                                                                                              False)
+    assert png_size(reference_run / "loss.png") == (1000, 825)  # loss above, reward accuracy below
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    (sft / "metrics.csv").write_text("step,train_loss,val_loss,val_ppl,lr,tokens,tokens_per_sec\n1,2.0,,,0.1,8,1\n")
+    assert png_size(plot.plot_runs([sft], sft / "loss.png")) == (1000, 550)
+    series = plot.read_metrics(reference_run)
+    assert "loss" in series and "rewards/accuracies" in series and "val_rewards/accuracies" in series
+    assert plot.describe(reference_run).endswith("pairs.json, beta 0.1")
+
+
+def test_neftune_noises_the_policy_only(reference_run, tiny_ckpt, pairs_file, tmp_path):
+    """--neftune_alpha (as TRL's DPOTrainer takes it): the policy's training forward gets embedding noise, so step
+    1 is no longer exactly ln 2; the reference is scored without noise, bit for bit as without the flag."""
+    out = run(tiny_ckpt, pairs_file, tmp_path / "out", max_steps=1, neftune_alpha=50.0)
+    ours = load_train_state(out / TRAIN_STATE_FILE)["counters"]["reference"]
+    theirs = load_train_state(reference_run / TRAIN_STATE_FILE)["counters"]["reference"]
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert abs(float(metrics(out)[0]["loss"]) - LN2) > 1e-4
+
+
 def test_interrupted_run_resumes_exactly(reference_run, tiny_ckpt, pairs_file, tmp_path, monkeypatch):
     out = tmp_path / "out"
     monkeypatch.setattr(dpo_script, "StopRequest", stop_after(4))
@@ -359,13 +391,33 @@ def test_interrupted_run_resumes_exactly(reference_run, tiny_ckpt, pairs_file, t
 @pytest.mark.parametrize("bad, message", [
     (dict(loss="kto"), "--loss 'kto'"),
     (dict(beta=0.0), "--beta 0.0"),
-    (dict(adapter_dir="does/not/exist"), "adapter directory does/not/exist does not exist"),
-    (dict(data="missing.json"), "missing.json does not exist"),
+    (dict(adapter_dir="does/not/exist"), "--adapter_dir does/not/exist does not exist"),
+    (dict(adapter_dir="CKPT"), ("is not a LoRA adapter folder: lora_config.json is missing (it looks like a model "
+                                "checkpoint")),
+    (dict(data="missing.json"), ("--data 'missing.json' is not an existing file: pass a .json, .jsonl or .csv file "
+                                 "of preference pairs")),
+    (dict(data="alpaca"), "--data 'alpaca' is not an existing file"),  # no built-in instruction set here
+    (dict(val_data="missing_val.json"), "--val_data 'missing_val.json' is not an existing file"),
+    (dict(data="TXT"), "is not .json, .jsonl or .csv"),
 ])
-def test_bad_input_is_one_line(tiny_ckpt, pairs_file, tmp_path, bad, message):
+def test_bad_input_is_one_line_before_the_model_loads(tiny_ckpt, pairs_file, tmp_path, monkeypatch, bad, message):
+    """check_args judges DPO's own arguments too (preference files, the adapter folder, beta, loss), before the
+    data set or the model is touched."""
+    txt = tmp_path / "pairs.txt"
+    txt.write_text("not pairs")
+    bad = {k: {"CKPT": str(tiny_ckpt), "TXT": str(txt)}.get(v, v) for k, v in bad.items()}
     args = {"data": pairs_file, **bad}
+
+    def slow(*a, **k):
+        raise AssertionError("reached the slow part before the mistake was reported")
+
+    monkeypatch.setattr(GPT, "from_checkpoint", slow)
+    monkeypatch.setattr(dpo_script, "get_preference_dataloaders", slow)
     with pytest.raises(LoraLabError, match=message.replace("(", r"\(").replace(".", r"\.")):
-        run(tiny_ckpt, args.pop("data"), tmp_path / "out", **args)
+        if "val_data" in args:
+            dpo_script.setup(checkpoint_dir=tiny_ckpt, out_dir=tmp_path / "out", **{**RUN, **args})
+        else:
+            run(tiny_ckpt, args.pop("data"), tmp_path / "out", **args)
     assert not (tmp_path / "out" / TRAIN_STATE_FILE).exists()
 
 

@@ -186,3 +186,69 @@ def test_meter_for_fabric_takes_the_precisions_compute_dtype(precision, dtype):
     fabric = L.Fabric(accelerator="cpu", devices=1, precision=precision)
     meter = FlopsMeter.for_fabric(tiny_model("lora"), fabric, peak_flops=1e9)
     assert meter.dtype == dtype and meter.device.type == "cpu" and meter.peak == 1e9
+
+
+# ------------------------------------------------------------------------------------------------------------
+# DPO (finetune/dpo.py): a batch of b pairs is 2b sequences, [b chosen; b rejected], each prompt + its answer
+# ------------------------------------------------------------------------------------------------------------
+def dpo_pairs(prompt_lengths=(5, 3), chosen_lengths=(6, 2), rejected_lengths=(4, 7)) -> list[dict]:
+    from lora_lab.data.preference import IGNORE_INDEX as IGNORE
+
+    g = torch.Generator().manual_seed(0)
+    pairs = []
+    for p, c, r in zip(prompt_lengths, chosen_lengths, rejected_lengths):
+        prompt = torch.randint(0, 256, (p,), generator=g)
+        pair = {}
+        for name, n in (("chosen", c), ("rejected", r)):
+            ids = torch.cat([prompt, torch.randint(0, 256, (n,), generator=g)])
+            labels = ids.clone()
+            labels[:p] = IGNORE
+            pair[name] = {"input_ids": ids, "labels": labels}
+        pairs.append(pair)
+    return pairs
+
+
+def test_dpo_batch_counts_both_answers_sequences_packed_or_not():
+    """The policy's training cost of a DPO micro-batch: forward + backward over every token of both sequences of
+    every pair (prompt + chosen, prompt + rejected), lm_head on the answers' tokens, attention causal within each
+    sequence; the padding of the (2b, T) batch is not counted, and packing the sequences changes nothing."""
+    from lora_lab.data.preference import collate_packed_pairs, collate_pairs
+
+    pairs = dpo_pairs()
+    lengths = [5 + 6, 3 + 2, 5 + 4, 3 + 7]  # [chosen 0, chosen 1, rejected 0, rejected 1]
+    expected = (sum(lengths), 6 + 2 + 4 + 7, sum(n * (n + 1) // 2 for n in lengths))
+    unpacked = collate_pairs(pairs)
+    assert unpacked["input_ids"].shape == (4, 11)  # 44 positions, 35 real
+    assert batch_counts(unpacked) == expected
+    packed = collate_packed_pairs(pairs, max_seq_length=32)
+    assert packed["input_ids"].shape[0] < 4 and batch_counts(packed) == expected
+    model = tiny_model("lora")
+    meter = FlopsMeter(model, "cpu", torch.float32, peak_flops=1e9)
+    assert meter.update(unpacked) == meter.update(packed) == training_flops(model)(*expected)
+
+
+def test_dpo_step_costs_at_least_the_counted_flops():
+    """torch's count of a real DPO step (answer_logps over the (2b, T) batch, the pair loss, backward) against
+    ours: the blocks' matmuls are the counted per-token ones (over every position, padding included: the
+    counter sees the work done, we count the useful part), and lm_head runs at every position (answer_logps
+    takes the full logits, then the answer rows), which we count at the answers' tokens only. So the MFU the
+    script reports never overstates, and the extra lm_head work is exactly what is named here."""
+    from lora_lab.data.preference import collate_pairs
+    from lora_lab.dpo import answer_logps, preference_loss
+
+    model = tiny_model("lora")
+    batch = collate_pairs(dpo_pairs())
+    rows, T = batch["input_ids"].shape
+    f = training_flops(model)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        logps, _ = answer_logps(model, batch["input_ids"], batch["labels"])
+        chosen, rejected = logps.chunk(2)
+        preference_loss(chosen, rejected, torch.zeros(2), torch.zeros(2), 0.1)["losses"].mean().backward()
+    mm = counter.get_flop_counts()["Global"][torch.ops.aten.mm]
+    tokens, targets, _ = batch_counts(batch)
+    assert f(tokens, targets, 0) < mm  # ours: the useful part
+    n_head = model.lm_head.weight.numel()
+    done = f.per_token * rows * T + 4 * n_head * rows * T  # every position, lm_head forward + input gradient
+    one_block = 2 * sum(m.in_features * m.out_features for m in model.blocks[0].modules()
+                        if hasattr(m, "in_features") and not isinstance(m, type(model.blocks[0])))
+    assert mm <= done <= mm + one_block * rows * T  # (the formula's known overcount: see the LoRA test above)

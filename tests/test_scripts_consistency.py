@@ -341,10 +341,10 @@ DPO = "dpo"
 RENAMES[DPO] = []
 METHOD_STATEMENTS[DPO] = []
 DPO_ARGUMENTS = ["adapter_dir", "beta", "loss", "quantize", "nf4_blocksize", "double_quant", *METHOD_ARGUMENTS["lora"]]
-# SFT options that mean nothing for pairs: only answers are ever scored; no embedding noise against a fixed reference
-DPO_DROPPED = {"mask_prompt", "neftune_alpha",
-               # not (yet) for pairs: raw text, packing, compiling, MFU and the trackers of lora.py's loop
-               "blank_line_docs", "packing", "compile", "peak_flops", "logger_name"}
+# lora.py's options that mean nothing for pairs (every other one, packing, compile, MFU, trackers and NEFTune
+# included, dpo.py takes as lora.py does):
+DPO_DROPPED = {"mask_prompt",  # only the answers are ever scored (answer_logps): the prompt is always masked
+               "blank_line_docs"}  # raw text (continued pre-training) has no pairs of answers
 DPO_OWN_DEFAULTS = OWN_DEFAULTS | {"data", "eval_samples"}
 
 
@@ -375,3 +375,43 @@ def test_dpo_same_functions_order_imports_and_shared_plumbing():
         assert_same(normalised(DPO, function), normalised(REFERENCE, function), f"finetune/dpo.py {function}()")
     assert list(inspect.signature(function_object(DPO, "save")).parameters) == \
         list(inspect.signature(function_object(REFERENCE, "save")).parameters)
+
+
+# dpo.py's fit() is lora.py's with the pair loss in place of the next-token loss: every statement of lora.py's loop
+# but these (each side's own loss, its metrics and its lines that print them) is in dpo.py's, in the same order
+DPO_FIT_OWN = ["metrics = MetricsLog(", "val = None", "sums: dict", "logps, n_tokens = answer_logps(",
+               "chosen, rejected = logps.chunk(2)", "out = preference_loss(", "micro_loss = out[", "add_metrics(sums",
+               "step, train = ", 'fabric.print(f"step {step}/{max_steps}', 'row = {"step": step', "val = validate(",
+               'row.update({f"val_{k}"', 'fabric.print(f"step {step}: held-out', 'fabric.print(f"Trainable parameters']
+LORA_FIT_OWN = ["metrics = MetricsLog(", "val_loss = None", "loss_sum = 0.0", 'loss = model(batch["input_ids"]',
+                "loss_sum += loss.item()", "step, train_loss = ", "if fabric.world_size > 1:  # the loss of the global",
+                'fabric.print(f"step {step}/{max_steps}', 'row = {"step": step', "val_loss = validate(",
+                "row.update(val_loss=val_loss", 'fabric.print(f"step {step}: val loss', 'fabric.print(f"Trainable parameters']
+
+
+def test_dpo_trains_with_loras_loop_and_plumbing():
+    """Trackers and loss.png, MFU, packed rows, NEFTune: what lora.py's loop does, dpo.py's does."""
+    assert_same(classify_normalised("fit", DPO, DPO_FIT_OWN, [("micro_loss", "loss")]),
+                classify_normalised("fit", REFERENCE, LORA_FIT_OWN), "finetune/dpo.py fit()")
+    fit = ast.get_source_segment(script_source(DPO), functions(script(DPO)[1])["fit"])
+    # the statements dropped above still carry lora.py's plumbing
+    for line in ('logger_name=hparams["logger_name"]', "hparams=hparams, fields=COLUMNS",
+                 'batch.get("segment_ids")', "neftune_alpha)", "flops.format(throughput.elapsed())",
+                 "flops.summary(throughput.elapsed())"):
+        assert line in fit, line
+    ours = list(inspect.signature(function_object(DPO, "fit")).parameters)
+    theirs = list(inspect.signature(function_object(REFERENCE, "fit")).parameters)
+    i = theirs.index("neftune_alpha") + 1
+    assert ours == theirs[:i] + ["beta", "loss"] + theirs[i:]
+
+
+def test_dpo_compiles_and_checks_as_lora_does():
+    def lines(name, function):
+        source = script_source(name)
+        return [ast.get_source_segment(source, s) for s in functions(ast.parse(source))[function].body]
+
+    for statement in ("check_args(locals())", "checkpoint_dir = ensure_checkpoint(checkpoint_dir)"):
+        assert statement in lines(DPO, "setup") and statement in lines(REFERENCE, "setup")
+    compile_line = "if compile:  # torch.compile each block for training (lora_lab/compile.py)"
+    assert any(s.startswith(compile_line) for s in lines(REFERENCE, "main"))
+    assert any(s.startswith(compile_line) and "compile_blocks(gpt)" in s for s in lines(DPO, "main"))

@@ -18,6 +18,13 @@ Tokens: the prompt is wrapped in the model's prompt style, then each answer foll
 lora_lab/data/sft.py). A batch of b pairs is one (2b, T) tensor: the b chosen sequences, then their b rejected
 ones (TRL's layout), right-padded; labels are IGNORE_INDEX on the prompt and the padding, so only answer tokens
 count. The two answers of a pair always share a batch: the sampler draws pairs, not sequences.
+
+Packing (`packing=True`, finetune/dpo.py --packing): the same b pairs per micro-batch, but their 2b sequences are
+laid end to end into as few rows of at most max_seq_length tokens as they fit (first fit: lora_lab/data/packing.py's
+pack_indices), with segment_ids (R, T): segment k + 1 is sequence k, so the chosen sequences are segments 1..b and
+the rejected ones b+1..2b, and 0 is the padding after a row's last sequence. The model gives each segment the logits
+it gets alone and lora_lab.dpo.answer_logps sums each answer over its own segment: the same log-probs, loss and
+metrics as unpacked (tests/test_dpo_packing.py), with less padding. batch_size and micro_batch_size still count pairs.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lora_lab.data.instructions import (DATA_SUFFIXES, MAX_REPORTED_BAD_ROWS, InstructionData, _iter_records,
                                         split_rows)
+from lora_lab.data.packing import pack_indices
 from lora_lab.data.sft import IGNORE_INDEX, LengthBucketSampler, ShuffledBatchSampler
 from lora_lab.prompts import PromptStyle
 from lora_lab.utils import LoraLabError
@@ -225,6 +233,47 @@ def collate_pairs(pairs: Sequence[dict], pad_id: int = 0) -> dict:
     return batch
 
 
+def pack_rows(lengths: Sequence[int], max_seq_length: int) -> list[list[int]]:
+    """The sequences' indices grouped into rows (first fit, pack_indices) so that the (R, T) batch, T its longest
+    row, holds the fewest tokens: rows at most w long, for w = the longest sequence, twice it, ... up to
+    max_seq_length. w = the longest sequence alone already never makes more tokens than one sequence per row (R <= n
+    rows of at most that length); wider rows help when the lengths differ (a long chosen answer, short rejected ones)."""
+    longest = max(lengths)
+    best, best_cost = [[i] for i in range(len(lengths))], len(lengths) * longest  # one sequence per row
+    for width in sorted({longest * k for k in range(1, max_seq_length // longest + 1)} | {max_seq_length}):
+        rows = pack_indices(lengths, width)
+        cost = len(rows) * max(sum(lengths[i] for i in row) for row in rows)  # R x T of the batch
+        if cost < best_cost:
+            best, best_cost = rows, cost
+    return best
+
+
+def collate_packed_pairs(pairs: Sequence[dict], max_seq_length: int, pad_id: int = 0) -> dict:
+    """b pairs -> their 2b sequences (the b chosen, then the b rejected) packed into R <= 2b rows of at most
+    max_seq_length tokens: input_ids, labels, segment_ids (R, T), segment k + 1 = sequence k, 0 = padding; with
+    reference log-probs, ref_chosen_logps and ref_rejected_logps (b,) as collate_pairs gives them."""
+    seqs = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    rows = [sorted(r) for r in pack_rows([len(s["input_ids"]) for s in seqs], max_seq_length)]
+    T = max(sum(len(seqs[k]["input_ids"]) for k in row) for row in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (R, T)
+    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)  # (R, T)
+    segment_ids = torch.zeros((len(rows), T), dtype=torch.long)  # (R, T)
+    for r, row in enumerate(rows):
+        start = 0
+        for k in row:
+            n = len(seqs[k]["input_ids"])
+            input_ids[r, start:start + n] = seqs[k]["input_ids"]
+            labels[r, start:start + n] = seqs[k]["labels"]
+            labels[r, start] = IGNORE_INDEX  # (a prompt token anyway) never a target of the previous sequence
+            segment_ids[r, start:start + n] = k + 1
+            start += n
+    batch = {"input_ids": input_ids, "labels": labels, "segment_ids": segment_ids}
+    if all("ref_logps" in p for p in pairs):
+        ref = torch.stack([p["ref_logps"] for p in pairs])  # (b, 2)
+        batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref[:, 0], ref[:, 1]
+    return batch
+
+
 def report_left_out(bad: dict[str, list[str]], file=sys.stderr) -> None:
     """Print the first few left-out pairs of each kind and their counts."""
     for kind, messages in bad.items():
@@ -239,10 +288,11 @@ def get_preference_dataloaders(data, tokenizer, prompt_style: Union[PromptStyle,
                                columns: Optional[dict] = None, val_split_fraction: float = 0.05,
                                n_train: Optional[int] = None, n_val: Optional[int] = None,
                                system: Optional[str] = None, pad_id: int = 0,
-                               verbose: bool = True) -> tuple[DataLoader, Optional[DataLoader], dict]:
+                               verbose: bool = True, packing: bool = False) -> tuple[DataLoader, Optional[DataLoader], dict]:
     """(train_dl, val_dl, stats): batches of micro_batch_size PAIRS (2 x micro_batch_size sequences); training
     pairs of similar length are batched together (LengthBucketSampler, resumable like SFT's). stats counts the
-    rows read, the pairs kept and the ones left out by kind (n_malformed, n_identical, n_too_long)."""
+    rows read, the pairs kept and the ones left out by kind (n_malformed, n_identical, n_too_long). packing: the
+    sequences of each micro-batch packed into rows (collate_packed_pairs); still micro_batch_size pairs each."""
     if max_seq_length < 2:
         raise LoraLabError(f"max_seq_length={max_seq_length}: a pair needs at least 2 tokens (a prompt and an answer)")
     rows, bad = load_preferences(data, val_data, columns=columns, val_split_fraction=val_split_fraction, seed=seed,
@@ -255,7 +305,8 @@ def get_preference_dataloaders(data, tokenizer, prompt_style: Union[PromptStyle,
         raise LoraLabError(f"No training pair fits max_seq_length={max_seq_length} (all {len(rows.train)} of "
                            f"{rows.source} are longer): raise --max_seq_length")
     sampler = LengthBucketSampler(train_ds.lengths, micro_batch_size, seed)
-    collate = partial(collate_pairs, pad_id=pad_id)
+    collate = (partial(collate_packed_pairs, max_seq_length=max_seq_length, pad_id=pad_id) if packing
+               else partial(collate_pairs, pad_id=pad_id))
     train_dl = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate)
     val_dl = None
     if len(val_ds):
