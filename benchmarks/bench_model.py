@@ -79,10 +79,13 @@ def main(checkpoint_dir: str | None = None, batch_size: int = 4, seq_len: int = 
     vocab = ours.config.vocab_size
     x = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
 
-    def ours_step():
+    # transformers' loss code: labels shifted left (-100 at the end), cross-entropy over every position's logits
+    shifted = F.pad(x[:, 1:], (0, 1), value=-100).reshape(-1)  # (B*T,)
+
+    def ours_step():  # our model, transformers' way of computing the loss
         ours.zero_grad(set_to_none=True)
         logits = ours(x)  # (B, T, vocab)
-        F.cross_entropy(logits[:, :-1].reshape(-1, vocab), x[:, 1:].reshape(-1)).backward()
+        F.cross_entropy(logits.view(-1, vocab), shifted).backward()
 
     def ours_train_step():  # our training loss: lm_head + cross-entropy fused and chunked
         ours.zero_grad(set_to_none=True)
@@ -95,7 +98,7 @@ def main(checkpoint_dir: str | None = None, batch_size: int = 4, seq_len: int = 
     # the losses must agree, or we are not timing the same work
     ours.train(), hf.train()
     with torch.no_grad():
-        a = F.cross_entropy(ours(x)[:, :-1].reshape(-1, vocab), x[:, 1:].reshape(-1))
+        a = F.cross_entropy(ours(x).view(-1, vocab), shifted)
         b = hf(input_ids=x, labels=x).loss
         c = ours(x, labels=x)
     assert torch.allclose(a, b, rtol=1e-4) and torch.allclose(c, b, rtol=1e-4), (a.item(), b.item(), c.item())

@@ -188,20 +188,21 @@ class LinearCrossEntropy(torch.autograd.Function):
                 targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None  # (n, C)
-        grad_w = torch.zeros_like(weight) if need_w else None  # (vocab, C)
-        grad_b = torch.zeros_like(bias) if need_b else None  # (vocab,)
+        grad_w = torch.empty_like(weight) if need_w else None  # (vocab, C)
+        grad_b = torch.empty_like(bias) if need_b else None  # (vocab,)
         total = torch.zeros((), device=hidden.device)
         for start in range(0, hidden.size(0), chunk_size):
             h = hidden[start:start + chunk_size]  # (c, C)
             loss, grad_logits = LinearCrossEntropy.chunk(h, weight, bias, targets[start:start + chunk_size],
                                                          need_grad=need_h or need_w or need_b)
             total += loss
+            first = start == 0  # the first chunk writes the sums, the others add to them: no zero fill, no temporary
             if need_h:
-                grad_h[start:start + chunk_size] = grad_logits @ weight  # (c, C)
+                torch.mm(grad_logits, weight, out=grad_h[start:start + chunk_size])  # (c, C)
             if need_w:
-                grad_w += grad_logits.t() @ h  # (vocab, C)
+                grad_w.addmm_(grad_logits.t(), h, beta=0.0 if first else 1.0)  # (vocab, C)
             if need_b:
-                grad_b += grad_logits.sum(0)  # (vocab,)
+                torch.sum(grad_logits, 0, out=grad_b) if first else grad_b.add_(grad_logits.sum(0))  # (vocab,)
             del grad_logits  # free this chunk's (c, vocab) before the next one is made
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         return total
@@ -224,7 +225,8 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
-        grads = tuple(None if g is None else g * grad_total.to(g.dtype) for g in ctx.saved_tensors)
+        # scaled in place: these gradients were made for this one backward pass and are not read again
+        grads = tuple(None if g is None else g.mul_(grad_total.to(g.dtype)) for g in ctx.saved_tensors)
         return *grads, None, None
 
 

@@ -125,6 +125,11 @@ def test_fused_loss_gradients_match_autograd_with_frozen_or_trainable_head_and_b
             torch.testing.assert_close(grad, expected[name], msg=name)
         with torch.no_grad():  # evaluation takes the path without gradients: the same loss
             torch.testing.assert_close(model(x, labels=labels, loss_chunk_size=chunk), ref)
+        model.zero_grad(set_to_none=True)  # a scaled loss (gradient accumulation: loss / steps) scales every gradient
+        (model(x, labels=labels, loss_chunk_size=chunk) * 0.25).backward()
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, 0.25 * expected[name], msg=name)
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
