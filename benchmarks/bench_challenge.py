@@ -143,17 +143,19 @@ def worker(side: str, method: str, config: Config, batch_size: int, seq_len: int
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # one CPU thread: the thread's CPU time, which other processes on a shared machine do not inflate
+    clock = time.thread_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
     reset_peak_memory(device)
     losses, times = [], []
     for i in range(warmup + repeats):
         sync()
-        t0 = time.perf_counter()
+        t0 = clock()
         loss = loss_fn()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
         losses.append(loss.item())
         if device.type == "cpu":  # the CPU's peak: the best probe between the steps, as the best step counts
             measure_peak_flops(device, dtype, fresh=True)
@@ -187,7 +189,7 @@ def main(model: str = "llama-3.1-8b", methods: tuple[str, ...] = ("lora", "qlora
         repeats: timed steps (the best counts).
         warmup: untimed steps first.
         compile: torch.compile our blocks (lora_lab/compile.py); the peer stays eager.
-        threads: torch threads on a CPU.
+        threads: torch threads on a CPU (1: steps timed in the thread's CPU time, robust to a shared machine).
         worker_spec: internal: run one side,method in this process and print its JSON.
     """
     if threads:
