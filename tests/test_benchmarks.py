@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT
 from lora_lab.utils import LoraLabError
@@ -73,3 +74,15 @@ def test_bench_challenge_sides_compute_the_same_step(method):
     assert ours["first_loss"] == pytest.approx(peer["first_loss"], rel=1e-5 if method == "lora" else 1e-3)
     for r in (ours, peer):
         assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1.5 and r["peak_memory"] > 0
+
+
+def test_profile_model_times_every_aten_call_by_shapes():
+    import profile_model
+
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    with profile_model.OpTimer() as timer:
+        (a @ b).relu().sum()
+        a @ b
+    assert timer.calls[("mm", ((8, 16), (16, 4)))] == 2
+    assert timer.calls[("relu", ((8, 4),))] == 1 and timer.calls[("sum", ((8, 4),))] == 1
+    assert all(s >= 0 for s in timer.seconds.values()) and set(timer.seconds) == set(timer.calls)
