@@ -199,8 +199,11 @@ class LinearCrossEntropy(torch.autograd.Function):
             first = start == 0  # the first chunk writes the sums, the others add to them: no zero fill, no temporary
             if need_h:
                 torch.mm(grad_logits, weight, out=grad_h[start:start + chunk_size])  # (c, C)
-            if need_w:
-                grad_w.addmm_(grad_logits.t(), h, beta=0.0 if first else 1.0)  # (vocab, C)
+            if need_w:  # (vocab, C); out= forms, which FLOP counters see as the mm / addmm they are
+                if first:
+                    torch.mm(grad_logits.t(), h, out=grad_w)
+                else:
+                    torch.addmm(grad_w, grad_logits.t(), h, out=grad_w)
             if need_b:
                 torch.sum(grad_logits, 0, out=grad_b) if first else grad_b.add_(grad_logits.sum(0))  # (vocab,)
             del grad_logits  # free this chunk's (c, vocab) before the next one is made
