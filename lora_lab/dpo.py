@@ -65,11 +65,13 @@ def answer_logps(model, input_ids: torch.Tensor, labels: torch.Tensor, segment_i
     collate_packed_pairs: segment k + 1 is sequence k, 0 padding), one per segment (n,) in segment order: each
     sequence attends only to itself and its sum runs over its own segment, so the numbers are the unpacked ones.
     neftune_alpha: NEFTune noise on the embeddings (training mode only, so never in the reference pass)."""
-    logits = model(input_ids, segment_ids=segment_ids, neftune_alpha=neftune_alpha)[:, :-1]  # (B, T-1, V)
     targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
     keep = targets != IGNORE_INDEX  # (B, T-1)
-    # log-softmax only of the rows with a target, in float32: the vocabulary is wide (49k+), the answers short
-    picked = logits[keep].float().log_softmax(dim=-1)  # (n, V)
+    # lm_head and the log-softmax only at the positions with a target, in float32: the vocabulary is wide (49k+),
+    # the answers short, so the (B, T, V) logits of every position are never made
+    at = F.pad(keep, (0, 1), value=False)  # (B, T): the last position predicts nothing
+    picked = model(input_ids, segment_ids=segment_ids, neftune_alpha=neftune_alpha,
+                   logits_at=at).float().log_softmax(dim=-1)  # (n, V), row-major as keep orders them
     token_logps = picked.gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)  # (n,)
     per_token = torch.zeros(targets.shape, dtype=token_logps.dtype, device=token_logps.device)  # (B, T-1)
     per_token = per_token.masked_scatter(keep, token_logps)  # row-major order, as logits[keep] took them

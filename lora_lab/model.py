@@ -72,7 +72,8 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, input_pos: Union[int, torch.Tensor, None] = None,
                 labels: Optional[torch.Tensor] = None, neftune_alpha: float = 0.0,
-                loss_chunk_size: Optional[int] = 1024, segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                loss_chunk_size: Optional[int] = 1024, segment_ids: Optional[torch.Tensor] = None,
+                logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab_size), or with `labels` (B, T) the mean next-token loss.
 
         input_pos: with a KV cache, the position of idx[:, 0] (0 for the prompt, then one more per new token):
@@ -88,6 +89,8 @@ class GPT(nn.Module):
         runs lm_head only where it is needed, in chunks (see next_token_loss).
         neftune_alpha: NEFTune (Jain et al. 2023): in training mode, add uniform noise of size
         alpha / sqrt(T * C) to the embeddings, a regulariser that helps instruction tuning.
+        logits_at: a (B, T) bool mask: return only those positions' logits, (n, vocab_size) in row-major order.
+        lm_head (49k-256k wide) then runs where it is needed, e.g. on DPO's answer tokens (lora_lab/dpo.py).
         """
         B, T = idx.shape
         mask = None  # None: each attention layer makes the causal mask it needs (it depends on the KV cache)
@@ -121,6 +124,8 @@ class GPT(nn.Module):
         x = self.norm_f(x)  # (B, T, C)
         if labels is not None:
             return next_token_loss(self.lm_head, x, labels, loss_chunk_size)
+        if logits_at is not None:
+            return self.lm_head(x[logits_at])  # (n, vocab_size)
         return self.lm_head(x)  # (B, T, vocab_size)
 
 

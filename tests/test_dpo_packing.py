@@ -101,7 +101,7 @@ def test_packed_logps_loss_gradients_and_metrics_equal_unpacked(tiny_ckpt, datas
     # the comparison can fail: the same per-segment sums from a model that ignores the segments (each sequence
     # then reads the ones before it in its row, and its positions do not restart) differ
     with torch.no_grad():
-        leaked, _ = answer_logps(lambda ids, segment_ids=None, neftune_alpha=0.0: model(ids), packed["input_ids"],
+        leaked, _ = answer_logps(lambda ids, segment_ids=None, **kwargs: model(ids, **kwargs), packed["input_ids"],
                                  packed["labels"], packed["segment_ids"])
     assert leaked.shape == logps.shape and not torch.allclose(leaked, logps, atol=1e-2)
 

@@ -230,9 +230,9 @@ def test_dpo_batch_counts_both_answers_sequences_packed_or_not():
 def test_dpo_step_costs_at_least_the_counted_flops():
     """torch's count of a real DPO step (answer_logps over the (2b, T) batch, the pair loss, backward) against
     ours: the blocks' matmuls are the counted per-token ones (over every position, padding included: the
-    counter sees the work done, we count the useful part), and lm_head runs at every position (answer_logps
-    takes the full logits, then the answer rows), which we count at the answers' tokens only. So the MFU the
-    script reports never overstates, and the extra lm_head work is exactly what is named here."""
+    counter sees the work done, we count the useful part), and lm_head runs only at the answers' tokens
+    (answer_logps asks the model for those positions' logits alone), as we count it. So the MFU the script
+    reports never overstates."""
     from lora_lab.data.preference import collate_pairs
     from lora_lab.dpo import answer_logps, preference_loss
 
@@ -248,7 +248,8 @@ def test_dpo_step_costs_at_least_the_counted_flops():
     tokens, targets, _ = batch_counts(batch)
     assert f(tokens, targets, 0) < mm  # ours: the useful part
     n_head = model.lm_head.weight.numel()
-    done = f.per_token * rows * T + 4 * n_head * rows * T  # every position, lm_head forward + input gradient
+    done = f.per_token * rows * T + 4 * n_head * targets  # blocks at every position; lm_head forward + input
+    # gradient at the answer tokens only
     one_block = 2 * sum(m.in_features * m.out_features for m in model.blocks[0].modules()
                         if hasattr(m, "in_features") and not isinstance(m, type(model.blocks[0])))
     assert mm <= done <= mm + one_block * rows * T  # (the formula's known overcount: see the LoRA test above)

@@ -151,3 +151,15 @@ def test_neftune_noise_only_in_training_and_of_the_stated_size():
     assert torch.equal(model(x, neftune_alpha=5.0), model(x))
     model.train()
     assert not torch.equal(model(x, neftune_alpha=5.0), model(x))
+
+
+def test_logits_at_returns_exactly_the_chosen_positions_logits():
+    torch.manual_seed(0)
+    model = GPT(Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, block_size=32)).eval()
+    x = torch.randint(0, 50, (3, 10))
+    at = torch.rand(3, 10) < 0.4
+    with torch.no_grad():
+        full = model(x)  # (B, T, V)
+        picked = model(x, logits_at=at)  # (n, V)
+    assert picked.shape == (int(at.sum()), 50)
+    torch.testing.assert_close(picked, full[at], rtol=0, atol=1e-6)
