@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from lora_lab import GPT
+from bench_challenge import random_model
 from lora_lab.compile import compile_blocks
 from lora_lab.config import Config
 from lora_lab.flops import peak_flops_of, training_flops
@@ -40,12 +40,7 @@ def main(method: str = "lora", n_layer: Optional[int] = None, batch_size: int = 
     if threads:
         torch.set_num_threads(threads)
     config = Config.from_name("SmolLM2-135M", **({"n_layer": n_layer} if n_layer else {}))
-    torch.manual_seed(0)
-    model = GPT(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0.0, 0.02)
+    model = random_model(config, torch.device("cpu"), torch.float32)  # seeded N(0, 0.02), as bench_challenge's
     if method == "qlora":
         quantize_nf4(model)
     inject_lora(model, r=8, alpha=16.0, targets=["query", "value"])

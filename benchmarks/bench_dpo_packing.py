@@ -28,7 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "assets"
 
-from lora_lab import GPT, Tokenizer  # noqa: E402
+from bench_challenge import random_model  # noqa: E402
+from lora_lab import Tokenizer  # noqa: E402
 from lora_lab.config import Config  # noqa: E402
 from lora_lab.data.preference import get_preference_dataloaders  # noqa: E402
 from lora_lab.dpo import answer_logps, preference_loss  # noqa: E402
@@ -67,12 +68,7 @@ def main(n_pairs: int = 32, max_seq_length: int = 512, micro_batch_size: int = 8
         loaders[way] = list(train_dl)
 
     config = Config.from_name("SmolLM2-135M", **({"n_layer": n_layer} if n_layer else {}))
-    torch.manual_seed(0)
-    model = GPT(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0.0, 0.02)
+    model = random_model(config, torch.device("cpu"), torch.float32)  # seeded N(0, 0.02), as bench_challenge's
     inject_lora(model, r=8, alpha=16.0, targets=["query", "value"])
     mark_only_lora_trainable(model)
     model.train()

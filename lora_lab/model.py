@@ -209,8 +209,11 @@ class LinearCrossEntropy(torch.autograd.Function):
                     torch.mm(grad_logits.t(), h, out=grad_w)
                 else:
                     torch.addmm(grad_w, grad_logits.t(), h, out=grad_w)
-            if need_b:
-                torch.sum(grad_logits, 0, out=grad_b) if first else grad_b.add_(grad_logits.sum(0))  # (vocab,)
+            if need_b:  # (vocab,)
+                if first:
+                    torch.sum(grad_logits, 0, out=grad_b)
+                else:
+                    grad_b.add_(grad_logits.sum(0))
             del grad_logits  # free this chunk's (c, vocab) before the next one is made
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         return total

@@ -61,3 +61,11 @@ def _restore_signal_handlers():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A tiny random Llama checkpoint with SmolLM2's real tokenizer, once per test module."""
+    from tiny_checkpoint import SMOL_TOKENIZER, write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", require_asset(SMOL_TOKENIZER))

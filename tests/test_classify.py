@@ -27,7 +27,6 @@ from lora_lab.model import GPT
 from lora_lab.nf4 import NF4Linear, quantize_nf4
 from lora_lab.tokenizer import Tokenizer
 from lora_lab.utils import LoraLabError, cli
-from tiny_checkpoint import SMOL_TOKENIZER, write_tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -51,11 +50,6 @@ def write_reviews(path: Path, n: int = 160, seed: int = 0, **labels_of) -> Path:
             words = [rng.choice(FILLER) for _ in range(rng.randint(2, 8))] + [last]
             writer.writerow([" ".join(words), labels_of.get(label, label)])
     return path
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", require_asset(SMOL_TOKENIZER))
 
 
 @pytest.fixture(scope="module")

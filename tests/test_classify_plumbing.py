@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import finetune.classify as ft
-from conftest import require_asset
 from lora_lab.classifier import classify, extract_features, pool_segments
 from lora_lab.data.classification import (PackedTexts, classification_dataloaders, collate_packed_texts,
                                           collate_texts, load_classification)
@@ -22,14 +21,8 @@ from lora_lab.model import GPT
 from lora_lab.tokenizer import Tokenizer
 from lora_lab.utils import LoraLabError
 from test_classify import run, tiny_model, write_reviews
-from tiny_checkpoint import SMOL_TOKENIZER, write_tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", require_asset(SMOL_TOKENIZER))
 
 
 @pytest.fixture(scope="module")

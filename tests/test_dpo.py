@@ -27,7 +27,6 @@ from lora_lab.tokenizer import Tokenizer
 from lora_lab.training import TRAIN_STATE_FILE, load_train_state
 from lora_lab.utils import LoraLabError
 from test_finetune_lora import assert_adapters_equal, stop_after
-from tiny_checkpoint import SMOL_TOKENIZER, write_tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -44,11 +43,6 @@ PAIRS = [{"instruction": f"Tell me about {t}.", "input": "" if i % 3 else "Be br
 RUN = dict(max_steps=6, batch_size=4, micro_batch_size=2, max_seq_length=128, learning_rate=2e-2,
            warmup_steps=1, lora_dropout=0.1, eval_interval=3, eval_iters=2, eval_samples=0, save_interval=100,
            log_interval=1, seed=7)
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", require_asset(SMOL_TOKENIZER))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import finetune.dpo as dpo_script
-from conftest import require_asset
 from lora_lab.data.preference import (PreferenceDataset, collate_packed_pairs, collate_pairs,
                                       get_preference_dataloaders)
 from lora_lab.dpo import answer_logps, pair_metrics, preference_loss
@@ -22,14 +21,8 @@ from lora_lab.model import IGNORE_INDEX, GPT
 from lora_lab.prompts import PromptStyle
 from lora_lab.tokenizer import Tokenizer
 from test_dpo import PAIRS, RUN
-from tiny_checkpoint import SMOL_TOKENIZER, write_tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", require_asset(SMOL_TOKENIZER))
 
 
 @pytest.fixture(scope="module")

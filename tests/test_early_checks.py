@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, require_asset
+from conftest import ROOT
 from lora_lab.model import GPT
 from lora_lab.utils import LoraLabError
-from tiny_checkpoint import SMOL_TOKENIZER, write_tiny_checkpoint
 
 FINETUNE = ["lora", "qlora", "full", "adapter"]
 GENERATE = ["base", "full", "lora", "adapter"]
@@ -26,11 +25,6 @@ GENERATE = ["base", "full", "lora", "adapter"]
 
 def load_script(path: Path):
     return importlib.import_module(f"{path.parent.name}.{path.stem}")  # finetune.lora, generate.base, ...
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", require_asset(SMOL_TOKENIZER))
 
 
 @pytest.fixture

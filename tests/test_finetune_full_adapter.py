@@ -46,11 +46,6 @@ FULL = dict(RUN, learning_rate=1e-3)
 ADAPTER = dict(RUN, learning_rate=3e-2, adapter_prompt_length=4, adapter_start_layer=1)  # the tiny model has 2 layers
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", require_asset(SMOL_TOKENIZER))
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 

@@ -30,7 +30,6 @@ from lora_lab.data.json_extraction import json_extraction_dataset
 from lora_lab.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, load_lora
 from lora_lab.training import TRAIN_STATE_FILE, micro_batches
 from lora_lab.utils import LoraLabError, cli
-from tiny_checkpoint import SMOL_TOKENIZER, write_tiny_checkpoint
 
 SCRIPT = ROOT / "finetune" / "lora.py"
 
@@ -44,11 +43,6 @@ RUN = dict(data="json_extraction", n_train=12, n_val=4, eval_samples=0, max_step
 # ------------------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", require_asset(SMOL_TOKENIZER))
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 

@@ -20,18 +20,12 @@ import yaml
 import finetune.lora as ft
 from conftest import require_asset
 from lora_lab.utils import LoraLabError
-from tiny_checkpoint import SMOL_TOKENIZER, write_tiny_checkpoint
 
 RUN = dict(data="json_extraction", n_train=12, n_val=4, eval_samples=0, max_steps=4, batch_size=4,
            micro_batch_size=2, max_seq_length=256, learning_rate=1e-2, warmup_steps=2, eval_interval=2, eval_iters=2,
            save_interval=100, log_interval=1, seed=7)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", require_asset(SMOL_TOKENIZER))
 
 
 def run(ckpt: Path, out_dir: Path, **overrides) -> Path:
