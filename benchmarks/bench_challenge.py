@@ -76,7 +76,7 @@ def peer_model(ours: GPT, device: torch.device, dtype: torch.dtype, quantize: bo
     """transformers' model holding our weights; for QLoRA its block linears as bitsandbytes Linear4bit."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lora_lab.convert_hf import export_hf_state_dict
+    from lora_lab.formats.hf import export_hf_state_dict
 
     hf_config, hf_state = export_hf_state_dict(ours.config, ours.state_dict())
     hf_config.pop("architectures", None)

@@ -63,7 +63,7 @@ def main(checkpoint_dir: Optional[Path] = None, tasks: str = "arc_easy,hellaswag
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    from lora_lab.convert_hf import export_hf
+    from lora_lab.formats.hf import export_hf
     from lora_lab.evaluate.lm_eval_model import LoraLabLM
     from lora_lab.evaluate.load import load_model
     from lora_lab.evaluate.local_tasks import task_manager_for

@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lora_lab.export_gguf import export_gguf  # noqa: E402
+from lora_lab.formats.gguf_export import export_gguf  # noqa: E402
 from lora_lab.generate import generate  # noqa: E402
 from lora_lab.model import GPT  # noqa: E402
 from lora_lab.tokenizer import Tokenizer  # noqa: E402
@@ -95,7 +95,7 @@ def main() -> None:
         tmp = Path(tmp)
         ckpt = args.checkpoint_dir
         if ckpt is None:
-            from lora_lab.convert_gguf import convert_gguf
+            from lora_lab.formats.gguf_import import convert_gguf
 
             ckpt = tmp / "ckpt"
             convert_gguf(ASSETS / "SmolLM2-135M-Instruct.Q4_1.gguf", ckpt)

@@ -57,7 +57,7 @@ ROWS = ("all targets", "prompt masked")
 # ------------------------------------------------------------------------------------------------------------
 def write_checkpoints(checkpoint_dir: Optional[str], tmp: Path) -> tuple[Path, Path]:
     """(our checkpoint dir, Hugging Face dir) holding the same float32 weights."""
-    from lora_lab.convert_hf import convert_hf_checkpoint, export_hf
+    from lora_lab.formats.hf import convert_hf_checkpoint, export_hf
 
     if checkpoint_dir is not None:
         export_hf(checkpoint_dir, tmp / "hf", dtype=torch.float32)

@@ -50,7 +50,7 @@ from bench_lora import make_batches, print_table, step_memory, write_checkpoints
 
 from lora_lab import GPT  # noqa: E402
 from lora_lab.adapter import adapter_param_groups, inject_adapter, mark_only_adapter_trainable  # noqa: E402
-from lora_lab.convert_hf import export_hf_state_dict  # noqa: E402
+from lora_lab.formats.hf import export_hf_state_dict  # noqa: E402
 from lora_lab.flops import peak_flops_of, training_flops  # noqa: E402
 from lora_lab.lora import count_parameters, inject_lora, mark_only_lora_trainable, normalize_targets  # noqa: E402
 from lora_lab.nf4 import model_size_report, quantize_nf4  # noqa: E402
@@ -187,7 +187,7 @@ def main(checkpoint_dir: Optional[str] = None, methods: list[str] = list(METHODS
         if tiny:
             from transformers import LlamaConfig, LlamaForCausalLM
 
-            from lora_lab.convert_hf import convert_hf_checkpoint
+            from lora_lab.formats.hf import convert_hf_checkpoint
 
             torch.manual_seed(0)
             LlamaForCausalLM(LlamaConfig(**TINY)).save_pretrained(tmp / "tiny_hf")

@@ -49,7 +49,7 @@ def load_pair(checkpoint_dir: str | None, tmp: Path):
     """(ours, transformers') models holding the same float32 weights."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from lora_lab.convert_hf import convert_hf_checkpoint, export_hf
+    from lora_lab.formats.hf import convert_hf_checkpoint, export_hf
 
     if checkpoint_dir is None:
         # SmolLM2-135M's architecture with random weights: converted by our real converter

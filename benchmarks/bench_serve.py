@@ -56,7 +56,7 @@ def make_adapters(ours_dir: Path, out: Path, n: int, r: int, peft: bool) -> list
     """n seeded random adapters (lora_lab directories a0.., and PEFT exports peft0.. with `peft`): A as LoRA
     initialises it (|A| <= 1/sqrt(in)), B random and non-zero so that every adapter changes the answers."""
     from lora_lab.checkpoint import load_config, save_adapter_files
-    from lora_lab.export_peft import export_peft
+    from lora_lab.formats.peft import export_peft
     from lora_lab.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, LoRAConfig, inject_lora, lora_modules
     from lora_lab.model import GPT
 
@@ -133,7 +133,7 @@ def main(requests: int = 32, adapter_counts: list[int] = [1, 8, 32], prompt_len:
         repeats: rounds over all the setups; each setup's best round is reported.
     """
     from lora_lab.generate import generate
-    from lora_lab.merge_lora import load_merged
+    from lora_lab.formats.merge import load_merged
     from lora_lab.serve.server import ModelServer
 
     if threads:

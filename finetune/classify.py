@@ -41,7 +41,7 @@ from lora_lab.classifier import (METHODS, POOLINGS, ClassifierConfig, add_classi
                                  logistic_regression, save_classifier, trained_state_dict)
 from lora_lab.compile import compile_blocks
 from lora_lab.data.classification import classification_dataloaders, load_classification
-from lora_lab.download import ensure_checkpoint
+from lora_lab.formats.download import ensure_checkpoint
 from lora_lab.flops import FlopsMeter
 from lora_lab.generate import peak_memory_bytes, reset_peak_memory
 from lora_lab.lora import count_parameters, inject_lora, mark_only_lora_trainable, normalize_targets

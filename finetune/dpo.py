@@ -45,7 +45,7 @@ from lora_lab.checks import check_args
 from lora_lab.checkpoint import load_config
 from lora_lab.compile import compile_blocks
 from lora_lab.data.preference import get_preference_dataloaders
-from lora_lab.download import ensure_checkpoint
+from lora_lab.formats.download import ensure_checkpoint
 from lora_lab.dpo import (METRICS, add_metrics, answer_logps, check_dpo_settings, mean_metrics, pair_metrics,
                           preference_loss, reference_logps)
 from lora_lab.flops import FlopsMeter

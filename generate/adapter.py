@@ -29,7 +29,7 @@ from lora_lab.adapted import load_adapter_model  # noqa: E402
 from lora_lab.adapter import base_checkpoint_dir, load_adapter  # noqa: E402
 from lora_lab.checkpoint import load_config  # noqa: E402
 from lora_lab.checks import check_args  # noqa: E402
-from lora_lab.download import ensure_checkpoint  # noqa: E402
+from lora_lab.formats.download import ensure_checkpoint  # noqa: E402
 from lora_lab.generate import (StreamDecoder, generate, generation_stats, reset_peak_memory,  # noqa: E402
                                select_device, select_dtype, synchronize)
 from lora_lab.lora import check_adapter_fits  # noqa: E402

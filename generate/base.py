@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_lab.checkpoint import load_config  # noqa: E402
 from lora_lab.checks import check_args  # noqa: E402
-from lora_lab.download import ensure_checkpoint  # noqa: E402
+from lora_lab.formats.download import ensure_checkpoint  # noqa: E402
 from lora_lab.generate import (StreamDecoder, generate, generation_stats, reset_peak_memory,  # noqa: E402
                                select_device, select_dtype, synchronize)
 from lora_lab.model import GPT  # noqa: E402

@@ -181,7 +181,7 @@ def check_lora_adapter_dir(adapter_dir: Path) -> None:
 def check_checkpoint_dir(checkpoint_dir: Path) -> None:
     """A missing checkpoint is fine only if it is the default one, which ensure_checkpoint fetches."""
     from lora_lab.checkpoint import is_checkpoint, load_config
-    from lora_lab.download import DEFAULT_CHECKPOINT
+    from lora_lab.formats.download import DEFAULT_CHECKPOINT
 
     if is_checkpoint(checkpoint_dir) or checkpoint_dir.absolute() == DEFAULT_CHECKPOINT.absolute():
         return

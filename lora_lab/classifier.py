@@ -357,7 +357,7 @@ def export_hf_classifier(model_dir: Union[str, Path], out_dir: Union[str, Path],
     in config.json, the head as score.weight. Returns the config.json dict."""
     from safetensors.torch import save_file
 
-    from lora_lab.convert_hf import _as_dtype, expected_shapes, export_hf_state_dict
+    from lora_lab.formats.hf import _as_dtype, expected_shapes, export_hf_state_dict
 
     model_dir, out_dir, dtype = Path(model_dir), Path(out_dir), _as_dtype(dtype)
     config, _ = read_classifier(model_dir)

@@ -365,7 +365,7 @@ def test_real_reviews_short_run_beats_the_majority_class(tmp_path):
     common label on 200 held-out reviews by 8 points or more."""
     gguf = require_asset("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
     data = require_asset("data/rotten_tomatoes_13905.csv")
-    from lora_lab.convert import convert
+    from lora_lab.formats.convert import convert
 
     convert(gguf, tmp_path / "smol")
     with open(data, newline="") as f:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_lab import convert as cv
+from lora_lab.formats import convert as cv
 from lora_lab.checkpoint import save_checkpoint
 from lora_lab.config import Config
 from lora_lab.utils import LoraLabError
@@ -120,10 +120,10 @@ def fakes(monkeypatch):
         calls.append(("llama2c", Path(bin_path), Path(out_dir), tokenizer_path, dtype))
         return _write_tiny_checkpoint(out_dir)
 
-    monkeypatch.setitem(sys.modules, "lora_lab.convert_hf",
+    monkeypatch.setitem(sys.modules, "lora_lab.formats.hf",
                         types.SimpleNamespace(convert_hf_checkpoint=convert_hf_checkpoint, export_hf=export_hf))
-    monkeypatch.setitem(sys.modules, "lora_lab.convert_gguf", types.SimpleNamespace(convert_gguf=convert_gguf))
-    monkeypatch.setitem(sys.modules, "lora_lab.convert_llama2c", types.SimpleNamespace(convert_llama2c=convert_llama2c))
+    monkeypatch.setitem(sys.modules, "lora_lab.formats.gguf_import", types.SimpleNamespace(convert_gguf=convert_gguf))
+    monkeypatch.setitem(sys.modules, "lora_lab.formats.llama2c", types.SimpleNamespace(convert_llama2c=convert_llama2c))
     return calls
 
 
@@ -185,7 +185,7 @@ def test_to_hf(fakes, tmp_path, capsys):
 # the real converters
 # ------------------------------------------------------------------------------------------------------------
 def test_real_llama2c_conversion(assets, tmp_path):
-    pytest.importorskip("lora_lab.convert_llama2c")
+    pytest.importorskip("lora_lab.formats.llama2c")
     model_path = assets("models/stories260K/stories260K.bin")
     tok = assets("models/stories260K/tok512.bin")
     out = tmp_path / "stories260K"

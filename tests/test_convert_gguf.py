@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType as Q
 
 from lora_lab.checkpoint import load_checkpoint
 from lora_lab.config import Config
-from lora_lab.convert_gguf import convert_gguf
+from lora_lab.formats.gguf_import import convert_gguf
 from lora_lab.model import GPT, llama3_scale
 from lora_lab.tokenizer import Tokenizer
 from lora_lab.utils import LoraLabError

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from hf_tiny import SEQ, TINY_HF, VOCAB, tiny_hf_config, tiny_hf_model  # noqa: E402
 from lora_lab.checkpoint import save_checkpoint  # noqa: E402
 from lora_lab.config import Config  # noqa: E402
-from lora_lab.convert_hf import (  # noqa: E402
+from lora_lab.formats.hf import (  # noqa: E402
     FAMILIES,
     config_from_hf,
     convert_hf_checkpoint,
@@ -267,7 +267,7 @@ def test_config_flags_per_family():
 
 def test_real_smollm2_config_matches_named_config(assets):
     folder = assets("models/smollm2-135m-instruct")
-    from lora_lab.convert_hf import load_hf_config
+    from lora_lab.formats.hf import load_hf_config
 
     config = load_hf_config(folder)
     named = Config.from_name("SmolLM2-135M-Instruct")

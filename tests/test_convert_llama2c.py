@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lora_lab.checkpoint import load_checkpoint
-from lora_lab.convert_llama2c import convert_llama2c, interleaved_to_halves
+from lora_lab.formats.llama2c import convert_llama2c, interleaved_to_halves
 from lora_lab.model import GPT
 from lora_lab.tokenizer import Tokenizer
 from lora_lab.utils import LoraLabError

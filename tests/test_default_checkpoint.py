@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from lora_lab import download
+from lora_lab.formats import download
 from lora_lab.checkpoint import is_checkpoint, load_config
 from lora_lab.utils import LoraLabError
 

@@ -17,7 +17,7 @@ import huggingface_hub
 from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled, \
     RepositoryNotFoundError
 
-from lora_lab import download as dl
+from lora_lab.formats import download as dl
 from lora_lab.checkpoint import save_checkpoint
 from lora_lab.config import Config
 from lora_lab.utils import LoraLabError
@@ -224,7 +224,7 @@ def fake_hub(online):
 
     online.setattr(huggingface_hub, "HfApi", FakeHub)
     online.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
-    online.setitem(sys.modules, "lora_lab.convert_hf", types.SimpleNamespace(convert_hf_checkpoint=fake_convert))
+    online.setitem(sys.modules, "lora_lab.formats.hf", types.SimpleNamespace(convert_hf_checkpoint=fake_convert))
     return requested, converted
 
 
@@ -253,7 +253,7 @@ def test_download_keep_hf_weights(fake_hub, tmp_path):
 def test_download_with_the_real_converter(online, tmp_path):
     """A tiny transformers Llama, saved in shards, "downloaded" by a fake Hub and converted by convert_hf."""
     transformers = pytest.importorskip("transformers")
-    pytest.importorskip("lora_lab.convert_hf")
+    pytest.importorskip("lora_lab.formats.hf")
     torch.manual_seed(0)
     hf_config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)

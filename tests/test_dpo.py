@@ -248,8 +248,8 @@ def test_matches_trl_dpo_trainer(tiny_ckpt, tmp_path, start):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from lora_lab.convert_hf import export_hf
-    from lora_lab.export_peft import export_peft
+    from lora_lab.formats.hf import export_hf
+    from lora_lab.formats.peft import export_peft
 
     export_hf(tiny_ckpt, tmp_path / "hf")
     targets = ("query", "value", "mlp")
@@ -419,8 +419,8 @@ def test_qlora_dpo_and_the_adapter_works_everywhere(tiny_ckpt, pairs_file, tmp_p
     """--quantize nf4 trains on a 4-bit base; the adapter then goes through generate/lora.py, merge_lora and
     export_peft like any other."""
     from generate.lora import main as generate_lora
-    from lora_lab.export_peft import export_peft
-    from lora_lab.merge_lora import merge_lora_checkpoint
+    from lora_lab.formats.peft import export_peft
+    from lora_lab.formats.merge import merge_lora_checkpoint
 
     out = run(tiny_ckpt, pairs_file, tmp_path / "out", quantize="nf4", max_steps=2, loss="ipo")
     config, _ = load_lora(out)
@@ -443,7 +443,7 @@ def test_real_dpo_on_polite_pairs_raises_the_held_out_reward_accuracy(tmp_path, 
     """SmolLM2-135M-Instruct on preference_polite_1100.json: after 6 steps of 8 pairs the held-out loss is below
     ln 2, the mean held-out margin is positive and more held-out pairs are ranked right than wrong (measured: 0.678,
     0.048, 62.5 %; the tutorial's 12-step run reaches 93.8 %)."""
-    from lora_lab.convert_gguf import convert_gguf
+    from lora_lab.formats.gguf_import import convert_gguf
 
     ckpt = tmp_path / "smollm2"
     convert_gguf(require_asset("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"), ckpt)

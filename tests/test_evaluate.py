@@ -30,7 +30,7 @@ SCIQ_GEN = {
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random lora_lab checkpoint with SmolLM2's tokenizer, and its Hugging Face export."""
-    from lora_lab.convert_hf import export_hf
+    from lora_lab.formats.hf import export_hf
 
     root = tmp_path_factory.mktemp("eval")
     ckpt = write_tiny_checkpoint(root / "ckpt", require_asset(SMOL_TOKENIZER))
@@ -98,7 +98,7 @@ def test_same_loglikelihoods_and_generations_as_lm_eval_hf_tiny(tiny):
 @pytest.mark.slow
 def test_same_loglikelihoods_and_generations_as_lm_eval_hf_smollm2(tmp_path):
     """SmolLM2-135M-Instruct (converted from the GGUF): the same, on real weights."""
-    from lora_lab.convert_hf import export_hf
+    from lora_lab.formats.hf import export_hf
 
     gguf = require_asset("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
     require_asset("eval/arc_easy_validation.jsonl")

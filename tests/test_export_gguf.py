@@ -6,7 +6,7 @@
   also gives our first 32 greedy tokens on the "capital of France" prompt.
 - Our LoRA adapter GGUF applied by llama.cpp (lora_path) gives the logits of our merged model: q/v, all targets,
   rsLoRA, and a fused attn_qkv family.
-- Round trip: lora_lab.convert_gguf reads every file we write back to the same weights (F32 exactly).
+- Round trip: lora_lab.formats.gguf_import reads every file we write back to the same weights (F32 exactly).
 
 llama.cpp runs with an F32 KV cache (its default is F16) so that the comparison is of the models, not of the cache.
 """
@@ -25,8 +25,8 @@ import torch
 from conftest import ROOT, require_asset
 from lora_lab.checkpoint import load_checkpoint, save_checkpoint
 from lora_lab.config import Config
-from lora_lab.export_gguf import gguf_architecture, halves_to_interleaved, export_gguf, write_gguf_adapter
-from lora_lab.convert_llama2c import interleaved_to_halves
+from lora_lab.formats.gguf_export import gguf_architecture, halves_to_interleaved, export_gguf, write_gguf_adapter
+from lora_lab.formats.llama2c import interleaved_to_halves
 from lora_lab.lora import LoRAConfig, inject_lora, lora_state_dict, merge_lora, save_lora
 from lora_lab.model import GPT
 from lora_lab.tokenizer import Tokenizer
@@ -95,8 +95,8 @@ def write_family_checkpoint(out_dir: Path, family: str, tokenizer_dir: Path = No
 @pytest.fixture(scope="module")
 def small_vocab(tmp_path_factory) -> Path:
     """stories260K's real 512-piece SentencePiece vocabulary as tokenizer.json: files that write and read fast."""
-    from lora_lab.convert_llama2c import llama2c_tokenizer
-    from lora_lab.sp_vocab import write_tokenizer_files
+    from lora_lab.formats.llama2c import llama2c_tokenizer
+    from lora_lab.formats.sp_vocab import write_tokenizer_files
 
     out = tmp_path_factory.mktemp("tok512")
     tokenizer, _ = llama2c_tokenizer(require_asset("models/stories260K/tok512.bin"))
@@ -160,7 +160,7 @@ def test_halves_to_interleaved_is_llamacpps_permute_and_inverts_our_importer():
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_f32_file_reads_back_to_the_same_weights(family, tmp_path, small_vocab):
-    from lora_lab.convert_gguf import convert_gguf
+    from lora_lab.formats.gguf_import import convert_gguf
 
     ckpt = write_family_checkpoint(tmp_path / "ckpt", family, small_vocab)
     export_gguf(ckpt, tmp_path / "m.gguf", "f32", progress=False)
@@ -187,7 +187,7 @@ def test_f32_file_reads_back_to_the_same_weights(family, tmp_path, small_vocab):
 def test_quantized_file_reads_back_to_the_quantized_weights(outtype, tmp_path, small_vocab):
     import gguf
 
-    from lora_lab.convert_gguf import convert_gguf
+    from lora_lab.formats.gguf_import import convert_gguf
 
     ckpt = write_family_checkpoint(tmp_path / "ckpt", "smollm2_tied", small_vocab)
     export_gguf(ckpt, tmp_path / "m.gguf", outtype, progress=False)
@@ -249,7 +249,7 @@ def test_cli_convert_to_gguf_and_merge_lora_to_gguf(tmp_path, small_vocab):
     save_lora(tmp_path / "lora", model, lc)
     r = run("lora_lab.merge_lora", "--adapter_dir", "lora", "--to", "gguf", "merged.gguf", "--outtype", "f32")
     assert r.returncode == 0, r.stderr
-    from lora_lab.convert_gguf import _Meta, open_gguf
+    from lora_lab.formats.gguf_import import _Meta, open_gguf
 
     meta = _Meta(open_gguf(tmp_path / "merged.gguf"), tmp_path / "merged.gguf")
     assert "### Instruction:" in meta.get("tokenizer.chat_template")  # the adapter's prompt style, not ChatML's
@@ -351,7 +351,7 @@ def test_adapter_cli_writes_gguf_and_modelfile(tmp_path, small_vocab):
     r = subprocess.run([sys.executable, "-m", "lora_lab.export_gguf", "--adapter_dir", str(tmp_path / "lora"),
                         "--out_file", str(tmp_path / "out" / "adapter.gguf")], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
-    from lora_lab.convert_gguf import _Meta, open_gguf
+    from lora_lab.formats.gguf_import import _Meta, open_gguf
 
     meta = _Meta(open_gguf(tmp_path / "out" / "adapter.gguf"), tmp_path / "adapter.gguf")
     assert (meta.get("general.type"), meta.get("adapter.type"), meta.get("general.architecture")) == (
@@ -372,7 +372,7 @@ def test_adapter_cli_writes_gguf_and_modelfile(tmp_path, small_vocab):
 def smollm2(tmp_path_factory):
     """SmolLM2-135M-Instruct as our checkpoint (from the Q4_1 GGUF in the assets), and our F32 and Q8_0 exports."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (.ci/run installs it)")
-    from lora_lab.convert_gguf import convert_gguf
+    from lora_lab.formats.gguf_import import convert_gguf
 
     out = tmp_path_factory.mktemp("smollm2-export")
     convert_gguf(require_asset(f"{SMOL}/SmolLM2-135M-Instruct.Q4_1.gguf"), out / "ckpt")
@@ -411,8 +411,8 @@ def test_smollm2_q8_0_export_gives_our_first_32_greedy_tokens(smollm2):
 def test_merge_lora_to_gguf_holds_the_merged_weights(qlora, tmp_path, small_vocab):
     """merge_lora --to gguf writes what merge_lora --to lora_lab writes (QLoRA: merged into the dequantized NF4
     base), read back by our importer bit for bit at F32."""
-    from lora_lab.convert_gguf import convert_gguf
-    from lora_lab.merge_lora import merge_lora_checkpoint
+    from lora_lab.formats.gguf_import import convert_gguf
+    from lora_lab.formats.merge import merge_lora_checkpoint
     from lora_lab.nf4 import quantize_nf4
 
     ckpt = write_family_checkpoint(tmp_path / "ckpt", "llama3_scaled", small_vocab)

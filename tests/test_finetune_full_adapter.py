@@ -143,7 +143,7 @@ def test_full_run_writes_a_checkpoint_that_loads_everywhere(tiny_ckpt, full_refe
     printed = generated_text(monkeypatch, capsys, gen_full.main, "--checkpoint_dir", str(out), "--prompt", prompt,
                              "--temperature", "0", "--max_new_tokens", "12")
     assert printed == expected + "\n" and expected
-    from lora_lab.convert import main as convert_main
+    from lora_lab.formats.convert import main as convert_main
 
     convert_main(["--to", "hf", str(out), str(tmp_path / "hf")])
     convert_main([str(tmp_path / "hf"), str(tmp_path / "back")])
@@ -428,7 +428,7 @@ REAL = dict(data="json_extraction", n_train=200, n_val=16, eval_samples=0, max_s
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    from lora_lab.convert_gguf import convert_gguf
+    from lora_lab.formats.gguf_import import convert_gguf
 
     folder = require_asset("models/smollm2-135m-instruct")
     out = tmp_path_factory.mktemp("smollm2") / "ckpt"

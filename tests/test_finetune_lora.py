@@ -467,7 +467,7 @@ def test_two_process_ddp_resume(tiny_ckpt, tmp_path, single_device_run):
 # ------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    from lora_lab.convert_gguf import convert_gguf
+    from lora_lab.formats.gguf_import import convert_gguf
 
     folder = require_asset("models/smollm2-135m-instruct")
     out = tmp_path_factory.mktemp("smollm2") / "ckpt"

@@ -399,7 +399,7 @@ REAL_RUN = dict(data="json_extraction", max_steps=15, batch_size=8, micro_batch_
 
 @pytest.fixture(scope="module")
 def smollm_ckpt(tmp_path_factory):
-    from lora_lab.convert_gguf import convert_gguf
+    from lora_lab.formats.gguf_import import convert_gguf
 
     out = tmp_path_factory.mktemp("smollm2") / "ckpt"
     convert_gguf(require_asset(SMOLLM_GGUF), out)
@@ -544,7 +544,7 @@ def test_generate_lora_runs_a_qlora_adapter_on_its_nf4_base(tmp_path, one_thread
 def test_merge_lora_cli_path_merges_a_qlora_adapter_into_the_dequantized_base(tmp_path):
     """python -m lora_lab.merge_lora on a QLoRA adapter: the merged float checkpoint computes NF4 base + adapter."""
     from lora_lab.checkpoint import save_checkpoint
-    from lora_lab.merge_lora import merge_lora_checkpoint
+    from lora_lab.formats.merge import merge_lora_checkpoint
 
     config = CONFIGS["llama-gqa"]
     base = float_model(config)

@@ -42,7 +42,7 @@ def published_sample(path) -> str:
 
 
 def test_stories260k_greedy_sample_matches_published(assets, tmp_path, one_thread):
-    from lora_lab.convert_llama2c import convert_llama2c
+    from lora_lab.formats.llama2c import convert_llama2c
 
     folder = assets("models/stories260K")
     config = convert_llama2c(folder / "stories260K.bin", tmp_path / "ckpt", tokenizer_path=folder / "tok512.bin")
@@ -68,7 +68,7 @@ def test_stories260k_greedy_sample_matches_published(assets, tmp_path, one_threa
 def smollm_gguf(tmp_path_factory):
     """The GGUF converted once per test session (it takes a while: 135M parameters to dequantize)."""
     from conftest import require_asset
-    from lora_lab.convert_gguf import convert_gguf
+    from lora_lab.formats.gguf_import import convert_gguf
 
     out = tmp_path_factory.mktemp("smollm2-gguf")
     convert_gguf(require_asset(GGUF), out)
@@ -105,7 +105,7 @@ def test_smollm2_gguf_answers_the_capital_of_france(smollm_gguf, one_thread):
 def test_smollm2_gguf_logits_match_transformers(smollm_gguf, tmp_path, one_thread):
     from transformers import AutoModelForCausalLM
 
-    from lora_lab.convert_hf import export_hf
+    from lora_lab.formats.hf import export_hf
 
     export_hf(smollm_gguf, tmp_path / "hf")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
@@ -145,7 +145,7 @@ def test_smollm2_gguf_embedded_vocab_matches_autotokenizer(assets, tmp_path):
     """The tokenizer rebuilt from the GGUF's own vocabulary and merges (no tokenizer.json used)."""
     from transformers import AutoTokenizer
 
-    from lora_lab.convert_gguf import write_gguf_tokenizer
+    from lora_lab.formats.gguf_import import write_gguf_tokenizer
 
     write_gguf_tokenizer(assets(GGUF), out_dir=tmp_path)
     ours, ref = Tokenizer(tmp_path), AutoTokenizer.from_pretrained(assets(SMOLLM))
@@ -187,7 +187,7 @@ def test_llama2_tokenizer_bin_matches_sentencepiece(assets):
     """The tokenizer.json built from llama2.c's tokenizer.bin encodes like the SentencePiece model itself."""
     import sentencepiece as spm
 
-    from lora_lab.convert_llama2c import llama2c_tokenizer
+    from lora_lab.formats.llama2c import llama2c_tokenizer
 
     ours, pieces = llama2c_tokenizer(assets("tokenizers/llama2/tokenizer.bin"))
     sp = spm.SentencePieceProcessor(model_file=str(assets("tokenizers/llama2/tokenizer.model")))

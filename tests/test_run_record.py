@@ -180,8 +180,8 @@ def test_modes_of_what_a_run_writes(tiny_ckpt, tmp_path, umask_022):
 
 
 def test_modes_of_a_conversion_and_a_merge(tiny_ckpt, tmp_path, umask_022):
-    from lora_lab.convert import convert
-    from lora_lab.merge_lora import merge_lora_checkpoint
+    from lora_lab.formats.convert import convert
+    from lora_lab.formats.merge import merge_lora_checkpoint
 
     convert(require_asset("models/stories260K/stories260K.bin"), tmp_path / "converted",
             tokenizer=require_asset("models/stories260K/tok512.bin"))

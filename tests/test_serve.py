@@ -53,7 +53,7 @@ def workdir(tmp_path_factory):
     base = make_base(tmp / "base", config, tokenizer_dir=tok)
     for name, (targets, r, extra) in ADAPTERS.items():
         make_adapter(base, tmp / "adapters" / name, targets, r=r, **extra)
-    from lora_lab.export_peft import export_peft
+    from lora_lab.formats.peft import export_peft
 
     export_peft(tmp / "adapters" / "qv4", tmp / "peft_qv4")  # the same adapter in PEFT's format
     other = make_base(tmp / "other", Config(name="other", **dict(LLAMA, n_embd=48, vocab_size=49152)),
@@ -510,7 +510,7 @@ def test_adapter_saved_by_peft_serves_as_transformers_plus_peft_generates(workdi
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lora_lab.convert_hf import export_hf
+    from lora_lab.formats.hf import export_hf
 
     export_hf(workdir / "base", workdir / "base_hf", dtype=torch.float32)
     hf = AutoModelForCausalLM.from_pretrained(workdir / "base_hf", dtype=torch.float32).eval()

@@ -22,7 +22,7 @@ from lora_lab.checkpoint import load_config, save_checkpoint
 from lora_lab.config import Config
 from lora_lab.generate import generate
 from lora_lab.lora import LoRAConfig, inject_lora, lora_modules, save_lora
-from lora_lab.merge_lora import merge_lora_checkpoint
+from lora_lab.formats.merge import merge_lora_checkpoint
 from lora_lab.model import GPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -252,7 +252,7 @@ def test_mismatched_adapter_is_one_line(tmp_path, tool, mismatch, capsys, monkey
     if tool.endswith(".py"):
         from generate.lora import main
     else:
-        from lora_lab.merge_lora import main
+        from lora_lab.formats.merge import main
     result = run_in_process(main, *args, capsys=capsys, monkeypatch=monkeypatch)
     fragment = {"shapes": "n_embd 48 vs 32", "r": "r=4", "no-base-config": "different base model"}[mismatch]
     assert_one_line_error(result, fragment)
@@ -284,8 +284,8 @@ def test_export_peft_matches_peft(tmp_path, case):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lora_lab.convert_hf import config_from_hf, export_hf
-    from lora_lab.export_peft import main as export_peft_main
+    from lora_lab.formats.hf import config_from_hf, export_hf
+    from lora_lab.formats.peft import main as export_peft_main
 
     hf_name, targets, options = PEFT_CASES[case]
     config = config_from_hf(tiny_hf_config(hf_name).to_dict(), name="tiny")
@@ -322,8 +322,8 @@ def test_export_peft_fused_names_and_rank(tmp_path):
     pytest.importorskip("transformers")
     from hf_tiny import tiny_hf_config
 
-    from lora_lab.convert_hf import config_from_hf
-    from lora_lab.export_peft import export_peft
+    from lora_lab.formats.hf import config_from_hf
+    from lora_lab.formats.peft import export_peft
 
     base = make_base(tmp_path / "base", config_from_hf(tiny_hf_config("pythia").to_dict()))
     make_adapter(base, tmp_path / "adapter", ["query", "value", "mlp"], r=4, alpha=8.0)
@@ -340,7 +340,7 @@ def test_export_peft_refusals_are_one_line(tmp_path, capsys, monkeypatch):
     # DoRA on part of a fused q/k/v layer needs the base weights, which are gone
     from hf_tiny import tiny_hf_config
 
-    from lora_lab.convert_hf import config_from_hf
+    from lora_lab.formats.hf import config_from_hf
 
     base = make_base(tmp_path / "base", config_from_hf(tiny_hf_config("pythia").to_dict()))
     make_adapter(base, tmp_path / "adapter", ["query"], use_dora=True)
@@ -348,7 +348,7 @@ def test_export_peft_refusals_are_one_line(tmp_path, capsys, monkeypatch):
     base.rename(moved)
     result = run("lora_lab.export_peft", "--adapter_dir", tmp_path / "adapter", "--out_dir", tmp_path / "peft")
     assert_one_line_error(result, "DoRA", "query_key_value", "--checkpoint_dir")
-    from lora_lab.export_peft import main
+    from lora_lab.formats.peft import main
 
     result = run_in_process(main, "--adapter_dir", tmp_path / "adapter", "--out_dir", tmp_path / "peft",
                             "--checkpoint_dir", moved, capsys=capsys, monkeypatch=monkeypatch)

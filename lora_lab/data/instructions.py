@@ -320,7 +320,7 @@ def _download_error(spec: NamedDataset, e: Exception, data_dir: Path) -> LoraLab
     reason = (str(e).splitlines() or [""])[0] or type(e).__name__
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
 
-    from lora_lab.download import _is_connection_error
+    from lora_lab.formats.download import _is_connection_error
 
     if isinstance(e, GatedRepoError):
         return LoraLabError(f"The {spec.name} dataset ({spec.repo_id}) is gated: accept its terms at {spec.source} "

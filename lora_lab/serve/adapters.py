@@ -85,8 +85,8 @@ def read_adapter(name: str, path, config: Config) -> AdapterWeights:
 
 
 def _read_peft(name: str, path: Path, config: Config) -> AdapterWeights:
-    from lora_lab.convert_hf import hf_family_for
-    from lora_lab.export_peft import PEFT_PARAM_NAMES, PEFT_PREFIX, hf_module_names
+    from lora_lab.formats.hf import hf_family_for
+    from lora_lab.formats.peft import PEFT_PARAM_NAMES, PEFT_PREFIX, hf_module_names
 
     try:
         pc = json.loads((path / PEFT_CONFIG_FILE).read_text())

@@ -15,7 +15,7 @@ Two things llama.cpp changes on the way in that we undo:
 Dequantized weights are what llama.cpp computes with, so the converted model matches the GGUF model, not the
 original unquantized checkpoint.
 
-    python -m lora_lab.convert_gguf --gguf_path SmolLM2-135M-Instruct.Q4_1.gguf --out_dir out/smollm2-gguf
+    python -m lora_lab.formats.gguf_import --gguf_path SmolLM2-135M-Instruct.Q4_1.gguf --out_dir out/smollm2-gguf
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ import torch
 
 from lora_lab.checkpoint import copy_tokenizer_files, save_checkpoint
 from lora_lab.config import Config
-from lora_lab.convert_llama2c import as_dtype, interleaved_to_halves
+from lora_lab.formats.llama2c import as_dtype, interleaved_to_halves
 from lora_lab.model import llama3_scale
 from lora_lab.progress import progress
-from lora_lab.sp_vocab import CONTROL, NORMAL, USER_DEFINED, build_sentencepiece_bpe, write_tokenizer_files
+from lora_lab.formats.sp_vocab import CONTROL, NORMAL, USER_DEFINED, build_sentencepiece_bpe, write_tokenizer_files
 from lora_lab.prompts import prompt_style_from_chat_template
 from lora_lab.utils import LoraLabError, atomic_write_text
 

@@ -13,7 +13,7 @@ The tokenizer file is int32 max_token_length, then for every token: float32 scor
 llama2.c's exporter wrote spaces instead of "▁" and "\\n<s>\\n" / "\\n</s>\\n" for BOS / EOS; we undo both and
 build an equivalent SentencePiece-style tokenizer.json (lora_lab/sp_vocab.py).
 
-    python -m lora_lab.convert_llama2c --bin_path stories260K.bin --out_dir out/stories260K --tokenizer_path tok512.bin
+    python -m lora_lab.formats.llama2c --bin_path stories260K.bin --out_dir out/stories260K --tokenizer_path tok512.bin
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 
 from lora_lab.checkpoint import save_checkpoint
 from lora_lab.config import Config
-from lora_lab.sp_vocab import BYTE, CONTROL, NORMAL, SPACE, UNKNOWN, build_sentencepiece_bpe, is_byte_piece, \
+from lora_lab.formats.sp_vocab import BYTE, CONTROL, NORMAL, SPACE, UNKNOWN, build_sentencepiece_bpe, is_byte_piece, \
     write_tokenizer_files
 from lora_lab.progress import progress
 from lora_lab.utils import LoraLabError
