@@ -368,7 +368,7 @@ def rollout(fabric, gpt, tokenizer, rows, rewards, sampling, start_state, seed, 
     """Sample num_generations completions of each prompt, score them, and everything the steps on them need."""
     names, functions, weights = rewards
     rows = rows[fabric.global_rank::fabric.world_size]  # this device's prompts
-    prompts = [torch.tensor(r["prompt_ids"]) for r in rows for _ in range(num_generations)]  # (N,) [p0 x G, p1 x G..]
+    prompts = [torch.as_tensor(r["prompt_ids"]) for r in rows for _ in range(num_generations)]  # (N,) [p0 x G, p1 x G..]
     group_rows = [r for r in rows for _ in range(num_generations)]
     # SAMPLE: the policy with its LoRA on, eval mode (no dropout), the KV cache, every completion in one batch;
     # its own generator, seeded by the run's seed and the generation's index: reproducible, resumable
@@ -565,7 +565,7 @@ def validate(fabric, gpt, tokenizer, val_rows, rewards, stop_ids, max_completion
     completions = []
     for start in range(0, len(rows), micro_batch_size):  # greedy: no random number drawn
         part = rows[start:start + micro_batch_size]
-        completions += generate_batch(gpt, [torch.tensor(r["prompt_ids"]) for r in part], max_completion_length,
+        completions += generate_batch(gpt, [torch.as_tensor(r["prompt_ids"]) for r in part], max_completion_length,
                                       temperature=0.0, eos_ids=stop_ids, pad_id=tokenizer.eos_id or 0)
     gpt.train()
     texts = [tokenizer.decode([t for t in c if t not in stop_ids]) for c in completions]

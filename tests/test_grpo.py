@@ -20,7 +20,7 @@ from test_finetune_lora import assert_adapters_equal, stop_after
 from lora_lab.generate import generate, generate_batch
 from lora_lab.grpo import (adapter_swapped, completion_logps, group_advantages, grpo_loss, lora_disabled,
                            pack_completions, token_weights)
-from lora_lab.lora import LoRAConfig, inject_lora, load_lora, lora_modules, lora_state_dict
+from lora_lab.lora import LoRAConfig, inject_lora, load_lora, load_lora_state_dict, lora_modules, lora_state_dict
 from lora_lab.model import GPT
 from lora_lab.rewards import compute_rewards, final_number, load_rewards
 from lora_lab.training import TRAIN_STATE_FILE
@@ -245,9 +245,11 @@ def test_reference_is_the_starting_model_bit_for_bit(tiny_ckpt):
     prompts, completions = prompts_and_completions(1)
     batch = pack_completions(prompts, completions)
     bare = GPT.from_checkpoint(tiny_ckpt).eval()
-    sft = trained_lora(tiny_ckpt, seed=5).eval()
     policy = trained_lora(tiny_ckpt, seed=5).eval()
     start = {k: v.clone() for k, v in lora_state_dict(policy).items()}
+    sft = GPT.from_checkpoint(tiny_ckpt).eval()  # base + the starting adapter, built apart
+    inject_lora(sft, r=4, alpha=8.0, targets="all")
+    load_lora_state_dict(sft, start)
     with torch.no_grad():
         for _, m in lora_modules(policy):  # the policy trains away from its start
             m.lora_A.add_(0.1)
@@ -359,7 +361,7 @@ def test_run_writes_an_adapter_and_trl_named_metrics(reference_run, tiny_ckpt, c
     for name in ("loss", "reward", "reward_std", "rewards/json_valid/mean", "rewards/length_30/mean",
                  "frac_reward_zero_std", "completions/mean_length", "kl", "entropy", "clip_ratio/region_mean",
                  "val_reward", "val_solved", "val_rewards/length_30/mean"):
-        assert rows[0].get(name) not in (None, ""), name
+        assert rows[1].get(name) not in (None, ""), name  # (held-out: at step 2, the eval interval)
     assert float(rows[0]["kl"]) == 0.0  # the first step: the policy is the reference
     assert float(rows[1]["kl"]) > 0  # the second step trains on the first one's completions: it has moved
     assert rows[0]["reward"] == rows[1]["reward"]  # num_iterations 2: one batch of completions, two steps
@@ -404,5 +406,5 @@ def test_bad_input_is_one_line_before_the_model_loads(tiny_ckpt, tmp_path, monke
 def test_a_failing_reward_stops_the_run_with_one_line_naming_it(tiny_ckpt, tmp_path):
     path = tmp_path / "r.py"
     path.write_text("def wrong(prompts, completions, **row):\n    return [0.0] * (len(completions) - 1)\n")
-    with pytest.raises(LoraLabError, match=r"^reward wrong returned 7 values for 8 completions"):
-        run(tiny_ckpt, tmp_path / "out", reward=f"{path}:wrong", reward_weights=None, n_val=0, max_steps=1)
+    with pytest.raises(LoraLabError, match=r"^reward wrong returned 1 values for 2 completions: return a list"):
+        run(tiny_ckpt, tmp_path / "out", reward=f"{path}:wrong", n_val=2, max_steps=1)
