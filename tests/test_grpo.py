@@ -366,7 +366,12 @@ def test_run_writes_an_adapter_and_trl_named_metrics(reference_run, tiny_ckpt, c
     assert float(rows[1]["kl"]) > 0  # the second step trains on the first one's completions: it has moved
     assert rows[0]["reward"] == rows[1]["reward"]  # num_iterations 2: one batch of completions, two steps
     assert float(rows[0]["clip_ratio/region_mean"]) == 0.0  # on-policy: nothing clipped
-    assert (reference_run / "loss.png").is_file()
+    pytest.importorskip("matplotlib")
+    from lora_lab import plot
+    from test_run_record import png_size
+
+    assert png_size(reference_run / "loss.png") == (1000, 825)  # the loss above, the reward panel below
+    assert plot.describe(reference_run).endswith("beta 0.04, reward json_valid,length:30")
 
 
 def test_interrupted_run_resumes_exactly(reference_run, tiny_ckpt, tmp_path, monkeypatch):
