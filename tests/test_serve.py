@@ -133,11 +133,13 @@ def test_multi_lora_layer_matches_lora_linear_per_row():
     bank.slots = torch.tensor([0, 1, 2, 3, 2])
     with torch.no_grad():
         out = layer(x)
-        assert torch.equal(out[0], base(x[0]))  # no adapter: the base output exactly
+        # no adapter: exactly the base's output on the same batch (a matmul of another batch shape may round
+        # differently in the last bit, on some CPUs)
+        assert torch.equal(out[0], base(x)[0])
         for b, slot in enumerate(bank.slots.tolist()[1:], start=1):
             torch.testing.assert_close(out[b], refs[slot](x[b]), atol=1e-5, rtol=1e-5)
         layer.set_slot(2, None, None)  # an evicted slot adds nothing
-        assert torch.equal(layer(x)[2], base(x[2]))
+        assert torch.equal(layer(x)[2], base(x)[2])
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ AutoModelForSequenceClassification + PeftModel.from_pretrained.
 
 PEFT computes each adapted layer as we do (lora_lab/lora.py): x W^T + b + (alpha/r) x A^T B^T, alpha/sqrt(r)
 with use_rslora, and the same DoRA formula, so the tensors are copied unchanged under the Hugging Face module
-names of the base model's family (the name tables of lora_lab/convert_hf.py).
+names of the base model's family (the name tables of lora_lab/formats/hf.py).
 
 Fused q/k/v (GPT-NeoX, Falcon). These Hugging Face models have one query_key_value layer where we have q_proj,
 k_proj and v_proj. LoRA on some of ours is still exactly a LoRA on the fused layer, of a larger rank: with

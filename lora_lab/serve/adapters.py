@@ -4,9 +4,9 @@ recently used ones loaded in the slots of the stacked layers (lora_lab/serve/mul
     lora_lab adapter   lora_config.json + lora.safetensors (finetune/lora.py, finetune/qlora.py)
     PEFT adapter       adapter_config.json + adapter_model.safetensors (peft's save_pretrained, lora_lab.export_peft)
 
-A PEFT adapter's module names are the Hugging Face ones; the name tables of lora_lab/convert_hf.py (through
+A PEFT adapter's module names are the Hugging Face ones; the name tables of lora_lab/formats/hf.py (through
 export_peft.hf_module_names, the direction export_peft writes) map them back to ours. The formula is the same
-in both libraries (lora_lab/export_peft.py), so the tensors are used unchanged. Refused, each in one line, when
+in both libraries (lora_lab/formats/peft.py), so the tensors are used unchanged. Refused, each in one line, when
 loading: a directory that is neither, an adapter for another base (shapes, layers the model does not have),
 PEFT rank_pattern/alpha_pattern or fused q/k/v layers, non-LoRA PEFT types.
 
