@@ -133,11 +133,11 @@ def test_multi_lora_layer_matches_lora_linear_per_row():
     bank.slots = torch.tensor([0, 1, 2, 3, 2])
     with torch.no_grad():
         out = layer(x)
-        assert torch.equal(out[0], base(x[0]))  # no adapter: the base output exactly
+        assert torch.equal(out[0], base(x)[0])  # no adapter: the base output exactly (same batched matmul)
         for b, slot in enumerate(bank.slots.tolist()[1:], start=1):
             torch.testing.assert_close(out[b], refs[slot](x[b]), atol=1e-5, rtol=1e-5)
         layer.set_slot(2, None, None)  # an evicted slot adds nothing
-        assert torch.equal(layer(x)[2], base(x[2]))
+        assert torch.equal(layer(x)[2], base(x)[2])
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -216,9 +216,17 @@ class LiveServer:
 @pytest.fixture(scope="module")
 def live(workdir):
     pytest.importorskip("openai")
+    runtime = workdir / "runtime"  # what clients may load at run time: below --adapters_root
+    if not runtime.exists():
+        import shutil
+
+        for name in ADAPTERS:
+            shutil.copytree(workdir / "adapters" / name, runtime / name)
+        shutil.copytree(workdir / "peft_qv4", runtime / "uploads" / "peft_qv4")
+        shutil.copytree(workdir / "misfit", runtime / "uploads" / "misfit")
     server = ModelServer.load(workdir / "base", {"qv4": workdir / "adapters" / "qv4"},
-                              adapters_root=workdir / "adapters", device="cpu", max_batch_size=8,
-                              max_loaded_adapters=8)
+                              adapters_root=runtime, device="cpu", max_batch_size=8,
+                              max_loaded_adapters=8, allow_runtime_loading=True)
     live = LiveServer(server)
     yield live
     live.stop()
@@ -291,13 +299,13 @@ def test_load_and_unload_adapter_at_run_time(live, workdir):
     import httpx
 
     with httpx.Client(base_url=live.url, timeout=60, trust_env=False) as http:
-        r = http.post("/v1/load_lora_adapter", json={"lora_name": "runtime", "lora_path": str(workdir / "peft_qv4")})
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "runtime", "lora_path": "uploads/peft_qv4"})
         assert r.status_code == 200, r.text
         assert "runtime" in {m.id for m in client.models.list().data}
         a = client.completions.create(model="runtime", prompt="Hello there", max_tokens=N_NEW, temperature=0)
         b = client.completions.create(model="qv4", prompt="Hello there", max_tokens=N_NEW, temperature=0)
         assert a.choices[0].text == b.choices[0].text  # the PEFT export of qv4 is qv4
-        r = http.post("/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(workdir / "misfit")})
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": "uploads/misfit"})
         assert r.status_code == 400 and "does not fit the served base model" in r.json()["error"]["message"]
         assert http.post("/v1/unload_lora_adapter", json={"lora_name": "runtime"}).status_code == 200
         assert "runtime" not in {m.id for m in client.models.list().data}

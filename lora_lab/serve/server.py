@@ -19,8 +19,8 @@ from lora_lab.checkpoint import load_config
 from lora_lab.generate import select_device, select_dtype
 from lora_lab.model import GPT
 from lora_lab.prompts import PromptStyle
-from lora_lab.serve.adapters import AdapterStore
-from lora_lab.serve.engine import Engine, Request
+from lora_lab.serve.adapters import AdapterLimits, AdapterStore
+from lora_lab.serve.engine import Engine, QueueFull, Request
 from lora_lab.tokenizer import Tokenizer
 from lora_lab.utils import LoraLabError
 
@@ -38,9 +38,14 @@ class ModelServer:
     @classmethod
     def load(cls, checkpoint_dir, adapters: Optional[dict] = None, adapters_root=None, quantize: Optional[str] = None,
              precision: Optional[str] = None, device: str = "auto", max_batch_size: int = 16,
-             max_loaded_adapters: int = 8, max_seq_length: Optional[int] = None, start: bool = True) -> "ModelServer":
+             max_loaded_adapters: int = 8, max_seq_length: Optional[int] = None, start: bool = True,
+             allow_runtime_loading: bool = False, limits: AdapterLimits = AdapterLimits(),
+             max_queue: Optional[int] = None, timeout: Optional[float] = None) -> "ModelServer":
         """Load the base (quantized to NF4 with quantize="nf4"), register and load `adapters` {name: dir} (each
-        checked now, so a bad one fails at start), and start the engine thread."""
+        checked now, so a bad one fails at start), and start the engine thread. The adapters of `adapters_root`
+        are served by folder name, read on first use; allow_runtime_loading: also what a client names below it
+        (lora_lab/serve/adapters.py). limits: the largest adapter file and rank; max_queue, timeout: the engine's
+        bounds (lora_lab/serve/engine.py)."""
         checkpoint_dir = Path(checkpoint_dir)
         if max_batch_size < 1 or max_loaded_adapters < 1:
             raise LoraLabError("--max_batch_size and --max_loaded_adapters must be at least 1")
@@ -48,6 +53,10 @@ class ModelServer:
             raise LoraLabError(f"--quantize {quantize}: use nf4 (or leave it out)")
         if adapters_root is not None and not Path(adapters_root).is_dir():
             raise LoraLabError(f"--adapters_root {adapters_root} is not a directory")
+        if allow_runtime_loading and adapters_root is None:
+            raise LoraLabError("--allow_runtime_loading needs --adapters_root: the folder run-time loading may read")
+        if max_queue is not None and max_queue < 0 or timeout is not None and not timeout > 0:
+            raise LoraLabError("--max_queue must be at least 0 and --timeout positive")
         device = select_device(device)
         dtype = select_dtype(precision, device)
         config = load_config(checkpoint_dir)
@@ -56,13 +65,15 @@ class ModelServer:
         model.requires_grad_(False)
         tokenizer = Tokenizer(checkpoint_dir)
         store = AdapterStore(model, config, max_loaded_adapters, adapters_root,
-                             quantization=NF4_SETTINGS if quantize == "nf4" else None)
+                             quantization=NF4_SETTINGS if quantize == "nf4" else None,
+                             allow_runtime_loading=allow_runtime_loading, limits=limits)
         for name, path in (adapters or {}).items():
             if not name or name == (config.name or checkpoint_dir.name):
                 raise LoraLabError(f"adapter name {name!r} is empty or the base model's name")
             store.register(name, path)
         engine = Engine(model, tokenizer, store, max_batch_size, max_seq_length,
-                        on_release=lambda r: store.release(r.adapter) if r.adapter else None)
+                        on_release=lambda r: store.release(r.adapter) if r.adapter else None,
+                        max_queue=max_queue, timeout=timeout)
         server = cls(model, tokenizer, checkpoint_dir, store, engine, config.name or checkpoint_dir.name)
         if start:
             engine.start()
@@ -72,6 +83,10 @@ class ModelServer:
     def is_base(self, model: str) -> bool:
         return model in (self.name, str(self.checkpoint_dir))
 
+    def knows(self, model: str) -> bool:
+        """Whether `model` is the base or an adapter this server can serve (loaded or not)."""
+        return self.is_base(model) or self.store.path_of(model) is not None
+
     def style_for(self, adapter) -> PromptStyle:
         name = adapter.prompt_style if adapter is not None and adapter.prompt_style else None
         return PromptStyle.from_checkpoint(self.checkpoint_dir, name=name) if name else self.base_style
@@ -80,6 +95,9 @@ class ModelServer:
                 messages: Optional[list[dict]] = None, **kwargs) -> Request:
         """A Request for `model` (the base's name or an adapter's), its adapter slot taken (KeyError: unknown
         model). `prompt` is passed as it is (completions), `messages` rendered in the adapter's prompt style."""
+        if not self.engine.has_room():  # before an adapter is read for a request that would be refused anyway
+            raise QueueFull(f"the server is at capacity ({self.engine.max_batch_size} running and "
+                            f"{self.engine.max_queue} waiting requests): retry later")
         adapter_name = None if self.is_base(model) else model
         slot, adapter = self.store.acquire(adapter_name) if adapter_name else (0, None)
         try:
