@@ -185,14 +185,14 @@ def free_port() -> int:
 class LiveServer:
     """uvicorn serving create_app(server) in a thread, on a free loopback port."""
 
-    def __init__(self, server) -> None:
+    def __init__(self, server, options=None) -> None:
         import uvicorn
 
         from lora_lab.serve.app import create_app
 
         self.model_server = server
         self.port = free_port()
-        self.uvicorn = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=self.port,
+        self.uvicorn = uvicorn.Server(uvicorn.Config(create_app(server, options), host="127.0.0.1", port=self.port,
                                                      log_level="warning", timeout_graceful_shutdown=5))
         self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
         self.thread.start()
@@ -202,10 +202,10 @@ class LiveServer:
             time.sleep(0.05)
         self.url = f"http://127.0.0.1:{self.port}"
 
-    def client(self):
+    def client(self, api_key="none"):
         import openai
 
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=120)
 
     def stop(self) -> None:
         self.uvicorn.should_exit = True
