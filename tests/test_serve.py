@@ -459,14 +459,16 @@ def test_cli_serves_and_ctrl_c_exits_cleanly(workdir):
     import httpx
 
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    key = "test-key-0123456789"
+    env = dict(os.environ, PYTHONPATH=ROOT, LORA_LAB_API_KEY=key)
     proc = subprocess.Popen([sys.executable, "-m", "lora_lab.serve", "--checkpoint_dir", str(workdir / "base"),
                              "--adapters", f"qv4={workdir / 'adapters' / 'qv4'}", "--port", str(port),
                              "--device", "cpu", "--max_batch_size", "2", "--shutdown_grace", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.time() + 90
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, trust_env=False) as http:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, trust_env=False,
+                          headers={"Authorization": f"Bearer {key}"}) as http:
             while True:
                 assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timeout"
                 try:
@@ -487,7 +489,8 @@ def test_cli_serves_and_ctrl_c_exits_cleanly(workdir):
             assert "data: [DONE]" in rest[-2:], rest  # finished, or aborted after --shutdown_grace: a whole stream
         assert proc.wait(timeout=30) == 0
         err = proc.stderr.read()
-        assert "Traceback" not in err and "server stopped" in err
+        assert "Traceback" not in err and "server stopped" in err and "API keys: 1" in err
+        assert key not in err  # never logged
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -492,3 +492,23 @@ def test_soak_mixed_requests_lose_nothing_and_leak_nothing(netdir):
               f"in {time.perf_counter() - t0:.1f} s; RSS {rss_before:.0f} -> {rss_after:.0f} MB")
     finally:
         live.stop()
+
+
+def test_bench_serve_load_tiny(capsys):
+    """benchmarks/bench_serve_load.py on its tiny model: a row per concurrency level, the over-full level refused
+    with 429 and still answering every request."""
+    import sys
+
+    from conftest import ROOT, require_asset
+
+    require_asset("models/smollm2-135m-instruct")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_serve_load
+
+    rows = bench_serve_load.main(model="tiny", concurrency=[1, 6], requests=8, new_tokens=4, adapters=2,
+                                 max_batch_size=2, max_queue=0)
+    out = capsys.readouterr().out
+    assert "| clients | req/s | p50 (s) | p99 (s) |" in out
+    assert [r["concurrency"] for r in rows] == [1, 6] and rows[0]["refused"] == 0 and rows[1]["refused"] > 0
+    for r in rows:
+        assert r["req_s"] > 0 and 0 < r["p50"] <= r["p99"] and r["tok_s"] == pytest.approx(4 * r["req_s"])

@@ -328,10 +328,13 @@ class AdapterStore:
     def register(self, name: str, path, root: Optional[Path] = None) -> AdapterWeights:
         """Load adapter `name` from `path` now (so a bad one fails here, in one line) and remember where it is.
         root: the files must resolve below it (run-time loading)."""
+        if name in self.known or name in self.loaded:
+            raise LoraLabError(f"an adapter named {name!r} is already loaded")
+        adapter = self._read(name, Path(path), root)  # from disk without the lock: decoding goes on meanwhile
         with self.lock:
             if name in self.known or name in self.loaded:
                 raise LoraLabError(f"an adapter named {name!r} is already loaded")
-            adapter = self._load(name, Path(path), root)
+            self._install(name, adapter)
             self.known[name] = Path(path)
             if root is not None:
                 self.confined.add(name)
@@ -363,16 +366,23 @@ class AdapterStore:
     def acquire(self, name: str) -> tuple[int, AdapterWeights]:
         """The slot of adapter `name` (loading it if needed), counted as used until `release(name)`."""
         with self.lock:
-            if name not in self.loaded:
-                path = self.path_of(name)
-                if path is None:
-                    raise KeyError(name)
-                # what came from the root (at start, on first use or through run-time loading) is read confined
-                root = self.adapters_root if name not in self.known or name in self.confined else None
-                self._load(name, path, root)
-            self.loaded.move_to_end(name)
-            self.in_use[name] = self.in_use.get(name, 0) + 1
-            return self.loaded[name], self.info[name]
+            if name in self.loaded:
+                return self._take(name)
+            path = self.path_of(name)
+            if path is None:
+                raise KeyError(name)
+            # what came from the root (at start, on first use or through run-time loading) is read confined
+            root = self.adapters_root if name not in self.known or name in self.confined else None
+        adapter = self._read(name, path, root)  # from disk without the lock: decoding goes on meanwhile
+        with self.lock:
+            if name not in self.loaded:  # (unless a request for the same adapter installed it meanwhile)
+                self._install(name, adapter)
+            return self._take(name)
+
+    def _take(self, name: str) -> tuple[int, AdapterWeights]:
+        self.loaded.move_to_end(name)
+        self.in_use[name] = self.in_use.get(name, 0) + 1
+        return self.loaded[name], self.info[name]
 
     def release(self, name: str) -> None:
         with self.lock:
@@ -382,12 +392,16 @@ class AdapterStore:
                 if self.path_of(name) is None:  # unloaded while it was running
                     self._evict(name)
 
-    def _load(self, name: str, path: Path, root: Optional[Path] = None) -> AdapterWeights:
+    def _read(self, name: str, path: Path, root: Optional[Path] = None) -> AdapterWeights:
         adapter = read_adapter(name, path, self.config, self.limits, root)
         q = adapter.base_quantization
         if q and self.quantization and any(q.get(k) != self.quantization.get(k) for k in ("blocksize", "double_quant")):
             raise LoraLabError(f"adapter {name!r} was trained on an NF4 base with {q}, the server's is "
                                f"{self.quantization}: start the server with the same quantization")
+        return adapter
+
+    def _install(self, name: str, adapter: AdapterWeights) -> None:
+        """Write `adapter` into a free slot (or the least recently used idle one's); under the lock."""
         slot = self._free_slot(name)
         roles = adapter.roles
         inject_multi_lora(self.model, roles, self.bank)
@@ -408,7 +422,6 @@ class AdapterStore:
         self.loaded[name] = slot
         self.info[name] = adapter
         self.loads += 1
-        return adapter
 
     def _free_slot(self, name: str) -> int:
         used = set(self.loaded.values())
@@ -418,7 +431,7 @@ class AdapterStore:
         victim = next((n for n in self.loaded if not self.in_use.get(n)), None)  # least recently used, idle
         if victim is None:
             raise SlotsBusy(f"cannot load adapter {name!r}: all {self.max_loaded} adapter slots are used by "
-                               f"running requests (raise --max_loaded_adapters)")
+                            f"running requests (raise --max_loaded_adapters)")
         return self._evict(victim)
 
     def _evict(self, name: str) -> int:

@@ -53,6 +53,7 @@ class Sampling(BaseModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     n: int = Field(default=1, ge=1, le=1)  # one choice per request
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens whatever comes (benchmarks)
 
 
 class CompletionBody(Sampling):
@@ -232,7 +233,7 @@ async def respond(req: Request, queue: asyncio.Queue, http: HTTPRequest, body: S
 
 def _sampling(body: Sampling) -> dict:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    return dict(temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop)
+    return dict(temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop, ignore_eos=body.ignore_eos)
 
 
 # ---- the routes ----------------------------------------------------------------------------------------------------

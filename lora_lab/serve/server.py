@@ -92,9 +92,10 @@ class ModelServer:
         return PromptStyle.from_checkpoint(self.checkpoint_dir, name=name) if name else self.base_style
 
     def request(self, model: str, on_event: Callable, prompt: Optional[str] = None,
-                messages: Optional[list[dict]] = None, **kwargs) -> Request:
+                messages: Optional[list[dict]] = None, ignore_eos: bool = False, **kwargs) -> Request:
         """A Request for `model` (the base's name or an adapter's), its adapter slot taken (KeyError: unknown
-        model). `prompt` is passed as it is (completions), `messages` rendered in the adapter's prompt style."""
+        model). `prompt` is passed as it is (completions), `messages` rendered in the adapter's prompt style.
+        ignore_eos: no stop at the end-of-text or end-of-turn tokens (max_tokens tokens, for benchmarks)."""
         if not self.engine.has_room():  # before an adapter is read for a request that would be refused anyway
             raise QueueFull(f"the server is at capacity ({self.engine.max_batch_size} running and "
                             f"{self.engine.max_queue} waiting requests): retry later")
@@ -110,7 +111,7 @@ class ModelServer:
             if len(prompt_ids) >= limit:
                 raise LoraLabError(f"the prompt has {len(prompt_ids)} tokens but this server's context holds {limit} "
                                    f"tokens (prompt + completion): shorten it")
-            stop_ids = list(dict.fromkeys(self.tokenizer.eos_ids + style.stop_tokens(self.tokenizer)))
+            stop_ids = [] if ignore_eos else list(dict.fromkeys(self.tokenizer.eos_ids + style.stop_tokens(self.tokenizer)))
             return Request(prompt_ids=prompt_ids, on_event=on_event, stop_ids=stop_ids, slot=slot,
                            adapter=adapter_name, **kwargs)
         except BaseException:
