@@ -47,7 +47,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from safetensors import safe_open
@@ -60,9 +60,8 @@ from lora_lab.config import Config
 from lora_lab.formats.hf import Family, fuse_qkv, hf_family_for
 from lora_lab.lora import ADAPTER_CONFIG_FILE, LoRAConfig, base_checkpoint_dir, check_adapter_fits, load_lora
 from lora_lab.progress import progress
-from lora_lab.utils import LoraLabError, atomic_path, atomic_write_text, cli
+from lora_lab.utils import LoraLabError, PathLike, atomic_path, atomic_write_text, cli
 
-PathLike = Union[str, Path]
 PEFT_PREFIX = "base_model.model."  # PeftModel wraps a LoraModel, which wraps the transformers model
 PEFT_PARAM_NAMES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}
 FUSED = "blocks.{i}.attn.qkv"  # the convert_hf tables' name for q, k and v fused into one layer
