@@ -88,7 +88,7 @@ def test_api_keys(netdir):
     live = LiveServer(load(netdir), ServeOptions(api_keys=KEYS))
     try:
         with httpx.Client(base_url=live.url, timeout=60, trust_env=False) as http:
-            assert http.get("/health").status_code == 200  # open
+            assert http.get("/health").json() == {"status": "ok", "running": 0, "waiting": 0}  # open, no names
             for path in ("/v1/models", "/metrics"):
                 r = http.get(path)
                 assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
@@ -238,6 +238,15 @@ def test_adapter_kinds_are_told_apart_in_one_place(netdir, tmp_path):
     (tmp_path / "peft").mkdir()
     (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     assert adapter_kind(tmp_path / "peft") == "peft"  # its weights not there yet: the config says
+    # its users: evaluate, the GGUF exporter (and the server, above) tell the same kinds apart
+    from lora_lab.evaluate.load import adapter_kind as evaluate_kind
+    from lora_lab.formats.gguf_adapter import write_gguf_adapter
+
+    assert evaluate_kind(netdir / "root" / "qv4") == "lora" and evaluate_kind(tmp_path / "llama") == "adapter"
+    with pytest.raises(LoraLabError, match="is a PEFT adapter"):
+        evaluate_kind(netdir / "root" / "peft_qv4")
+    with pytest.raises(LoraLabError, match="is a LLaMA-Adapter"):
+        write_gguf_adapter(tmp_path / "llama", tmp_path / "x.gguf")
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -135,10 +135,12 @@ async def _api_error(request, exc: APIError):
 
 
 async def health(http: HTTPRequest):
-    """Open and cheap (no key, no lock): for load balancers and orchestrators."""
+    """Open and cheap (no key, no lock): for load balancers and orchestrators. With keys, it names no adapters."""
     server = http.app.state.server
-    return {"status": "ok", "running": len(server.engine.rows), "waiting": len(server.engine.waiting),
-            "loaded_adapters": list(server.store.loaded)}
+    health = {"status": "ok", "running": len(server.engine.rows), "waiting": len(server.engine.waiting)}
+    if not http.app.state.options.api_keys:
+        health["loaded_adapters"] = list(server.store.loaded)
+    return health
 
 
 def create_app(server: ModelServer, options: Optional[ServeOptions] = None, shutdown_engine: bool = True) -> FastAPI:
