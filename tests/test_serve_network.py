@@ -7,7 +7,6 @@ The base and adapters are tests/test_serve.py's (a tiny Llama with SmolLM2's tok
 """
 
 import json
-import os
 import shutil
 import threading
 import time
@@ -455,7 +454,11 @@ def test_soak_mixed_requests_lose_nothing_and_leak_nothing(netdir):
         for model, prompt in sorted(set(jobs)):
             for chat in (True, False):
                 done, parts = threading.Event(), []
-                req = ref.request(model, lambda k, p: parts.append(p) if k == "text" else done.set(),
+
+                def on_event(kind, payload, done=done, parts=parts):
+                    parts.append(payload) if kind == "text" else done.set()
+
+                req = ref.request(model, on_event,
                                   **({"messages": [{"role": "user", "content": prompt}]} if chat else
                                      {"prompt": prompt}), max_tokens=N_NEW, temperature=0.0)
                 ref.engine.submit(req)

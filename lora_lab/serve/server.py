@@ -135,7 +135,9 @@ class ModelServer:
             if len(prompt_ids) >= limit:
                 raise LoraLabError(f"the prompt has {len(prompt_ids)} tokens but this server's context holds {limit} "
                                    f"tokens (prompt + completion): shorten it")
-            stop_ids = [] if ignore_eos else list(dict.fromkeys(self.tokenizer.eos_ids + style.stop_tokens(self.tokenizer)))
+            stop_ids = list(dict.fromkeys(self.tokenizer.eos_ids + style.stop_tokens(self.tokenizer)))
+            if ignore_eos:
+                stop_ids = []
             return Request(prompt_ids=prompt_ids, on_event=on_event, stop_ids=stop_ids, slot=slot,
                            adapter=adapter_name, **kwargs)
         except BaseException:
