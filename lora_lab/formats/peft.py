@@ -53,6 +53,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lora_lab.adapted import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
 from lora_lab.checkpoint import WEIGHTS_FILE, load_config
 from lora_lab.classifier import peft_classifier_parts
 from lora_lab.config import Config
@@ -61,8 +62,6 @@ from lora_lab.lora import ADAPTER_CONFIG_FILE, LoRAConfig, base_checkpoint_dir, 
 from lora_lab.progress import progress
 from lora_lab.utils import LoraLabError, PathLike, atomic_path, atomic_write_text, cli
 
-PEFT_CONFIG_FILE = "adapter_config.json"
-PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel wraps a LoraModel, which wraps the transformers model
 PEFT_PARAM_NAMES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}
 FUSED = "blocks.{i}.attn.qkv"  # the convert_hf tables' name for q, k and v fused into one layer
