@@ -79,6 +79,7 @@ def setup(
     packing: bool = False,
     n_train: Optional[int] = None,
     n_val: Optional[int] = None,
+    columns: Optional[dict[str, str]] = None,
     # optimisation
     max_steps: Optional[int] = None,
     epochs: float = 1.0,
@@ -129,6 +130,8 @@ def setup(
             batch_size and micro_batch_size then count rows.
         n_train: use only the first n_train training rows (json_extraction: how many to generate).
         n_val: likewise for validation rows.
+        columns: your file's column names, e.g. '{"instruction": "question", "output": "answer"}' (keys:
+            instruction, input, output).
         max_steps: optimizer steps (default: `epochs` passes over the data).
         epochs: passes over the training data when max_steps is not given.
         batch_size: global batch size in samples per optimizer step (over all devices).
@@ -171,6 +174,7 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
          blank_line_docs: bool, resume: bool,
          adapter_prompt_length: int, adapter_start_layer: int, adapter_version: int, prompt_style: Optional[str],
          max_seq_length: int, mask_prompt: bool, packing: bool, n_train: Optional[int], n_val: Optional[int],
+         columns: Optional[dict],
          max_steps: Optional[int], epochs: float, batch_size: int, micro_batch_size: int, learning_rate: float,
          weight_decay: float, warmup_steps: int, min_lr: float, grad_clip: float, neftune_alpha: float,
          activation_checkpointing: bool, compile: bool, max_time: Optional[str], eval_interval: int,
@@ -199,8 +203,8 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     style = PromptStyle.from_checkpoint(checkpoint_dir, prompt_style)
     train_dl, val_dl, data_stats = get_dataloaders(
         data, tokenizer, style, max_seq_length=max_seq_length, micro_batch_size=micro_batch_size, seed=seed,
-        val_data=val_data, n_train=n_train, n_val=n_val, mask_prompt=mask_prompt, bucket_by_length=True,
-        pad_id=tokenizer.eos_id or 0, verbose=fabric.is_global_zero, packing=packing,
+        val_data=val_data, n_train=n_train, n_val=n_val, columns=columns, mask_prompt=mask_prompt,
+        bucket_by_length=True, pad_id=tokenizer.eos_id or 0, verbose=fabric.is_global_zero, packing=packing,
         blank_line_docs=blank_line_docs)
     if max_steps is None:
         max_steps = max(1, math.ceil(epochs * data_stats["n_train"] / batch_size))

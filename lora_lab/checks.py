@@ -69,6 +69,8 @@ def check_args(args: Mapping[str, Any]) -> None:
         for name in ("data", "val_data"):
             if args.get(name) is not None:
                 (check_preference_data if preference else check_data)(args[name], name)
+        if args.get("columns") is not None:
+            check_columns(args["columns"], args.get("data"), preference)
     if preference:
         from lora_lab.dpo import check_dpo_settings
 
@@ -105,6 +107,27 @@ def check_data(data: str, flag: str = "data") -> None:
     choices = ", ".join((*BUILTIN_DATASETS, *NAMED_DATASETS))
     raise LoraLabError(f"--{flag} {name!r} is neither a dataset name ({choices}) nor an existing file: pass one of "
                        f"those names or a path to {LOCAL_FILE_HELP}")
+
+
+def check_columns(columns: Any, data: Any, preference: bool = False) -> None:
+    """--columns: {field: your column} for a file of your own, naming fields the data has."""
+    from lora_lab.data.instructions import BUILTIN_DATASETS
+    from lora_lab.data.instructions import FIELDS as INSTRUCTION_FIELDS
+    from lora_lab.data.preference import FIELDS as PREFERENCE_FIELDS
+    from lora_lab.data.text import is_text_data
+
+    fields = PREFERENCE_FIELDS if preference else INSTRUCTION_FIELDS
+    example = '{"instruction": "question", "output": "answer"}' if not preference else '{"chosen": "good"}'
+    if not isinstance(columns, dict) or not all(isinstance(v, str) for v in columns.values()):
+        raise LoraLabError(f"--columns {columns!r}: give a JSON object from field to your column name, e.g. "
+                           f"--columns '{example}'")
+    unknown = sorted(set(columns) - set(fields))
+    if unknown:
+        raise LoraLabError(f"--columns: unknown field(s) {', '.join(unknown)}: map some of {', '.join(fields)} to "
+                           f"your column names, e.g. --columns '{example}'")
+    if data is not None and (str(data) in BUILTIN_DATASETS or is_text_data(data)):
+        raise LoraLabError(f"--columns renames the columns of a .json/.jsonl/.csv file of your own; --data {data} "
+                           f"has no columns to rename: leave --columns out")
 
 
 def check_classification_args(args: Mapping[str, Any]) -> None:
