@@ -123,8 +123,8 @@ def check_columns(columns: Any, data: Any, preference: bool = False) -> None:
                            f"--columns '{example}'")
     unknown = sorted(set(columns) - set(fields))
     if unknown:
-        raise LoraLabError(f"--columns: unknown field(s) {', '.join(unknown)}: map some of {', '.join(fields)} to "
-                           f"your column names, e.g. --columns '{example}'")
+        raise LoraLabError(f"--columns: unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: map "
+                           f"some of {', '.join(fields)} to your column names, e.g. --columns '{example}'")
     if data is not None and (str(data) in BUILTIN_DATASETS or is_text_data(data)):
         raise LoraLabError(f"--columns renames the columns of a .json/.jsonl/.csv file of your own; --data {data} "
                            f"has no columns to rename: leave --columns out")

@@ -393,7 +393,7 @@ def test_interrupted_run_resumes_exactly(reference_run, tiny_ckpt, pairs_file, t
     (dict(data="alpaca"), "--data 'alpaca' is not an existing file"),  # no built-in instruction set here
     (dict(val_data="missing_val.json"), "--val_data 'missing_val.json' is not an existing file"),
     (dict(data="TXT"), "is not .json, .jsonl or .csv"),
-    (dict(columns={"output": "answer"}), "--columns: unknown field(s) output: map some of instruction, input, chosen"),
+    (dict(columns={"output": "answer"}), "--columns: unknown field output: map some of instruction, input, chosen"),
 ])
 def test_bad_input_is_one_line_before_the_model_loads(tiny_ckpt, pairs_file, tmp_path, monkeypatch, bad, message):
     """check_args judges DPO's own arguments too (preference files, the adapter folder, beta, loss), before the
