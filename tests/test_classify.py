@@ -393,6 +393,6 @@ def test_n_test_and_columns(tiny_ckpt, tmp_path, capsys):
     out = run(tiny_ckpt, renamed, tmp_path / "out", "head", max_steps=1, n_test=3,
               columns={"text": "review", "label": "sentiment"})
     confusion = json.loads((out / ft.SCORES_FILE).read_text())["test"]["confusion"]
-    assert sum(map(sum, confusion)) == 3
+    assert sum(map(sum, confusion)) == 3 and "3 test texts" in capsys.readouterr().err
     msg = one_line_error(capsys, tiny_ckpt, tmp_path / "o", "--data", str(renamed), "--columns", '{"txt": "review"}')
     assert "--columns: unknown field txt: map some of text, label" in msg
