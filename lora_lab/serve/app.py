@@ -105,6 +105,11 @@ def create_app(server: ModelServer, shutdown_engine: bool = True) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
         first = exc.errors()[0]
+        if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
+            where = first.get("loc", ("body", "?"))[-1]
+            error = (first.get("ctx") or {}).get("error", "not JSON")
+            return error_response(400, f"the request body is not valid JSON ({error} at character {where}): send "
+                                       f"a JSON object with Content-Type: application/json")
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
         msg = first.get("msg", "invalid request")
@@ -163,8 +168,9 @@ def create_app(server: ModelServer, shutdown_engine: bool = True) -> FastAPI:
                 server.request, body.model, on_event, prompt=prompt, messages=messages,
                 max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop)
         except KeyError:
-            raise APIError(404, f"The model `{body.model}` does not exist.", "model", "model_not_found",
-                           "NotFoundError") from None
+            names = ", ".join([server.name, *server.store.names()])
+            raise APIError(404, f"The model `{body.model}` does not exist; this server has: {names}", "model",
+                           "model_not_found", "NotFoundError") from None
         except LoraLabError as e:
             param = "messages" if "messages" in str(e) else ("model" if "adapter" in str(e) else
                                                               ("messages" if messages else "prompt"))
