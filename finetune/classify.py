@@ -342,6 +342,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, classifier_confi
     metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"], logger_name=hparams["logger_name"],
                          hparams=hparams)  # + hparams.yaml, an experiment tracker, loss.png
     throughput = Throughput(state["step"], max_steps)
+    earlier_seconds = state.get("seconds", 0.0)  # a resumed run's time before the interruption
     flops = FlopsMeter.for_fabric(gpt, fabric, hparams["peak_flops"])  # model FLOPs, for MFU (lora_lab/flops.py)
     reset_peak_memory(fabric.device)
     batches = micro_batches(train_dl, fabric.global_rank, fabric.world_size, state)
@@ -372,6 +373,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, classifier_confi
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
+        state["seconds"] = earlier_seconds + throughput.elapsed()
         step, train_loss = state["step"], loss_sum / grad_accum
         if fabric.world_size > 1:  # the loss of the global batch, not only of this device's share
             train_loss = fabric.all_reduce(torch.tensor(train_loss, device=fabric.device), reduce_op="mean").item()
@@ -409,7 +411,8 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, classifier_confi
     metrics.finish()  # the final loss.png; the tracker's files closed
 
     fabric.print(f"Trainable parameters {count_parameters(gpt)[0]:,} | {state['step']} steps in "
-                 f"{format_seconds(throughput.elapsed())} | {throughput.tokens_per_sec():,.0f} tokens/s | "
+                 f"{format_seconds(state.get('seconds', 0.0))} | "
+                 f"{state['tokens'] / max(state.get('seconds', 0.0), 1e-9):,.0f} tokens/s | "
                  f"{flops.summary(throughput.elapsed())} | "
                  f"peak memory {peak_memory_bytes(fabric.device) / 2**30:.2f} GiB"
                  + (f" | final val loss {val_loss:.4f}" if val_loss is not None else ""))

@@ -325,6 +325,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
     metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"], logger_name=hparams["logger_name"],
                          hparams=hparams, fields=COLUMNS)  # + hparams.yaml, an experiment tracker, loss.png
     throughput = Throughput(state["step"], max_steps)
+    earlier_seconds = state.get("seconds", 0.0)  # a resumed run's time before the interruption
     flops = FlopsMeter.for_fabric(gpt, fabric, hparams["peak_flops"])  # model FLOPs, for MFU (lora_lab/flops.py)
     reset_peak_memory(fabric.device)
     batches = micro_batches(train_dl, fabric.global_rank, fabric.world_size, state)
@@ -358,6 +359,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
+        state["seconds"] = earlier_seconds + throughput.elapsed()
         step, train = state["step"], mean_metrics(all_reduce_sums(fabric, sums))
 
         if step % log_interval == 0 or step == max_steps:
@@ -395,7 +397,8 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
     metrics.finish()  # the final loss.png; the tracker's files closed
 
     fabric.print(f"Trainable parameters {count_parameters(gpt)[0]:,} | {state['step']} steps in "
-                 f"{format_seconds(throughput.elapsed())} | {throughput.tokens_per_sec():,.0f} tokens/s | "
+                 f"{format_seconds(state.get('seconds', 0.0))} | "
+                 f"{state['tokens'] / max(state.get('seconds', 0.0), 1e-9):,.0f} tokens/s | "
                  f"{flops.summary(throughput.elapsed())} | "
                  f"peak memory {peak_memory_bytes(fabric.device) / 2**30:.2f} GiB"
                  + (f" | final held-out reward accuracy {val['rewards/accuracies']:.1%}" if val is not None else ""))
