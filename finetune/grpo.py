@@ -106,6 +106,7 @@ def setup(
     max_seq_length: int = 512,
     n_train: Optional[int] = None,
     n_val: Optional[int] = None,
+    columns: Optional[dict[str, str]] = None,
     # optimisation
     max_steps: Optional[int] = None,
     epochs: float = 1.0,
@@ -174,6 +175,8 @@ def setup(
         max_seq_length: prompts longer than max_seq_length - max_completion_length tokens are left out (counted).
         n_train: use only the first n_train training rows.
         n_val: likewise for held-out rows.
+        columns: your file's column names, e.g. '{"instruction": "question", "output": "answer"}' (keys:
+            instruction, input, output).
         max_steps: optimizer steps (default: `epochs` passes over the prompts).
         epochs: passes over the training prompts when max_steps is not given.
         batch_size: completions per optimizer step over all devices (batch_size / num_generations prompts).
@@ -219,7 +222,8 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
          quantize: Optional[str], nf4_blocksize: int, double_quant: bool, lora_r: int, lora_alpha: float,
          lora_dropout: float, lora_targets: Union[tuple[str, ...], str], use_rslora: bool, use_dora: bool,
          lora_plus_ratio: Optional[float], prompt_style: Optional[str], max_seq_length: int,
-         n_train: Optional[int], n_val: Optional[int], max_steps: Optional[int], epochs: float, batch_size: int,
+         n_train: Optional[int], n_val: Optional[int], columns: Optional[dict], max_steps: Optional[int],
+         epochs: float, batch_size: int,
          micro_batch_size: int, learning_rate: float, weight_decay: float, warmup_steps: int, min_lr: float,
          grad_clip: float, activation_checkpointing: bool, compile: bool, max_time: Optional[str],
          eval_interval: int, eval_iters: int, eval_samples: int, save_interval: int, log_interval: int,
@@ -251,7 +255,8 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     # ---- data: prompts (instruction + input in the prompt style) and the rows the rewards read ----------------
     tokenizer = Tokenizer(checkpoint_dir)
     style = PromptStyle.from_checkpoint(checkpoint_dir, prompt_style or (sft_config and sft_config.prompt_style))
-    rows = load_instructions(data, val_data, seed=seed, n_train=n_train, n_val=n_val, verbose=fabric.is_global_zero)
+    rows = load_instructions(data, val_data, columns=columns, seed=seed, n_train=n_train, n_val=n_val,
+                             verbose=fabric.is_global_zero)
     train_rows, val_rows = prompt_rows(rows.train, tokenizer, style, max_seq_length - max_completion_length,
                                        "training", fabric), prompt_rows(rows.val, tokenizer, style,
                                                                         max_seq_length - max_completion_length,
@@ -266,10 +271,9 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
 
     # ---- the model: load the base, (quantize it,) add LoRA or the SFT adapter, freeze everything else ----------
     model = GPT.from_checkpoint(checkpoint_dir)
-    base_quantization = None
     if quantize == "nf4":
         quantize_nf4(model, blocksize=nf4_blocksize, double_quant=double_quant)  # every nn.Linear but lm_head -> NF4
-        base_quantization = {"method": "nf4", "blocksize": nf4_blocksize, "double_quant": double_quant}
+    base_quantization = getattr(model, "base_quantization", None)  # the settings quantize_nf4 recorded, or None
     trained_with = {"method": "grpo", "reward": reward_names, "reward_weights": weights.tolist(),
                     "loss_type": loss_type, "beta": beta, "num_generations": num_generations,
                     "reference": f"base + {adapter_dir} (the starting adapter)" if sft_config else "the base model"}
@@ -323,15 +327,16 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     rewards = (reward_names, reward_functions, weights)
     sampling = dict(max_new_tokens=max_completion_length, temperature=temperature, top_k=top_k, top_p=top_p,
                     eos_ids=stop_ids, pad_id=tokenizer.eos_id or 0)
-    if val_rows and not resume:
-        before = validate(fabric, gpt, tokenizer, val_rows, rewards, stop_ids, max_completion_length,
-                          micro_batch_size, eval_iters, eval_samples)
+    if val_rows and not resume:  # kept with the resume state: a resumed run still says before -> after
+        state["val_before"] = validate(fabric, gpt, tokenizer, val_rows, rewards, stop_ids, max_completion_length,
+                                       micro_batch_size, eval_iters, eval_samples)
     fit(fabric, model, gpt, optimizer, train_rows, val_rows, state, lora_config, hparams, out_dir, max_steps,
         learning_rate, warmup_steps, min_lr, grad_clip, tokenizer, rewards, sampling, start_state, seed,
         num_generations, prompts_per_step, micro_batch_size, beta, epsilon, epsilon_high, loss_type, scale_rewards,
         num_iterations, max_completion_length, parse_duration(max_time), eval_interval, eval_iters, eval_samples,
         save_interval, log_interval)
-    if val_rows and not resume and not state.get("stopped"):
+    before = state.get("val_before")
+    if before and not state.get("stopped"):
         after = validate(fabric, gpt, tokenizer, val_rows, rewards, stop_ids, max_completion_length,
                          micro_batch_size, eval_iters, 0)
         fabric.print(f"Held-out prompts before -> after GRPO (greedy answers): reward {before['reward']:.3f} -> "
@@ -424,6 +429,7 @@ def fit(fabric, model, gpt, optimizer, train_rows, val_rows, state, lora_config,
     metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"], logger_name=hparams["logger_name"],
                          hparams=hparams, fields=columns)  # + hparams.yaml, an experiment tracker, loss.png
     throughput = Throughput(state["step"], max_steps)
+    earlier_seconds = state.get("seconds", 0.0)  # a resumed run's time before the interruption
     flops = FlopsMeter.for_fabric(gpt, fabric, hparams["peak_flops"])  # model FLOPs, for MFU (lora_lab/flops.py)
     reset_peak_memory(fabric.device)
     batch = state.pop("rollout", None)  # a resumed run mid-way through num_iterations steps on one batch
@@ -479,6 +485,7 @@ def fit(fabric, model, gpt, optimizer, train_rows, val_rows, state, lora_config,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
+        state["seconds"] = earlier_seconds + throughput.elapsed()
         step = state["step"]
         train = {**batch["metrics"], **{k: s / n for k, (s, n) in all_reduce_sums(fabric, sums).items()}}
 
@@ -525,9 +532,10 @@ def fit(fabric, model, gpt, optimizer, train_rows, val_rows, state, lora_config,
     metrics.finish()  # the final loss.png; the tracker's files closed
 
     fabric.print(f"Trainable parameters {count_parameters(gpt)[0]:,} | {state['step']} steps in "
-                 f"{format_seconds(throughput.elapsed())} (sampling {format_seconds(sampling_time)}, "
+                 f"{format_seconds(state.get('seconds', 0.0))} (sampling {format_seconds(sampling_time)}, "
                  f"{sampled / max(sampling_time, 1e-9):,.0f} completion tokens/s) | "
-                 f"{throughput.tokens_per_sec():,.0f} tokens/s | {flops.summary(throughput.elapsed())} | "
+                 f"{state['tokens'] / max(state.get('seconds', 0.0), 1e-9):,.0f} tokens/s | "
+                 f"{flops.summary(throughput.elapsed())} | "
                  f"peak memory {peak_memory_bytes(fabric.device) / 2**30:.2f} GiB"
                  + (f" | final held-out reward {val['reward']:.3f}" if val is not None else ""))
     fabric.print(f"Adapter saved to {out_dir}")

@@ -443,14 +443,14 @@ GRPO_REPLACES = {
     "main": [
         # the signature (GRPO's own arguments; no blank_line_docs, mask_prompt, packing, neftune_alpha)
         "blank_line_docs: bool", "lora_r: int, lora_alpha", "use_rslora: bool, use_dora", "max_seq_length: int, mask",
-        "max_steps: Optional[int], epochs", "weight_decay: float, warmup", "activation_checkpointing: bool, compile",
+        "max_steps: Optional[int], epochs", "weight_decay: float, warmup", "columns: Optional[dict],", "activation_checkpointing: bool, compile",
         "eval_iters: int, eval_samples", "precision: str, peak_flops",
         # a step is batch_size completions, num_generations per prompt: check_grpo_settings, no grad_accum
         "if fabric.world_size > 1 and batch_size %", 'raise LoraLabError(f"batch_size={batch_size} is not',
         'f"{micro_batch_size * fabric.world_size}")', "grad_accum = max(1,",
         # prompts, not tokenized answers: load_instructions + prompt_rows, no data loader (step_prompts picks them)
         "style = PromptStyle.from_checkpoint(checkpoint_dir, prompt_style)", "train_dl, val_dl, data_stats =",
-        "data, tokenizer, style, max_seq_length", "val_data=val_data, n_train", "pad_id=tokenizer.eos_id or 0, verb",
+        "data, tokenizer, style, max_seq_length", "val_data=val_data, n_train", "bucket_by_length=True, pad_id=",
         "blank_line_docs=blank_line_docs)", "max_steps = max(1, math.ceil(epochs * data_stats",
         # the model section: an SFT adapter may be continued (as dpo.py), its LoRAConfig says trained_with grpo
         "prompt_style=style.name)", "inject_lora(model, r=lora_r", "use_rslora=use_rslora, use_dora=use_dora)",
@@ -458,10 +458,11 @@ GRPO_REPLACES = {
         # no sampler state to resume (the prompt order is a function of the step)
         'state = {"step": 0, "micro_batches": 0', 'train_dl.batch_sampler.load_state_dict(',
         # before / after: the held-out reward of greedy answers (validate), not evaluate_json
-        "eval_rows = val_dl.dataset.rows", "if eval_rows and not resume:", "before = evaluate_json(",
+        "eval_rows = val_dl.dataset.rows", "if eval_rows and not resume:", 'state["json_before"] = {k: v for k',
+        'if k in ("valid_json", "exact_keys", "all_correct")}', 'before = state.get("json_before")', "if before:",
         "fit(fabric, model, gpt, optimizer, train_dl", "learning_rate, warmup_steps, min_lr, grad_clip, neftune",
         "eval_iters, save_interval, log_interval)", "if eval_rows and not state.get(", "after = evaluate_json(",
-        "if not resume:", 'fabric.print(f"JSON before -> after', "f\"exact keys {before", "f\"all values right"],
+        'fabric.print(f"JSON before -> after', "f\"{after['valid_json']", "f\"exact keys {before", "f\"all values right"],
     "fit": [
         "learning_rate, warmup_steps, min_lr, grad_clip, neftune_alpha", "save_interval, log_interval) -> None:",
         "hparams=hparams)",  # MetricsLog(..., fields=columns): TRL's names
@@ -479,7 +480,7 @@ GRPO_REPLACES = {
         'fabric.print(f"step {step}: val loss', "metrics.log(row)",
         "save(fabric, gpt, optimizer, train_dl, state",  # no data loader to save the position of
         # the final line adds the sampling time and speed, and the held-out reward
-        'f"{format_seconds(throughput.elapsed())} | {throughput', 'f"{flops.summary(throughput.elapsed())} | "',
+        'f"{format_seconds(state.get(\'seconds\', 0.0))} | "',
         '+ (f" | final val loss'],
 }
 
