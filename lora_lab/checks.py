@@ -81,7 +81,8 @@ def check_args(args: Mapping[str, Any]) -> None:
 
         check_grpo_settings(args["num_generations"], args["beta"], args["epsilon"], args["epsilon_high"],
                             args["loss_type"], args["scale_rewards"], args["num_iterations"],
-                            args["max_completion_length"], args["batch_size"], args["micro_batch_size"])
+                            args["max_completion_length"], args["batch_size"], args["micro_batch_size"],
+                            args["temperature"])
         specs = split_list(args["reward"])
         for spec in specs:
             check_reward_spec(spec)

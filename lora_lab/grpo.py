@@ -60,8 +60,11 @@ SCALE_REWARDS = ("group", "batch", "none")
 
 def check_grpo_settings(num_generations: int, beta: float, epsilon: float, epsilon_high: Optional[float],
                         loss_type: str, scale_rewards: str, num_iterations: int, max_completion_length: int,
-                        batch_size: int, micro_batch_size: int) -> None:
+                        batch_size: int, micro_batch_size: int, temperature: float = 1.0) -> None:
     """One line for a bad GRPO setting, before any slow work."""
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise LoraLabError(f"--temperature {temperature!r}: GRPO learns from differences between sampled "
+                           "completions: use a temperature > 0 (1.0 is usual)")
     if loss_type not in LOSS_TYPES:
         raise LoraLabError(f"--loss_type {loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
     if scale_rewards not in SCALE_REWARDS:

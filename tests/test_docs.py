@@ -46,6 +46,7 @@ SLOW = {
     "tutorials/finetune_adapter.md",
     "tutorials/finetune_full.md",
     "tutorials/finetune_lora.md",
+    "tutorials/grpo.md",
     "tutorials/qlora.md",
     "tutorials/serve.md",
 }

@@ -396,6 +396,7 @@ def test_interrupted_run_resumes_exactly(reference_run, tiny_ckpt, tmp_path, mon
     (dict(batch_size=6), "--batch_size 6 is not a multiple of --num_generations 4"),
     (dict(loss_type="ppo"), "--loss_type 'ppo'"),
     (dict(beta=-1.0), "--beta -1.0"),
+    (dict(temperature=0.0), "--temperature 0.0: GRPO learns from differences"),
     (dict(data="missing.json"), "--data 'missing.json' is neither"),
 ])
 def test_bad_input_is_one_line_before_the_model_loads(tiny_ckpt, tmp_path, monkeypatch, bad, message):
