@@ -128,7 +128,7 @@ def plot_runs(out_dirs: Sequence[Path], out: Path, title: Optional[str] = None) 
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     losses = [v for _, s in runs for key in ("train_loss", "loss", "val_loss") for _, v in s.get(key, [])
               if math.isfinite(v)]
-    if losses and max(losses) > 20 * max(min(losses), 1e-6):
+    if losses and min(losses) > 0 and max(losses) > 20 * max(min(losses), 1e-6):  # (a GRPO loss can be <= 0)
         ax.set_yscale("log")  # a loss falling by orders of magnitude: linear would flatten everything after step 1
     lines = ax.get_legend_handles_labels()
     lines_lr = ax_lr.get_legend_handles_labels()
