@@ -72,7 +72,11 @@ class Guard:
         self.app, self.options, self.metrics = app, options, metrics
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] == "websocket" and self.options.api_keys and scope["path"] not in self.options.public_paths:
+            token = _bearer(scope)
+            if not token or not self.options.key_ok(token):
+                return await send({"type": "websocket.close", "code": 1008})  # policy violation: no or wrong key
+        if scope["type"] != "http":  # lifespan, and websockets with their key
             return await self.app(scope, receive, send)
         status = [500]
 
