@@ -325,7 +325,22 @@ def test_timeout_ends_the_request_and_frees_its_row(netdir):
         assert events[tag][-1][0] == "error" and "--timeout of 30 s" in events[tag][-1][1]
         assert req.finish_reason == "timeout"
     assert server.engine.busy() == 0 and not server.store.in_use and server.engine.finished == {"timeout": 2}
-    server.engine.shutdown()
+    # over HTTP: 503 with code "timeout" (a stream gets an error event), and the server goes on
+    live = LiveServer(server)
+    try:
+        with ThreadPoolExecutor(1) as pool, httpx.Client(base_url=live.url, timeout=60, trust_env=False) as http:
+            late = pool.submit(post, http, "/v1/completions", model="tiny", prompt="Hello", max_tokens=5)
+            deadline = time.time() + 30
+            while not server.engine.waiting:
+                assert time.time() < deadline
+                time.sleep(0.02)
+            server.engine.waiting[0].submit_time -= 60
+            server.engine.step()  # (the engine thread is not started: the test steps it)
+            r = late.result(timeout=60)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "timeout"
+            assert "--timeout of 30 s" in r.json()["error"]["message"]
+    finally:
+        live.stop()
 
 
 def test_unseeded_sampling_leaves_the_global_rng_alone(netdir):
