@@ -121,7 +121,11 @@ def test_api_keys_from_the_command_line_and_environment(monkeypatch):
     monkeypatch.setenv("LORA_LAB_API_KEY", "short")
     with pytest.raises(LoraLabError, match="at least 8 characters"):
         api_keys(args)
-    assert "key-three" not in repr(ServeOptions(api_keys=("key-three-abcdefgh",)))
+    options = ServeOptions(api_keys=("key-three-abcdefgh",), public_paths=("/health", "/static/"))
+    assert "key-three" not in repr(options)
+    assert options.key_ok(b"key-three-abcdefgh") and not options.key_ok(b"key-three-abcdefg")
+    assert options.is_public("/health") and options.is_public("/static/app.js")
+    assert not options.is_public("/healthz") and not options.is_public("/static") and not options.is_public("/")
 
 
 # ------------------------------------------------------------------------------------------------------------
