@@ -133,7 +133,9 @@ def test_multi_lora_layer_matches_lora_linear_per_row():
     bank.slots = torch.tensor([0, 1, 2, 3, 2])
     with torch.no_grad():
         out = layer(x)
-        assert torch.equal(out[0], base(x)[0])  # no adapter: the base output exactly (same batched matmul)
+        # no adapter: exactly the base's output on the same batch (a matmul of another batch shape may round
+        # differently in the last bit, on some CPUs)
+        assert torch.equal(out[0], base(x)[0])
         for b, slot in enumerate(bank.slots.tolist()[1:], start=1):
             torch.testing.assert_close(out[b], refs[slot](x[b]), atol=1e-5, rtol=1e-5)
         layer.set_slot(2, None, None)  # an evicted slot adds nothing
@@ -322,9 +324,11 @@ def test_errors_are_openai_style_and_the_server_stays_up(live):
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
     assert e.value.body["code"] == "model_not_found" and "nope" in e.value.body["message"]
+    assert e.value.body["message"].endswith("this server has: tiny, " + ", ".join(live.model_server.store.names()))
     with httpx.Client(base_url=live.url, timeout=60, trust_env=False) as http:
         r = http.post("/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"})
-        assert r.status_code == 400 and "error" in r.json()
+        assert r.status_code == 400 and r.json()["error"]["param"] is None
+        assert r.json()["error"]["message"].startswith("the request body is not valid JSON (")
         r = http.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "temperature": "hot"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
         r = http.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 0})

@@ -133,6 +133,11 @@ def _too_large(limit: int):
 
 async def _invalid(request, exc: RequestValidationError):
     first = exc.errors()[0]
+    if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
+        where = first.get("loc", ("body", "?"))[-1]
+        error = (first.get("ctx") or {}).get("error", "not JSON")
+        return error_response(400, f"the request body is not valid JSON ({error} at character {where}): send "
+                                   f"a JSON object with Content-Type: application/json")
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid request")

@@ -380,10 +380,5 @@ class Engine:
 def final_hidden(model: nn.Module, idx: torch.Tensor, input_pos) -> torch.Tensor:
     """The model's final normed hidden states (B, T, C), without running lm_head on every prompt position:
     only each prompt's last position needs logits, and a (B, T, vocab) tensor would be most of a prefill's
-    memory (lm_head is swapped for an identity during this forward, then put back)."""
-    head = model.lm_head
-    model.lm_head = nn.Identity()
-    try:
-        return model(idx, input_pos=input_pos)  # (B, T, C)
-    finally:
-        model.lm_head = head
+    memory."""
+    return model.hidden_states(idx, input_pos=input_pos)  # (B, T, C)

@@ -29,8 +29,10 @@ def error_response(status: int, message: str, param=None, code=None, kind="inval
                         headers=headers)
 
 
-def not_found(model: str) -> APIError:
-    return APIError(404, f"The model `{model}` does not exist.", "model", "model_not_found", "NotFoundError")
+def not_found(model: str, names=()) -> APIError:
+    """OpenAI's 404 for an unknown model, naming the models that exist (the base's name and the adapters')."""
+    have = f"; this server has: {', '.join(names)}" if names else ""
+    return APIError(404, f"The model `{model}` does not exist{have}", "model", "model_not_found", "NotFoundError")
 
 
 def rate_limited(message: str, retry_after: int = 1) -> APIError:

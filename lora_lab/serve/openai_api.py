@@ -122,7 +122,7 @@ async def submit(http: HTTPRequest, model: str, prompt: Optional[str] = None, me
     try:
         req = await run_in_threadpool(server.request, model, on_event, prompt=prompt, messages=messages, **sampling)
     except KeyError:
-        raise not_found(model) from None
+        raise not_found(model, [server.name, *server.store.names()]) from None
     except QueueFull as e:
         raise rate_limited(str(e)) from None
     except LoraLabError as e:
