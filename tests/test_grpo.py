@@ -414,3 +414,15 @@ def test_a_failing_reward_stops_the_run_with_one_line_naming_it(tiny_ckpt, tmp_p
     path.write_text("def wrong(prompts, completions, **row):\n    return [0.0] * (len(completions) - 1)\n")
     with pytest.raises(LoraLabError, match=r"^reward wrong returned 1 values for 2 completions: return a list"):
         run(tiny_ckpt, tmp_path / "out", reward=f"{path}:wrong", n_val=2, max_steps=1)
+
+
+def test_gsm8k_test_file_loads_as_it_is():
+    """The shared GSM8K test set ({question, answer} with #### N) is read as instruction rows, and the gsm8k reward
+    scores its own answers 1."""
+    from conftest import require_asset
+    from lora_lab.data.instructions import load_instructions
+    from lora_lab.rewards import gsm8k
+
+    rows = load_instructions(require_asset("eval/gsm8k_test.jsonl"), val_split_fraction=0.0, verbose=False).train
+    assert len(rows) == 1319 and rows[0]["instruction"].startswith("Janet") and rows[0]["output"].endswith("#### 18")
+    assert gsm8k(None, ["She makes $18."], output=[rows[0]["output"]]) == [1.0]
