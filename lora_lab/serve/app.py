@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from lora_lab.serve.logprobs import openai_logprobs, requested
 from lora_lab.serve.server import ModelServer
 from lora_lab.utils import LoraLabError
 
@@ -54,6 +55,7 @@ class _Sampling(BaseModel):
 class CompletionBody(_Sampling):
     prompt: Union[str, list[str]]
     max_tokens: Optional[int] = Field(default=16, ge=1)  # OpenAI's default for completions
+    logprobs: Optional[int] = Field(default=None, ge=0, le=20)  # per token: its logprob and this many alternatives
 
 
 class ChatMessage(BaseModel):
@@ -64,6 +66,8 @@ class ChatMessage(BaseModel):
 class ChatBody(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
 
 
 class LoadAdapterBody(BaseModel):
@@ -158,10 +162,13 @@ def create_app(server: ModelServer, shutdown_engine: bool = True) -> FastAPI:
                 pass
 
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if body.stream and requested(body) is not None:
+            raise APIError(400, "logprobs: not supported with stream=true (ask without streaming)", "logprobs")
         try:
             req = await run_in_threadpool(
                 server.request, body.model, on_event, prompt=prompt, messages=messages,
-                max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop)
+                max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop,
+                logprobs=requested(body))
         except KeyError:
             raise APIError(404, f"The model `{body.model}` does not exist.", "model", "model_not_found",
                            "NotFoundError") from None
@@ -210,9 +217,10 @@ def create_app(server: ModelServer, shutdown_engine: bool = True) -> FastAPI:
             finally:
                 if reason is None:
                     req.cancelled = True
+            logprobs = openai_logprobs(server.tokenizer, req, body, chat)
             choice = ({"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                       "logprobs": None, "finish_reason": reason} if chat else
-                      {"index": 0, "text": "".join(text), "logprobs": None, "finish_reason": reason})
+                       "logprobs": logprobs, "finish_reason": reason} if chat else
+                      {"index": 0, "text": "".join(text), "logprobs": logprobs, "finish_reason": reason})
             return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                     "model": body.model, "choices": [choice], "usage": usage(req)}
 
