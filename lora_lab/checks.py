@@ -97,9 +97,13 @@ def check_precision(precision: str, training: bool = True) -> None:
 
 def check_data(data: str, flag: str = "data") -> None:
     from lora_lab.data.instructions import BUILTIN_DATASETS, LOCAL_FILE_HELP, NAMED_DATASETS
+    from lora_lab.data.mix import is_mix_file, read_mix_file
 
     name = str(data)
     path = Path(name).expanduser()
+    if path.is_file() and is_mix_file(path):
+        read_mix_file(path)  # a mix file's mistakes in one line now, before any data or model is loaded
+        return
     if name in BUILTIN_DATASETS or name in NAMED_DATASETS or path.is_file() or path.is_dir():
         return  # (a folder: .txt documents for continued pre-training, read by lora_lab/data/text.py)
     choices = ", ".join((*BUILTIN_DATASETS, *NAMED_DATASETS))

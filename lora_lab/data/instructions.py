@@ -13,6 +13,7 @@ Where the rows come from (`data`):
   dolly             databricks/databricks-dolly-15k (instruction/context/response)
   lima              GAIR/lima (gated: accept its terms on the Hub and log in first)
   a file path       .json (a list of objects, or {"data": [...]}), .jsonl, or .csv
+  a mix file        .yaml: several of the above in chosen shares, deduplicated and decontaminated (mix.py)
 
 A named dataset is downloaded once into `data_dir` (default ~/.cache/lora_lab/data/<name>/<file>) and read
 from there afterwards; a file already in that place (or directly in `data_dir`) is used without any network.
@@ -98,6 +99,7 @@ class InstructionData:
     source: str  # where the rows came from: a file path, a URL, or "json_extraction"
     n_rows: int = 0  # rows read, the skipped ones included
     bad_rows: list[str] = field(default_factory=list)
+    mix: Optional[dict] = None  # a mix file's report (lora_lab/data/mix.py): per source, what was read, dropped, taken
 
     @property
     def n_skipped(self) -> int:
@@ -393,7 +395,14 @@ def load_instructions(data: Union[str, Path, Sequence[dict]] = "json_extraction"
                                              n_val=40 if n_val is None else n_val, seed=seed)
         return InstructionData(train, val, "json_extraction", len(train) + len(val))
 
-    rows, bad, source, n_rows = _read_source(data, data_dir, columns, on_bad_row)
+    from lora_lab.data.mix import is_mix_file, load_mix  # (mix.py reads each of its sources with this function)
+
+    mix = None
+    if is_mix_file(data):  # several sources in chosen shares, deduplicated and decontaminated
+        rows, bad, mix = load_mix(data, data_dir, on_bad_row, verbose)
+        source, n_rows = str(data), sum(s["read"] for s in mix["sources"]) + len(bad)
+    else:
+        rows, bad, source, n_rows = _read_source(data, data_dir, columns, on_bad_row)
     if val_data is not None:
         val, val_bad, val_source, val_n = _read_source(val_data, data_dir, columns, on_bad_row)
         train, bad, n_rows = rows, bad + val_bad, n_rows + val_n
@@ -410,4 +419,4 @@ def load_instructions(data: Union[str, Path, Sequence[dict]] = "json_extraction"
         if len(bad) > MAX_REPORTED_BAD_ROWS:
             print(f"... and {len(bad) - MAX_REPORTED_BAD_ROWS} more", file=sys.stderr)
         print(f"Skipped {len(bad)} malformed row(s) of {n_rows} in {source}", file=sys.stderr)
-    return InstructionData(train, val, source, n_rows, bad)
+    return InstructionData(train, val, source, n_rows, bad, mix)

@@ -200,6 +200,8 @@ def get_dataloaders(data: Union[str, Path, Sequence[dict]], tokenizer, prompt_st
         "max_length": max(samples.lengths), "mean_length": sum(samples.lengths) / len(samples),
         "padding_fraction": padding_fraction(train_ds.lengths, sampler.batches(0)),
     }
+    if rows.mix is not None:
+        stats["mix"] = rows.mix
     if verbose:
         print(f"Data: {stats['n_samples']} training and {stats['n_val']} validation samples from {rows.source}; "
               f"{stats['n_truncated']} cut to max_seq_length={max_seq_length}, {stats['n_no_trainable']} dropped "
