@@ -166,8 +166,13 @@ def eval_ngrams(files: list[Path], n: int = NGRAM) -> dict[str, str]:
             records = json.loads(text) if f.suffix.lower() == ".json" else None
         except json.JSONDecodeError:
             records = None
-        if records is None:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        if records is None:  # JSON lines (split at "\n" only: str.splitlines also splits at U+2028 inside a text)
+            records = []
+            for i, line in enumerate(text.split("\n"), start=1):
+                try:
+                    records += [json.loads(line)] if line.strip() else []
+                except json.JSONDecodeError as e:
+                    raise LoraLabError(f"decontaminate: {f} line {i} is not JSON ({e.msg})") from None
         for record in records:
             for gram in ngrams(normalize(" ".join(_strings(record))).split(), n):
                 grams.setdefault(gram, f.name)
