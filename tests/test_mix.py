@@ -63,7 +63,8 @@ def test_weights_and_counts_are_honoured(sources, monkeypatch):
 
 def test_the_same_file_gives_the_same_rows_and_the_seed_changes_them(sources, monkeypatch):
     monkeypatch.delenv("LORA_LAB_EVAL_DATA", raising=False)
-    spec = {"seed": 3, "total_rows": 40, "sources": [{"data": "a.jsonl", "weight": 1}, {"data": "b.jsonl", "weight": 1}]}
+    spec = {"seed": 3, "total_rows": 40,
+            "sources": [{"data": "a.jsonl", "weight": 1}, {"data": "b.jsonl", "weight": 1}]}
     first = load_mix(mix_file(sources, spec), verbose=False)[0]
     assert load_mix(mix_file(sources, spec, "again.yaml"), verbose=False)[0] == first
     spec["seed"] = 4
@@ -76,7 +77,8 @@ def test_exact_and_near_duplicates_are_removed_first_occurrence_kept(tmp_path, m
     a = rows("alpha", 10)
     a += [dict(a[0]), dict(a[1])]  # 2 exact duplicates inside a
     a.append({"instruction": "ALPHA task-number 2!", "input": "", "output": "Answer: alpha 2."})  # near duplicate
-    b = [dict(a[3]), {"instruction": "  alpha task number 4 ", "input": "", "output": "answer ALPHA 4"}] + rows("beta", 5)
+    b = [dict(a[3]), {"instruction": "  alpha task number 4 ", "input": "", "output": "answer ALPHA 4"}]
+    b += rows("beta", 5)
     write(tmp_path / "a.jsonl", a)
     write(tmp_path / "b.jsonl", b)
     spec = {"sources": [{"data": "a.jsonl", "rows": 10}, {"data": "b.jsonl", "rows": 5}]}

@@ -116,7 +116,8 @@ def read_mix_file(path: Union[str, Path]) -> dict:
         if not Path(data).expanduser().is_absolute() and local.exists():
             s["data"] = str(local)  # relative to the mix file
         if Path(str(s["data"])).suffix.lower() in (".txt",) or Path(str(s["data"])).is_dir():
-            raise LoraLabError(f"{where}: {data} is raw text; a mix holds instruction rows (a name, .json, .jsonl, .csv)")
+            raise LoraLabError(f"{where}: {data} is raw text; a mix holds instruction rows (a name, .json, .jsonl, "
+                               f".csv)")
     if total is not None and not any("weight" in s for s in spec["sources"]):
         raise LoraLabError(f"{path}: total_rows is the size of the weighted sources, but no source has a weight")
     deco = spec.get("decontaminate") or {}
@@ -258,7 +259,7 @@ def load_mix(path: Union[str, Path], data_dir=None, on_bad_row: str = "skip",
     report = {"mix_file": str(path), "seed": seed, "ngram": n, "eval_files": [str(f) for f in files],
               "eval_ngrams": len(grams), "total_rows": len(rows),
               "sources": [{"name": s["name"], "data": s["data"],
-                           **({"weight": s["spec"]["weight"]} if "weight" in s["spec"] else {"rows": s["spec"]["rows"]}),
+                           **{k: s["spec"][k] for k in ("weight", "rows") if k in s["spec"]},
                            **s["counts"], "contaminated_by": s["contaminated_by"]} for s in sources]}
     if verbose:
         print(mix_table(report), file=sys.stderr)
