@@ -251,7 +251,7 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
         base_config=base_config.to_dict(), max_seq_length=max_seq_length, head_bias=method == "features",
         lora=dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=list(lora_targets))
         if method in ("lora", "qlora") else None,
-        base_quantization={"method": "nf4", "blocksize": 64, "double_quant": True} if method == "qlora" else None,
+        base_quantization=getattr(model, "base_quantization", None),  # what quantize_nf4 used (qlora), else None
         pad_id=pad_id, text_column=text_column, label_column=label_column)
     trainable, total = count_parameters(model)
     fabric.print(f"Classifier ({method}, {pool} token pooling, {len(rows.labels)} classes): {trainable:,} trainable "

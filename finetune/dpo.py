@@ -236,10 +236,9 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
 
     # ---- the model: load the base, (quantize it,) add LoRA or the SFT adapter, freeze everything else ----------
     model = GPT.from_checkpoint(checkpoint_dir)
-    base_quantization = None
     if quantize == "nf4":
         quantize_nf4(model, blocksize=nf4_blocksize, double_quant=double_quant)  # every nn.Linear but lm_head -> NF4
-        base_quantization = {"method": "nf4", "blocksize": nf4_blocksize, "double_quant": double_quant}
+    base_quantization = getattr(model, "base_quantization", None)  # the settings quantize_nf4 recorded, or None
     trained_with = {"method": "dpo", "loss": loss, "beta": beta,
                     "reference": f"base + {adapter_dir} (the starting adapter)" if sft_config else "the base model"}
     if sft_config is not None:  # continue the SFT adapter: its shape and settings, its weights

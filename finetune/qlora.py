@@ -225,8 +225,7 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     lora_config = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=list(lora_targets),
                              use_rslora=use_rslora, use_dora=use_dora, lora_plus_ratio=lora_plus_ratio,
                              base_model=str(checkpoint_dir), base_config=model.config.to_dict(),
-                             prompt_style=style.name, base_quantization={
-                                 "method": quantize, "blocksize": nf4_blocksize, "double_quant": double_quant})
+                             prompt_style=style.name, base_quantization=model.base_quantization)  # quantize_nf4's
     inject_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets,
                 use_rslora=use_rslora, use_dora=use_dora)
     mark_only_lora_trainable(model)

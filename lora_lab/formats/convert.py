@@ -22,7 +22,6 @@ import importlib
 import inspect
 import os
 import struct
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 

@@ -36,9 +36,8 @@ from lora_lab.checkpoint import copy_tokenizer_files, load_checkpoint, save_chec
 from lora_lab.config import Config
 from lora_lab.progress import progress
 from lora_lab.prompts import chat_template, prompt_style_from_chat_template  # noqa: F401 (re-exported)
-from lora_lab.utils import LoraLabError, atomic_path, atomic_write_text
+from lora_lab.utils import LoraLabError, PathLike, atomic_path, atomic_write_text
 
-PathLike = Union[str, Path]
 # transformers writes the chat template to its own file since 4.43; keep it with the tokenizer files
 EXTRA_TOKENIZER_FILES = ("chat_template.jinja",)
 # buffers some checkpoints carry that are not weights (we compute them)

@@ -33,7 +33,7 @@ import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Literal, Optional
 
 import torch
 from safetensors.torch import save_file
@@ -49,9 +49,8 @@ from lora_lab.generate import PRECISIONS
 from lora_lab.lora import (ADAPTER_WEIGHTS_FILE, SHAPE_FIELDS, LoRAConfig, base_checkpoint_dir,  # noqa: F401
                            check_adapter_fits, load_lora, merge_lora, merge_lora_into_dequantized)
 from lora_lab.model import GPT
-from lora_lab.utils import LoraLabError, atomic_path, atomic_write_text, cli
+from lora_lab.utils import LoraLabError, PathLike, atomic_path, atomic_write_text, cli
 
-PathLike = Union[str, Path]
 
 
 def _dtype(name: Optional[str]) -> Optional[torch.dtype]:

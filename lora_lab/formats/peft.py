@@ -47,7 +47,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from safetensors import safe_open
@@ -59,9 +59,8 @@ from lora_lab.config import Config
 from lora_lab.formats.hf import Family, fuse_qkv, hf_family_for
 from lora_lab.lora import ADAPTER_CONFIG_FILE, LoRAConfig, base_checkpoint_dir, check_adapter_fits, load_lora
 from lora_lab.progress import progress
-from lora_lab.utils import LoraLabError, atomic_path, atomic_write_text, cli
+from lora_lab.utils import LoraLabError, PathLike, atomic_path, atomic_write_text, cli
 
-PathLike = Union[str, Path]
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel wraps a LoraModel, which wraps the transformers model

@@ -27,6 +27,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--adapters_root", type=Path, default=None,
                    help="a folder of adapter directories, each loaded on first use by its folder name")
     p.add_argument("--quantize", choices=["nf4"], default=None, help="nf4: a 4-bit base (adapters stay float)")
+    p.add_argument("--nf4_blocksize", type=int, default=None,
+                   help="with --quantize nf4: weights per absmax scale (default: what the --adapters' QLoRA configs "
+                        "record, else 64 as QLoRA)")
+    p.add_argument("--double_quant", type=lambda v: v.lower() in ("1", "true", "yes"), default=None,
+                   help="with --quantize nf4: quantize the scales too (default: as the QLoRA adapters, else true)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max_batch_size", type=int, default=16, help="requests decoded together (KV cache rows)")
@@ -75,7 +80,8 @@ def main(argv=None) -> None:
         config = load_config(args.checkpoint_dir)  # one line if it is not a checkpoint, before any loading
         max_seq_length = args.max_seq_length or min(config.block_size, 2048)
         server = ModelServer.load(args.checkpoint_dir, adapters, args.adapters_root, args.quantize, args.precision,
-                                  args.device, args.max_batch_size, args.max_loaded_adapters, max_seq_length)
+                                  args.device, args.max_batch_size, args.max_loaded_adapters, max_seq_length,
+                                  nf4_blocksize=args.nf4_blocksize, double_quant=args.double_quant)
         print(f"serving {server.name} with {len(adapters)} adapter(s) on http://{args.host}:{args.port} "
               f"(max_batch_size {args.max_batch_size}, context {server.engine.max_seq_length})", file=sys.stderr)
         # Ctrl-C: uvicorn stops accepting connections; the engine lets running requests finish for

@@ -222,7 +222,8 @@ class AdapterStore:
         q = adapter.base_quantization
         if q and self.quantization and any(q.get(k) != self.quantization.get(k) for k in ("blocksize", "double_quant")):
             raise LoraLabError(f"adapter {name!r} was trained on an NF4 base with {q}, the server's is "
-                               f"{self.quantization}: start the server with the same quantization")
+                               f"{self.quantization}: start a server for it with --quantize nf4 --nf4_blocksize {q.get('blocksize')} "
+                               f"--double_quant {str(q.get('double_quant')).lower()}")
         slot = self._free_slot(name)
         roles = adapter.roles
         inject_multi_lora(self.model, roles, self.bank)
