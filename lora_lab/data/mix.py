@@ -17,7 +17,8 @@
 
 What happens, in this order (tests/test_mix.py checks each step):
 
-1. Every source is read as `--data` reads it (relative paths are relative to the mix file).
+1. Every source is read as `--data` reads it (a relative path is looked for next to the mix file, then in the
+   working directory).
 2. Deduplication over the whole mix, first occurrence kept (sources in the file's order): an *exact* duplicate
    has the same instruction, input and output; a *near* duplicate the same text once normalised (lower case,
    punctuation dropped, whitespace collapsed: "Hello, World!" == "hello world").
@@ -111,10 +112,7 @@ def read_mix_file(path: Union[str, Path]) -> dict:
             raise LoraLabError(f"{where}: weight must be a positive number")
         if "rows" in s and (not isinstance(s["rows"], int) or s["rows"] < 0):
             raise LoraLabError(f"{where}: rows must be a non-negative integer")
-        data = str(s["data"])
-        local = (path.parent / data).expanduser()
-        if not Path(data).expanduser().is_absolute() and local.exists():
-            s["data"] = str(local)  # relative to the mix file
+        data = s["data"] = _beside(path, str(s["data"]))
         if Path(str(s["data"])).suffix.lower() in (".txt",) or Path(str(s["data"])).is_dir():
             raise LoraLabError(f"{where}: {data} is raw text; a mix holds instruction rows (a name, .json, .jsonl, "
                                f".csv)")
@@ -125,10 +123,15 @@ def read_mix_file(path: Union[str, Path]) -> dict:
         raise LoraLabError(f"{path}: decontaminate takes eval_data (files or folders) and ngram")
     files = deco.get("eval_data")
     files = [files] if isinstance(files, str) else files
-    deco["eval_data"] = [str(p if Path(p).expanduser().is_absolute() else path.parent / p) for p in files] \
-        if files else None
+    deco["eval_data"] = [_beside(path, p) for p in files] if files else None
     spec["decontaminate"] = deco
     return spec
+
+
+def _beside(mix_file: Path, p: str) -> str:
+    """A relative path is looked for next to the mix file first, then in the working directory."""
+    local = mix_file.parent / Path(p).expanduser()
+    return str(local) if not Path(p).expanduser().is_absolute() and local.exists() else p
 
 
 def eval_files(paths: Optional[list[str]]) -> list[Path]:
