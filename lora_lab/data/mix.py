@@ -198,7 +198,7 @@ def load_mix(path: Union[str, Path], data_dir=None, on_bad_row: str = "skip",
     sources, bad = [], []
     for i, s in enumerate(spec["sources"]):
         loaded = load_instructions(s["data"], data_dir=data_dir, columns=s.get("columns"), val_split_fraction=0.0,
-                                   on_bad_row=on_bad_row, verbose=verbose,
+                                   on_bad_row=on_bad_row, verbose=False,  # bad rows: returned, printed once
                                    **({"n_train": s["rows"], "n_val": 0} if s["data"] == "json_extraction" else {}))
         bad += loaded.bad_rows
         name = s.get("name") or Path(str(s["data"])).name
