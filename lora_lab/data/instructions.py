@@ -13,7 +13,6 @@ Where the rows come from (`data`):
   dolly             databricks/databricks-dolly-15k (instruction/context/response)
   lima              GAIR/lima (gated: accept its terms on the Hub and log in first)
   a file path       .json (a list of objects, or {"data": [...]}), .jsonl, or .csv
-  a mix file        .yaml: several of the above in chosen shares, deduplicated and decontaminated (mix.py)
 
 A named dataset is downloaded once into `data_dir` (default ~/.cache/lora_lab/data/<name>/<file>) and read
 from there afterwards; a file already in that place (or directly in `data_dir`) is used without any network.
@@ -395,14 +394,15 @@ def load_instructions(data: Union[str, Path, Sequence[dict]] = "json_extraction"
                                              n_val=40 if n_val is None else n_val, seed=seed)
         return InstructionData(train, val, "json_extraction", len(train) + len(val))
 
-    from lora_lab.data.mix import is_mix_file, load_mix  # (mix.py reads each of its sources with this function)
+    rows, bad, source, n_rows = _read_source(data, data_dir, columns, on_bad_row)
+    return finish_split(rows, bad, source, n_rows, val_data, data_dir, columns, val_split_fraction, seed, on_bad_row,
+                        n_train, n_val, verbose)
 
-    mix = None
-    if is_mix_file(data):  # several sources in chosen shares, deduplicated and decontaminated
-        rows, bad, mix = load_mix(data, data_dir, on_bad_row, verbose)
-        source, n_rows = str(data), sum(s["read"] for s in mix["sources"]) + len(bad)
-    else:
-        rows, bad, source, n_rows = _read_source(data, data_dir, columns, on_bad_row)
+
+def finish_split(rows, bad, source, n_rows, val_data, data_dir, columns, val_split_fraction, seed, on_bad_row,
+                 n_train, n_val, verbose, mix: Optional[dict] = None) -> InstructionData:
+    """The train / validation split of rows read (with the validation rows of `val_data` when given), cut to
+    n_train / n_val, the bad rows reported: what load_instructions and a mix (mix.py) return."""
     if val_data is not None:
         val, val_bad, val_source, val_n = _read_source(val_data, data_dir, columns, on_bad_row)
         train, bad, n_rows = rows, bad + val_bad, n_rows + val_n

@@ -269,6 +269,19 @@ def load_mix(path: Union[str, Path], data_dir=None, on_bad_row: str = "skip",
     return rows, bad, report
 
 
+def load_mix_instructions(path, val_data=None, *, data_dir=None, columns=None, val_split_fraction: float = 0.05,
+                          seed: int = 42, on_bad_row: str = "skip", n_train=None, n_val=None, verbose: bool = True):
+    """load_instructions for a mix file: an InstructionData whose `mix` is the report (get_dataloaders calls it)."""
+    from lora_lab.data.instructions import finish_split
+
+    if columns:
+        raise LoraLabError(f"--columns with a mix file {path}: give each source its own `columns:` in the mix file")
+    rows, bad, report = load_mix(path, data_dir, on_bad_row, verbose)
+    n_rows = sum(s["read"] for s in report["sources"]) + len(bad)
+    return finish_split(rows, bad, str(path), n_rows, val_data, data_dir, None, val_split_fraction, seed, on_bad_row,
+                        n_train, n_val, verbose, mix=report)
+
+
 def _row_grams(words: list[str], n: int):
     """A training row's n-grams: its n-word windows (a row shorter than n words: its whole text)."""
     if len(words) < n:
