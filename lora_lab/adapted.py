@@ -114,3 +114,42 @@ def load_adapter_model(checkpoint_dir: Optional[PathLike], adapter_dir: PathLike
                    adapter_start_layer=adapter_config.adapter_start_layer, version=adapter_config.adapter_version)
     load_adapter_state_dict(model, tensors, source=Path(adapter_dir) / LLAMA_ADAPTER_WEIGHTS_FILE)
     return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# What a directory holds. Two formats share the file name adapter_config.json: LLaMA-Adapter's (finetune/adapter.py,
+# beside adapter.safetensors) and PEFT's (beside adapter_model.safetensors, with a "peft_type"); this is the one
+# place that tells them apart, for evaluate, the GGUF exporter and the server.
+# ------------------------------------------------------------------------------------------------------------
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_KINDS = {"lora": "a LoRA / QLoRA adapter (lora_config.json)",
+                 "adapter": "a LLaMA-Adapter (adapter_config.json + adapter.safetensors)",
+                 "peft": "a PEFT adapter (adapter_config.json + adapter_model.safetensors)",
+                 "full": "a full fine-tune (model_config.json)"}
+
+
+def adapter_kind(path: PathLike) -> Optional[str]:
+    """"lora", "adapter" (LLaMA-Adapter), "peft" or "full" (a checkpoint) from the files in `path`; None: none of
+    them (or not a directory). Reads at most adapter_config.json, when neither weights file decides."""
+    import json
+
+    from lora_lab.adapter import ADAPTER_CONFIG_FILE as LLAMA_ADAPTER_CONFIG_FILE
+    from lora_lab.checkpoint import is_checkpoint
+    from lora_lab.lora import ADAPTER_CONFIG_FILE as LORA_CONFIG_FILE
+
+    path = Path(path)
+    if (path / LORA_CONFIG_FILE).is_file():
+        return "lora"
+    if (path / LLAMA_ADAPTER_CONFIG_FILE).is_file():  # == PEFT_CONFIG_FILE
+        if (path / PEFT_WEIGHTS_FILE).is_file():
+            return "peft"
+        if (path / LLAMA_ADAPTER_WEIGHTS_FILE).is_file():
+            return "adapter"
+        try:  # no weights file yet: the config says (only PEFT's has a peft_type)
+            return "peft" if "peft_type" in json.loads((path / PEFT_CONFIG_FILE).read_text()) else "adapter"
+        except (OSError, ValueError):
+            return "adapter"
+    if is_checkpoint(path):
+        return "full"
+    return None

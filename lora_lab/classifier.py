@@ -144,11 +144,11 @@ def pooled_hidden_states(model: GPT, input_ids: torch.Tensor, attention_mask: to
                          pooling: str = "last", segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The frozen model's pooled final hidden states (B, C): the features a head (or a logistic regression) reads
     (with segment_ids, packed rows: (N, C), one per text)."""
-    head, model.lm_head = model.lm_head, nn.Identity()
-    try:
-        return classify(model, input_ids, attention_mask, pooling, segment_ids=segment_ids).float()  # (B, C)
-    finally:
-        model.lm_head = head
+    if segment_ids is not None:
+        hidden = model.hidden_states(input_ids, segment_ids=segment_ids.to(input_ids.device))  # (R, T, C)
+        return pool_segments(hidden, segment_ids, pooling).float()  # (N, C)
+    hidden = model.hidden_states(input_ids, segment_ids=attention_mask.to(input_ids.device))  # (B, T, C)
+    return pool(hidden, attention_mask, pooling).float()  # (B, C)
 
 
 @torch.no_grad()

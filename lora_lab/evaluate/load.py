@@ -25,11 +25,12 @@ from typing import Optional, Union
 
 import torch
 
+from lora_lab.adapted import adapter_kind as find_adapter_kind
 from lora_lab.adapted import check_quantize, load_adapter_model, load_base, load_lora_model
 from lora_lab.adapter import ADAPTER_CONFIG_FILE as LLAMA_ADAPTER_CONFIG
 from lora_lab.adapter import base_checkpoint_dir as adapter_base_checkpoint_dir
 from lora_lab.adapter import load_adapter
-from lora_lab.checkpoint import CONFIG_FILE, is_checkpoint, load_config
+from lora_lab.checkpoint import CONFIG_FILE, load_config
 from lora_lab.lora import ADAPTER_CONFIG_FILE as LORA_CONFIG
 from lora_lab.lora import SHAPE_FIELDS, base_checkpoint_dir, check_adapter_fits, load_lora
 from lora_lab.model import GPT
@@ -49,19 +50,20 @@ class Loaded:
 
 
 def adapter_kind(adapter_dir: PathLike) -> str:
-    """"lora", "adapter" (LLaMA-Adapter) or "full" (a checkpoint), from the files in adapter_dir."""
+    """"lora", "adapter" (LLaMA-Adapter) or "full" (a checkpoint), from the files in adapter_dir
+    (lora_lab.adapted.adapter_kind); one line for anything else."""
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise LoraLabError(f"--adapter_dir {adapter_dir} does not exist: pass the out_dir of a finetune/*.py run")
-    if (adapter_dir / LORA_CONFIG).is_file():
-        return "lora"
-    if (adapter_dir / LLAMA_ADAPTER_CONFIG).is_file():
-        return "adapter"
-    if is_checkpoint(adapter_dir):
-        return "full"
-    raise LoraLabError(f"--adapter_dir {adapter_dir} holds none of {LORA_CONFIG} (LoRA / QLoRA), "
-                       f"{LLAMA_ADAPTER_CONFIG} (LLaMA-Adapter) or {CONFIG_FILE} (a full fine-tune): pass the out_dir "
-                       f"of a finetune/*.py run")
+    kind = find_adapter_kind(adapter_dir)
+    if kind == "peft":
+        raise LoraLabError(f"--adapter_dir {adapter_dir} is a PEFT adapter: evaluate reads lora_lab's outputs; "
+                           f"evaluate it with the server (python -m lora_lab.serve) or transformers + PEFT")
+    if kind is None:
+        raise LoraLabError(f"--adapter_dir {adapter_dir} holds none of {LORA_CONFIG} (LoRA / QLoRA), "
+                           f"{LLAMA_ADAPTER_CONFIG} (LLaMA-Adapter) or {CONFIG_FILE} (a full fine-tune): pass the "
+                           f"out_dir of a finetune/*.py run")
+    return kind
 
 
 def read_adapter(adapter_dir: PathLike, kind: str):

@@ -28,6 +28,7 @@ from typing import Optional
 
 import torch
 
+from lora_lab.adapted import adapter_kind
 from lora_lab.checkpoint import load_config
 from lora_lab.config import Config
 from lora_lab.formats.gguf_export import write_gguf_file
@@ -88,7 +89,7 @@ def write_gguf_adapter(adapter_dir: PathLike, out_file: PathLike, checkpoint_dir
                        progress: bool = True) -> dict:
     """A lora_lab LoRA adapter directory -> llama.cpp's LoRA GGUF; returns a summary dict."""
     adapter_dir = Path(adapter_dir)
-    if (adapter_dir / "adapter_config.json").is_file() and not (adapter_dir / "lora_config.json").is_file():
+    if adapter_kind(adapter_dir) == "adapter":
         raise LoraLabError(f"{adapter_dir} is a LLaMA-Adapter: llama.cpp cannot apply its gated prefix attention "
                            f"and it does not merge into plain weights; export a LoRA adapter or a full fine-tune")
     lora_config, adapter = load_lora(adapter_dir)

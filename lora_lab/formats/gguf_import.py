@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -126,7 +127,7 @@ def config_from_gguf(meta: _Meta, tensors: dict, path: Path) -> Config:
     rope_dim = meta.get(f"{arch}.rope.dimension_count", head_size)
     vocab_size = int(tensors["token_embd.weight"].shape[1])  # GGUF shape is (n_embd, vocab)
     kw: dict[str, Any] = dict(
-        name=path.stem, block_size=meta.need(f"{arch}.context_length"), vocab_size=vocab_size,
+        name=model_name_of(path), block_size=meta.need(f"{arch}.context_length"), vocab_size=vocab_size,
         n_layer=meta.need(f"{arch}.block_count"), n_embd=n_embd, n_head=n_head, head_size=head_size,
         n_query_groups=meta.one(f"{arch}.attention.head_count_kv", n_head),
         intermediate_size=meta.one(f"{arch}.feed_forward_length"), rotary_percentage=rope_dim / head_size,
@@ -159,7 +160,19 @@ def config_from_gguf(meta: _Meta, tensors: dict, path: Path) -> Config:
     file_type = meta.get("general.file_type")
     kw["extra"] = {"source": "gguf", "gguf_file": path.name, "gguf_architecture": arch,
                    "gguf_file_type": _file_type_name(file_type)}
-    return Config(**kw)
+    config = Config(**kw)
+    config.hf_repo = config.known_hf_repo()  # SmolLM2-135M-Instruct.Q4_1.gguf is HuggingFaceTB/SmolLM2-135M-Instruct
+    return config
+
+
+# a quantization / precision suffix of a GGUF file name: SmolLM2-135M-Instruct.Q4_1, llama-2-7b.Q4_K_M, x-f16
+_QUANT_SUFFIX = re.compile(r"[._-](?:I?Q\d\w*|[BF]F?16|F32|FP16|FP32)$", re.IGNORECASE)
+
+
+def model_name_of(path: Path) -> str:
+    """The model's name from its GGUF file's name, without the quantization suffix: a model is served and exported
+    under its own name whatever file it came from."""
+    return _QUANT_SUFFIX.sub("", path.stem) or path.stem
 
 
 def _file_type_name(file_type: Optional[int]) -> Optional[str]:

@@ -11,7 +11,7 @@ and row 2i+1 to i + hs/2 makes the two compute the same attention scores.
 
 The tokenizer file is int32 max_token_length, then for every token: float32 score, int32 length, UTF-8 bytes.
 llama2.c's exporter wrote spaces instead of "▁" and "\\n<s>\\n" / "\\n</s>\\n" for BOS / EOS; we undo both and
-build an equivalent SentencePiece-style tokenizer.json (lora_lab/sp_vocab.py).
+build an equivalent SentencePiece-style tokenizer.json (lora_lab/formats/sp_vocab.py).
 
     python -m lora_lab.formats.llama2c --bin_path stories260K.bin --out_dir out/stories260K --tokenizer_path tok512.bin
 """

@@ -8,7 +8,7 @@
 
     python -m lora_lab.merge_lora --adapter_dir out/finetune/lora --to gguf --out_dir merged.gguf [--outtype q8_0]
     # one llama.cpp GGUF file (`python -m lora_lab.merge_lora ... --to gguf merged.gguf` works too); see
-    # lora_lab/export_gguf.py. A QLoRA adapter merges into the dequantized NF4 base, as for the other formats.
+    # lora_lab/formats/gguf_export.py. A QLoRA adapter merges into the dequantized NF4 base, as for the other formats.
 
 Every adapted weight becomes W + (alpha/r) B A (DoRA: m (W + s B A) / ||W + s B A||, see lora_lab/lora.py), so
 the merged model computes what base + adapter computes, up to floating point rounding, at the base model's cost.

@@ -25,7 +25,8 @@ Log-probabilities are the model's own (log softmax of the logits), not the tempe
 token was sampled from: so `logprob` is the log-likelihood an evaluator gives the same text (lora_lab/serve/
 logprobs.py). `temperature` 0 is greedy decoding; so is a temperature below 1e-5 (HELM's client sends 1e-7 for a
 greedy request). Extra fields HELM sends are honoured when they mean something here (`stop_sequences`, `top_p`) and
-ignored otherwise. A bad field is answered 400 (a validation error names it) and the server keeps serving.
+ignored otherwise. Errors are the OpenAI routes' (lora_lab/serve/errors.py): a bad field is a 400 naming it, a full
+queue a 429, and the server keeps serving; --api_key, --max_tokens_limit and /metrics apply here too.
 
 /tokenize encodes as the model's tokenizer does (with BOS when the model's tokenizer adds one) and keeps the first
 max_length tokens when truncation is on; /decode gives the text back (special tokens such as BOS left out), so
@@ -34,15 +35,15 @@ decode(tokenize(text)) == text.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Optional
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, Request as HTTPRequest
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 
+from lora_lab.serve.errors import APIError
 from lora_lab.serve.logprobs import answer_tokens
+from lora_lab.serve.openai_api import _max_tokens, engine_error, events, submit
 from lora_lab.serve.server import ModelServer
 from lora_lab.utils import LoraLabError
 
@@ -84,38 +85,24 @@ def challenge_router(server: ModelServer, model: Optional[str] = None) -> APIRou
     router = APIRouter()
 
     @router.post("/process")
-    async def process(body: ProcessRequest):
+    async def process(body: ProcessRequest, http: HTTPRequest):
         t0 = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        done = asyncio.Event()
-
-        def on_event(kind, payload):  # from the engine thread; the text is read from the request when it is done
-            if kind in ("done", "error"):
-                try:
-                    loop.call_soon_threadsafe(done.set)
-                except RuntimeError:  # the event loop is closed (shutting down)
-                    pass
-
         temperature = 0.0 if body.temperature < GREEDY_BELOW else body.temperature
+        max_tokens = _max_tokens(http, body.max_new_tokens, "max_new_tokens")
+        # the OpenAI routes' plumbing: the same batch, queue limits, errors and /metrics labels
+        req, queue = await submit(http, model, prompt=body.prompt, max_tokens=max_tokens, temperature=temperature,
+                                  top_k=body.top_k, top_p=body.top_p, seed=body.seed,
+                                  stop=[s for s in body.stop_sequences if s], logprobs=1)
+        reason = None
         try:
-            req = await run_in_threadpool(
-                server.request, model, on_event, prompt=body.prompt, max_tokens=body.max_new_tokens,
-                temperature=temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed,
-                stop=[s for s in body.stop_sequences if s], logprobs=1)
-        except LoraLabError as e:
-            raise HTTPException(400, f"prompt: {e}") from None
-        try:
-            server.engine.submit(req)
-        except (ValueError, RuntimeError) as e:
-            server.store.release(req.adapter) if req.adapter else None
-            raise HTTPException(503, str(e)) from None
-        try:
-            await done.wait()
+            async for kind, payload in events(req, queue, http):
+                if kind == "error":
+                    raise engine_error(req, payload)
+                if kind == "done":
+                    reason = payload
         finally:
-            if req.finish_reason is None:  # the client went away: free the row
+            if reason is None:  # the client went away: free the row
                 req.cancelled = True
-        if req.finish_reason == "error":
-            raise HTTPException(500, "the engine failed on this request (the server logged why)")
         tokens = answer_tokens(server.tokenizer, req)
         return {"text": (body.prompt if body.echo_prompt else "") + req.text,
                 "tokens": [{"text": t["text"], "logprob": t["logprob"], "top_logprob": dict(t["top"][:1])}
@@ -137,7 +124,7 @@ def challenge_router(server: ModelServer, model: Optional[str] = None) -> APIRou
         vocab = server.model.config.vocab_size
         bad = next((i for i, t in enumerate(body.tokens) if not 0 <= t < vocab), None)
         if bad is not None:
-            raise HTTPException(400, f"tokens.{bad}: {body.tokens[bad]} is not a token id (0 to {vocab - 1})")
+            raise APIError(400, f"tokens.{bad}: {body.tokens[bad]} is not a token id (0 to {vocab - 1})", "tokens")
         return {"text": server.tokenizer.decode(body.tokens), "request_time": time.perf_counter() - t0}
 
     return router

@@ -22,11 +22,10 @@ from lora_lab.lora import ADAPTER_CONFIG_FILE as LORA_CONFIG_FILE
 from lora_lab.model import GPT
 from lora_lab.nf4 import nf4_settings
 from lora_lab.prompts import PromptStyle
-from lora_lab.serve.adapters import AdapterStore
-from lora_lab.serve.engine import Engine, Request
+from lora_lab.serve.adapters import AdapterLimits, AdapterStore
+from lora_lab.serve.engine import Engine, QueueFull, Request
 from lora_lab.tokenizer import Tokenizer
 from lora_lab.utils import LoraLabError
-
 
 
 def served_nf4_settings(adapters: dict, nf4_blocksize: Optional[int] = None,
@@ -63,9 +62,14 @@ class ModelServer:
     def load(cls, checkpoint_dir, adapters: Optional[dict] = None, adapters_root=None, quantize: Optional[str] = None,
              precision: Optional[str] = None, device: str = "auto", max_batch_size: int = 16,
              max_loaded_adapters: int = 8, max_seq_length: Optional[int] = None, start: bool = True,
-             nf4_blocksize: Optional[int] = None, double_quant: Optional[bool] = None) -> "ModelServer":
+             nf4_blocksize: Optional[int] = None, double_quant: Optional[bool] = None,
+             allow_runtime_loading: bool = False, limits: AdapterLimits = AdapterLimits(),
+             max_queue: Optional[int] = None, timeout: Optional[float] = None) -> "ModelServer":
         """Load the base (quantized to NF4 with quantize="nf4": `served_nf4_settings`), register and load `adapters`
-        {name: dir} (each checked now, so a bad one fails at start), and start the engine thread."""
+        {name: dir} (each checked now, so a bad one fails at start), and start the engine thread. The adapters of
+        `adapters_root` are served by folder name, read on first use; allow_runtime_loading: also what a client
+        names below it (lora_lab/serve/adapters.py). limits: the largest adapter file and rank; max_queue, timeout:
+        the engine's bounds (lora_lab/serve/engine.py)."""
         checkpoint_dir = Path(checkpoint_dir)
         if max_batch_size < 1 or max_loaded_adapters < 1:
             raise LoraLabError("--max_batch_size and --max_loaded_adapters must be at least 1")
@@ -73,6 +77,10 @@ class ModelServer:
             raise LoraLabError(f"--quantize {quantize}: use nf4 (or leave it out)")
         if adapters_root is not None and not Path(adapters_root).is_dir():
             raise LoraLabError(f"--adapters_root {adapters_root} is not a directory")
+        if allow_runtime_loading and adapters_root is None:
+            raise LoraLabError("--allow_runtime_loading needs --adapters_root: the folder run-time loading may read")
+        if max_queue is not None and max_queue < 0 or timeout is not None and not timeout > 0:
+            raise LoraLabError("--max_queue must be at least 0 and --timeout positive")
         device = select_device(device)
         dtype = select_dtype(precision, device)
         config = load_config(checkpoint_dir)
@@ -82,13 +90,14 @@ class ModelServer:
         model.requires_grad_(False)
         tokenizer = Tokenizer(checkpoint_dir)
         store = AdapterStore(model, config, max_loaded_adapters, adapters_root,
-                             quantization=nf4)
+                             quantization=nf4, allow_runtime_loading=allow_runtime_loading, limits=limits)
         for name, path in (adapters or {}).items():
             if not name or name == (config.name or checkpoint_dir.name):
                 raise LoraLabError(f"adapter name {name!r} is empty or the base model's name")
             store.register(name, path)
         engine = Engine(model, tokenizer, store, max_batch_size, max_seq_length,
-                        on_release=lambda r: store.release(r.adapter) if r.adapter else None)
+                        on_release=lambda r: store.release(r.adapter) if r.adapter else None,
+                        max_queue=max_queue, timeout=timeout)
         server = cls(model, tokenizer, checkpoint_dir, store, engine, config.name or checkpoint_dir.name)
         if start:
             engine.start()
@@ -98,16 +107,29 @@ class ModelServer:
     def is_base(self, model: str) -> bool:
         return model in (self.name, str(self.checkpoint_dir))
 
+    def knows(self, model: str) -> bool:
+        """Whether `model` is the base or an adapter this server can serve (loaded or not)."""
+        return self.is_base(model) or self.store.path_of(model) is not None
+
     def style_for(self, adapter) -> PromptStyle:
         name = adapter.prompt_style if adapter is not None and adapter.prompt_style else None
         return PromptStyle.from_checkpoint(self.checkpoint_dir, name=name) if name else self.base_style
 
     def request(self, model: str, on_event: Callable, prompt: Optional[str] = None,
-                messages: Optional[list[dict]] = None, **kwargs) -> Request:
+                messages: Optional[list[dict]] = None, ignore_eos: bool = False, **kwargs) -> Request:
         """A Request for `model` (the base's name or an adapter's), its adapter slot taken (KeyError: unknown
-        model). `prompt` is passed as it is (completions), `messages` rendered in the adapter's prompt style."""
+        model). `prompt` is passed as it is (completions), `messages` rendered in the adapter's prompt style.
+        ignore_eos: no stop at the end-of-text or end-of-turn tokens (max_tokens tokens, for benchmarks).
+        A LoraLabError says in `.param` which field it is about ("model", "messages" or "prompt"), for the API."""
+        if not self.engine.has_room():  # before an adapter is read for a request that would be refused anyway
+            raise QueueFull(f"the server is at capacity ({self.engine.max_batch_size} running and "
+                            f"{self.engine.max_queue} waiting requests): retry later")
         adapter_name = None if self.is_base(model) else model
-        slot, adapter = self.store.acquire(adapter_name) if adapter_name else (0, None)
+        try:
+            slot, adapter = self.store.acquire(adapter_name) if adapter_name else (0, None)
+        except LoraLabError as e:  # the adapter could not be read or has no free slot
+            e.param = "model"
+            raise
         try:
             style = self.style_for(adapter)
             text = prompt if messages is None else render_chat(style, messages)
@@ -119,11 +141,15 @@ class ModelServer:
                 raise LoraLabError(f"the prompt has {len(prompt_ids)} tokens but this server's context holds {limit} "
                                    f"tokens (prompt + completion): shorten it")
             stop_ids = list(dict.fromkeys(self.tokenizer.eos_ids + style.stop_tokens(self.tokenizer)))
+            if ignore_eos:
+                stop_ids = []
             return Request(prompt_ids=prompt_ids, on_event=on_event, stop_ids=stop_ids, slot=slot,
                            adapter=adapter_name, **kwargs)
-        except BaseException:
+        except BaseException as e:
             if adapter_name:
                 self.store.release(adapter_name)
+            if isinstance(e, LoraLabError):
+                e.param = "messages" if messages is not None else "prompt"
             raise
 
 
