@@ -60,7 +60,8 @@ class LRSchedule:
     `elapsed` counts the training time of every process of the run: the schedule keeps it, the step times and
     the reserve in `state["lr_schedule"]`, which the scripts save with their counters, so a run resumed after a
     crash or Ctrl-C carries on along the same schedule with the time it has left (the time it was down is not
-    counted). tests/test_budget_schedule.py checks each claim.
+    counted). A budget that runs out during the warm-up ends at the warm-up's rate (the warm-up is in steps).
+    tests/test_budget_schedule.py checks each claim.
     """
 
     WINDOW = 20
