@@ -18,6 +18,7 @@ step in progress; run the same command with --resume to continue exactly where i
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -34,7 +35,8 @@ from lora_lab.formats.download import ensure_checkpoint
 from lora_lab.flops import FlopsMeter
 from lora_lab.generate import peak_memory_bytes, reset_peak_memory
 from lora_lab.lora import (LoRAConfig, count_parameters, inject_lora, load_lora_state_dict, lora_plus_param_groups,
-                           lora_state_dict, mark_only_lora_trainable, normalize_targets, save_lora)
+                           lora_state_dict, mark_only_lora_trainable, normalize_targets)
+from lora_lab.lora_init import init_config, init_lora, save_trained_lora
 from lora_lab.prompts import PromptStyle
 from lora_lab.training import (TRAIN_STATE_FILE, MetricsLog, StopRequest, Throughput, format_seconds,
                                generate_answers, iter_keeping_rng, load_train_state, lr_at, micro_batches,
@@ -57,6 +59,8 @@ def setup(
     use_rslora: bool = False,
     use_dora: bool = False,
     lora_plus_ratio: Optional[float] = None,
+    lora_init: str = "kaiming",
+    loftq_iter: int = 1,
     # data
     prompt_style: Optional[str] = None,
     max_seq_length: int = 512,
@@ -111,6 +115,12 @@ def setup(
         use_rslora: scale by alpha / sqrt(r) instead of alpha / r.
         use_dora: DoRA (weight-decomposed LoRA).
         lora_plus_ratio: LoRA+: B learns this many times faster than A (e.g. 16).
+        lora_init: where A, B (and the base) start (lora_lab/lora_init.py): kaiming (A Kaiming-uniform, B = 0),
+            gaussian (A ~ N(0, 1/r^2)), pissa / pissa_niter_N (the adapter holds W's r principal singular directions,
+            the base the rest; N: randomized SVD's power iterations), olora (QR), loftq (a quantized base only:
+            alternate NF4 and SVD so that base + adapter is closest to W). pissa / olora / loftq save the adapter
+            converted to rank 2r against the untouched base.
+        loftq_iter: --lora_init loftq: alternating quantize / SVD steps.
         prompt_style: how prompts are wrapped (default: the base model's own).
         max_seq_length: longer samples are cut (and counted).
         mask_prompt: learn only the answer tokens, not the prompt.
@@ -159,7 +169,8 @@ def setup(
 def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_data: Optional[str],
          blank_line_docs: bool, resume: bool,
          lora_r: int, lora_alpha: float, lora_dropout: float, lora_targets: Union[tuple[str, ...], str],
-         use_rslora: bool, use_dora: bool, lora_plus_ratio: Optional[float], prompt_style: Optional[str],
+         use_rslora: bool, use_dora: bool, lora_plus_ratio: Optional[float], lora_init: str,
+         loftq_iter: int, prompt_style: Optional[str],
          max_seq_length: int, mask_prompt: bool, packing: bool, n_train: Optional[int], n_val: Optional[int],
          max_steps: Optional[int], epochs: float, batch_size: int, micro_batch_size: int, learning_rate: float,
          weight_decay: float, warmup_steps: int, min_lr: float, grad_clip: float, neftune_alpha: float,
@@ -199,9 +210,14 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     lora_config = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=list(lora_targets),
                              use_rslora=use_rslora, use_dora=use_dora, lora_plus_ratio=lora_plus_ratio,
                              base_model=str(checkpoint_dir), base_config=model.config.to_dict(),
-                             prompt_style=style.name)
+                             prompt_style=style.name, init=init_config(lora_init, loftq_iter))
     inject_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets,
                 use_rslora=use_rslora, use_dora=use_dora)
+    started = time.perf_counter()
+    # A, B (pissa / olora: the base becomes W - s B A); what saving needs to express the adapter against W
+    lora_init_record = init_lora(model, lora_init, loftq_iter=loftq_iter)
+    if lora_init != "kaiming":
+        fabric.print(f"--lora_init {lora_init}: {time.perf_counter() - started:.2f} s")
     mark_only_lora_trainable(model)
     model.activation_checkpointing = activation_checkpointing
     trainable, total = count_parameters(model)
@@ -232,9 +248,9 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     eval_rows = val_dl.dataset.rows[:eval_samples] if data == "json_extraction" and val_dl is not None else []
     if eval_rows and not resume:
         before = evaluate_json(fabric, gpt, tokenizer, style, eval_rows)
-    fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hparams, out_dir, max_steps, grad_accum,
-        learning_rate, warmup_steps, min_lr, grad_clip, neftune_alpha, parse_duration(max_time), eval_interval,
-        eval_iters, save_interval, log_interval)
+    fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, lora_init_record, hparams, out_dir,
+        max_steps, grad_accum, learning_rate, warmup_steps, min_lr, grad_clip, neftune_alpha, parse_duration(max_time),
+        eval_interval, eval_iters, save_interval, log_interval)
     if eval_rows and not state.get("stopped"):
         after = evaluate_json(fabric, gpt, tokenizer, style, eval_rows)
         if not resume:
@@ -243,9 +259,9 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
                          f"all values right {before['all_correct']:.0%} -> {after['all_correct']:.0%}")
 
 
-def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hparams, out_dir, max_steps, grad_accum,
-        learning_rate, warmup_steps, min_lr, grad_clip, neftune_alpha, max_time, eval_interval, eval_iters,
-        save_interval, log_interval) -> None:
+def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, lora_init_record, hparams, out_dir,
+        max_steps, grad_accum, learning_rate, warmup_steps, min_lr, grad_clip, neftune_alpha, max_time, eval_interval,
+        eval_iters, save_interval, log_interval) -> None:
     stop = StopRequest()
     metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"], logger_name=hparams["logger_name"],
                          hparams=hparams)  # + hparams.yaml, an experiment tracker, loss.png
@@ -303,7 +319,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
             fabric.print(f"step {step}: val loss {val_loss:.4f}, val ppl {math.exp(val_loss):.2f}")
         metrics.log(row)
         if step % save_interval == 0 or step == max_steps or out_of_time or stop_requested:
-            save(fabric, gpt, optimizer, train_dl, state, lora_config, hparams, out_dir)
+            save(fabric, gpt, optimizer, train_dl, state, lora_config, lora_init_record, hparams, out_dir)
             metrics.plot()  # OUT_DIR/loss.png, up to date with what is saved
         if out_of_time:
             fabric.print(f"Time budget of {format_seconds(max_time)} spent after step {step}: stopping")
@@ -354,10 +370,10 @@ def evaluate_json(fabric, gpt, tokenizer, style, rows) -> dict:
     return scores
 
 
-def save(fabric, gpt, optimizer, train_dl, state, lora_config, hparams, out_dir) -> None:
+def save(fabric, gpt, optimizer, train_dl, state, lora_config, lora_init_record, hparams, out_dir) -> None:
     """The adapter (for generate/merge/export) and the resume state, each written atomically."""
     if fabric.is_global_zero:
-        save_lora(out_dir, gpt, lora_config)
+        save_trained_lora(out_dir, gpt, lora_config, lora_init_record)  # pissa / olora / loftq: converted, rank 2r
         save_train_state(out_dir / TRAIN_STATE_FILE, {
             "lora": {k: v.detach().cpu() for k, v in lora_state_dict(gpt).items()},
             "optimizer": optimizer.state_dict(),

@@ -23,6 +23,7 @@ step in progress; run the same command with --resume to continue exactly where i
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -39,7 +40,8 @@ from lora_lab.formats.download import ensure_checkpoint
 from lora_lab.flops import FlopsMeter
 from lora_lab.generate import peak_memory_bytes, reset_peak_memory
 from lora_lab.lora import (LoRAConfig, count_parameters, inject_lora, load_lora_state_dict, lora_plus_param_groups,
-                           lora_state_dict, mark_only_lora_trainable, normalize_targets, save_lora)
+                           lora_state_dict, mark_only_lora_trainable, normalize_targets)
+from lora_lab.lora_init import init_config, init_lora, save_trained_lora
 from lora_lab.nf4 import model_size_report, quantize_nf4
 from lora_lab.prompts import PromptStyle
 from lora_lab.training import (TRAIN_STATE_FILE, MetricsLog, StopRequest, Throughput, format_seconds,
@@ -67,6 +69,8 @@ def setup(
     use_rslora: bool = False,
     use_dora: bool = False,
     lora_plus_ratio: Optional[float] = None,
+    lora_init: str = "kaiming",
+    loftq_iter: int = 1,
     # data
     prompt_style: Optional[str] = None,
     max_seq_length: int = 512,
@@ -124,6 +128,12 @@ def setup(
         use_rslora: scale by alpha / sqrt(r) instead of alpha / r.
         use_dora: DoRA (weight-decomposed LoRA).
         lora_plus_ratio: LoRA+: B learns this many times faster than A (e.g. 16).
+        lora_init: where A, B (and the base) start (lora_lab/lora_init.py): kaiming (A Kaiming-uniform, B = 0),
+            gaussian (A ~ N(0, 1/r^2)), pissa / pissa_niter_N (the adapter holds W's r principal singular directions,
+            the base the rest; N: randomized SVD's power iterations), olora (QR), loftq (a quantized base only:
+            alternate NF4 and SVD so that base + adapter is closest to W). pissa / olora / loftq save the adapter
+            converted to rank 2r against the untouched base.
+        loftq_iter: --lora_init loftq: alternating quantize / SVD steps.
         prompt_style: how prompts are wrapped (default: the base model's own).
         max_seq_length: longer samples are cut (and counted).
         mask_prompt: learn only the answer tokens, not the prompt.
@@ -173,7 +183,8 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
          blank_line_docs: bool, resume: bool,
          quantize: str, nf4_blocksize: int, double_quant: bool,
          lora_r: int, lora_alpha: float, lora_dropout: float, lora_targets: Union[tuple[str, ...], str],
-         use_rslora: bool, use_dora: bool, lora_plus_ratio: Optional[float], prompt_style: Optional[str],
+         use_rslora: bool, use_dora: bool, lora_plus_ratio: Optional[float], lora_init: str,
+         loftq_iter: int, prompt_style: Optional[str],
          max_seq_length: int, mask_prompt: bool, packing: bool, n_train: Optional[int], n_val: Optional[int],
          max_steps: Optional[int], epochs: float, batch_size: int, micro_batch_size: int, learning_rate: float,
          weight_decay: float, warmup_steps: int, min_lr: float, grad_clip: float, neftune_alpha: float,
@@ -210,9 +221,18 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     if max_steps is None:
         max_steps = max(1, math.ceil(epochs * data_stats["n_train"] / batch_size))
 
-    # ---- the model: load the base, quantize it, add LoRA, freeze everything else -----------------------------
+    # ---- the model: load the base, add LoRA, initialise it, quantize, freeze everything else ----------------
     model = GPT.from_checkpoint(checkpoint_dir)
-    quantize_nf4(model, blocksize=nf4_blocksize, double_quant=double_quant)  # every nn.Linear but lm_head -> NF4
+    # LoRA first, on the float weights: the init reads W (and, for pissa / olora / loftq, changes it) and stores each
+    # LoRA layer's base in NF4 (pissa / olora: the residual W - s B A; loftq: Q_T); quantize_nf4 does the others
+    inject_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets,
+                use_rslora=use_rslora, use_dora=use_dora)
+    started = time.perf_counter()
+    lora_init_record = init_lora(model, lora_init, nf4=dict(blocksize=nf4_blocksize, double_quant=double_quant),
+                                 loftq_iter=loftq_iter)
+    if lora_init != "kaiming":
+        fabric.print(f"--lora_init {lora_init}: {time.perf_counter() - started:.2f} s")
+    quantize_nf4(model, blocksize=nf4_blocksize, double_quant=double_quant)  # every other nn.Linear but lm_head -> NF4
     size = model_size_report(model)
     fabric.print(f"NF4 base: {size['quantized_layers']} linear layers, {size['quantized_params']:,} weights in "
                  f"{size['quantized_bytes'] / 2**20:.1f} MiB ({size['bits_per_quantized_param']:.3f} bits each); "
@@ -221,9 +241,8 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
                              use_rslora=use_rslora, use_dora=use_dora, lora_plus_ratio=lora_plus_ratio,
                              base_model=str(checkpoint_dir), base_config=model.config.to_dict(),
                              prompt_style=style.name, base_quantization={
-                                 "method": quantize, "blocksize": nf4_blocksize, "double_quant": double_quant})
-    inject_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets,
-                use_rslora=use_rslora, use_dora=use_dora)
+                                 "method": quantize, "blocksize": nf4_blocksize, "double_quant": double_quant},
+                             init=init_config(lora_init, loftq_iter))
     mark_only_lora_trainable(model)
     model.activation_checkpointing = activation_checkpointing
     trainable, total = count_parameters(model)
@@ -254,9 +273,9 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     eval_rows = val_dl.dataset.rows[:eval_samples] if data == "json_extraction" and val_dl is not None else []
     if eval_rows and not resume:
         before = evaluate_json(fabric, gpt, tokenizer, style, eval_rows)
-    fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hparams, out_dir, max_steps, grad_accum,
-        learning_rate, warmup_steps, min_lr, grad_clip, neftune_alpha, parse_duration(max_time), eval_interval,
-        eval_iters, save_interval, log_interval)
+    fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, lora_init_record, hparams, out_dir,
+        max_steps, grad_accum, learning_rate, warmup_steps, min_lr, grad_clip, neftune_alpha, parse_duration(max_time),
+        eval_interval, eval_iters, save_interval, log_interval)
     if eval_rows and not state.get("stopped"):
         after = evaluate_json(fabric, gpt, tokenizer, style, eval_rows)
         if not resume:
@@ -265,9 +284,9 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
                          f"all values right {before['all_correct']:.0%} -> {after['all_correct']:.0%}")
 
 
-def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hparams, out_dir, max_steps, grad_accum,
-        learning_rate, warmup_steps, min_lr, grad_clip, neftune_alpha, max_time, eval_interval, eval_iters,
-        save_interval, log_interval) -> None:
+def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, lora_init_record, hparams, out_dir,
+        max_steps, grad_accum, learning_rate, warmup_steps, min_lr, grad_clip, neftune_alpha, max_time, eval_interval,
+        eval_iters, save_interval, log_interval) -> None:
     stop = StopRequest()
     metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"], logger_name=hparams["logger_name"],
                          hparams=hparams)  # + hparams.yaml, an experiment tracker, loss.png
@@ -325,7 +344,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
             fabric.print(f"step {step}: val loss {val_loss:.4f}, val ppl {math.exp(val_loss):.2f}")
         metrics.log(row)
         if step % save_interval == 0 or step == max_steps or out_of_time or stop_requested:
-            save(fabric, gpt, optimizer, train_dl, state, lora_config, hparams, out_dir)
+            save(fabric, gpt, optimizer, train_dl, state, lora_config, lora_init_record, hparams, out_dir)
             metrics.plot()  # OUT_DIR/loss.png, up to date with what is saved
         if out_of_time:
             fabric.print(f"Time budget of {format_seconds(max_time)} spent after step {step}: stopping")
@@ -376,10 +395,10 @@ def evaluate_json(fabric, gpt, tokenizer, style, rows) -> dict:
     return scores
 
 
-def save(fabric, gpt, optimizer, train_dl, state, lora_config, hparams, out_dir) -> None:
+def save(fabric, gpt, optimizer, train_dl, state, lora_config, lora_init_record, hparams, out_dir) -> None:
     """The adapter (for generate/merge/export) and the resume state, each written atomically."""
     if fabric.is_global_zero:
-        save_lora(out_dir, gpt, lora_config)
+        save_trained_lora(out_dir, gpt, lora_config, lora_init_record)  # pissa / olora / loftq: converted, rank 2r
         save_train_state(out_dir / TRAIN_STATE_FILE, {
             "lora": {k: v.detach().cpu() for k, v in lora_state_dict(gpt).items()},
             "optimizer": optimizer.state_dict(),

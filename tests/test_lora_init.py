@@ -1,0 +1,285 @@
+"""--lora_init (lora_lab/lora_init.py): each init against PEFT's own, step 0, and the saved (converted) adapter.
+
+References: PEFT's LoraConfig(init_lora_weights=...) on a transformers Llama holding the same weights as our GPT,
+under the same RNG state; PEFT's loftq_init run on the CPU (its source hard-codes CUDA as the compute device; we
+run that same source with the device string replaced), which quantizes with bitsandbytes, bit for bit our NF4.
+Random inits (gaussian, pissa_niter_N) draw per layer after PEFT's two nn.Linear constructions (A then B, Kaiming
+each): the test replays those draws, then calls our per-layer function, so both read the same random numbers.
+
+Tolerances (float32): inits 1e-5 relative to the largest entry (PEFT runs the same torch calls; the SVD's signs
+agree since both call the same LAPACK routine, and are aligned anyway); logits as in test_use_adapter.py.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lora_lab.adapted import load_lora_model
+from lora_lab.lora import LoRAConfig, inject_lora, load_lora, load_lora_state_dict, lora_modules
+from lora_lab.lora_init import (gaussian_init_, init_config, init_lora, loftq_factors, parse_lora_init,
+                                pissa_factors, save_trained_lora, subtract_offset)
+from lora_lab.model import GPT
+from lora_lab.nf4 import dequantize_nf4, nf4_state_of, quantize_nf4
+from lora_lab.utils import LoraLabError
+from test_use_adapter import LLAMA, assert_float32_close, idx, logits, make_base
+
+R, ALPHA = 4, 8.0
+TARGETS = ["query", "value", "mlp"]
+PEFT_TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+NF4 = dict(blocksize=64, double_quant=False)  # PEFT's LoftQ quantizes without double quantization
+
+
+def close(a, b, rel=1e-5):
+    torch.testing.assert_close(a.float(), b.float(), atol=rel * b.abs().max().item(), rtol=0)
+
+
+def align_signs(A, B, A_ref):
+    """An SVD's singular vectors are defined up to sign: flip our pairs (row of A, column of B) to the reference's."""
+    s = torch.sign((A * A_ref).sum(1, keepdim=True))  # (r, 1)
+    return A * s, B * s.t()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    from lora_lab.config import Config
+    from lora_lab.formats.hf import export_hf
+
+    path = tmp_path_factory.mktemp("init") / "base"
+    config = Config(name="tiny-llama", **LLAMA)
+    config.hf_repo = "someone/tiny"
+    make_base(path, config, scale=1.0)
+    export_hf(path, path.parent / "base-hf")
+    return path
+
+
+def peft_model(base, init, alpha=ALPHA, seed=7, **kw):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(base.parent / "base-hf", dtype=torch.float32,
+                                              attn_implementation="eager").eval()
+    torch.manual_seed(seed)
+    return get_peft_model(hf, LoraConfig(r=R, lora_alpha=alpha, target_modules=PEFT_TARGETS, init_lora_weights=init,
+                                         **kw))
+
+
+def peft_layers(model) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(A, B, base weight) of PEFT's LoRA layers, in module order (ours: the same order)."""
+    out = []
+    for name, m in model.named_modules():
+        if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {}):
+            out.append((m.lora_A["default"].weight.detach(), m.lora_B["default"].weight.detach(),
+                        m.get_base_layer().weight.detach()))
+    return out
+
+
+def ours(base, alpha=ALPHA):
+    model = GPT.from_checkpoint(base).eval()
+    inject_lora(model, r=R, alpha=alpha, targets=TARGETS)
+    return model
+
+
+def replay_peft_construction(layer):
+    """The draws of PEFT's nn.Linear(in, r) and nn.Linear(r, out) (Kaiming-uniform each), before its init."""
+    nn.init.kaiming_uniform_(torch.empty(layer.r, layer.in_features), a=math.sqrt(5))
+    nn.init.kaiming_uniform_(torch.empty(layer.out_features, layer.r), a=math.sqrt(5))
+
+
+# ---- each init against PEFT's ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("init", ["gaussian", "pissa", "pissa_niter_2", "olora"])
+def test_init_equals_peft(base, init):
+    pytest.importorskip("peft")
+    reference = peft_layers(peft_model(base, init))
+    model = ours(base)
+    layers = list(lora_modules(model))
+    assert len(layers) == len(reference) == 2 * 5
+    if init in ("gaussian", "pissa_niter_2"):  # random: the same draws as PEFT, layer by layer
+        torch.manual_seed(7)
+        for _, layer in layers:
+            replay_peft_construction(layer)
+            if init == "gaussian":
+                gaussian_init_(layer)
+            else:
+                A, B = pissa_factors(layer.weight, layer.r, layer.scaling, niter=2)
+                with torch.no_grad():
+                    layer.lora_A.copy_(A), layer.lora_B.copy_(B)
+                    layer.weight.copy_(subtract_offset(layer.weight, layer.scaling, B, A))
+    else:
+        record = init_lora(model, init)
+        assert set(record) == {f"{n}.{k}" for n, _ in layers for k in
+                               ("lora_A", "lora_B", "offset_A", "offset_B", "offset_scale")}
+    for (name, layer), (A_ref, B_ref, W_ref) in zip(layers, reference):
+        A, B = layer.lora_A.detach(), layer.lora_B.detach()
+        if init.startswith("pissa"):
+            A, B = align_signs(A, B, A_ref)
+        close(A, A_ref)
+        close(B, B_ref)
+        close(layer.weight, W_ref)  # the residual base (gaussian: W unchanged)
+    if init == "gaussian":
+        assert all(float(m.lora_B.detach().abs().max()) == 0 for _, m in layers)
+
+
+def peft_loftq_on_cpu():
+    """PEFT's own loftq_init, with its hard-coded CUDA compute device replaced by the CPU."""
+    import peft.utils.loftq_utils as lu
+
+    source = inspect.getsource(lu.loftq_init)
+    line = 'compute_device = "xpu" if is_xpu_available() else "cuda"'
+    assert line in source, "PEFT's loftq_init changed: update this test"
+    namespace = dict(vars(lu))
+    exec(source.replace(line, 'compute_device = "cpu"'), namespace)
+    return namespace["loftq_init"]
+
+
+@pytest.mark.parametrize("iters", [1, 3])
+def test_loftq_equals_peft_and_starts_closer_to_w_than_nf4(base, iters):
+    pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    peft_loftq = peft_loftq_on_cpu()
+    model = ours(base, alpha=R)  # PEFT's LoftQ ignores the scale s (right for alpha = r only): compare at s = 1
+    originals = {n: m.weight.detach().clone() for n, m in lora_modules(model)}
+    record = init_lora(model, "loftq", nf4=NF4, loftq_iter=iters)
+    for name, layer in lora_modules(model):
+        W = originals[name]
+        Q_ref, A_ref, B_ref = peft_loftq(W, num_bits=4, reduced_rank=R, num_iter=iters)
+        Q = dequantize_nf4(layer.weight, nf4_state_of(layer), torch.float32)
+        assert torch.equal(Q, Q_ref)  # the same NF4 codes and scales as bitsandbytes'
+        close(layer.lora_A, A_ref)
+        close(layer.lora_B, B_ref)
+        # step 0: closer to W than the quantized base alone, and closer than plain QLoRA's NF4(W)
+        packed, state = quantize_nf4(W, **NF4)
+        plain = dequantize_nf4(packed, state, torch.float32)
+        start = Q + layer.scaling * layer.lora_B @ layer.lora_A
+        assert (W - start).norm() < 0.9 * (W - Q).norm()
+        assert (W - start).norm() < (W - plain).norm()
+        assert (f"{name}.offset_A" in record) == (iters > 1)  # T = 1 quantizes W itself
+
+
+def test_loftq_scales_with_alpha():
+    """s B A = L R whatever alpha is (PEFT's B A = L R holds only at alpha = r)."""
+    W = torch.randn(48, 32)
+    A1, B1, *_ = loftq_factors(W, 4, 1.0, NF4)
+    A2, B2, *_ = loftq_factors(W, 4, 4.0, NF4)
+    close(4.0 * B2 @ A2, B1 @ A1)
+
+
+# ---- step 0 ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora"])
+def test_float_step_0_is_the_base_model(base, init):
+    x = idx()
+    expected = logits(GPT.from_checkpoint(base).eval(), x)
+    model = ours(base)
+    init_lora(model, init)
+    assert all(float(m.lora_B.abs().max()) > 0 for _, m in lora_modules(model))  # the adapter holds part of W
+    assert_float32_close(logits(model, x), expected)
+
+
+def test_qpissa_quantizes_the_residual_closer_to_w(base):
+    model = ours(base)
+    originals = {n: m.weight.detach().clone() for n, m in lora_modules(model)}
+    init_lora(model, "pissa", nf4=NF4)
+    for name, layer in lora_modules(model):
+        W = originals[name]
+        packed, state = quantize_nf4(W, **NF4)
+        plain = dequantize_nf4(packed, state, torch.float32)
+        start = layer.base_weight(torch.float32) + layer.scaling * layer.lora_B @ layer.lora_A
+        assert (W - start).norm() < (W - plain).norm()
+
+
+# ---- saved, converted, reproduced -----------------------------------------------------------------------------
+def train_a_little(model, steps=3):
+    """A few AdamW steps on random tokens: A and B move away from their init."""
+    for p in model.parameters():
+        p.requires_grad = any(p is m.lora_A or p is m.lora_B for _, m in lora_modules(model))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(5))
+    for _ in range(steps):
+        loss = model(x, labels=x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+@pytest.mark.parametrize("init,nf4,rslora", [("pissa", None, False), ("olora", None, True),
+                                             ("pissa_niter_2", NF4, False), ("loftq", dict(NF4, double_quant=True), False)])
+def test_trained_adapter_is_reproduced_from_the_original_checkpoint(base, tmp_path, init, nf4, rslora):
+    peft = pytest.importorskip("peft")
+    model = GPT.from_checkpoint(base)
+    inject_lora(model, r=R, alpha=ALPHA, targets=TARGETS, use_rslora=rslora)
+    record = init_lora(model, init, nf4=nf4, loftq_iter=2)
+    if nf4:
+        from lora_lab.nf4 import quantize_nf4 as quantize_model
+        quantize_model(model, **nf4)
+    train_a_little(model)
+    x = idx()
+    trained = logits(model, x)
+    config = LoRAConfig(r=R, alpha=ALPHA, targets=TARGETS, use_rslora=rslora, base_model=str(base),
+                        base_config=model.config.to_dict(),
+                        base_quantization=dict(method="nf4", **nf4) if nf4 else None,
+                        init=init_config(init, 2))
+    save_trained_lora(tmp_path / "adapter", model, config, record)
+
+    saved, tensors = load_lora(tmp_path / "adapter")
+    assert (saved.r, saved.init["trained_r"], saved.init["method"]) == (2 * R, R, init.split("_")[0])
+    assert math.isclose(saved.alpha / (math.sqrt(saved.r) if rslora else saved.r), model_scaling(model))
+    # generate / evaluate / merge: the trained model, from the untouched checkpoint
+    rebuilt = load_lora_model(None, tmp_path / "adapter", merge=False)
+    if nf4:  # the NF4 residual base rebuilt bit for bit
+        assert torch.equal(logits(rebuilt, x), trained)
+    else:
+        assert_float32_close(logits(rebuilt, x), trained)
+    assert_float32_close(logits(load_lora_model(None, tmp_path / "adapter", merge=True), x), trained)
+
+    # the converted adapter as an ordinary LoRA on the float checkpoint (what the server, PEFT and GGUF export get)
+    plain = GPT.from_checkpoint(base).eval()
+    inject_lora(plain, r=saved.r, alpha=saved.alpha, targets=saved.targets, use_rslora=rslora)
+    load_lora_state_dict(plain, tensors)
+    converted = logits(plain, x)
+    if not nf4:
+        assert_float32_close(converted, trained)
+    else:  # off by the quantization error of the residual base only, below plain QLoRA's |W - NF4(W)|
+        for (name, m), (_, c) in zip(lora_modules(model), lora_modules(plain)):
+            W = c.weight.detach()
+            packed, state = quantize_nf4(W, **nf4)
+            err = (W + c.delta_weight()) - (m.base_weight(torch.float32) + m.delta_weight())
+            assert err.norm() < (W - dequantize_nf4(packed, state, torch.float32)).norm(), name
+
+    # PEFT loading our exported adapter on the original base gives our (converted) logits
+    from transformers import AutoModelForCausalLM
+
+    from lora_lab.formats.peft import export_peft
+    export_peft(tmp_path / "adapter", tmp_path / "peft")
+    hf = AutoModelForCausalLM.from_pretrained(base.parent / "base-hf", dtype=torch.float32,
+                                              attn_implementation="eager").eval()
+    with torch.no_grad():
+        got = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()(input_ids=x).logits
+    assert_float32_close(got, converted)
+
+
+def model_scaling(model):
+    return next(m for _, m in lora_modules(model)).scaling
+
+
+# ---- refusals -------------------------------------------------------------------------------------------------
+def test_bad_inits_are_one_line():
+    assert parse_lora_init("pissa_niter_16") == {"method": "pissa", "niter": 16}
+    for bad, fragment in [("eva", "use one of"), ("pissa_niter_N", "use one of"), ("pissa_niter_0", "at least 1"),
+                          ("PiSSA", "use one of")]:
+        with pytest.raises(LoraLabError, match=fragment):
+            parse_lora_init(bad)
+    from lora_lab.config import Config
+
+    model = GPT(Config(name="t", **LLAMA))
+    inject_lora(model, r=R, targets=TARGETS)
+    with pytest.raises(LoraLabError, match="only helps a quantized base"):
+        init_lora(model, "loftq")
+    dora = GPT(model.config)
+    inject_lora(dora, r=R, targets=TARGETS, use_dora=True)
+    with pytest.raises(LoraLabError, match="DoRA"):
+        init_lora(dora, "pissa")
