@@ -228,8 +228,7 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     inject_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets,
                 use_rslora=use_rslora, use_dora=use_dora)
     started = time.perf_counter()
-    lora_init_record = init_lora(model, lora_init, nf4=dict(blocksize=nf4_blocksize, double_quant=double_quant),
-                                 loftq_iter=loftq_iter)
+    init_lora(model, lora_init, nf4=dict(blocksize=nf4_blocksize, double_quant=double_quant), loftq_iter=loftq_iter)
     if lora_init != "kaiming":
         fabric.print(f"--lora_init {lora_init}: {time.perf_counter() - started:.2f} s")
     quantize_nf4(model, blocksize=nf4_blocksize, double_quant=double_quant)  # every other nn.Linear but lm_head -> NF4
@@ -273,9 +272,9 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     eval_rows = val_dl.dataset.rows[:eval_samples] if data == "json_extraction" and val_dl is not None else []
     if eval_rows and not resume:
         before = evaluate_json(fabric, gpt, tokenizer, style, eval_rows)
-    fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, lora_init_record, hparams, out_dir,
-        max_steps, grad_accum, learning_rate, warmup_steps, min_lr, grad_clip, neftune_alpha, parse_duration(max_time),
-        eval_interval, eval_iters, save_interval, log_interval)
+    fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hparams, out_dir, max_steps, grad_accum,
+        learning_rate, warmup_steps, min_lr, grad_clip, neftune_alpha, parse_duration(max_time), eval_interval,
+        eval_iters, save_interval, log_interval)
     if eval_rows and not state.get("stopped"):
         after = evaluate_json(fabric, gpt, tokenizer, style, eval_rows)
         if not resume:
@@ -284,9 +283,9 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
                          f"all values right {before['all_correct']:.0%} -> {after['all_correct']:.0%}")
 
 
-def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, lora_init_record, hparams, out_dir,
-        max_steps, grad_accum, learning_rate, warmup_steps, min_lr, grad_clip, neftune_alpha, max_time, eval_interval,
-        eval_iters, save_interval, log_interval) -> None:
+def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hparams, out_dir, max_steps, grad_accum,
+        learning_rate, warmup_steps, min_lr, grad_clip, neftune_alpha, max_time, eval_interval, eval_iters,
+        save_interval, log_interval) -> None:
     stop = StopRequest()
     metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"], logger_name=hparams["logger_name"],
                          hparams=hparams)  # + hparams.yaml, an experiment tracker, loss.png
@@ -344,7 +343,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, lor
             fabric.print(f"step {step}: val loss {val_loss:.4f}, val ppl {math.exp(val_loss):.2f}")
         metrics.log(row)
         if step % save_interval == 0 or step == max_steps or out_of_time or stop_requested:
-            save(fabric, gpt, optimizer, train_dl, state, lora_config, lora_init_record, hparams, out_dir)
+            save(fabric, gpt, optimizer, train_dl, state, lora_config, hparams, out_dir)
             metrics.plot()  # OUT_DIR/loss.png, up to date with what is saved
         if out_of_time:
             fabric.print(f"Time budget of {format_seconds(max_time)} spent after step {step}: stopping")
@@ -395,10 +394,10 @@ def evaluate_json(fabric, gpt, tokenizer, style, rows) -> dict:
     return scores
 
 
-def save(fabric, gpt, optimizer, train_dl, state, lora_config, lora_init_record, hparams, out_dir) -> None:
+def save(fabric, gpt, optimizer, train_dl, state, lora_config, hparams, out_dir) -> None:
     """The adapter (for generate/merge/export) and the resume state, each written atomically."""
     if fabric.is_global_zero:
-        save_trained_lora(out_dir, gpt, lora_config, lora_init_record)  # pissa / olora / loftq: converted, rank 2r
+        save_trained_lora(out_dir, gpt, lora_config)  # pissa / olora / loftq: converted to rank 2r against the base
         save_train_state(out_dir / TRAIN_STATE_FILE, {
             "lora": {k: v.detach().cpu() for k, v in lora_state_dict(gpt).items()},
             "optimizer": optimizer.state_dict(),

@@ -183,7 +183,8 @@ def init_lora(model: nn.Module, init: Union[str, dict] = "kaiming", nf4: Optiona
 
     Returns what saving and rebuilding need (empty for kaiming / gaussian), all float32 on the CPU:
     `{layer}.lora_A` / `.lora_B`, the adapter at step 0, and `{layer}.offset_A` / `.offset_B` with the scale in
-    `offset_scale`, the product taken from W before quantizing (see the module docstring)."""
+    `offset_scale`, the product taken from W before quantizing (see the module docstring). It is also kept on the
+    model as `model.lora_init_record`, where save_trained_lora finds it."""
     init = check_lora_init(init, nf4 is not None, loftq_iter=loftq_iter) if isinstance(init, str) else init
     method = init["method"]
     record: dict[str, torch.Tensor] = {}
@@ -219,6 +220,10 @@ def init_lora(model: nn.Module, init: Union[str, dict] = "kaiming", nf4: Optiona
         if nf4 is not None or offset is not None:
             residual = subtract_offset(layer.weight, *offset) if offset is not None else layer.weight.float()
             _set_base(layer, residual, nf4)
+            if layer.use_dora:  # (kaiming / gaussian: B = 0) the magnitude starts at the row norms of the new base
+                with torch.no_grad():
+                    layer.lora_magnitude.copy_(layer._dora_row_norm())
+    model.lora_init_record = record  # a plain attribute: not in the state dict, not moved by .to()
     return record
 
 
@@ -249,9 +254,11 @@ def converted_lora(model: nn.Module, lora_config: LoRAConfig, record: dict[str, 
 
 
 def save_trained_lora(out_dir: Union[str, Path], model: nn.Module, lora_config: LoRAConfig,
-                      record: dict[str, torch.Tensor]) -> Path:
+                      record: Optional[dict[str, torch.Tensor]] = None) -> Path:
     """save_lora, except after pissa / olora / loftq: then the converted adapter (rank 2r, against the checkpoint)
-    and, when the base was W minus a low-rank product, that product's factors in lora_base.safetensors."""
+    and, when the base was W minus a low-rank product, that product's factors in lora_base.safetensors.
+    record: what init_lora returned (default: the one it kept on the model)."""
+    record = getattr(model, "lora_init_record", None) if record is None else record
     if not record:
         return save_lora(out_dir, model, lora_config)
     config, tensors = converted_lora(model, lora_config, record)
