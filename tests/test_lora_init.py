@@ -283,3 +283,70 @@ def test_bad_inits_are_one_line():
     inject_lora(dora, r=R, targets=TARGETS, use_dora=True)
     with pytest.raises(LoraLabError, match="DoRA"):
         init_lora(dora, "pissa")
+
+
+# ---- the scripts ----------------------------------------------------------------------------------------------
+SCRIPT_RUN = dict(data="json_extraction", n_train=8, n_val=2, eval_samples=0, max_steps=2, batch_size=4,
+                  micro_batch_size=2, max_seq_length=128, learning_rate=1e-2, warmup_steps=1, lora_dropout=0.0,
+                  lora_r=4, lora_alpha=8.0, lora_targets="query,value,mlp", seed=7)
+
+
+def rebuilt_from_train_state(ckpt, out_dir, init, nf4=None, loftq_iter=1):
+    """What the script trained: the checkpoint, the same (deterministic) init, the rank-r A, B of the resume state."""
+    from lora_lab.training import TRAIN_STATE_FILE, load_train_state
+
+    model = GPT.from_checkpoint(ckpt).eval()
+    inject_lora(model, r=4, alpha=8.0, targets=TARGETS)
+    init_lora(model, init, nf4=nf4, loftq_iter=loftq_iter)
+    if nf4:
+        quantize_nf4(model, **nf4)
+    load_lora_state_dict(model, load_train_state(out_dir / TRAIN_STATE_FILE)["lora"])
+    return model
+
+
+def test_finetune_lora_pissa_saves_the_converted_adapter(tiny_ckpt, tmp_path, capsys, one_thread):
+    import finetune.lora as ft
+
+    ft.setup(checkpoint_dir=tiny_ckpt, out_dir=tmp_path / "out", lora_init="pissa", **SCRIPT_RUN)
+    assert "--lora_init pissa: " in capsys.readouterr().out
+    config, _ = load_lora(tmp_path / "out")
+    assert (config.r, config.alpha, config.init) == (8, 16.0, {"method": "pissa", "trained_r": 4,
+                                                              "trained_alpha": 8.0, "base_offset": "lora_base.safetensors"})
+    x = torch.randint(0, 200, (1, 12), generator=torch.Generator().manual_seed(0))
+    trained = logits(rebuilt_from_train_state(tiny_ckpt, tmp_path / "out", "pissa"), x)
+    base = logits(GPT.from_checkpoint(tiny_ckpt).eval(), x)
+    assert not torch.allclose(trained, base, atol=1e-3)  # it trained
+    for merge in (False, True):  # generate/lora.py, evaluate, merge_lora: the ordinary rank-8 adapter on the checkpoint
+        assert_float32_close(logits(load_lora_model(None, tmp_path / "out", merge=merge), x), trained)
+
+
+def test_finetune_qlora_loftq_is_rebuilt_bit_for_bit(tiny_ckpt, tmp_path, capsys, one_thread):
+    import finetune.qlora as ft
+
+    ft.setup(checkpoint_dir=tiny_ckpt, out_dir=tmp_path / "out", lora_init="loftq", loftq_iter=2, nf4_blocksize=32,
+             double_quant=False, **SCRIPT_RUN)
+    assert "--lora_init loftq: " in capsys.readouterr().out
+    config, _ = load_lora(tmp_path / "out")
+    assert config.init == {"method": "loftq", "loftq_iter": 2, "trained_r": 4, "trained_alpha": 8.0,
+                           "base_offset": "lora_base.safetensors"}
+    x = torch.randint(0, 200, (1, 12), generator=torch.Generator().manual_seed(0))
+    nf4 = dict(blocksize=32, double_quant=False)
+    trained = logits(rebuilt_from_train_state(tiny_ckpt, tmp_path / "out", "loftq", nf4, 2), x)
+    assert torch.equal(logits(load_lora_model(None, tmp_path / "out", merge=False), x), trained)
+
+
+def test_script_refusals_are_one_line_before_loading(tiny_ckpt, tmp_path):
+    import finetune.dpo as dpo
+    import finetune.lora as ft
+    import finetune.qlora as qft
+
+    with pytest.raises(LoraLabError, match="only helps a quantized base"):
+        ft.setup(checkpoint_dir=tmp_path / "missing", lora_init="loftq")  # checked before the checkpoint is read
+    with pytest.raises(LoraLabError, match="use one of kaiming, gaussian, pissa"):
+        qft.setup(checkpoint_dir=tmp_path / "missing", lora_init="eva")
+    with pytest.raises(LoraLabError, match="--loftq_iter 0"):
+        qft.setup(checkpoint_dir=tmp_path / "missing", lora_init="loftq", loftq_iter=0)
+    with pytest.raises(LoraLabError, match="DoRA"):
+        ft.setup(checkpoint_dir=tmp_path / "missing", lora_init="olora", use_dora=True)
+    with pytest.raises(LoraLabError, match="only helps a quantized base"):
+        dpo.setup(checkpoint_dir=tmp_path / "missing", lora_init="loftq")
