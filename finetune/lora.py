@@ -6,6 +6,7 @@
 Every linear layer we target computes  h = x W^T + (alpha/r) * dropout(x) A^T B^T  with W frozen and only A (r x in)
 and B (out x r) trained (lora_lab/lora.py explains the math). The adapter, a few MB, is saved with its config in
 out_dir and used by generate/lora.py, `python -m lora_lab.merge_lora` and `python -m lora_lab.export_peft`.
+--lora_init pissa / olora start the adapter from W's own directions instead of from zero (lora_lab/lora_init.py).
 
 --data is a built-in name (json_extraction: offline and synthetic; alpaca, alpaca-cleaned, alpaca-finance, dolly,
 lima: downloaded once) or a local .json / .jsonl / .csv file with instruction, input (optional) and output fields.

@@ -11,6 +11,8 @@ the compute dtype, and only A and B (kept in that dtype) train. The adapter is s
 the quantization recorded in its lora_config.json, and loads onto the float base as well (generate/lora.py,
 `python -m lora_lab.merge_lora`, `python -m lora_lab.export_peft`). The QLoRA paper puts LoRA on every linear
 layer of the blocks (--lora_targets query,key,value,projection,mlp) to match 16-bit fine-tuning.
+--lora_init loftq or pissa starts the adapter from the quantization error or from W's principal directions instead
+of from zero (lora_lab/lora_init.py; tutorials/qlora.md compares them).
 
 --data is a built-in name (json_extraction: offline and synthetic; alpaca, alpaca-cleaned, alpaca-finance, dolly,
 lima: downloaded once) or a local .json / .jsonl / .csv file with instruction, input (optional) and output fields.

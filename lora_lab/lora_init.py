@@ -48,7 +48,15 @@ LoftQ on a float base is refused: with nothing quantized, its Q_T would be throw
 L_T R_T whatever the scale s (right only for alpha = r); here s B A = L_T R_T for every alpha (equal to PEFT's at
 alpha = r). DoRA with a base-changing init is refused (its magnitude is defined against W).
 
-Every claim is checked against PEFT's own init (same weights, same RNG state) in tests/test_lora_init.py.
+Each claim is checked in tests/test_lora_init.py:
+    A, B and W_base equal PEFT's (gaussian, pissa, pissa_niter_N, olora)  test_init_equals_peft
+    LoftQ equals PEFT's loftq_init (bitsandbytes NF4), starts closer to W  test_loftq_equals_peft_and_starts_closer_...
+    s B A = L_T R_T for any alpha                                        test_loftq_scales_with_alpha
+    step 0 is the checkpoint (pissa, olora)                              test_float_step_0_is_the_base_model
+    QLoRA + PiSSA: NF4(residual) + s B A closer to W than NF4(W)         test_qpissa_quantizes_the_residual_closer_to_w
+    after training, the converted adapter (ours, PEFT's) and the rebuilt
+    QLoRA base give the trained model                                    test_trained_adapter_is_reproduced_from_the_...
+    the scripts: finetune/lora.py, qlora.py; refusals in one line         test_finetune_*, test_script_refusals_*
 """
 
 from __future__ import annotations
