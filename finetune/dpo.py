@@ -267,7 +267,7 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     inject_lora(model, r=lora_config.r, alpha=lora_config.alpha, dropout=lora_config.dropout,
                 targets=lora_config.targets, use_rslora=lora_config.use_rslora, use_dora=lora_config.use_dora)
     nf4 = dict(blocksize=nf4_blocksize, double_quant=double_quant) if quantize == "nf4" else None
-    init_lora(model, lora_init, nf4=nf4, loftq_iter=loftq_iter)
+    init_lora(model, lora_init, nf4=nf4, loftq_iter=loftq_iter, device=fabric.device)
     if quantize == "nf4":
         quantize_nf4(model, blocksize=nf4_blocksize, double_quant=double_quant)  # every other nn.Linear but lm_head
     if sft_weights is not None:

@@ -216,7 +216,7 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
                 use_rslora=use_rslora, use_dora=use_dora)
     started = time.perf_counter()
     # A, B (pissa / olora: the base becomes W - s B A); the step-0 adapter stays on the model for saving
-    init_lora(model, lora_init, loftq_iter=loftq_iter)
+    init_lora(model, lora_init, loftq_iter=loftq_iter, device=fabric.device)  # the SVD / QR on the GPU if any
     if lora_init != "kaiming":
         fabric.print(f"--lora_init {lora_init}: {time.perf_counter() - started:.2f} s")
     mark_only_lora_trainable(model)

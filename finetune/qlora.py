@@ -230,7 +230,8 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     inject_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets,
                 use_rslora=use_rslora, use_dora=use_dora)
     started = time.perf_counter()
-    init_lora(model, lora_init, nf4=dict(blocksize=nf4_blocksize, double_quant=double_quant), loftq_iter=loftq_iter)
+    init_lora(model, lora_init, nf4=dict(blocksize=nf4_blocksize, double_quant=double_quant), loftq_iter=loftq_iter,
+              device=fabric.device)  # the SVD / QR / quantization on the GPU if any, a layer at a time
     if lora_init != "kaiming":
         fabric.print(f"--lora_init {lora_init}: {time.perf_counter() - started:.2f} s")
     quantize_nf4(model, blocksize=nf4_blocksize, double_quant=double_quant)  # every other nn.Linear but lm_head -> NF4

@@ -184,7 +184,7 @@ def subtract_offset(weight: torch.Tensor, scale: float, B: torch.Tensor, A: torc
 # The model
 # ------------------------------------------------------------------------------------------------------------
 def init_lora(model: nn.Module, init: Union[str, dict] = "kaiming", nf4: Optional[dict] = None,
-              loftq_iter: int = 1) -> dict[str, torch.Tensor]:
+              loftq_iter: int = 1, device=None) -> dict[str, torch.Tensor]:
     """Initialise every LoRA layer of `model` (on float base weights) by `init`; with nf4 settings
     ({"blocksize", "double_quant"}), also store each LoRA layer's base in NF4 (the residual for pissa / olora,
     LoftQ's Q_T; W itself otherwise), so that quantize_nf4(model) afterwards handles only the other layers.
@@ -192,7 +192,8 @@ def init_lora(model: nn.Module, init: Union[str, dict] = "kaiming", nf4: Optiona
     Returns what saving and rebuilding need (empty for kaiming / gaussian), all float32 on the CPU:
     `{layer}.lora_A` / `.lora_B`, the adapter at step 0, and `{layer}.offset_A` / `.offset_B` with the scale in
     `offset_scale`, the product taken from W before quantizing (see the module docstring). It is also kept on the
-    model as `model.lora_init_record`, where save_trained_lora finds it."""
+    model as `model.lora_init_record`, where save_trained_lora finds it. device: where the SVD / QR / quantization
+    run, one layer at a time (e.g. the GPU while the model is still on the CPU; default: where each weight is)."""
     init = check_lora_init(init, nf4 is not None, loftq_iter=loftq_iter) if isinstance(init, str) else init
     method = init["method"]
     record: dict[str, torch.Tensor] = {}
@@ -207,8 +208,9 @@ def init_lora(model: nn.Module, init: Union[str, dict] = "kaiming", nf4: Optiona
         if method == "gaussian":
             gaussian_init_(layer)
         offset = None
+        home = layer.weight.device
         if method in ("pissa", "olora", "loftq"):
-            w = layer.weight.detach()
+            w = layer.weight.detach().to(device or home)
             if method == "pissa":
                 A, B = pissa_factors(w, layer.r, layer.scaling, init.get("niter"))
                 offset = (layer.scaling, B, A)
@@ -226,8 +228,11 @@ def init_lora(model: nn.Module, init: Union[str, dict] = "kaiming", nf4: Optiona
                 record[f"{name}.offset_A"], record[f"{name}.offset_B"] = offset[2].cpu(), offset[1].cpu()
                 record[f"{name}.offset_scale"] = torch.tensor(float(offset[0]))
         if nf4 is not None or offset is not None:
-            residual = subtract_offset(layer.weight, *offset) if offset is not None else layer.weight.float()
+            w = layer.weight.detach().to(device or home)
+            residual = subtract_offset(w, *offset) if offset is not None else w.float()
             _set_base(layer, residual, nf4)
+            if layer.weight.device != home:  # the NF4 buffers (or the float residual) back where the model is
+                layer.to(home)
             if layer.use_dora:  # (kaiming / gaussian: B = 0) the magnitude starts at the row norms of the new base
                 with torch.no_grad():
                     layer.lora_magnitude.copy_(layer._dora_row_norm())
