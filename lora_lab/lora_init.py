@@ -195,6 +195,7 @@ def init_lora(model: nn.Module, init: Union[str, dict] = "kaiming", nf4: Optiona
     model as `model.lora_init_record`, where save_trained_lora finds it. device: where the SVD / QR / quantization
     run, one layer at a time (e.g. the GPU while the model is still on the CPU; default: where each weight is)."""
     init = check_lora_init(init, nf4 is not None, loftq_iter=loftq_iter) if isinstance(init, str) else init
+    nf4 = None if nf4 is None else {k: v for k, v in nf4.items() if k != "method"}  # nf4.nf4_settings() has one
     method = init["method"]
     record: dict[str, torch.Tensor] = {}
     for name, layer in lora_modules(model):
