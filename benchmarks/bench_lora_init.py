@@ -86,6 +86,7 @@ def main(checkpoint_dir: Path, inits: str = "kaiming,loftq,pissa", max_steps: in
                               "--lora_r", str(lora_r), "--lora_targets", lora_targets, "--loftq_iter", str(loftq_iter)],
                              capture_output=True, text=True, check=True, env={"PYTHONPATH": str(ROOT), **_env()})
         costs[init] = eval(out.stdout.strip().splitlines()[-1], {})  # our own dict literal
+        print(f"{init}: init {costs[init]}", file=sys.stderr, flush=True)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for init in names:
@@ -103,7 +104,7 @@ def main(checkpoint_dir: Path, inits: str = "kaiming,loftq,pissa", max_steps: in
             json_line = re.search(r"all values right (\d+)% -> (\d+)%", printed.getvalue())
             rows[init] = dict(losses=losses, json=json_line.groups() if json_line else ("?", "?"),
                               minutes=(time.perf_counter() - started) / 60)
-            print(f"{init}: done in {rows[init]['minutes']:.1f} min", file=sys.stderr)
+            print(f"{init}: done in {rows[init]['minutes']:.1f} min: {rows[init]}", file=sys.stderr, flush=True)
     steps = sorted(next(iter(rows.values()))["losses"])
     print(f"QLoRA on {checkpoint_dir}, r={lora_r} on {lora_targets}, {max_steps} steps of batch {batch_size}, "
           f"lr {learning_rate}, seed {seed}, NF4 blocks of 64 + double quantization")
