@@ -266,7 +266,7 @@ def test_trained_adapter_is_reproduced_from_the_original_checkpoint(base, tmp_pa
     if init == "pissa":  # llama.cpp's LoRA GGUF: the same ordinary rank-2r adapter, scale alpha' / 2r = alpha / r
         from gguf import GGUFReader
 
-        from lora_lab.formats.gguf_export import write_gguf_adapter
+        from lora_lab.formats.gguf_adapter import write_gguf_adapter
         summary = write_gguf_adapter(tmp_path / "adapter", tmp_path / "adapter.gguf", progress=False)
         assert (summary["r"], summary["alpha"]) == (2 * R, 2 * ALPHA)
         shapes = {t.name: tuple(t.shape) for t in GGUFReader(str(tmp_path / "adapter.gguf")).tensors}
