@@ -46,7 +46,9 @@ generate, evaluate and merge give the trained QLoRA model exactly, as they do fo
 
 LoftQ on a float base is refused: with nothing quantized, its Q_T would be thrown away. PEFT's LoftQ sets B A =
 L_T R_T whatever the scale s (right only for alpha = r); here s B A = L_T R_T for every alpha (equal to PEFT's at
-alpha = r). DoRA with a base-changing init is refused (its magnitude is defined against W).
+alpha = r). DoRA with a base-changing init is refused (its magnitude is defined against W). As quantize_nf4 does,
+lm_head stays float in QLoRA: LoftQ leaves its adapter at the default init, PiSSA / OLoRA give it a float residual;
+a tied lm_head then gets its own weight (vocab × d more memory) and the embedding keeps W.
 
 Each claim is checked in tests/test_lora_init.py:
     A, B and W_base equal PEFT's (gaussian, pissa, pissa_niter_N, olora)  test_init_equals_peft
@@ -197,20 +199,26 @@ def init_lora(model: nn.Module, init: Union[str, dict] = "kaiming", nf4: Optiona
     init = check_lora_init(init, nf4 is not None, loftq_iter=loftq_iter) if isinstance(init, str) else init
     nf4 = None if nf4 is None else {k: v for k, v in nf4.items() if k != "method"}  # nf4.nf4_settings() has one
     method = init["method"]
-    record: dict[str, torch.Tensor] = {}
-    for name, layer in lora_modules(model):
+    layers = list(lora_modules(model))
+    for name, layer in layers:  # every refusal before any work
         if layer.quant_type is not None:
             raise LoraLabError(f"{name} is already quantized: inject LoRA on the float model, run init_lora "
                                f"(with the NF4 settings), then quantize_nf4(model)")
-        if method in BASE_CHANGING and (layer.shares_weight or layer.use_dora):
-            why = "its weight is the embedding matrix (tied lm_head)" if layer.shares_weight else "it uses DoRA"
-            raise LoraLabError(f"--lora_init {method} changes the base weight of {name}, but {why}: leave lm_head "
-                               f"out of --lora_targets (or use the default init)")
+        if method in BASE_CHANGING and layer.use_dora:
+            raise LoraLabError(f"--lora_init {method} changes the base weight, which DoRA's magnitude is defined "
+                               f"against: use it without --use_dora")
+    record: dict[str, torch.Tensor] = {}
+    for name, layer in layers:
+        # as quantize_nf4(model) would: lm_head and a weight shared with the embedding stay float
+        layer_nf4 = nf4 if name != "lm_head" and not layer.shares_weight else None
         if method == "gaussian":
             gaussian_init_(layer)
         offset = None
         home = layer.weight.device
-        if method in ("pissa", "olora", "loftq"):
+        if method == "loftq" and layer_nf4 is None:  # a float lm_head: nothing to fit, the default init (B = 0)
+            record[f"{name}.lora_A"] = torch.zeros(layer.r, layer.in_features)
+            record[f"{name}.lora_B"] = torch.zeros(layer.out_features, layer.r)
+        elif method in ("pissa", "olora", "loftq"):
             w = layer.weight.detach().to(device or home)
             if method == "pissa":
                 A, B = pissa_factors(w, layer.r, layer.scaling, init.get("niter"))
@@ -219,7 +227,7 @@ def init_lora(model: nn.Module, init: Union[str, dict] = "kaiming", nf4: Optiona
                 A, B = olora_factors(w, layer.r)
                 offset = (layer.scaling, B, A)
             else:
-                A, B, L_prev, R_prev = loftq_factors(w, layer.r, layer.scaling, nf4, init.get("loftq_iter", 1))
+                A, B, L_prev, R_prev = loftq_factors(w, layer.r, layer.scaling, layer_nf4, init.get("loftq_iter", 1))
                 offset = (1.0, L_prev, R_prev) if L_prev is not None else None
             with torch.no_grad():
                 layer.lora_A.copy_(A)
@@ -228,10 +236,11 @@ def init_lora(model: nn.Module, init: Union[str, dict] = "kaiming", nf4: Optiona
             if offset is not None:
                 record[f"{name}.offset_A"], record[f"{name}.offset_B"] = offset[2].cpu(), offset[1].cpu()
                 record[f"{name}.offset_scale"] = torch.tensor(float(offset[0]))
-        if nf4 is not None or offset is not None:
+        if layer_nf4 is not None or offset is not None:
             w = layer.weight.detach().to(device or home)
             residual = subtract_offset(w, *offset) if offset is not None else w.float()
-            _set_base(layer, residual, nf4)
+            _set_base(layer, residual, layer_nf4)
+            layer.shares_weight = False  # a tied lm_head gets its own (residual) weight: the embedding keeps W
             if layer.weight.device != home:  # the NF4 buffers (or the float residual) back where the model is
                 layer.to(home)
             if layer.use_dora:  # (kaiming / gaussian: B = 0) the magnitude starts at the row norms of the new base

@@ -362,3 +362,23 @@ def test_script_refusals_are_one_line_before_loading(tiny_ckpt, tmp_path):
         ft.setup(checkpoint_dir=tmp_path / "missing", lora_init="olora", use_dora=True)
     with pytest.raises(LoraLabError, match="only helps a quantized base"):
         dpo.setup(checkpoint_dir=tmp_path / "missing", lora_init="loftq")
+
+
+def test_tied_lm_head_gets_its_own_residual_and_loftq_leaves_it_float():
+    from lora_lab.config import Config
+    from test_use_adapter import LLAMA_TIED, random_base
+
+    x = idx()
+    base = random_base(Config(name="tied", **LLAMA_TIED), scale=1.0)
+    expected = logits(base, x)
+    embedding = base.wte.weight.detach().clone()
+    inject_lora(base, r=R, alpha=ALPHA, targets=["query", "lm_head"])
+    init_lora(base, "pissa")
+    assert torch.equal(base.wte.weight, embedding) and base.lm_head.weight is not base.wte.weight
+    assert_float32_close(logits(base, x), expected)
+
+    quantized = random_base(Config(name="tied", **LLAMA_TIED), scale=1.0)
+    inject_lora(quantized, r=R, alpha=ALPHA, targets=["query", "lm_head"])
+    record = init_lora(quantized, "loftq", nf4=NF4)
+    assert quantized.lm_head.quant_type is None and float(quantized.lm_head.lora_B.detach().abs().max()) == 0
+    assert quantized.blocks[0].attn.q_proj.quant_type == "nf4" and record["lm_head.lora_B"].abs().max() == 0
