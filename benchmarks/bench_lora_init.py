@@ -57,7 +57,7 @@ def peak_rss_of_init(checkpoint_dir: str, init: str, r: int, targets: str, loftq
 def main(checkpoint_dir: Path, inits: str = "kaiming,loftq,pissa", max_steps: int = 24, eval_interval: int = 8,
          lora_r: int = 8, lora_targets: str = "all", loftq_iter: int = 1, batch_size: int = 8, n_train: int = 400,
          n_val: int = 32, eval_samples: int = 16, learning_rate: float = 1e-3, seed: int = 42,
-         one: str = "") -> None:
+         memory: bool = True, one: str = "") -> None:
     """Args:
         checkpoint_dir: the base model.
         inits: comma-separated --lora_init values to compare.
@@ -72,6 +72,7 @@ def main(checkpoint_dir: Path, inits: str = "kaiming,loftq,pissa", max_steps: in
         eval_samples: held-out prompts generated and scored before and after.
         learning_rate: peak learning rate.
         seed: the same for every run.
+        memory: also measure each init's time and peak-memory rise in a fresh process (one more model load each).
         one: internal: measure only this init's time and memory, print it, exit.
     """
     if one:
@@ -81,7 +82,7 @@ def main(checkpoint_dir: Path, inits: str = "kaiming,loftq,pissa", max_steps: in
 
     names = inits.split(",")
     costs = {}
-    for init in names:  # a fresh process each: the peak-memory rise of the init alone
+    for init in names if memory else ():  # a fresh process each: the peak-memory rise of the init alone
         out = subprocess.run([sys.executable, __file__, "--checkpoint_dir", str(checkpoint_dir), "--one", init,
                               "--lora_r", str(lora_r), "--lora_targets", lora_targets, "--loftq_iter", str(loftq_iter)],
                              capture_output=True, text=True, check=True, env={"PYTHONPATH": str(ROOT), **_env()})
@@ -102,20 +103,27 @@ def main(checkpoint_dir: Path, inits: str = "kaiming,loftq,pissa", max_steps: in
             with open(Path(tmp) / init / "metrics.csv") as f:
                 losses = {int(r["step"]): float(r["val_loss"]) for r in csv.DictReader(f) if r.get("val_loss")}
             json_line = re.search(r"all values right (\d+)% -> (\d+)%", printed.getvalue())
+            init_line = re.search(r"--lora_init \S+: ([\d.]+) s", printed.getvalue())
             rows[init] = dict(losses=losses, json=json_line.groups() if json_line else ("?", "?"),
-                              minutes=(time.perf_counter() - started) / 60)
+                              minutes=(time.perf_counter() - started) / 60,
+                              init_seconds=float(init_line.group(1)) if init_line else None)
             print(f"{init}: done in {rows[init]['minutes']:.1f} min: {rows[init]}", file=sys.stderr, flush=True)
     steps = sorted(next(iter(rows.values()))["losses"])
     print(f"QLoRA on {checkpoint_dir}, r={lora_r} on {lora_targets}, {max_steps} steps of batch {batch_size}, "
           f"lr {learning_rate}, seed {seed}, NF4 blocks of 64 + double quantization")
+    extra = " step-0 distance from W | init peak memory rise |" if memory else ""
     print("| --lora_init | " + " | ".join(f"val loss @{s}" for s in steps) + " | JSON all values right | "
-          "step-0 distance from W | init time | init peak memory rise |")
-    print("| --- " * (len(steps) + 5) + "|")
+          "init time |" + extra)
+    print("| --- " * (len(steps) + 3 + 2 * memory) + "|")
     for init in names:
-        r, c = rows[init], costs[init]
-        print(f"| {init} | " + " | ".join(f"{r['losses'][s]:.4f}" for s in steps) +
-              f" | {r['json'][0]}% -> {r['json'][1]}% | {c['step0_error']:.4f} | {c['seconds']:.2f} s | "
-              f"{c['peak_rise'] / 2**20:.0f} MiB |")
+        r = rows[init]
+        seconds = f"{r['init_seconds']:.1f} s" if r["init_seconds"] is not None else "-"
+        line = (f"| {init} | " + " | ".join(f"{r['losses'][s]:.4f}" for s in steps) +
+                f" | {r['json'][0]}% -> {r['json'][1]}% | {seconds} |")
+        if memory:
+            c = costs[init]
+            line += f" {c['step0_error']:.4f} | {c['peak_rise'] / 2**20:.0f} MiB |"
+        print(line)
 
 
 def _env() -> dict:

@@ -246,10 +246,10 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     if max_steps is None:
         max_steps = max(1, math.ceil(epochs * data_stats["n_train"] / batch_size))
 
-    # ---- the model: load the base, (quantize it,) add LoRA or the SFT adapter, freeze everything else ----------
+    # ---- the model: load the base, add LoRA (initialise it, quantize) or the SFT adapter, freeze the rest ------
     model = GPT.from_checkpoint(checkpoint_dir)
-    if quantize == "nf4":
-        base_quantization = nf4_settings(nf4_blocksize, double_quant)  # what quantize_nf4 records, below
+    # the settings quantize_nf4 records (it runs below, after the LoRA init), or None for a float base
+    base_quantization = nf4_settings(nf4_blocksize, double_quant) if quantize == "nf4" else None
     trained_with = {"method": "dpo", "loss": loss, "beta": beta,
                     "reference": f"base + {adapter_dir} (the starting adapter)" if sft_config else "the base model"}
     if sft_config is not None:  # continue the SFT adapter: its shape and settings, its weights

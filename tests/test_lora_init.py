@@ -382,3 +382,24 @@ def test_tied_lm_head_gets_its_own_residual_and_loftq_leaves_it_float():
     record = init_lora(quantized, "loftq", nf4=NF4)
     assert quantized.lm_head.quant_type is None and float(quantized.lm_head.lora_B.detach().abs().max()) == 0
     assert quantized.blocks[0].attn.q_proj.quant_type == "nf4" and record["lm_head.lora_B"].abs().max() == 0
+
+
+def test_finetune_dpo_with_pissa_saves_the_converted_adapter(tiny_ckpt, tmp_path, one_thread):
+    """DPO's reference is the policy at step 0: with pissa that is exactly the base model; the adapter is converted."""
+    import finetune.dpo as dpo
+    from test_dpo import PAIRS
+
+    (tmp_path / "pairs.json").write_text(__import__("json").dumps(PAIRS[:8]))
+    dpo.setup(checkpoint_dir=tiny_ckpt, data=str(tmp_path / "pairs.json"), out_dir=tmp_path / "out", max_steps=1,
+              batch_size=4, micro_batch_size=2, max_seq_length=128, eval_samples=0, lora_r=4, lora_alpha=8.0,
+              lora_init="pissa", lora_targets="query,value", lora_dropout=0.0)
+    config, tensors = load_lora(tmp_path / "out")
+    assert (config.r, config.init["method"], config.init["trained_r"]) == (8, "pissa", 4)
+    assert config.trained_with["method"] == "dpo"
+    x = torch.randint(0, 200, (1, 12), generator=torch.Generator().manual_seed(0))
+    model = GPT.from_checkpoint(tiny_ckpt).eval()
+    inject_lora(model, r=4, alpha=8.0, targets=["query", "value"])
+    init_lora(model, "pissa")
+    from lora_lab.training import TRAIN_STATE_FILE, load_train_state
+    load_lora_state_dict(model, load_train_state(tmp_path / "out" / TRAIN_STATE_FILE)["lora"])
+    assert_float32_close(logits(load_lora_model(None, tmp_path / "out"), x), logits(model, x))
