@@ -2,6 +2,7 @@
 
     python benchmarks/bench_lora_init.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
     python benchmarks/bench_lora_init.py --checkpoint_dir DIR --inits kaiming,loftq,pissa --max_steps 24
+    python benchmarks/bench_lora_init.py --checkpoint_dir DIR --step0 true --inits kaiming,loftq,pissa,pissa_niter_4
 
 Each init trains with finetune/qlora.py (in this process, one after the other) on the built-in JSON task, and the
 table gives the validation loss at each --eval_interval, the share of held-out prompts whose greedy answer has all
@@ -54,10 +55,30 @@ def peak_rss_of_init(checkpoint_dir: str, init: str, r: int, targets: str, loftq
     return {"seconds": seconds, "peak_rise": rise, "step0_error": err}
 
 
+def step0_table(checkpoint_dir: Path, inits: list[str], r: int, targets: str, loftq_iter: int) -> None:
+    """Per init, in this process: the mean over LoRA layers of ||W - (W_base + s B A)|| / ||W|| at step 0 (NF4 base,
+    blocks of 64, double quantization) and the init's CPU time (time.thread_time: holds on a busy machine)."""
+    print(f"step 0 on {checkpoint_dir}, r={r} on {targets}: mean relative distance from the checkpoint's W")
+    print("| --lora_init | distance of base + s B A from W (relative) | init CPU time |")
+    print("| --- | --- | --- |")
+    for init in inits:
+        model = GPT.from_checkpoint(checkpoint_dir)
+        inject_lora(model, r=r, alpha=2.0 * r, targets=normalize_targets(targets.split(",")))
+        weights = {n: m.weight.detach().float().clone() for n, m in lora_modules(model)}
+        started = time.thread_time()
+        init_lora(model, init, nf4=dict(blocksize=64, double_quant=True), loftq_iter=loftq_iter)
+        seconds = time.thread_time() - started
+        with torch.no_grad():
+            d = [float((weights[n] - (m.base_weight(torch.float32) + m.delta_weight().float())).norm() / weights[n].norm())
+                 for n, m in lora_modules(model)]
+        name = f"{init} --loftq_iter {loftq_iter}" if init == "loftq" else init
+        print(f"| {name} | {sum(d) / len(d):.4f} | {seconds:.1f} s |", flush=True)
+
+
 def main(checkpoint_dir: Path, inits: str = "kaiming,loftq,pissa", max_steps: int = 24, eval_interval: int = 8,
          lora_r: int = 8, lora_targets: str = "all", loftq_iter: int = 1, batch_size: int = 8, n_train: int = 400,
          n_val: int = 32, eval_samples: int = 16, learning_rate: float = 1e-3, seed: int = 42,
-         memory: bool = True, one: str = "") -> None:
+         memory: bool = True, step0: bool = False, one: str = "") -> None:
     """Args:
         checkpoint_dir: the base model.
         inits: comma-separated --lora_init values to compare.
@@ -72,12 +93,15 @@ def main(checkpoint_dir: Path, inits: str = "kaiming,loftq,pissa", max_steps: in
         eval_samples: held-out prompts generated and scored before and after.
         learning_rate: peak learning rate.
         seed: the same for every run.
+        step0: only print each init's step-0 distance from W and its CPU time (no training).
         memory: also measure each init's time and peak-memory rise in a fresh process (one more model load each).
         one: internal: measure only this init's time and memory, print it, exit.
     """
     if one:
         print(peak_rss_of_init(str(checkpoint_dir), one, lora_r, lora_targets, loftq_iter))
         return
+    if step0:
+        return step0_table(checkpoint_dir, inits.split(","), lora_r, lora_targets, loftq_iter)
     import finetune.qlora as qlora
 
     names = inits.split(",")
