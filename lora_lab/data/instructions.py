@@ -146,7 +146,7 @@ def _iter_records(path: Path) -> Iterator[tuple[str, object]]:
             for i, record in enumerate(data):
                 yield f"index {i}", record
             return
-    for i, line in enumerate(text.splitlines(), start=1):
+    for i, line in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 may sit inside a string
         if not line.strip():
             continue
         try:

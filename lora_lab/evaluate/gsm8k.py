@@ -112,7 +112,7 @@ def load_rows(data_dir: Optional[Path] = None, limit: Optional[float] = None) ->
     if not path.is_file():
         raise LoraLabError(f"task gsm8k: {path} does not exist: set {EVAL_DATA_ENV} to the folder holding "
                            f"{TEST_FILE} (the Hub's gsm8k test split as JSON lines, `question` and `answer`)")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
     if limit is not None:
         rows = rows[:int(limit) if limit >= 1 else max(1, round(len(rows) * limit))]
     return rows
