@@ -51,16 +51,16 @@ from lora_lab.flops import FlopsMeter
 from lora_lab.generate import generate_batch, peak_memory_bytes, reset_peak_memory
 from lora_lab.grpo import (check_grpo_settings, completion_logps, group_advantages, grpo_loss, length_metrics,
                            masked_mean, pack_completions, reference_context, reward_metrics, token_weights)
+from lora_lab.lora_init import save_trained_lora
 from lora_lab.lora import (LoRAConfig, check_adapter_fits, count_parameters, inject_lora, load_lora,
                            load_lora_state_dict, lora_plus_param_groups, lora_state_dict, mark_only_lora_trainable,
-                           normalize_targets, save_lora)
+                           normalize_targets)
 from lora_lab.model import IGNORE_INDEX
 from lora_lab.nf4 import quantize_nf4
 from lora_lab.prompts import PromptStyle
 from lora_lab.rewards import compute_rewards, load_rewards
-from lora_lab.training import (TRAIN_STATE_FILE, MetricsLog, StopRequest, Throughput, format_seconds,
-                               load_train_state, lr_at, parse_duration, rng_state, save_train_state, set_lr,
-                               set_rng_state)
+from lora_lab.training import (TRAIN_STATE_FILE, LRSchedule, MetricsLog, StopRequest, Throughput, format_seconds,
+                               load_train_state, parse_duration, rng_state, save_train_state, set_lr, set_rng_state)
 from lora_lab.utils import LoraLabError, cli
 
 # metrics.csv: TRL's names (the per-reward-function columns are added for the run's rewards: `columns`)
@@ -429,6 +429,9 @@ def fit(fabric, model, gpt, optimizer, train_rows, val_rows, state, lora_config,
     metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"], logger_name=hparams["logger_name"],
                          hparams=hparams, fields=columns)  # + hparams.yaml, an experiment tracker, loss.png
     throughput = Throughput(state["step"], max_steps)
+    # warm-up and cosine decay over max_steps, or over the --max_time budget (lora_lab/training.py)
+    schedule = LRSchedule(learning_rate, warmup_steps, min_lr, max_steps, max_time, state,
+                          sync=fabric.broadcast if fabric.world_size > 1 else None)
     earlier_seconds = state.get("seconds", 0.0)  # a resumed run's time before the interruption
     flops = FlopsMeter.for_fabric(gpt, fabric, hparams["peak_flops"])  # model FLOPs, for MFU (lora_lab/flops.py)
     reset_peak_memory(fabric.device)
@@ -437,7 +440,7 @@ def fit(fabric, model, gpt, optimizer, train_rows, val_rows, state, lora_config,
     val = None
 
     while state["step"] < max_steps:
-        lr = lr_at(state["step"], max_steps, learning_rate, warmup_steps, min_lr)
+        lr = schedule.lr(state["step"])
         set_lr(optimizer, lr)
         generation = state["step"] // num_iterations
         if state["step"] % num_iterations == 0 or batch is None:
@@ -484,6 +487,7 @@ def fit(fabric, model, gpt, optimizer, train_rows, val_rows, state, lora_config,
                 raise not_finite("gradient norm", norm.item(), state["step"] + 1, out_dir)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        schedule.step_done()
         state["step"] += 1
         state["seconds"] = earlier_seconds + throughput.elapsed()
         step = state["step"]
@@ -498,7 +502,7 @@ def fit(fabric, model, gpt, optimizer, train_rows, val_rows, state, lora_config,
         row = {"step": step, **train, "lr": lr, "tokens": state["tokens"],
                "tokens_per_sec": throughput.tokens_per_sec(),
                "sampling_tokens_per_sec": sampled / max(sampling_time, 1e-9)}
-        out_of_time = max_time is not None and throughput.elapsed() > max_time
+        out_of_time = schedule.out_of_time()
         stop_requested = stop.requested
         if fabric.world_size > 1:
             # every device must take the same branch below (validate, save, break): a device that trained on
@@ -591,7 +595,7 @@ def validate(fabric, gpt, tokenizer, val_rows, rewards, stop_ids, max_completion
 def save(fabric, gpt, optimizer, state, lora_config, hparams, out_dir) -> None:
     """The adapter (for generate/merge/export) and the resume state, each written atomically."""
     if fabric.is_global_zero:
-        save_lora(out_dir, gpt, lora_config)
+        save_trained_lora(out_dir, gpt, lora_config)  # (an ordinary adapter: grpo.py starts no pissa / olora)
         save_train_state(out_dir / TRAIN_STATE_FILE, {
             "lora": {k: v.detach().cpu() for k, v in lora_state_dict(gpt).items()},
             "optimizer": optimizer.state_dict(),

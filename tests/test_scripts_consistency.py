@@ -429,15 +429,19 @@ RENAMES[GRPO] = []
 METHOD_STATEMENTS[GRPO] = []
 GRPO_ARGUMENTS = ["adapter_dir", "reward", "reward_weights", "num_generations", "max_completion_length",
                   "temperature", "top_p", "top_k", "beta", "epsilon", "epsilon_high", "loss_type", "scale_rewards",
-                  "num_iterations", "quantize", "nf4_blocksize", "double_quant", *METHOD_ARGUMENTS["lora"]]
+                  "num_iterations", "quantize", "nf4_blocksize", "double_quant",
+                  *[a for a in METHOD_ARGUMENTS["lora"] if a not in ("lora_init", "loftq_iter")]]
 # lora.py's options that mean nothing here (every other one, compile, MFU, trackers, max_time included, grpo.py
 # takes as lora.py does):
 GRPO_DROPPED = {"mask_prompt",  # only the completion tokens are ever scored: the prompt is always context
                 "blank_line_docs",  # raw text has no prompts to answer
                 "packing",  # a step's completions are scored in right-padded micro-batches, each trimmed to its
                             # longest row; packing them is not implemented (no flag that does nothing)
-                "neftune_alpha"}  # noise on the policy pass only would make it score another function than the
+                "neftune_alpha",  # noise on the policy pass only would make it score another function than the
                                   # sampling, old-policy and reference passes (TRL's GRPOTrainer has no NEFTune)
+                "lora_init", "loftq_iter"}  # pissa / olora / loftq move W's principal part into A, B: the base with
+                # the LoRA switched off is then not the starting model, so GRPO's reference would need the swap path
+                # for every start; not wired yet (a fresh adapter starts as lora.py's default, kaiming)
 # shared options with another default here: eval_samples (each answer is printed with its reward: 3, as dpo.py)
 GRPO_OWN_DEFAULTS = OWN_DEFAULTS | {"eval_samples"}
 
@@ -448,7 +452,12 @@ GRPO_REPLACES = {
         # the signature (GRPO's own arguments; no blank_line_docs, mask_prompt, packing, neftune_alpha)
         "blank_line_docs: bool", "lora_r: int, lora_alpha", "use_rslora: bool, use_dora", "max_seq_length: int, mask",
         "max_steps: Optional[int], epochs", "weight_decay: float, warmup", "columns: Optional[dict],", "activation_checkpointing: bool, compile",
-        "eval_iters: int, eval_samples", "precision: str, peak_flops",
+        "eval_iters: int, eval_samples", "precision: str, peak_flops", "loftq_iter: int, prompt_style",
+        # no data mix to record: the prompts come from one source
+        "if fabric.is_global_zero:", "write_mix_record(out_dir, data_stats)",
+        # no --lora_init (GRPO_DROPPED): a fresh adapter starts as lora.py's default
+        "prompt_style=style.name, init=init_config(", "started = time.perf_counter()", "init_lora(model, lora_init",
+        'if lora_init != "kaiming":', 'fabric.print(f"--lora_init {lora_init}',
         # a step is batch_size completions, num_generations per prompt: check_grpo_settings, no grad_accum
         "if fabric.world_size > 1 and batch_size %", 'raise LoraLabError(f"batch_size={batch_size} is not',
         'f"{micro_batch_size * fabric.world_size}")', "grad_accum = max(1,",
@@ -457,7 +466,7 @@ GRPO_REPLACES = {
         "data, tokenizer, style, max_seq_length", "val_data=val_data, n_train", "bucket_by_length=True, pad_id=",
         "blank_line_docs=blank_line_docs)", "max_steps = max(1, math.ceil(epochs * data_stats",
         # the model section: an SFT adapter may be continued (as dpo.py), its LoRAConfig says trained_with grpo
-        "prompt_style=style.name)", "inject_lora(model, r=lora_r", "use_rslora=use_rslora, use_dora=use_dora)",
+        "inject_lora(model, r=lora_r", "use_rslora=use_rslora, use_dora=use_dora)",
         'fabric.print(f"LoRA r={lora_r}', 'f"parameters of {total:,}',
         # no sampler state to resume (the prompt order is a function of the step)
         'state = {"step": 0, "micro_batches": 0', 'train_dl.batch_sampler.load_state_dict(',
