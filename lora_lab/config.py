@@ -46,6 +46,27 @@ class Config:
     tie_embeddings: bool = False  # lm_head shares the embedding matrix
     scale_embeddings: bool = False  # Gemma multiplies embeddings by sqrt(n_embd)
     sliding_window: Optional[int] = None  # Mistral v0.1: attend to the last N positions only
+    # per-layer switches (None: every layer alike). Layer i slides unless i is in global_layers; it rotates with
+    # rope_local_base (no scaling) if it slides and that is set, and not at all if i is in nope_layers.
+    global_layers: Optional[list[int]] = None  # with sliding_window: layers that see everything (Gemma 2 / 3)
+    rope_local_base: Optional[float] = None  # the sliding layers' RoPE base (Gemma 3: 10k local, 1M global)
+    nope_layers: Optional[list[int]] = None  # layers without RoPE (SmolLM3: every 4th)
+    # attention details of the 2024-25 families
+    qk_norm: Optional[Literal["head", "all"]] = None  # RMSNorm on q and k before RoPE: per head (Qwen3, Gemma 3)
+    #                                                 or over the whole projection (OLMo 2)
+    attn_scale_base: Optional[float] = None  # scores scaled by attn_scale_base**-0.5, not head_size**-0.5 (Gemma 2/3)
+    attn_softcap: Optional[float] = None  # scores -> cap * tanh(scores / cap) before the softmax (Gemma 2)
+    final_softcap: Optional[float] = None  # the same on the output logits (Gemma 2)
+    # where the norms sit: before each sub-block (pre_norms), on its output before the residual add (post_norms)
+    pre_norms: bool = True  # OLMo 2 has none
+    post_norms: bool = False  # Gemma 2 / 3 (with pre_norms), OLMo 2
+    # mixture of experts (n_expert > 0): the MLP of the layers in moe_layers (default all) is a router that sends
+    # each token to its n_expert_per_token best experts, each a gated MLP of moe_intermediate_size
+    n_expert: int = 0
+    n_expert_per_token: int = 0
+    moe_intermediate_size: Optional[int] = None
+    norm_topk_prob: bool = False  # renormalise the chosen experts' weights to sum to 1 (Qwen3-MoE: yes)
+    moe_layers: Optional[list[int]] = None
     # what generation and fine-tuning need to know about the model
     prompt_style: str = "plain"
     extra: dict = field(default_factory=dict)  # anything else a converter wants to remember
@@ -63,6 +84,33 @@ class Config:
             self.intermediate_size = 4 * self.n_embd
         if self.attn_qkv_bias is None:
             self.attn_qkv_bias = self.bias
+        if self.n_expert and not 0 < self.n_expert_per_token <= self.n_expert:
+            raise ValueError(f"n_expert_per_token={self.n_expert_per_token} must be in 1..n_expert={self.n_expert}")
+        if self.n_expert and self.moe_intermediate_size is None:
+            self.moe_intermediate_size = self.intermediate_size
+
+    # ---- per-layer switches ----------------------------------------------------------------------------------
+    def window_at(self, i: int) -> Optional[int]:
+        """Layer i's sliding window (None: it attends to every earlier position)."""
+        if self.sliding_window is None or (self.global_layers is not None and i in self.global_layers):
+            return None
+        return self.sliding_window
+
+    def rope_at(self, i: int) -> Optional[str]:
+        """Which rotary table layer i uses: "global", "local" (Gemma 3's sliding layers) or None (NoPE)."""
+        if self.nope_layers is not None and i in self.nope_layers:
+            return None
+        if self.rope_local_base is not None and self.window_at(i) is not None:
+            return "local"
+        return "global"
+
+    def moe_at(self, i: int) -> bool:
+        return self.n_expert > 0 and (self.moe_layers is None or i in self.moe_layers)
+
+    @property
+    def uniform_layers(self) -> bool:
+        """Every layer has the same window and the same rotary table (the common, fast case)."""
+        return len({(self.window_at(i), self.rope_at(i)) for i in range(self.n_layer)}) <= 1
 
     @property
     def rope_n_elem(self) -> int:
