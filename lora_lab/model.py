@@ -617,6 +617,19 @@ def make_mlp(config: Config) -> nn.Module:
     return GeluMLP(config) if config.mlp_class == "gelu" else GatedMLP(config)
 
 
+class Router(nn.Module):
+    """x -> router logits x W^T (N, n_expert). Not an nn.Linear on purpose: NF4 and LoRA adapt nn.Linear layers,
+    and the router stays as it is (a few thousand weights that decide where every token goes)."""
+
+    def __init__(self, n_embd: int, n_expert: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_expert, n_embd))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's init
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
 class MoE(nn.Module):
     """Mixture of experts (Qwen3-MoE): a router scores the experts for each token, the token goes to its top k,
     and their outputs are summed weighted by the router's softmax probabilities (renormalised over the chosen k
@@ -632,7 +645,7 @@ class MoE(nn.Module):
 
     def __init__(self, config: Config) -> None:
         super().__init__()
-        self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
+        self.router = Router(config.n_embd, config.n_expert)
         expert_config = replace(config, intermediate_size=config.moe_intermediate_size, mlp_class="swiglu", bias=False)
         self.experts = nn.ModuleList(GatedMLP(expert_config) for _ in range(config.n_expert))
         self.top_k, self.norm_topk_prob = config.n_expert_per_token, config.norm_topk_prob
