@@ -289,3 +289,93 @@ for size, (n_embd, n_layer, n_head, n_kv, inter, vocab, block) in {
            norm_eps=1e-5)
 
 name_to_config = {c["name"]: c for c in configs}
+
+# ---- the 2024-25 families. A checkpoint's own config.json is the authority (`lora_lab.convert` reads it); these
+# ---- are its published values for building models by name.
+
+# Qwen3: per-head q/k RMSNorm, head_size 128 whatever n_embd is; small ones tie their embeddings
+for size, (n_embd, n_layer, n_head, inter, tied) in {
+    "0.6B": (1024, 28, 16, 3072, True),
+    "1.7B": (2048, 28, 16, 6144, True),
+    "4B": (2560, 36, 32, 9728, True),
+    "8B": (4096, 36, 32, 12288, False),
+    "14B": (5120, 40, 40, 17408, False),
+    "32B": (5120, 64, 64, 25600, False),
+}.items():
+    for base in ("", "-Base"):
+        _llama(f"Qwen3-{size}{base}", f"Qwen/Qwen3-{size}{base}", block_size=40960, vocab_size=151936,
+               n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_query_groups=8, head_size=128,
+               intermediate_size=inter, rope_base=1000000.0, tie_embeddings=tied, norm_eps=1e-6, qk_norm="head",
+               prompt_style="plain" if base else "chatml")
+
+# Qwen3-MoE: every layer a mixture of experts, top-8 of 128 experts, renormalised
+for name, (n_embd, n_layer, n_head, n_kv) in {"Qwen3-30B-A3B": (2048, 48, 32, 4),
+                                             "Qwen3-235B-A22B": (4096, 94, 64, 4)}.items():
+    for base in ("", "-Base"):
+        _llama(f"{name}{base}", f"Qwen/{name}{base}", block_size=40960, vocab_size=151936, n_embd=n_embd,
+               n_layer=n_layer, n_head=n_head, n_query_groups=n_kv, head_size=128,
+               intermediate_size=6144 if n_embd == 2048 else 12288, rope_base=1000000.0, norm_eps=1e-6,
+               qk_norm="head", n_expert=128, n_expert_per_token=8, norm_topk_prob=True,
+               moe_intermediate_size=768 if n_embd == 2048 else 1536, prompt_style="plain" if base else "chatml")
+
+
+def _gemma2(name, hf_repo, **kw):
+    base = dict(name=name, hf_repo=hf_repo, norm_class="RMSNorm", norm_eps=1e-6, norm_unit_offset=True,
+                mlp_class="geglu", gelu_approximate="tanh", tie_embeddings=True, scale_embeddings=True,
+                post_norms=True)
+    base.update(kw)
+    configs.append(base)
+
+
+# Gemma 2: sliding (4096) and global layers alternate, soft-capped scores (50) and logits (30), 4 norms per block
+for size, (n_embd, n_layer, n_head, n_kv, hs, inter, scale_base) in {
+    "2b": (2304, 26, 8, 4, 256, 9216, 256),
+    "9b": (3584, 42, 16, 8, 256, 14336, 256),
+    "27b": (4608, 46, 32, 16, 128, 36864, 144),  # queries scaled by 1/sqrt(n_embd / n_head), not 1/sqrt(head_size)
+}.items():
+    for it in ("", "-it"):
+        _gemma2(f"gemma-2-{size}{it}", f"google/gemma-2-{size}{it}", block_size=8192, vocab_size=256000,
+                n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_query_groups=n_kv, head_size=hs,
+                intermediate_size=inter, sliding_window=4096, global_layers=list(range(1, n_layer, 2)),
+                attn_scale_base=float(scale_base), attn_softcap=50.0, final_softcap=30.0,
+                prompt_style="gemma" if it else "plain")
+
+# Gemma 3 (the text decoder; 4b and larger are image + text models whose text part this is): 5 sliding layers
+# for every global one, the sliding ones with RoPE base 10k, the global ones 1M (4b+: linear scaling x8), q/k norms
+for size, (n_embd, n_layer, n_head, n_kv, hs, inter, window, block, scale_base) in {
+    "270m": (640, 18, 4, 1, 256, 2048, 512, 32768, 256),
+    "1b": (1152, 26, 4, 1, 256, 6912, 512, 32768, 256),
+    "4b": (2560, 34, 8, 4, 256, 10240, 1024, 131072, 256),
+    "12b": (3840, 48, 16, 8, 256, 15360, 1024, 131072, 256),
+    "27b": (5376, 62, 32, 16, 128, 21504, 1024, 131072, 168),
+}.items():
+    for kind in ("-pt", "-it"):
+        _gemma2(f"gemma-3-{size}{kind}", f"google/gemma-3-{size}{kind}", block_size=block, vocab_size=262144,
+                n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_query_groups=n_kv, head_size=hs,
+                intermediate_size=inter, sliding_window=window, global_layers=list(range(5, n_layer, 6)),
+                attn_scale_base=float(scale_base), rope_base=1000000.0, rope_local_base=10000.0,
+                rope_scaling=dict(rope_type="linear", factor=8.0) if block > 32768 else None, qk_norm="head",
+                prompt_style="gemma" if kind == "-it" else "plain")
+
+# Phi-3-mini-4k: Llama-like (fused qkv and gate_up in its files), a 2047-token sliding window. The 128k and
+# Phi-4-mini releases use LongRoPE factors: convert them from their config.json.
+_llama("Phi-3-mini-4k-instruct", "microsoft/Phi-3-mini-4k-instruct", block_size=4096, vocab_size=32064,
+       n_embd=3072, n_layer=32, n_head=32, n_query_groups=32, intermediate_size=8192, sliding_window=2047,
+       norm_eps=1e-5, prompt_style="phi3")
+
+# OLMo 2: norms after attention and MLP only, q/k norms over the whole projection
+for size, (n_embd, n_layer, n_head, inter) in {"7B": (4096, 32, 32, 11008), "13B": (5120, 40, 40, 13824)}.items():
+    for kind in ("", "-SFT", "-DPO", "-Instruct"):
+        _llama(f"OLMo-2-1124-{size}{kind}", f"allenai/OLMo-2-1124-{size}{kind}", block_size=4096,
+               vocab_size=100352, n_embd=n_embd, n_layer=n_layer, n_head=n_head, intermediate_size=inter,
+               rope_base=500000.0, norm_eps=1e-6, pre_norms=False, post_norms=True, qk_norm="all",
+               prompt_style="tulu" if kind else "plain")
+
+# SmolLM3: Llama-like with RoPE skipped on every 4th layer
+for kind in ("", "-Base"):
+    _llama(f"SmolLM3-3B{kind}", f"HuggingFaceTB/SmolLM3-3B{kind}", block_size=65536, vocab_size=128256,
+           n_embd=2048, n_layer=36, n_head=16, n_query_groups=4, intermediate_size=11008, rope_base=5000000.0,
+           tie_embeddings=True, norm_eps=1e-6, nope_layers=list(range(3, 36, 4)),
+           prompt_style="plain" if kind else "chatml")
+
+name_to_config = {c["name"]: c for c in configs}

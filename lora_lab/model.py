@@ -45,6 +45,7 @@ class GPT(nn.Module):
         self.rope = RoPE(config)
         # Gemma 3's sliding layers rotate with a base of their own (and no scaling)
         self.rope_local = RoPE(config, local=True) if config.rope_local_base is not None else None
+        self.uniform_layers = config.uniform_layers  # False: each layer gets its own (cos, sin, mask), see forward
         # recompute each block's activations in the backward pass instead of storing them (less memory, ~30% slower)
         self.activation_checkpointing = False
 
@@ -118,7 +119,7 @@ class GPT(nn.Module):
             end = (input_pos or 0) + T
             cos, sin = self.rope(input_pos or 0, T, idx.device)  # (T, rope_n_elem) each
         layer_inputs = None  # every layer reads (cos, sin, mask); per layer where layers differ (Gemma 2 / 3, SmolLM3)
-        if not self.config.uniform_layers:
+        if not self.uniform_layers:
             layer_inputs = self.per_layer_inputs(idx, input_pos, positions, segment_ids, cos, sin, mask)
         if end > self.config.block_size:
             raise ValueError(f"Sequence of {end} tokens is longer than the model's block_size {self.config.block_size}")

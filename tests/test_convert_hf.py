@@ -285,6 +285,9 @@ def test_real_smollm2_config_matches_named_config(assets):
     ("{{ bos_token }}[INST] {{ m }} [/INST]", "mistral"),
     ("<start_of_turn>user\n{{ m }}<end_of_turn>", "gemma"),
     ("<|user|>\n{{ m }}</s>", "zephyr"),
+    ("{{'<|user|>' + '\\n' + message['content'] + '<|end|>'}}{{ '<|user|>\\n' }}", "phi3"),
+    ("{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{{ '<|assistant|>' }}", "phi4"),
+    ("{{ '<|user|>\\n' + message['content'] + '\\n' }}{{ '<|assistant|>\\n' }}", "tulu"),
     ("{{ m }}", "plain"),
     (None, "plain"),
 ])

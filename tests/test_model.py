@@ -32,6 +32,13 @@ PUBLISHED_PARAMS = {
     "gemma-2b": 2_506_172_416,
     "gemma-7b": 8_537_680_896,
     "stablelm-3b-4e1t": 2_795_443_200,
+    # the 2024-25 families
+    "Qwen3-8B": 8_190_735_360,
+    "Qwen3-30B-A3B": 30_532_122_624,
+    "gemma-2-2b": 2_614_341_888,
+    "gemma-2-9b": 9_241_705_984,
+    "gemma-3-1b-it": 999_885_952,
+    "Phi-3-mini-4k-instruct": 3_821_079_552,
 }
 
 
