@@ -465,12 +465,16 @@ class RoPE:
             inv_freq = llama3_scale(inv_freq, **{k: v for k, v in scaling.items() if k != "rope_type"})
         elif kind == "linear":  # Gemma 3's global layers: positions / factor
             inv_freq = inv_freq / scaling["factor"]
+        elif kind == "yarn":  # OLMo 3, Qwen3 long context: interpolate slow frequencies, keep fast ones
+            inv_freq = yarn_scale(base, exponents, n, **{k: v for k, v in scaling.items()
+                                                         if k not in ("rope_type", "attention_factor")})
+            self.attention_factor = scaling["attention_factor"]
         elif kind == "longrope":
             self.long_inv_freq = 1.0 / (torch.tensor(scaling["long_factor"], dtype=torch.float32, device="cpu") * base**exponents)
             inv_freq = 1.0 / (torch.tensor(scaling["short_factor"], dtype=torch.float32, device="cpu") * base**exponents)
             self.long_after, self.attention_factor = scaling["original_max_seq_len"], scaling["attention_factor"]
         elif kind is not None:
-            raise ValueError(f"rope_scaling type {kind!r} is not supported (llama3, linear, longrope)")
+            raise ValueError(f"rope_scaling type {kind!r} is not supported (llama3, linear, longrope, yarn)")
         self.inv_freq = inv_freq  # (n/2,)
         self._cache: dict = {}
 
@@ -515,6 +519,26 @@ def llama3_scale(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, 
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
     return torch.where(is_medium, smoothed, scaled)
+
+
+def yarn_scale(base: float, exponents: torch.Tensor, n: int, factor: float, original_max_seq_len: int,
+               beta_fast: float = 32.0, beta_slow: float = 1.0, truncate: bool = True) -> torch.Tensor:
+    """YaRN (Peng et al. 2023): frequencies that turn fewer than beta_slow times over the original context are
+    divided by `factor` (interpolated), those that turn more than beta_fast times are kept, with a linear ramp
+    between (over the dims whose rotation counts fall between). cos / sin are then scaled by attention_factor."""
+    def dim_of(rotations: float) -> float:  # the dim whose frequency turns `rotations` times in the original context
+        return n * math.log(original_max_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(beta_fast), dim_of(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, n - 1)
+    if low == high:
+        high += 0.001  # (as transformers: no division by zero)
+    ramp = ((torch.arange(n // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate (divide it by factor)
+    pos_freqs = base**exponents
+    return (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

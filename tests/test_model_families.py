@@ -1,4 +1,4 @@
-"""The 2024-25 families (Qwen3, Qwen3-MoE, Gemma 2, Gemma 3, Phi-3 / 4, OLMo 2, SmolLM3) against transformers, on
+"""The 2024-25 families (Qwen3, Qwen3-MoE, Gemma 2, Gemma 3, Phi-3 / 4, OLMo 2 / 3, SmolLM3) against transformers, on
 tiny random models (tests/hf_tiny.py: odd sizes, GQA, enough layers for every per-layer pattern):
 
   - KV-cache decoding one token at a time, past the sliding windows, equals transformers' own cached decoding;
@@ -129,7 +129,8 @@ def test_peft_export_equals_peft(tmp_path, name):
     ("gemma2", "attn_softcap", None), ("gemma2", "final_softcap", None), ("gemma2", "global_layers", None),
     ("gemma2", "post_norms", False), ("gemma2", "attn_scale_base", None), ("gemma3", "rope_local_base", None),
     ("gemma3", "rope_scaling", None), ("qwen3", "qk_norm", None), ("olmo2", "qk_norm", None),
-    ("smollm3", "nope_layers", None), ("phi4mini", "rope_scaling", None), ("qwen3_moe", "norm_topk_prob", False),
+    ("smollm3", "nope_layers", None), ("qwen3", "rope_scaling", None), ("olmo3", "rope_scaling", None),
+    ("olmo3", "global_layers", None), ("phi4mini", "rope_scaling", None), ("qwen3_moe", "norm_topk_prob", False),
 ])
 @torch.no_grad()
 def test_switch_changes_the_logits(name, field, off):

@@ -225,9 +225,20 @@ def _rope_from_hf(hf: dict, default_partial: float = 1.0, params: Optional[dict]
         scaling = dict(rope_type="longrope", short_factor=[float(f) for f in params["short_factor"]],
                        long_factor=[float(f) for f in params["long_factor"]], original_max_seq_len=int(original),
                        attention_factor=float(attention_factor))
+    elif rope_type == "yarn":
+        factor = float(params.get("factor") or hf["max_position_embeddings"] / original)
+        attention_factor = params.get("attention_factor")
+        if attention_factor is None:  # transformers' default: yarn_get_mscale
+            def mscale(scale, m=1.0):
+                return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+            m, m_all = params.get("mscale"), params.get("mscale_all_dim")
+            attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+        scaling = dict(rope_type="yarn", factor=factor, original_max_seq_len=int(original),
+                       beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
+                       truncate=bool(params.get("truncate", True)), attention_factor=float(attention_factor))
     elif rope_type != "default":
         raise LoraLabError(f"rope type {rope_type!r} is not supported (supported: default, llama3, linear, "
-                           f"longrope)")
+                           f"longrope, yarn)")
     return dict(rope_base=float(theta), rope_scaling=scaling, rotary_percentage=float(partial))
 
 
@@ -348,19 +359,33 @@ def _read_gemma2(hf: dict) -> dict:
     return kw
 
 
-def _read_gemma3(hf: dict) -> dict:
-    kw = _read_gemma2(hf)
-    # rope_parameters per layer type (transformers 5), or rope_theta + rope_local_base_freq + rope_scaling
+def _rope_per_layer_type(hf: dict, global_theta: float, local_theta: float) -> dict:
+    """Gemma 3, OLMo 3: rope_parameters per layer type (transformers 5), or rope_theta + rope_scaling for the
+    global layers and rope_local_base_freq for the sliding ones -> our rope_* fields."""
     params = hf.get("rope_parameters") or {}
     if "full_attention" in params or "sliding_attention" in params:
-        full = _rope_from_hf(hf, params=params.get("full_attention") or {}, default_theta=1e6)
-        local = _rope_from_hf(hf, params=params.get("sliding_attention") or {}, default_theta=1e4)
+        full = _rope_from_hf(hf, params=params.get("full_attention") or {}, default_theta=global_theta)
+        local = _rope_from_hf(hf, params=params.get("sliding_attention") or {}, default_theta=local_theta)
     else:
-        full = _rope_from_hf({**hf, "rope_theta": hf.get("rope_theta", 1e6)})
-        local = _rope_from_hf(hf, params={"rope_theta": hf.get("rope_local_base_freq", 1e4)})
+        full = _rope_from_hf({**hf, "rope_theta": hf.get("rope_theta", global_theta)})
+        local = _rope_from_hf(hf, params={"rope_theta": hf.get("rope_local_base_freq", hf.get("rope_theta",
+                                                                                               local_theta))})
     if local["rope_scaling"] is not None:
-        raise LoraLabError("Gemma 3 with rope scaling on the sliding layers is not supported")
-    kw.update(full, rope_local_base=local["rope_base"], qk_norm="head")
+        raise LoraLabError("rope scaling on the sliding-window layers is not supported")
+    return dict(full, rope_local_base=local["rope_base"])
+
+
+def _read_gemma3(hf: dict) -> dict:
+    kw = _read_gemma2(hf)
+    kw.update(_rope_per_layer_type(hf, 1e6, 1e4), qk_norm="head")
+    return kw
+
+
+def _read_olmo3(hf: dict) -> dict:
+    kw = _read_olmo2(hf)
+    n = hf["num_hidden_layers"]
+    types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(n)]
+    kw.update(_layer_windows(hf, hf["sliding_window"], types), **_rope_per_layer_type(hf, 10000.0, 10000.0))
     return kw
 
 
@@ -463,6 +488,10 @@ def _rope_params(config: Config) -> dict:
                       high_freq_factor=s["high_freq_factor"], original_max_position_embeddings=s["original_max_seq_len"])
     elif kind == "linear":
         params.update(rope_type="linear", factor=s["factor"])
+    elif kind == "yarn":
+        params.update(rope_type="yarn", factor=s["factor"], original_max_position_embeddings=s["original_max_seq_len"],
+                      beta_fast=s["beta_fast"], beta_slow=s["beta_slow"], truncate=s["truncate"],
+                      attention_factor=s["attention_factor"])
     elif kind == "longrope":
         params.update(rope_type="longrope", short_factor=s["short_factor"], long_factor=s["long_factor"],
                       original_max_position_embeddings=s["original_max_seq_len"],
@@ -500,6 +529,7 @@ NEW_FEATURES = {
     "mixture of experts": lambda c: c.n_expert > 0,
     "linear rope scaling": lambda c: (c.rope_scaling or {}).get("rope_type") == "linear",
     "LongRoPE": lambda c: (c.rope_scaling or {}).get("rope_type") == "longrope",
+    "YaRN": lambda c: (c.rope_scaling or {}).get("rope_type") == "yarn",
 }
 
 
@@ -577,7 +607,7 @@ def _write_qwen3(config: Config, *more: str) -> dict:
     _need(config.qk_norm == "head", "no per-head q/k norms")
     _need(not config.norm_unit_offset and not config.scale_embeddings, "Gemma's norms and embedding scale")
     _need(not config.attn_qkv_bias and not config.bias, "biases")
-    return dict(_write_llama_like(config, "q/k norms", "sliding and global layers", *more),
+    return dict(_write_llama_like(config, "q/k norms", "sliding and global layers", "YaRN", *more),
                 attention_bias=False, **_write_qwen_windows(config))
 
 
@@ -648,6 +678,21 @@ def _write_olmo2(config: Config) -> dict:
     _need(config.sliding_window is None, "a sliding window")
     return dict(_write_llama_like(config, "q/k norms", "norms after the sub-blocks", "blocks without pre-norms"),
                 attention_bias=False)
+
+
+def _write_olmo3(config: Config) -> dict:
+    _need(config.qk_norm == "all", "no q/k norms over the whole projection")
+    _need(not config.pre_norms and config.post_norms, "norms before the sub-blocks")
+    _need(not config.norm_unit_offset and not config.scale_embeddings, "Gemma's norms and embedding scale")
+    _need(not config.bias and not config.attn_qkv_bias, "biases")
+    out = _write_llama_like(config, "q/k norms", "norms after the sub-blocks", "blocks without pre-norms",
+                            "sliding and global layers", "a local RoPE base", "YaRN", "linear rope scaling")
+    local = config.rope_local_base if config.rope_local_base is not None else config.rope_base
+    out.update(attention_bias=False, layer_types=_layer_types(config),
+               sliding_window=config.sliding_window if config.sliding_window is not None else config.block_size,
+               rope_parameters={"full_attention": _rope_params(config),
+                                "sliding_attention": {"rope_type": "default", "rope_theta": local}})
+    return out
 
 
 def _write_smollm3(config: Config) -> dict:
@@ -782,6 +827,8 @@ FAMILIES: dict[str, Family] = {f.architecture: f for f in [
                 sliding_window=None), _read_phi3, _write_phi3, fused_layout="stacked"),
     Family("Olmo2ForCausalLM", "olmo2", OLMO2_NAMES, dict(_LLAMA_DEFAULTS, rms_norm_eps=1e-5),
            _read_olmo2, _write_olmo2),
+    Family("Olmo3ForCausalLM", "olmo3", OLMO2_NAMES,
+           dict(_LLAMA_DEFAULTS, rms_norm_eps=1e-5, sliding_window=4096, layer_types=None), _read_olmo3, _write_olmo3),
     Family("SmolLM3ForCausalLM", "smollm3", LLAMA_NAMES,
            dict(_LLAMA_DEFAULTS, max_position_embeddings=32768, intermediate_size=11008, tie_word_embeddings=True,
                 use_sliding_window=False, sliding_window=None, no_rope_layers=None, no_rope_layer_interval=4),
@@ -791,7 +838,7 @@ FAMILIES: dict[str, Family] = {f.architecture: f for f in [
 EXPORT_ORDER = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM",
                 "StableLmForCausalLM", "PhiForCausalLM", "GPTNeoXForCausalLM", "FalconForCausalLM",
                 "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
-                "Phi3ForCausalLM", "Olmo2ForCausalLM", "SmolLM3ForCausalLM"]
+                "Phi3ForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM", "SmolLM3ForCausalLM"]
 _MODEL_TYPES = {f.model_type: f.architecture for f in FAMILIES.values()}
 
 
