@@ -609,8 +609,8 @@ def save_lora(path_dir: Union[str, Path], model: nn.Module, lora_config: LoRACon
         raise LoraLabError(f"the LoRA config (r={lora_config.r}, use_dora={lora_config.use_dora}) does not describe "
                            f"the model (r={m.r}, use_dora={m.use_dora} on {name})")
     roles = [role for role in ROLES if any(role_of(n) == role for n in layers)]
-    has_experts = any(".experts." in n for n, _ in model.named_modules())
-    if roles != [r for r in lora_config.targets if r != "experts" or has_experts]:  # ("all" on a dense model)
+    present = {role_of(n) for n, _ in model.named_modules()}  # ("all" on a dense model has no experts, on a MoE no mlp)
+    if roles != [r for r in lora_config.targets if r in present]:
         raise LoraLabError(f"the LoRA config has targets {lora_config.targets} but the model has LoRA on {roles}")
     return save_adapter_files(path_dir, lora_state_dict(model), lora_config.to_dict(), ADAPTER_WEIGHTS_FILE,
                               ADAPTER_CONFIG_FILE)
