@@ -269,3 +269,13 @@ def test_peft_export_refusals_for_moe(tmp_path):
         export_peft(tmp_path / "all", tmp_path / "peft")
     assert not (tmp_path / "peft" / "adapter_config.json").exists()
     assert json.loads((tmp_path / "adapter" / "lora_config.json").read_text())["targets"] == ["experts"]
+
+
+def test_moe_flops_count_the_chosen_experts_only():
+    """Two of four experts of width 24 per token cost what one MLP of width 48 costs."""
+    from lora_lab.flops import training_flops
+
+    common = dict(n_layer=2, n_embd=32, n_head=4, vocab_size=64, block_size=32)
+    moe = GPT(Config(**common, n_expert=4, n_expert_per_token=2, moe_intermediate_size=24))
+    dense = GPT(Config(**common, intermediate_size=48))
+    assert training_flops(moe).per_token == training_flops(dense).per_token
