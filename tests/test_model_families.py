@@ -279,3 +279,13 @@ def test_moe_flops_count_the_chosen_experts_only():
     moe = GPT(Config(**common, n_expert=4, n_expert_per_token=2, moe_intermediate_size=24))
     dense = GPT(Config(**common, intermediate_size=48))
     assert training_flops(moe).per_token == training_flops(dense).per_token
+
+
+@pytest.mark.parametrize("name", [n for n in NEW_FAMILIES if n != "phi3"])
+def test_gguf_export_refuses_what_llama_cpp_would_run_as_another_model(name):
+    """Phi-3-mini-4k is Mistral-shaped (llama); the others' switches have no GGUF architecture here yet."""
+    from lora_lab.formats.gguf_names import gguf_architecture
+    from lora_lab.utils import LoraLabError
+
+    with pytest.raises(LoraLabError, match="cannot be exported to GGUF"):
+        gguf_architecture(config_from_hf(tiny_hf_config(name).to_dict()))

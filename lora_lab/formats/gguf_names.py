@@ -116,6 +116,18 @@ def gguf_architecture(config: Config) -> Arch:
         return LoraLabError(f"{c.name or 'this model'} cannot be exported to GGUF: {why} (llama.cpp export "
                             f"supports {FAMILIES})")
 
+    # the 2024-25 families' switches (Qwen3's q/k norms, Gemma 2's soft-caps, MoE, ...) are not in these
+    # architectures: refuse rather than write a file that llama.cpp runs as another model
+    newer = {"q/k norms": c.qk_norm is not None, "norms after the sub-blocks": c.post_norms or not c.pre_norms,
+             "attention or logit soft-capping": c.attn_softcap is not None or c.final_softcap is not None,
+             "a query scale": c.attn_scale_base is not None, "sliding and global layers": c.global_layers is not None,
+             "a local RoPE base": c.rope_local_base is not None, "layers without RoPE": c.nope_layers is not None,
+             "a mixture of experts": c.n_expert > 0,
+             "linear, LongRoPE or YaRN RoPE scaling": "rope_type" in (c.rope_scaling or {})}
+    present = [what for what, on in newer.items() if on]
+    if present:
+        raise refuse(f"{present[0]} (Qwen3, Gemma 2 / 3, Phi-4, OLMo 2 / 3, SmolLM3 and MoE GGUF export is not "
+                     f"written yet)")
     if c.norm_class == "RMSNorm":
         if c.parallel_residual or c.bias or c.lm_head_bias or not full_rope:
             raise refuse("an RMSNorm model with a parallel residual, biases or partial RoPE has no llama.cpp "
