@@ -6,6 +6,7 @@
 Every linear layer we target computes  h = x W^T + (alpha/r) * dropout(x) A^T B^T  with W frozen and only A (r x in)
 and B (out x r) trained (lora_lab/lora.py explains the math). The adapter, a few MB, is saved with its config in
 out_dir and used by generate/lora.py, `python -m lora_lab.merge_lora` and `python -m lora_lab.export_peft`.
+--lora_init pissa / olora start the adapter from W's own directions instead of from zero (lora_lab/lora_init.py).
 
 --data is a built-in name (json_extraction: offline and synthetic; alpaca, alpaca-cleaned, alpaca-finance, dolly,
 lima: downloaded once) or a local .json / .jsonl / .csv file with instruction, input (optional) and output fields.
@@ -18,6 +19,7 @@ step in progress; run the same command with --resume to continue exactly where i
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -34,7 +36,8 @@ from lora_lab.formats.download import ensure_checkpoint
 from lora_lab.flops import FlopsMeter
 from lora_lab.generate import peak_memory_bytes, reset_peak_memory
 from lora_lab.lora import (LoRAConfig, count_parameters, inject_lora, load_lora_state_dict, lora_plus_param_groups,
-                           lora_state_dict, mark_only_lora_trainable, normalize_targets, save_lora)
+                           lora_state_dict, mark_only_lora_trainable, normalize_targets)
+from lora_lab.lora_init import init_config, init_lora, save_trained_lora
 from lora_lab.prompts import PromptStyle
 from lora_lab.training import (TRAIN_STATE_FILE, MetricsLog, StopRequest, Throughput, format_seconds,
                                generate_answers, iter_keeping_rng, load_train_state, lr_at, micro_batches,
@@ -57,6 +60,8 @@ def setup(
     use_rslora: bool = False,
     use_dora: bool = False,
     lora_plus_ratio: Optional[float] = None,
+    lora_init: str = "kaiming",
+    loftq_iter: int = 1,
     # data
     prompt_style: Optional[str] = None,
     max_seq_length: int = 512,
@@ -112,6 +117,12 @@ def setup(
         use_rslora: scale by alpha / sqrt(r) instead of alpha / r.
         use_dora: DoRA (weight-decomposed LoRA).
         lora_plus_ratio: LoRA+: B learns this many times faster than A (e.g. 16).
+        lora_init: where A, B (and the base) start (lora_lab/lora_init.py): kaiming (A Kaiming-uniform, B = 0),
+            gaussian (A ~ N(0, 1/r^2)), pissa / pissa_niter_N (the adapter holds W's r principal singular directions,
+            the base the rest; N: randomized SVD's power iterations), olora (QR), loftq (a quantized base only:
+            alternate NF4 and SVD so that base + adapter is closest to W). pissa / olora / loftq save the adapter
+            converted to rank 2r against the untouched base.
+        loftq_iter: --lora_init loftq: alternating quantize / SVD steps.
         prompt_style: how prompts are wrapped (default: the base model's own).
         max_seq_length: longer samples are cut (and counted).
         mask_prompt: learn only the answer tokens, not the prompt.
@@ -162,7 +173,8 @@ def setup(
 def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_data: Optional[str],
          blank_line_docs: bool, resume: bool,
          lora_r: int, lora_alpha: float, lora_dropout: float, lora_targets: Union[tuple[str, ...], str],
-         use_rslora: bool, use_dora: bool, lora_plus_ratio: Optional[float], prompt_style: Optional[str],
+         use_rslora: bool, use_dora: bool, lora_plus_ratio: Optional[float], lora_init: str,
+         loftq_iter: int, prompt_style: Optional[str],
          max_seq_length: int, mask_prompt: bool, packing: bool, n_train: Optional[int], n_val: Optional[int],
          columns: Optional[dict],
          max_steps: Optional[int], epochs: float, batch_size: int, micro_batch_size: int, learning_rate: float,
@@ -203,9 +215,14 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     lora_config = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=list(lora_targets),
                              use_rslora=use_rslora, use_dora=use_dora, lora_plus_ratio=lora_plus_ratio,
                              base_model=str(checkpoint_dir), base_config=model.config.to_dict(),
-                             prompt_style=style.name)
+                             prompt_style=style.name, init=init_config(lora_init, loftq_iter))
     inject_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets,
                 use_rslora=use_rslora, use_dora=use_dora)
+    started = time.perf_counter()
+    # A, B (pissa / olora: the base becomes W - s B A); the step-0 adapter stays on the model for saving
+    init_lora(model, lora_init, loftq_iter=loftq_iter, device=fabric.device)  # the SVD / QR on the GPU if any
+    if lora_init != "kaiming":
+        fabric.print(f"--lora_init {lora_init}: {time.perf_counter() - started:.2f} s")
     mark_only_lora_trainable(model)
     model.activation_checkpointing = activation_checkpointing
     trainable, total = count_parameters(model)
@@ -367,7 +384,7 @@ def evaluate_json(fabric, gpt, tokenizer, style, rows) -> dict:
 def save(fabric, gpt, optimizer, train_dl, state, lora_config, hparams, out_dir) -> None:
     """The adapter (for generate/merge/export) and the resume state, each written atomically."""
     if fabric.is_global_zero:
-        save_lora(out_dir, gpt, lora_config)
+        save_trained_lora(out_dir, gpt, lora_config)  # pissa / olora / loftq: converted to rank 2r against the base
         save_train_state(out_dir / TRAIN_STATE_FILE, {
             "lora": {k: v.detach().cpu() for k, v in lora_state_dict(gpt).items()},
             "optimizer": optimizer.state_dict(),

@@ -52,6 +52,11 @@ def check_args(args: Mapping[str, Any]) -> None:
 
         targets = args["lora_targets"]
         normalize_targets(targets.split(",") if isinstance(targets, str) else targets)
+    if args.get("lora_init") is not None:  # a quantized base: qlora.py's --quantize nf4
+        from lora_lab.lora_init import check_lora_init
+
+        quantized = args.get("quantize") == "nf4" or args.get("method") == "qlora"
+        check_lora_init(args["lora_init"], quantized, bool(args.get("use_dora")), args.get("loftq_iter", 1))
     if args.get("precision") is not None:
         check_precision(args["precision"], training="max_steps" in args)
     if "logger_name" in args:
