@@ -253,7 +253,7 @@ class Engine:
         input_pos = torch.zeros(m, dtype=torch.long, device=self.device)  # (m,)
         hidden = final_hidden(self.model, idx.to(self.device), input_pos)  # (m, T, C)
         last = torch.tensor([len(r.prompt_ids) - 1 for r in reqs], device=self.device)  # (m,)
-        logits = self.model.lm_head(hidden[torch.arange(m, device=self.device), last][:, None])[:, -1]  # (m, vocab)
+        logits = self.model.logits(hidden[torch.arange(m, device=self.device), last][:, None])[:, -1]  # (m, vocab)
         for cache in self.caches:
             cache.row_offset = 0
         for r in reqs:
