@@ -24,7 +24,7 @@ from test_serve import ADAPTERS, LLAMA, N_NEW, PROMPTS, LiveServer, engine_answe
 
 from lora_lab.config import Config  # noqa: E402
 from lora_lab.serve import adapters as adapters_module  # noqa: E402
-from lora_lab.serve.adapters import AdapterLimits, PathRefused, confine, read_adapter  # noqa: E402
+from lora_lab.serve.adapters import AdapterLimits, PathRefused, confine, open_below, read_adapter  # noqa: E402
 from lora_lab.serve.app import ServeOptions  # noqa: E402
 from lora_lab.serve.server import ModelServer  # noqa: E402
 from lora_lab.utils import LoraLabError  # noqa: E402
@@ -204,6 +204,22 @@ def test_confine_resolves_before_reading(tmp_path):
     for bad in ["..", "../out", str(tmp_path / "out"), "link", "link/x", "a/../../out", "", "loop", "a\0b"]:
         with pytest.raises(PathRefused, match="below the server's --adapters_root"):
             confine(root, bad)
+    # what confine passed is then opened without following symlinks: one swapped in after the check cannot lead out
+    (root / "a" / "w.safetensors").write_text("inside")
+    (tmp_path / "out" / "secret").write_text("outside")
+    checked = confine(root, "a/w.safetensors")
+    with open_below(root, checked) as readable:
+        assert readable.read_text() == "inside"
+    (root / "a" / "w.safetensors").unlink()
+    (root / "a" / "w.safetensors").symlink_to(tmp_path / "out" / "secret")  # the swap
+    with pytest.raises(PathRefused):
+        with open_below(root, checked):
+            pass
+    shutil.rmtree(root / "a")
+    (root / "a").symlink_to(tmp_path / "out")  # a directory swapped for a link
+    with pytest.raises(PathRefused):
+        with open_below(root, checked):
+            pass
 
 
 def test_adapter_limits_and_another_base_refused_before_the_tensors_are_read(netdir, reads, tmp_path):
