@@ -43,6 +43,7 @@ SLOW = {
     "tutorials/classify.md",
     "tutorials/continued_pretraining.md",
     "tutorials/dpo.md",
+    "tutorials/efficiency_challenge.md",
     "tutorials/evaluate.md",
     "tutorials/export.md",
     "tutorials/finetune_adapter.md",

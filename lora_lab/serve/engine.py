@@ -83,16 +83,19 @@ class Request:
     on_event: Callable[[str, object], None]
     temperature: float = 0.0
     top_p: Optional[float] = None
+    top_k: Optional[int] = None
     seed: Optional[int] = None
     stop_ids: Sequence[int] = ()
     stop: Sequence[str] = ()  # stop strings: the text ends before the first one
     slot: int = 0  # the adapter's slot (0: the base model)
     adapter: Optional[str] = None
     cancelled: bool = False  # set by the caller (client gone): the engine drops the request at its next step
+    logprobs: Optional[int] = None  # record each token's log-probability and this many top alternatives
     # filled in by the engine
     generated: list[int] = field(default_factory=list)
     finish_reason: Optional[str] = None
     text: str = ""  # all the text so far (stop strings cut off)
+    token_logprobs: list = field(default_factory=list)  # with logprobs: per token (logprob, top ids, top logprobs)
     sent: int = 0  # how much of `text` went out in ("text", ...) events
     first_token_time: Optional[float] = None
     last_token_time: Optional[float] = None
@@ -286,9 +289,13 @@ class Engine:
             if r.temperature == 0.0:
                 token = greedy[j]
             else:
-                token = int(sample(logits[j:j + 1], r.temperature, None, r.top_p, r.generator))
+                token = int(sample(logits[j:j + 1], r.temperature, r.top_k, r.top_p, r.generator))
             r.generated.append(token)
             self.tokens_generated += 1
+            if r.logprobs is not None:  # under the model itself: the raw logits, whatever the sampling settings
+                lp = logits[j].float().log_softmax(dim=-1)  # (vocab,)
+                top = lp.topk(max(r.logprobs, 1))
+                r.token_logprobs.append((float(lp[token]), top.indices.tolist(), top.values.tolist()))
             if r.first_token_time is None:
                 r.first_token_time = now
             else:
