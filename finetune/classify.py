@@ -108,6 +108,7 @@ def setup(
     devices: int = 1,
     num_nodes: int = 1,
     strategy: Literal["auto", "ddp"] = "auto",
+    plan: bool = False,
 ) -> None:
     """Fine-tune a classifier.
 
@@ -168,8 +169,11 @@ def setup(
         devices: devices per node (data parallel over them).
         num_nodes: nodes, as Fabric launches them.
         strategy: auto or ddp.
+        plan: print the memory this run needs per device (python -m lora_lab.plan) and exit.
     """
     check_args(locals())  # every argument that can be judged without data or a model, before anything slow
+    if plan:  # the memory plan of these arguments, and nothing else (lora_lab/plan.py)
+        return plan_script(locals(), __file__)
     checkpoint_dir = ensure_checkpoint(checkpoint_dir)  # the default model is fetched once if missing
     if precision is None:
         precision = "bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
@@ -189,7 +193,8 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
          learning_rate: Optional[float], weight_decay: float, warmup_steps: int, min_lr: float, grad_clip: float,
          neftune_alpha: float, activation_checkpointing: bool, compile: bool, max_time: Optional[str],
          eval_interval: int, eval_iters: int, save_interval: int, log_interval: int, logger_name: str, seed: int,
-         precision: str, peak_flops: Optional[float], devices: int, num_nodes: int, strategy: str) -> None:
+         precision: str, peak_flops: Optional[float], devices: int, num_nodes: int, strategy: str,
+         plan: bool) -> None:
     hparams = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "fabric"}
     out_dir = Path(out_dir)
     # cheap checks of the arguments first, so that a mistake is reported before minutes of data and model loading

@@ -54,6 +54,7 @@ from lora_lab.lora import (LoRAConfig, check_adapter_fits, count_parameters, inj
                            load_lora_state_dict, lora_plus_param_groups, lora_state_dict, mark_only_lora_trainable,
                            normalize_targets, save_lora)
 from lora_lab.nf4 import quantize_nf4
+from lora_lab.plan import plan_script
 from lora_lab.prompts import PromptStyle
 from lora_lab.training import (TRAIN_STATE_FILE, MetricsLog, StopRequest, Throughput, format_seconds,
                                generate_answers, iter_keeping_rng, load_train_state, lr_at, micro_batches,
@@ -120,6 +121,7 @@ def setup(
     devices: int = 1,
     num_nodes: int = 1,
     strategy: Literal["auto", "ddp", "fsdp"] = "auto",
+    plan: bool = False,
 ) -> None:
     """Preference fine-tuning with DPO on LoRA.
 
@@ -177,8 +179,11 @@ def setup(
         devices: devices per node (data parallel over them).
         num_nodes: nodes, as Fabric launches them.
         strategy: auto, ddp, or fsdp to shard the model over GPUs.
+        plan: print the memory this run needs per device (python -m lora_lab.plan) and exit.
     """
     check_args(locals())  # every argument that can be judged without data or a model, before anything slow
+    if plan:  # the memory plan of these arguments, and nothing else (lora_lab/plan.py)
+        return plan_script(locals(), __file__)
     checkpoint_dir = ensure_checkpoint(checkpoint_dir)  # the default model is fetched once if missing
     if precision is None:
         precision = "bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
@@ -199,7 +204,7 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
          grad_clip: float, neftune_alpha: float, activation_checkpointing: bool, compile: bool,
          max_time: Optional[str], eval_interval: int, eval_iters: int, eval_samples: int, save_interval: int,
          log_interval: int, logger_name: str, seed: int, precision: str, peak_flops: Optional[float], devices: int,
-         num_nodes: int, strategy: str) -> None:
+         num_nodes: int, strategy: str, plan: bool) -> None:
     hparams = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "fabric"}
     out_dir = Path(out_dir)
     # cheap checks of the arguments first, so that a mistake is reported before minutes of data and model loading
