@@ -47,7 +47,6 @@ from typing import Literal, Optional
 
 import lightning as L
 import torch
-from lightning.fabric.strategies import FSDPStrategy
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -58,11 +57,12 @@ from lora_lab.checkpoint import load_config, save_checkpoint
 from lora_lab.compile import compile_blocks
 from lora_lab.data import get_dataloaders
 from lora_lab.data.json_extraction import evaluate_extractions
+from lora_lab.distributed import (SHARDS_DIR, is_sharded, load_sharded_state, make_fabric, report_shards,
+                                  save_sharded_state)
 from lora_lab.formats.download import ensure_checkpoint
 from lora_lab.flops import FlopsMeter
 from lora_lab.generate import peak_memory_bytes, reset_peak_memory
 from lora_lab.lora import count_parameters
-from lora_lab.model import Block
 from lora_lab.plan import plan_script
 from lora_lab.prompts import PromptStyle
 from lora_lab.training import (TRAIN_STATE_FILE, MetricsLog, StopRequest, Throughput, format_seconds,
@@ -172,7 +172,7 @@ def setup(
     if precision is None:
         # float32 master weights: bf16-true would round most small updates away (see the memory table above)
         precision = "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=fabric_strategy(strategy), precision=precision)
+    fabric = make_fabric(devices, num_nodes, strategy, precision)  # fsdp: FSDP2 units (lora_lab/distributed.py)
     fabric.launch()
     args = dict(locals())
     del args["fabric"]
@@ -234,19 +234,21 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     fabric.print(f"Full fine-tuning with {optimizer}: {trainable:,} trainable parameters of {total:,} "
                  f"({100 * trainable / total:.2f}%)")
 
+    gpt = model  # the plain module, for generation and saving
+    model = fabric.setup_module(model)  # fsdp shards it here, so the optimizer is made after, for the shards
+    report_shards(fabric, gpt)  # fsdp: the parameter bytes each rank holds
     param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    optimizer = make_optimizer(optimizer, param_groups, learning_rate, weight_decay)
-    gpt = model  # the plain module, for generation
-    model, optimizer = fabric.setup(model, optimizer)
-    if isinstance(fabric.strategy, FSDPStrategy):
-        gpt = model._forward_module  # the sharded root: generating and saving go through it (it gathers the shards)
+    optimizer = fabric.setup_optimizers(make_optimizer(optimizer, param_groups, learning_rate, weight_decay))
 
     state = {"step": 0, "micro_batches": 0, "tokens": 0}
     if compile:  # torch.compile each block for training (lora_lab/compile.py)
         compile_blocks(gpt)
     if resume:
         saved = load_train_state(out_dir / TRAIN_STATE_FILE)
-        load_full_state(gpt, optimizer, saved, source=out_dir / TRAIN_STATE_FILE)
+        if is_sharded(gpt):  # fsdp: every rank reads its own shard back
+            load_sharded_state(fabric, gpt, optimizer, out_dir / SHARDS_DIR)
+        else:
+            load_full_state(gpt, optimizer, saved, source=out_dir / TRAIN_STATE_FILE)
         train_dl.batch_sampler.load_state_dict(saved["sampler"])
         set_rng_state(saved["rng"])
         state.update(saved["counters"])
@@ -384,16 +386,19 @@ def save(fabric, gpt, optimizer, train_dl, state, save_as, hparams, out_dir) -> 
 
     The resume state holds the weights too, at full precision (with bf16-mixed: the float32 master weights, which
     model.safetensors rounds to the base's dtype): one file, so weights, optimizer state and data position always
-    come from the same step. Under FSDP each device holds a shard of everything: all take part in gathering them,
-    rank 0 writes."""
+    come from the same step. Under --strategy fsdp each rank writes its own shard of the weights and optimizer state
+    instead (lora_lab/distributed.py), and all take part in gathering the weights that rank 0 writes."""
+    sharded = is_sharded(gpt)
+    if sharded:
+        save_sharded_state(fabric, gpt, optimizer, out_dir / SHARDS_DIR)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0, in CPU memory
     weights = get_model_state_dict(gpt, options=options)
-    optimizer_state = get_optimizer_state_dict(gpt, unwrap(optimizer), options=options)
+    optimizer_state = None if sharded else get_optimizer_state_dict(gpt, unwrap(optimizer), options=options)
     if fabric.is_global_zero:
         save_checkpoint(out_dir, save_as.config, {k: v.to(save_as.dtype) for k, v in weights.items()},
                         tokenizer_dir=save_as.tokenizer_dir)
         save_train_state(out_dir / TRAIN_STATE_FILE, {
-            "model": weights,
+            "model": None if sharded else weights,
             "optimizer": optimizer_state,
             "sampler": train_dl.batch_sampler.state_dict(),
             "rng": rng_state(),
@@ -427,16 +432,6 @@ def make_optimizer(name: str, param_groups: list[dict], learning_rate: float,
     if name == "sgd":
         return torch.optim.SGD(param_groups, lr=learning_rate, momentum=0.9, weight_decay=weight_decay)
     return torch.optim.Adafactor(param_groups, lr=learning_rate, weight_decay=weight_decay)
-
-
-def fabric_strategy(strategy: str):
-    """Fabric's strategy; fsdp shards each transformer block as a unit and gathers full state dicts for saving."""
-    if strategy == "fsdp":
-        if not torch.cuda.is_available():
-            raise LoraLabError("--strategy fsdp shards the model over GPUs and there is none here (Fabric's FSDP "
-                               "runs on CUDA only): use --strategy auto")
-        return FSDPStrategy(auto_wrap_policy={Block}, sharding_strategy="FULL_SHARD", state_dict_type="full")
-    return strategy
 
 
 def unwrap(optimizer) -> torch.optim.Optimizer:

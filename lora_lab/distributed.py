@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import shutil
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -56,12 +57,18 @@ def make_fabric(devices: int = 1, num_nodes: int = 1, strategy: str = "auto", pr
         return L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision)
     from lightning.fabric.strategies import ModelParallelStrategy
 
-    if precision not in ("32-true", "bf16-true", "16-true"):
-        raise LoraLabError(f"--strategy fsdp with --precision {precision}: use 32-true or bf16-true (FSDP2 keeps "
-                           "the sharded weights in the precision they compute in)")
+    mixed = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+    if precision not in ("32-true", "bf16-true", "16-true", *mixed):
+        raise LoraLabError(f"--strategy fsdp with --precision {precision}: use 32-true, bf16-true or bf16-mixed")
+    policy = None
+    if precision in mixed:  # FSDP2's own mixed precision: float32 shards, 16-bit all-gathered weights
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        policy = MixedPrecisionPolicy(param_dtype=mixed[precision], reduce_dtype=torch.float32)
+        precision = "32-true"
     accelerator = "cuda" if torch.cuda.is_available() else "cpu"
-    fsdp = ModelParallelStrategy(parallelize_fn=shard_model, data_parallel_size=devices * num_nodes,
-                                 tensor_parallel_size=1, save_distributed_checkpoint=True)
+    fsdp = ModelParallelStrategy(parallelize_fn=partial(shard_model, mp_policy=policy),
+                                 data_parallel_size=devices * num_nodes, tensor_parallel_size=1)
     return L.Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=fsdp,
                     precision=precision)
 
@@ -105,18 +112,19 @@ def _own_parameters(module: nn.Module) -> list[nn.Parameter]:
     return found
 
 
-def shard_unit(module: nn.Module, mesh) -> None:
+def shard_unit(module: nn.Module, mesh, mp_policy=None) -> None:
     """fully_shard `module` as one unit, or, when it holds trainable and frozen parameters, as two: the frozen
     unit on `module`, the trainable one on the submodules that own trainable parameters (e.g. the LoRA layers)."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
+    kwargs = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": mp_policy}
     params = _own_parameters(module)
     trainable = {p for p in params if p.requires_grad}
     frozen = {p for p in params if not p.requires_grad}
     if not trainable or not frozen:
-        fully_shard(module, mesh=mesh)
+        fully_shard(module, **kwargs)
         return
-    fully_shard(module, mesh=mesh, ignored_params=trainable)  # the frozen unit: all-gathered, never reduced
+    fully_shard(module, **kwargs, ignored_params=trainable)  # the frozen unit: all-gathered, never reduced
     owners = []
 
     def visit(m: nn.Module) -> None:
@@ -129,17 +137,17 @@ def shard_unit(module: nn.Module, mesh) -> None:
 
     visit(module)
     owner_frozen = {p for m in owners for p in m.parameters() if not p.requires_grad}
-    fully_shard(owners, mesh=mesh, ignored_params=owner_frozen)  # the trainable unit
+    fully_shard(owners, **kwargs, ignored_params=owner_frozen)  # the trainable unit
 
 
-def shard_model(model: nn.Module, device_mesh) -> nn.Module:
+def shard_model(model: nn.Module, device_mesh, mp_policy=None) -> nn.Module:
     """Fabric's parallelize_fn: NF4 codes made shardable, every block a unit (trainable and frozen parameters in
     units of their own), then the rest of the model at the root."""
     mesh = device_mesh["data_parallel"] if device_mesh.ndim > 1 else device_mesh
     nf4_as_parameters(model)
     for block in model.blocks:
-        shard_unit(block, mesh)
-    shard_unit(model, mesh)
+        shard_unit(block, mesh, mp_policy)
+    shard_unit(model, mesh, mp_policy)
     return model
 
 
