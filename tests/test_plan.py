@@ -33,8 +33,9 @@ def test_parameter_bytes_are_exact(method):
 
 
 # (method, micro batch, tokens, activation checkpointing): a spread of what dominates the peak
-CASES = [("lora", 4, 256, False), ("full", 4, 256, False), ("qlora", 2, 384, False), ("adapter", 2, 256, False),
-         ("lora", 4, 256, True)]
+CASES = [("lora", 4, 256, False), ("full", 4, 256, False), ("qlora", 2, 384, True),
+         pytest.param("adapter", 2, 256, False, marks=pytest.mark.slow),
+         pytest.param("lora", 4, 256, True, marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("method,batch,seq_len,ckpt", CASES)
