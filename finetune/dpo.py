@@ -54,8 +54,9 @@ from lora_lab.flops import FlopsMeter
 from lora_lab.generate import peak_memory_bytes, reset_peak_memory
 from lora_lab.lora import (LoRAConfig, check_adapter_fits, count_parameters, inject_lora, load_lora,
                            load_lora_state_dict, lora_plus_param_groups, lora_state_dict, mark_only_lora_trainable,
-                           normalize_targets, save_lora)
-from lora_lab.nf4 import quantize_nf4
+                           normalize_targets)
+from lora_lab.lora_init import init_config, init_lora, save_trained_lora
+from lora_lab.nf4 import nf4_settings, quantize_nf4
 from lora_lab.plan import plan_script
 from lora_lab.prompts import PromptStyle
 from lora_lab.training import (TRAIN_STATE_FILE, MetricsLog, StopRequest, Throughput, format_seconds,
@@ -89,12 +90,15 @@ def setup(
     use_rslora: bool = False,
     use_dora: bool = False,
     lora_plus_ratio: Optional[float] = None,
+    lora_init: str = "kaiming",
+    loftq_iter: int = 1,
     # data
     prompt_style: Optional[str] = None,
     max_seq_length: int = 512,
     packing: bool = False,
     n_train: Optional[int] = None,
     n_val: Optional[int] = None,
+    columns: Optional[dict[str, str]] = None,
     # optimisation
     max_steps: Optional[int] = None,
     epochs: float = 1.0,
@@ -147,12 +151,18 @@ def setup(
         use_rslora: scale by alpha / sqrt(r) instead of alpha / r (a fresh adapter only).
         use_dora: DoRA (weight-decomposed LoRA) (a fresh adapter only).
         lora_plus_ratio: LoRA+: B learns this many times faster than A (e.g. 16).
+        lora_init: where a new adapter's A, B (and the base) start (lora_lab/lora_init.py): kaiming, gaussian, pissa,
+            pissa_niter_N, olora, loftq (with --quantize nf4 only); pissa / olora / loftq save the adapter converted
+            to rank 2r against the untouched base.
+        loftq_iter: --lora_init loftq: alternating quantize / SVD steps.
         prompt_style: how prompts are wrapped (default: the base model's own).
         max_seq_length: pairs whose prompt + longer answer exceed it are left out (and counted).
         packing: lay the 2 x micro_batch_size sequences of each micro-batch end to end in rows of max_seq_length
             (each attends only to itself: the same loss, less padding); batch sizes still count pairs.
         n_train: use only the first n_train training pairs.
         n_val: likewise for validation pairs.
+        columns: your file's column names, e.g. '{"instruction": "question", "chosen": "good"}' (keys:
+            instruction, input, chosen, rejected).
         max_steps: optimizer steps (default: `epochs` passes over the data).
         epochs: passes over the training pairs when max_steps is not given.
         batch_size: global batch size in PAIRS per optimizer step (over all devices).
@@ -200,10 +210,11 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
          adapter_dir: Optional[Path], beta: float, loss: str, quantize: Optional[str], nf4_blocksize: int,
          double_quant: bool, lora_r: int, lora_alpha: float, lora_dropout: float,
          lora_targets: Union[tuple[str, ...], str], use_rslora: bool, use_dora: bool,
-         lora_plus_ratio: Optional[float], prompt_style: Optional[str], max_seq_length: int, packing: bool,
-         n_train: Optional[int], n_val: Optional[int], max_steps: Optional[int], epochs: float, batch_size: int,
-         micro_batch_size: int, learning_rate: float, weight_decay: float, warmup_steps: int, min_lr: float,
-         grad_clip: float, neftune_alpha: float, activation_checkpointing: bool, compile: bool,
+         lora_plus_ratio: Optional[float], lora_init: str, loftq_iter: int, prompt_style: Optional[str],
+         max_seq_length: int, packing: bool, n_train: Optional[int], n_val: Optional[int], columns: Optional[dict],
+         max_steps: Optional[int], epochs: float, batch_size: int, micro_batch_size: int, learning_rate: float,
+         weight_decay: float, warmup_steps: int, min_lr: float, grad_clip: float, neftune_alpha: float,
+         activation_checkpointing: bool, compile: bool,
          max_time: Optional[str], eval_interval: int, eval_iters: int, eval_samples: int, save_interval: int,
          log_interval: int, logger_name: str, seed: int, precision: str, peak_flops: Optional[float], devices: int,
          num_nodes: int, strategy: str, plan: bool) -> None:
@@ -217,6 +228,9 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     if sft_config is not None:
         check_adapter_fits(sft_config, load_config(checkpoint_dir), adapter_dir, checkpoint_dir)
     lora_targets = normalize_targets(lora_targets.split(",") if isinstance(lora_targets, str) else lora_targets)
+    if sft_config is not None and lora_init != "kaiming":
+        raise LoraLabError(f"--lora_init {lora_init} starts a new adapter, but --adapter_dir continues one: leave "
+                           f"one of them out")
     if fabric.world_size > 1 and batch_size % (micro_batch_size * fabric.world_size):
         raise LoraLabError(f"batch_size={batch_size} is not a multiple of micro_batch_size x devices = "
                            f"{micro_batch_size * fabric.world_size}")
@@ -234,32 +248,37 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     style = PromptStyle.from_checkpoint(checkpoint_dir, prompt_style or (sft_config and sft_config.prompt_style))
     train_dl, val_dl, data_stats = get_preference_dataloaders(
         data, tokenizer, style, max_seq_length=max_seq_length, micro_batch_size=micro_batch_size, seed=seed,
-        val_data=val_data, n_train=n_train, n_val=n_val, pad_id=tokenizer.eos_id or 0, verbose=fabric.is_global_zero,
-        packing=packing)  # packed: each micro-batch's sequences end to end in rows, one segment each
+        val_data=val_data, n_train=n_train, n_val=n_val, columns=columns, pad_id=tokenizer.eos_id or 0,
+        verbose=fabric.is_global_zero, packing=packing)  # packed: each micro-batch's sequences end to end in rows
     if max_steps is None:
         max_steps = max(1, math.ceil(epochs * data_stats["n_train"] / batch_size))
 
-    # ---- the model: load the base, (quantize it,) add LoRA or the SFT adapter, freeze everything else ----------
+    # ---- the model: load the base, add LoRA (initialise it, quantize) or the SFT adapter, freeze the rest ------
     model = GPT.from_checkpoint(checkpoint_dir)
-    base_quantization = None
-    if quantize == "nf4":
-        quantize_nf4(model, blocksize=nf4_blocksize, double_quant=double_quant)  # every nn.Linear but lm_head -> NF4
-        base_quantization = {"method": "nf4", "blocksize": nf4_blocksize, "double_quant": double_quant}
+    # the settings quantize_nf4 records (it runs below, after the LoRA init), or None for a float base
+    base_quantization = nf4_settings(nf4_blocksize, double_quant) if quantize == "nf4" else None
     trained_with = {"method": "dpo", "loss": loss, "beta": beta,
                     "reference": f"base + {adapter_dir} (the starting adapter)" if sft_config else "the base model"}
     if sft_config is not None:  # continue the SFT adapter: its shape and settings, its weights
         lora_config = LoRAConfig(**{**sft_config.to_dict(), "dropout": lora_dropout, "lora_plus_ratio": lora_plus_ratio,
                                     "base_model": str(checkpoint_dir), "base_config": model.config.to_dict(),
                                     "prompt_style": style.name, "base_quantization": base_quantization,
-                                    "trained_with": {**trained_with, "sft_adapter": str(adapter_dir)}})
+                                    "trained_with": {**trained_with, "sft_adapter": str(adapter_dir)},
+                                    "init": None})  # (a converted PiSSA / LoftQ adapter continues as plain LoRA)
     else:
         lora_config = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=list(lora_targets),
                                  use_rslora=use_rslora, use_dora=use_dora, lora_plus_ratio=lora_plus_ratio,
                                  base_model=str(checkpoint_dir), base_config=model.config.to_dict(),
                                  prompt_style=style.name, base_quantization=base_quantization,
-                                 trained_with=trained_with)
+                                 trained_with=trained_with, init=init_config(lora_init, loftq_iter))
+    # LoRA on the float weights first: the init reads W (pissa / olora / loftq change it; lora_lab/lora_init.py)
+    # and, with --quantize nf4, stores each LoRA layer's base in NF4; quantize_nf4 does the other layers. The
+    # reference is the policy at step 0: for pissa / olora that is still exactly the base model
     inject_lora(model, r=lora_config.r, alpha=lora_config.alpha, dropout=lora_config.dropout,
                 targets=lora_config.targets, use_rslora=lora_config.use_rslora, use_dora=lora_config.use_dora)
+    init_lora(model, lora_init, nf4=base_quantization, loftq_iter=loftq_iter, device=fabric.device)
+    if quantize == "nf4":
+        quantize_nf4(model, blocksize=nf4_blocksize, double_quant=double_quant)  # every other nn.Linear but lm_head
     if sft_weights is not None:
         load_lora_state_dict(model, sft_weights, source=adapter_dir)
     mark_only_lora_trainable(model)
@@ -333,6 +352,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
     metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"], logger_name=hparams["logger_name"],
                          hparams=hparams, fields=COLUMNS)  # + hparams.yaml, an experiment tracker, loss.png
     throughput = Throughput(state["step"], max_steps)
+    earlier_seconds = state.get("seconds", 0.0)  # a resumed run's time before the interruption
     flops = FlopsMeter.for_fabric(gpt, fabric, hparams["peak_flops"])  # model FLOPs, for MFU (lora_lab/flops.py)
     reset_peak_memory(fabric.device)
     batches = micro_batches(train_dl, fabric.global_rank, fabric.world_size, state)
@@ -366,6 +386,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
+        state["seconds"] = earlier_seconds + throughput.elapsed()
         step, train = state["step"], mean_metrics(all_reduce_sums(fabric, sums))
 
         if step % log_interval == 0 or step == max_steps:
@@ -403,7 +424,8 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
     metrics.finish()  # the final loss.png; the tracker's files closed
 
     fabric.print(f"Trainable parameters {count_parameters(gpt)[0]:,} | {state['step']} steps in "
-                 f"{format_seconds(throughput.elapsed())} | {throughput.tokens_per_sec():,.0f} tokens/s | "
+                 f"{format_seconds(state.get('seconds', 0.0))} | "
+                 f"{state['tokens'] / max(state.get('seconds', 0.0), 1e-9):,.0f} tokens/s | "
                  f"{flops.summary(throughput.elapsed())} | "
                  f"peak memory {peak_memory_bytes(fabric.device) / 2**30:.2f} GiB"
                  + (f" | final held-out reward accuracy {val['rewards/accuracies']:.1%}" if val is not None else ""))
@@ -459,7 +481,7 @@ def save(fabric, gpt, optimizer, train_dl, state, lora_config, hparams, out_dir)
         save_sharded_state(fabric, gpt, optimizer, out_dir / SHARDS_DIR)
     with gathered(fabric, gpt):  # fsdp: the whole trainable part on rank 0, for the one file
         if fabric.is_global_zero:
-            save_lora(out_dir, gpt, lora_config)
+            save_trained_lora(out_dir, gpt, lora_config)  # pissa / olora / loftq: converted to rank 2r against the base
             save_train_state(out_dir / TRAIN_STATE_FILE, {
                 "lora": {k: v.detach().cpu() for k, v in lora_state_dict(gpt).items()},
                 "optimizer": optimizer_state(gpt, optimizer),  # None under fsdp: it is in the shards

@@ -6,6 +6,7 @@
 Every linear layer we target computes  h = x W^T + (alpha/r) * dropout(x) A^T B^T  with W frozen and only A (r x in)
 and B (out x r) trained (lora_lab/lora.py explains the math). The adapter, a few MB, is saved with its config in
 out_dir and used by generate/lora.py, `python -m lora_lab.merge_lora` and `python -m lora_lab.export_peft`.
+--lora_init pissa / olora start the adapter from W's own directions instead of from zero (lora_lab/lora_init.py).
 
 --data is a built-in name (json_extraction: offline and synthetic; alpaca, alpaca-cleaned, alpaca-finance, dolly,
 lima: downloaded once) or a local .json / .jsonl / .csv file with instruction, input (optional) and output fields.
@@ -18,6 +19,7 @@ step in progress; run the same command with --resume to continue exactly where i
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -36,7 +38,8 @@ from lora_lab.formats.download import ensure_checkpoint
 from lora_lab.flops import FlopsMeter
 from lora_lab.generate import peak_memory_bytes, reset_peak_memory
 from lora_lab.lora import (LoRAConfig, count_parameters, inject_lora, load_lora_state_dict, lora_plus_param_groups,
-                           lora_state_dict, mark_only_lora_trainable, normalize_targets, save_lora)
+                           lora_state_dict, mark_only_lora_trainable, normalize_targets)
+from lora_lab.lora_init import init_config, init_lora, save_trained_lora
 from lora_lab.plan import plan_script
 from lora_lab.prompts import PromptStyle
 from lora_lab.training import (TRAIN_STATE_FILE, MetricsLog, StopRequest, Throughput, format_seconds,
@@ -60,6 +63,8 @@ def setup(
     use_rslora: bool = False,
     use_dora: bool = False,
     lora_plus_ratio: Optional[float] = None,
+    lora_init: str = "kaiming",
+    loftq_iter: int = 1,
     # data
     prompt_style: Optional[str] = None,
     max_seq_length: int = 512,
@@ -67,6 +72,7 @@ def setup(
     packing: bool = False,
     n_train: Optional[int] = None,
     n_val: Optional[int] = None,
+    columns: Optional[dict[str, str]] = None,
     # optimisation
     max_steps: Optional[int] = None,
     epochs: float = 1.0,
@@ -115,6 +121,12 @@ def setup(
         use_rslora: scale by alpha / sqrt(r) instead of alpha / r.
         use_dora: DoRA (weight-decomposed LoRA).
         lora_plus_ratio: LoRA+: B learns this many times faster than A (e.g. 16).
+        lora_init: where A, B (and the base) start (lora_lab/lora_init.py): kaiming (A Kaiming-uniform, B = 0),
+            gaussian (A ~ N(0, 1/r^2)), pissa / pissa_niter_N (the adapter holds W's r principal singular directions,
+            the base the rest; N: randomized SVD's power iterations), olora (QR), loftq (a quantized base only:
+            alternate NF4 and SVD so that base + adapter is closest to W). pissa / olora / loftq save the adapter
+            converted to rank 2r against the untouched base.
+        loftq_iter: --lora_init loftq: alternating quantize / SVD steps.
         prompt_style: how prompts are wrapped (default: the base model's own).
         max_seq_length: longer samples are cut (and counted).
         mask_prompt: learn only the answer tokens, not the prompt.
@@ -122,6 +134,8 @@ def setup(
             batch_size and micro_batch_size then count rows.
         n_train: use only the first n_train training rows (json_extraction: how many to generate).
         n_val: likewise for validation rows.
+        columns: your file's column names, e.g. '{"instruction": "question", "output": "answer"}' (keys:
+            instruction, input, output).
         max_steps: optimizer steps (default: `epochs` passes over the data).
         epochs: passes over the training data when max_steps is not given.
         batch_size: global batch size in samples per optimizer step (over all devices).
@@ -166,8 +180,10 @@ def setup(
 def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_data: Optional[str],
          blank_line_docs: bool, resume: bool,
          lora_r: int, lora_alpha: float, lora_dropout: float, lora_targets: Union[tuple[str, ...], str],
-         use_rslora: bool, use_dora: bool, lora_plus_ratio: Optional[float], prompt_style: Optional[str],
+         use_rslora: bool, use_dora: bool, lora_plus_ratio: Optional[float], lora_init: str,
+         loftq_iter: int, prompt_style: Optional[str],
          max_seq_length: int, mask_prompt: bool, packing: bool, n_train: Optional[int], n_val: Optional[int],
+         columns: Optional[dict],
          max_steps: Optional[int], epochs: float, batch_size: int, micro_batch_size: int, learning_rate: float,
          weight_decay: float, warmup_steps: int, min_lr: float, grad_clip: float, neftune_alpha: float,
          activation_checkpointing: bool, compile: bool, max_time: Optional[str], eval_interval: int,
@@ -196,8 +212,8 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     style = PromptStyle.from_checkpoint(checkpoint_dir, prompt_style)
     train_dl, val_dl, data_stats = get_dataloaders(
         data, tokenizer, style, max_seq_length=max_seq_length, micro_batch_size=micro_batch_size, seed=seed,
-        val_data=val_data, n_train=n_train, n_val=n_val, mask_prompt=mask_prompt, bucket_by_length=True,
-        pad_id=tokenizer.eos_id or 0, verbose=fabric.is_global_zero, packing=packing,
+        val_data=val_data, n_train=n_train, n_val=n_val, columns=columns, mask_prompt=mask_prompt,
+        bucket_by_length=True, pad_id=tokenizer.eos_id or 0, verbose=fabric.is_global_zero, packing=packing,
         blank_line_docs=blank_line_docs)
     if max_steps is None:
         max_steps = max(1, math.ceil(epochs * data_stats["n_train"] / batch_size))
@@ -207,9 +223,14 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     lora_config = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=list(lora_targets),
                              use_rslora=use_rslora, use_dora=use_dora, lora_plus_ratio=lora_plus_ratio,
                              base_model=str(checkpoint_dir), base_config=model.config.to_dict(),
-                             prompt_style=style.name)
+                             prompt_style=style.name, init=init_config(lora_init, loftq_iter))
     inject_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets,
                 use_rslora=use_rslora, use_dora=use_dora)
+    started = time.perf_counter()
+    # A, B (pissa / olora: the base becomes W - s B A); the step-0 adapter stays on the model for saving
+    init_lora(model, lora_init, loftq_iter=loftq_iter, device=fabric.device)  # the SVD / QR on the GPU if any
+    if lora_init != "kaiming":
+        fabric.print(f"--lora_init {lora_init}: {time.perf_counter() - started:.2f} s")
     mark_only_lora_trainable(model)
     model.activation_checkpointing = activation_checkpointing
     trainable, total = count_parameters(model)
@@ -243,15 +264,18 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
 
     # the json_extraction task's real test: does the model now answer with the right JSON?
     eval_rows = val_dl.dataset.rows[:eval_samples] if data == "json_extraction" and val_dl is not None else []
-    if eval_rows and not resume:
-        before = evaluate_json(fabric, gpt, tokenizer, style, eval_rows)
+    if eval_rows and not resume:  # kept with the resume state: a resumed run still says before -> after
+        state["json_before"] = {k: v for k, v in evaluate_json(fabric, gpt, tokenizer, style, eval_rows).items()
+                                if k in ("valid_json", "exact_keys", "all_correct")}
     fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hparams, out_dir, max_steps, grad_accum,
         learning_rate, warmup_steps, min_lr, grad_clip, neftune_alpha, parse_duration(max_time), eval_interval,
         eval_iters, save_interval, log_interval)
     if eval_rows and not state.get("stopped"):
         after = evaluate_json(fabric, gpt, tokenizer, style, eval_rows)
-        if not resume:
-            fabric.print(f"JSON before -> after fine-tuning: valid {before['valid_json']:.0%} -> {after['valid_json']:.0%}, "
+        before = state.get("json_before")
+        if before:
+            fabric.print(f"JSON before -> after fine-tuning: valid {before['valid_json']:.0%} -> "
+                         f"{after['valid_json']:.0%}, "
                          f"exact keys {before['exact_keys']:.0%} -> {after['exact_keys']:.0%}, "
                          f"all values right {before['all_correct']:.0%} -> {after['all_correct']:.0%}")
 
@@ -263,6 +287,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
     metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"], logger_name=hparams["logger_name"],
                          hparams=hparams)  # + hparams.yaml, an experiment tracker, loss.png
     throughput = Throughput(state["step"], max_steps)
+    earlier_seconds = state.get("seconds", 0.0)  # a resumed run's time before the interruption
     flops = FlopsMeter.for_fabric(gpt, fabric, hparams["peak_flops"])  # model FLOPs, for MFU (lora_lab/flops.py)
     reset_peak_memory(fabric.device)
     batches = micro_batches(train_dl, fabric.global_rank, fabric.world_size, state)
@@ -292,6 +317,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
+        state["seconds"] = earlier_seconds + throughput.elapsed()
         step, train_loss = state["step"], loss_sum / grad_accum
         if fabric.world_size > 1:  # the loss of the global batch, not only of this device's share
             train_loss = fabric.all_reduce(torch.tensor(train_loss, device=fabric.device), reduce_op="mean").item()
@@ -329,7 +355,8 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
     metrics.finish()  # the final loss.png; the tracker's files closed
 
     fabric.print(f"Trainable parameters {count_parameters(gpt)[0]:,} | {state['step']} steps in "
-                 f"{format_seconds(throughput.elapsed())} | {throughput.tokens_per_sec():,.0f} tokens/s | "
+                 f"{format_seconds(state.get('seconds', 0.0))} | "
+                 f"{state['tokens'] / max(state.get('seconds', 0.0), 1e-9):,.0f} tokens/s | "
                  f"{flops.summary(throughput.elapsed())} | "
                  f"peak memory {peak_memory_bytes(fabric.device) / 2**30:.2f} GiB"
                  + (f" | final val loss {val_loss:.4f}" if val_loss is not None else ""))
@@ -373,7 +400,7 @@ def save(fabric, gpt, optimizer, train_dl, state, lora_config, hparams, out_dir)
         save_sharded_state(fabric, gpt, optimizer, out_dir / SHARDS_DIR)
     with gathered(fabric, gpt):  # fsdp: the whole trainable part on rank 0, for the one file
         if fabric.is_global_zero:
-            save_lora(out_dir, gpt, lora_config)
+            save_trained_lora(out_dir, gpt, lora_config)  # pissa / olora / loftq: converted to rank 2r against the base
             save_train_state(out_dir / TRAIN_STATE_FILE, {
                 "lora": {k: v.detach().cpu() for k, v in lora_state_dict(gpt).items()},
                 "optimizer": optimizer_state(gpt, optimizer),  # None under fsdp: it is in the shards

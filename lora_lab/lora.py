@@ -28,6 +28,8 @@ constant in the backward pass, which saves the memory of its graph.
 LoRA+ (Hayou et al. 2024, `lora_plus_param_groups`, off by default): B learns with a learning rate `ratio` times
 the one of A.
 
+Other starting points (PiSSA, OLoRA, LoftQ, Gaussian A; `--lora_init`) live in lora_lab/lora_init.py.
+
 QLoRA (Dettmers et al. 2023): quantize the base first (lora_lab.nf4.quantize_nf4(model): every nn.Linear but
 lm_head becomes an NF4Linear), then inject_lora as usual. A LoRA layer made from an NF4Linear keeps the 4-bit
 weight (same buffers, same names) and dequantizes it on the fly in base_forward; the adapters, their keys and
@@ -559,6 +561,10 @@ class LoRAConfig:
     # how the adapter was trained, when not by plain fine-tuning on answers: finetune/dpo.py writes {"method": "dpo",
     # "loss", "beta", "reference", ...}; tools that use the adapter need nothing from it
     trained_with: Optional[dict] = None
+    # how A, B (and the base) started when not by the default Kaiming A, zero B (lora_lab/lora_init.py), e.g.
+    # {"method": "pissa", "niter": 4}; after pissa / olora / loftq the saved adapter is converted to rank 2r against
+    # the untouched base and this also holds "trained_r", "trained_alpha" (and "base_offset", a file name)
+    init: Optional[dict] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -573,6 +579,8 @@ class LoRAConfig:
         q = self.base_quantization
         if q is not None and (not isinstance(q, dict) or q.get("method") != "nf4"):
             raise LoraLabError(f"base_quantization must be None or {{'method': 'nf4', ...}}, got {q!r}")
+        if self.init is not None and not (isinstance(self.init, dict) and isinstance(self.init.get("method"), str)):
+            raise LoraLabError(f"init must be None or {{'method': ..., ...}}, got {self.init!r}")
 
     @property
     def scaling(self) -> float:
@@ -645,15 +653,19 @@ def base_checkpoint_dir(lora_config: LoRAConfig, checkpoint_dir: Optional[Union[
     return Path(lora_config.base_model)
 
 
+def base_shape_diffs(lora_config: LoRAConfig, config: Config) -> list[str]:
+    """["n_embd 48 vs 32", ...]: where the base the adapter records differs in shape from `config` ([] for an adapter
+    saved without its base config: load_lora_state_dict still checks every shape)."""
+    base, ours = lora_config.base_config or {}, config.to_dict()
+    return [f"{k} {base[k]} vs {ours[k]}" for k in SHAPE_FIELDS if k in base and base[k] != ours[k]]
+
+
 def check_adapter_fits(lora_config: LoRAConfig, config: Config, adapter_dir: Union[str, Path],
                        checkpoint_dir: Union[str, Path]) -> None:
     """One line naming the differences when the adapter was trained on a base model of other shapes."""
-    base = lora_config.base_config
-    if not base:  # an adapter saved without its base config: load_lora_state_dict still checks every shape
-        return
-    ours = config.to_dict()
-    diffs = [f"{k} {base[k]} vs {ours[k]}" for k in SHAPE_FIELDS if k in base and base[k] != ours[k]]
+    diffs = base_shape_diffs(lora_config, config)
     if diffs:
+        base = lora_config.base_config
         trained_on = base.get("name") or lora_config.base_model or "another model"
         raise LoraLabError(f"{adapter_dir} was trained on {trained_on}, whose shapes differ from {checkpoint_dir} "
                            f"({', '.join(diffs)}): pass the --checkpoint_dir of the base model it was trained on")
