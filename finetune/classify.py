@@ -41,6 +41,7 @@ from lora_lab.classifier import (METHODS, POOLINGS, ClassifierConfig, add_classi
                                  logistic_regression, save_classifier, trained_state_dict)
 from lora_lab.compile import compile_blocks
 from lora_lab.data.classification import classification_dataloaders, load_classification
+from lora_lab.distributed import make_fabric
 from lora_lab.formats.download import ensure_checkpoint
 from lora_lab.flops import FlopsMeter
 from lora_lab.generate import peak_memory_bytes, reset_peak_memory
@@ -182,7 +183,7 @@ def setup(
     checkpoint_dir = ensure_checkpoint(checkpoint_dir)  # the default model is fetched once if missing
     if precision is None:
         precision = "bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision)
+    fabric = make_fabric(devices, num_nodes, strategy, precision)  # fsdp: FSDP2 units (lora_lab/distributed.py)
     fabric.launch()
     args = dict(locals())
     del args["fabric"]
