@@ -6,6 +6,7 @@
     POST /v1/load_lora_adapter    {"lora_name", "lora_path"}   (vLLM's run-time adapter loading)
     POST /v1/unload_lora_adapter  {"lora_name"}
     GET  /health
+    GET  /                        the playground, a web page that compares models side by side (playground.py)
 
 `model` is an adapter's name or the base model's name. Streaming answers are Server-Sent Events
 (`data: {chunk}` lines, then `data: [DONE]`). Errors have OpenAI's body, {"error": {"message", "type", "param",
@@ -29,6 +30,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from lora_lab.serve import playground
 from lora_lab.serve.server import ModelServer
 from lora_lab.utils import LoraLabError
 
@@ -101,6 +103,7 @@ def create_app(server: ModelServer, shutdown_engine: bool = True) -> FastAPI:
             await run_in_threadpool(server.engine.shutdown)
 
     app = FastAPI(title="lora_lab server", lifespan=lifespan)
+    app.include_router(playground.router)  # the web page at / (lora_lab/serve/playground.py)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
