@@ -31,7 +31,7 @@ def workdir(tmp_path_factory):
 
     tok = require_asset("models/smollm2-135m-instruct")
     tmp = tmp_path_factory.mktemp("batch")
-    config = Config(name="tiny", **dict(LLAMA, vocab_size=49152, block_size=96), prompt_style="chatml")
+    config = Config(name="tiny", **dict(LLAMA, vocab_size=49152, block_size=128), prompt_style="chatml")
     base = make_base(tmp / "base", config, tokenizer_dir=tok)
     make_adapter(base, tmp / "adapters" / "qv4", ["query", "value"], r=4, prompt_style="chatml")
     make_adapter(base, tmp / "adapters" / "mlp2", ["mlp", "lm_head"], r=2, prompt_style="plain")
@@ -160,7 +160,7 @@ def test_output_of_another_input_is_refused(workdir, tmp_path, capsys, monkeypat
 # ------------------------------------------------------------------------------------------------------------
 def test_malformed_rows_are_recorded_and_skipped(workdir, tmp_path, capsys, monkeypatch):
     lines = ['{"id": 1, "prompt": "Hello"}', '{"id": 2, "prompt": ', '["not", "an object"]',
-             '{"id": 4, "other": "no prompt"}', '{"id": 5, "prompt": "' + "word " * 200 + '"}',
+             '{"id": 4, "other": "no prompt"}', '{"id": 5, "prompt": "' + "word " * 300 + '"}',
              '{"id": 6, "prompt": "Hello", "model": "nope"}', '{"id": 7, "prompt": "Hello"}']
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
     result = batch(workdir, capsys, monkeypatch, "--input", tmp_path / "in.jsonl", "--output", tmp_path / "o.jsonl")
@@ -224,3 +224,21 @@ def test_input_formats(tmp_path):
     assert out.write(1, {"row": 1}) == 0 and out.write(0, {"row": 0}) == 2  # written in the input's order
     out.close()
     assert [json.loads(x)["row"] for x in (tmp_path / "o.jsonl").read_text().splitlines()] == [0, 1]
+
+
+def test_bench_batch_sides_give_the_same_answers(workdir, tmp_path):
+    """benchmarks/bench_batch.py on the tiny model: batch.py, the generate/lora.py loop and transformers + PEFT's
+    padded batches do the same work (the same greedy answers), and each gets a rate and a cost."""
+    pytest.importorskip("peft")
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench_batch
+
+    (tmp_path / "reviews.csv").write_text("text,label\n" + "".join(
+        f"{t},fresh\n" for t in ["Great fun", "A dull and long film", "Loved it", "Not for me", "Superb acting"]))
+    rows = bench_batch.main(checkpoint_dir=workdir / "base", adapter_dir=workdir / "adapters" / "qv4", n_texts=5,
+                            loop_texts=3, max_new_tokens=6, max_batch_size=2, quantize=["none"],
+                            reviews=tmp_path / "reviews.csv")
+    assert [(r["side"], r["texts"]) for r in rows] == [("generate/lora.py loop", 3), ("batch.py", 5),
+                                                       ("transformers+PEFT", 5)]
+    for r in rows:
+        assert r["same_as_loop"] == 1.0 and r["texts_per_s"] > 0 and r["usd_per_1M"] > 0, r
