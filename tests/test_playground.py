@@ -9,6 +9,7 @@ browser too.
 """
 
 import json
+import os
 
 import pytest
 
@@ -46,6 +47,8 @@ def live(tmp_path_factory):
 @pytest.fixture(scope="module")
 def browser(live):
     reason = missing()
+    if reason and os.environ.get("LORA_LAB_REQUIRE_ASSETS") == "1":  # CI (.ci/run) installs the browser
+        pytest.fail(f"no headless browser: {reason}")
     if reason:
         pytest.skip(f"no headless browser: {reason}")
     b = Browser()
