@@ -82,7 +82,7 @@ def screenshot(url: str, out: Path, prompt: str, models: list[str], max_tokens: 
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
-    browser = Browser(1400, 900)
+    browser = Browser(1400, 1250)
     try:
         d = browser.driver
         d.get(url)
