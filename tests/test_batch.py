@@ -163,6 +163,8 @@ def test_malformed_rows_are_recorded_and_skipped(workdir, tmp_path, capsys, monk
              '{"id": 4, "other": "no prompt"}', '{"id": 5, "prompt": "' + "word " * 300 + '"}',
              '{"id": 6, "prompt": "Hello", "model": "nope"}', '{"id": 7, "prompt": "Hello"}']
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    monkeypatch.setenv("LORA_LAB_PROGRESS", "lines")  # progress as plain lines, one per row written
+    monkeypatch.setenv("LORA_LAB_PROGRESS_INTERVAL", "0")
     result = batch(workdir, capsys, monkeypatch, "--input", tmp_path / "in.jsonl", "--output", tmp_path / "o.jsonl")
     assert result.returncode == 0, result.stderr
     out = read_jsonl(tmp_path / "o.jsonl")
@@ -173,6 +175,9 @@ def test_malformed_rows_are_recorded_and_skipped(workdir, tmp_path, capsys, monk
     assert "no field 'prompt'" in errors[3] and "context holds" in errors[4] and "'nope'" in errors[5]
     assert all(r["output"] is None for r in out[1:6]) and [r.get("id") for r in out] == [1, None, None, 4, 5, 6, 7]
     assert "5 failed" in result.stderr
+    progress = [line for line in result.stderr.splitlines() if line.startswith("batch: ")]
+    assert progress[0].startswith("batch: 1/7 texts (14%)") and "ETA" in progress[0]
+    assert all(" texts/s, " in line and line.endswith(" tokens/s") for line in progress[:-1]), progress
 
 
 def test_csv_template_schema_scores_and_summary(workdir, tmp_path, capsys, monkeypatch):
