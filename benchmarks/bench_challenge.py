@@ -237,7 +237,7 @@ def main(model: str = "llama-3.1-8b", methods: tuple[str, ...] = ("lora", "qlora
             r = rows[-1]
             print(f"  {side:<8} {method:<5} {r['best_s']:.3f} s/step  first loss {r['first_loss']:.4f}", flush=True)
 
-    print(f"\n| method | side | s/step | tokens/s | MFU | peak memory | ours vs peer (tokens/s) |")
+    print("\n| method | side | s/step | tokens/s | MFU | peak memory | ours vs peer (tokens/s) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         peer = next((p for p in rows if p["method"] == r["method"] and p["side"] == "peft"), None)

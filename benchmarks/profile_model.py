@@ -93,10 +93,10 @@ def main() -> None:
         for k, s in times.items():
             by_op[k[0]][i] += s
             by_op[k[0]][2 + i] += calls[k]
-    print(f"\n| operator | ours s (calls) | transformers s (calls) | difference s |\n| --- | --- | --- | --- |")
+    print("\n| operator | ours s (calls) | transformers s (calls) | difference s |\n| --- | --- | --- | --- |")
     for op, (ta, tb, na, nb) in sorted(by_op.items(), key=lambda kv: -abs(kv[1][0] - kv[1][1]))[:args.top]:
         print(f"| {op} | {ta:.3f} ({na}) | {tb:.3f} ({nb}) | {ta - tb:+.3f} |")
-    print(f"\n| operator | input shapes | ours s (calls) | transformers s (calls) |\n| --- | --- | --- | --- |")
+    print("\n| operator | input shapes | ours s (calls) | transformers s (calls) |\n| --- | --- | --- | --- |")
     for k in sorted(set(a) | set(b), key=lambda k: -abs(a.get(k, 0.0) - b.get(k, 0.0)))[:args.top]:
         print(f"| {k[0]} | {k[1]} | {a.get(k, 0.0):.3f} ({a_calls.get(k, 0)}) | {b.get(k, 0.0):.3f} ({b_calls.get(k, 0)}) |")
 

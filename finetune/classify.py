@@ -81,6 +81,8 @@ def setup(
     packing: bool = False,
     n_train: Optional[int] = None,
     n_val: Optional[int] = None,
+    n_test: Optional[int] = None,
+    columns: Optional[dict[str, str]] = None,
     # optimisation
     max_steps: Optional[int] = None,
     epochs: float = 1.0,
@@ -141,6 +143,9 @@ def setup(
             itself and is read at its own last token); batch_size and micro_batch_size then count rows.
         n_train: use only the first n_train training texts.
         n_val: likewise for validation texts.
+        n_test: likewise for test texts (scored once at the end: fewer is faster).
+        columns: your file's column names as '{"text": "review", "label": "sentiment"}' (the same as
+            --text_column review --label_column sentiment).
         max_steps: optimizer steps (default: `epochs` passes over the data).
         epochs: passes over the training data when max_steps is not given.
         batch_size: global batch size in texts per optimizer step (over all devices).
@@ -185,7 +190,8 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
          labels: Optional[Union[tuple[str, ...], str]], test_data: Optional[str], val_split: float, test_split: float,
          features_l2: float, head_learning_rate: Optional[float], lora_r: int, lora_alpha: float, lora_dropout: float,
          lora_targets: Union[tuple[str, ...], str], max_seq_length: int, packing: bool, n_train: Optional[int],
-         n_val: Optional[int], max_steps: Optional[int], epochs: float, batch_size: int, micro_batch_size: int,
+         n_val: Optional[int], n_test: Optional[int], columns: Optional[dict], max_steps: Optional[int],
+         epochs: float, batch_size: int, micro_batch_size: int,
          learning_rate: Optional[float], weight_decay: float, warmup_steps: int, min_lr: float, grad_clip: float,
          neftune_alpha: float, activation_checkpointing: bool, compile: bool, max_time: Optional[str],
          eval_interval: int, eval_iters: int, save_interval: int, log_interval: int, logger_name: str, seed: int,
@@ -213,8 +219,10 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
 
     # ---- data --------------------------------------------------------------------------------------------------
     tokenizer = Tokenizer(checkpoint_dir)
+    if columns:
+        text_column, label_column = columns.get("text", text_column), columns.get("label", label_column)
     rows = load_classification(data, text_column, label_column, labels, val_data, test_data, val_split, test_split,
-                               seed=seed, n_train=n_train, n_val=n_val)
+                               seed=seed, n_train=n_train, n_val=n_val, n_test=n_test)
     pad_id = tokenizer.eos_id or 0  # any id will do: the attention mask, not the id, tells the model what is padding
     train_dl, val_dl, test_dl, data_stats = classification_dataloaders(
         rows, tokenizer, max_seq_length=max_seq_length, micro_batch_size=micro_batch_size, seed=seed, pad_id=pad_id,
@@ -249,7 +257,7 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
         base_config=base_config.to_dict(), max_seq_length=max_seq_length, head_bias=method == "features",
         lora=dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=list(lora_targets))
         if method in ("lora", "qlora") else None,
-        base_quantization={"method": "nf4", "blocksize": 64, "double_quant": True} if method == "qlora" else None,
+        base_quantization=getattr(model, "base_quantization", None),  # what quantize_nf4 used (qlora), else None
         pad_id=pad_id, text_column=text_column, label_column=label_column)
     trainable, total = count_parameters(model)
     fabric.print(f"Classifier ({method}, {pool} token pooling, {len(rows.labels)} classes): {trainable:,} trainable "
@@ -334,6 +342,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, classifier_confi
     metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"], logger_name=hparams["logger_name"],
                          hparams=hparams)  # + hparams.yaml, an experiment tracker, loss.png
     throughput = Throughput(state["step"], max_steps)
+    earlier_seconds = state.get("seconds", 0.0)  # a resumed run's time before the interruption
     flops = FlopsMeter.for_fabric(gpt, fabric, hparams["peak_flops"])  # model FLOPs, for MFU (lora_lab/flops.py)
     reset_peak_memory(fabric.device)
     batches = micro_batches(train_dl, fabric.global_rank, fabric.world_size, state)
@@ -364,6 +373,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, classifier_confi
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
+        state["seconds"] = earlier_seconds + throughput.elapsed()
         step, train_loss = state["step"], loss_sum / grad_accum
         if fabric.world_size > 1:  # the loss of the global batch, not only of this device's share
             train_loss = fabric.all_reduce(torch.tensor(train_loss, device=fabric.device), reduce_op="mean").item()
@@ -401,7 +411,8 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, classifier_confi
     metrics.finish()  # the final loss.png; the tracker's files closed
 
     fabric.print(f"Trainable parameters {count_parameters(gpt)[0]:,} | {state['step']} steps in "
-                 f"{format_seconds(throughput.elapsed())} | {throughput.tokens_per_sec():,.0f} tokens/s | "
+                 f"{format_seconds(state.get('seconds', 0.0))} | "
+                 f"{state['tokens'] / max(state.get('seconds', 0.0), 1e-9):,.0f} tokens/s | "
                  f"{flops.summary(throughput.elapsed())} | "
                  f"peak memory {peak_memory_bytes(fabric.device) / 2**30:.2f} GiB"
                  + (f" | final val loss {val_loss:.4f}" if val_loss is not None else ""))

@@ -92,6 +92,7 @@ def setup(
     packing: bool = False,
     n_train: Optional[int] = None,
     n_val: Optional[int] = None,
+    columns: Optional[dict[str, str]] = None,
     # optimisation
     max_steps: Optional[int] = None,
     epochs: float = 1.0,
@@ -149,6 +150,8 @@ def setup(
             (each attends only to itself: the same loss, less padding); batch sizes still count pairs.
         n_train: use only the first n_train training pairs.
         n_val: likewise for validation pairs.
+        columns: your file's column names, e.g. '{"instruction": "question", "chosen": "good"}' (keys:
+            instruction, input, chosen, rejected).
         max_steps: optimizer steps (default: `epochs` passes over the data).
         epochs: passes over the training pairs when max_steps is not given.
         batch_size: global batch size in PAIRS per optimizer step (over all devices).
@@ -194,9 +197,10 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
          double_quant: bool, lora_r: int, lora_alpha: float, lora_dropout: float,
          lora_targets: Union[tuple[str, ...], str], use_rslora: bool, use_dora: bool,
          lora_plus_ratio: Optional[float], prompt_style: Optional[str], max_seq_length: int, packing: bool,
-         n_train: Optional[int], n_val: Optional[int], max_steps: Optional[int], epochs: float, batch_size: int,
-         micro_batch_size: int, learning_rate: float, weight_decay: float, warmup_steps: int, min_lr: float,
-         grad_clip: float, neftune_alpha: float, activation_checkpointing: bool, compile: bool,
+         n_train: Optional[int], n_val: Optional[int], columns: Optional[dict], max_steps: Optional[int],
+         epochs: float, batch_size: int, micro_batch_size: int, learning_rate: float, weight_decay: float,
+         warmup_steps: int, min_lr: float, grad_clip: float, neftune_alpha: float, activation_checkpointing: bool,
+         compile: bool,
          max_time: Optional[str], eval_interval: int, eval_iters: int, eval_samples: int, save_interval: int,
          log_interval: int, logger_name: str, seed: int, precision: str, peak_flops: Optional[float], devices: int,
          num_nodes: int, strategy: str) -> None:
@@ -227,17 +231,16 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     style = PromptStyle.from_checkpoint(checkpoint_dir, prompt_style or (sft_config and sft_config.prompt_style))
     train_dl, val_dl, data_stats = get_preference_dataloaders(
         data, tokenizer, style, max_seq_length=max_seq_length, micro_batch_size=micro_batch_size, seed=seed,
-        val_data=val_data, n_train=n_train, n_val=n_val, pad_id=tokenizer.eos_id or 0, verbose=fabric.is_global_zero,
-        packing=packing)  # packed: each micro-batch's sequences end to end in rows, one segment each
+        val_data=val_data, n_train=n_train, n_val=n_val, columns=columns, pad_id=tokenizer.eos_id or 0,
+        verbose=fabric.is_global_zero, packing=packing)  # packed: each micro-batch's sequences end to end in rows
     if max_steps is None:
         max_steps = max(1, math.ceil(epochs * data_stats["n_train"] / batch_size))
 
     # ---- the model: load the base, (quantize it,) add LoRA or the SFT adapter, freeze everything else ----------
     model = GPT.from_checkpoint(checkpoint_dir)
-    base_quantization = None
     if quantize == "nf4":
         quantize_nf4(model, blocksize=nf4_blocksize, double_quant=double_quant)  # every nn.Linear but lm_head -> NF4
-        base_quantization = {"method": "nf4", "blocksize": nf4_blocksize, "double_quant": double_quant}
+    base_quantization = getattr(model, "base_quantization", None)  # the settings quantize_nf4 recorded, or None
     trained_with = {"method": "dpo", "loss": loss, "beta": beta,
                     "reference": f"base + {adapter_dir} (the starting adapter)" if sft_config else "the base model"}
     if sft_config is not None:  # continue the SFT adapter: its shape and settings, its weights
@@ -321,6 +324,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
     metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"], logger_name=hparams["logger_name"],
                          hparams=hparams, fields=COLUMNS)  # + hparams.yaml, an experiment tracker, loss.png
     throughput = Throughput(state["step"], max_steps)
+    earlier_seconds = state.get("seconds", 0.0)  # a resumed run's time before the interruption
     flops = FlopsMeter.for_fabric(gpt, fabric, hparams["peak_flops"])  # model FLOPs, for MFU (lora_lab/flops.py)
     reset_peak_memory(fabric.device)
     batches = micro_batches(train_dl, fabric.global_rank, fabric.world_size, state)
@@ -354,6 +358,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
+        state["seconds"] = earlier_seconds + throughput.elapsed()
         step, train = state["step"], mean_metrics(all_reduce_sums(fabric, sums))
 
         if step % log_interval == 0 or step == max_steps:
@@ -391,7 +396,8 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
     metrics.finish()  # the final loss.png; the tracker's files closed
 
     fabric.print(f"Trainable parameters {count_parameters(gpt)[0]:,} | {state['step']} steps in "
-                 f"{format_seconds(throughput.elapsed())} | {throughput.tokens_per_sec():,.0f} tokens/s | "
+                 f"{format_seconds(state.get('seconds', 0.0))} | "
+                 f"{state['tokens'] / max(state.get('seconds', 0.0), 1e-9):,.0f} tokens/s | "
                  f"{flops.summary(throughput.elapsed())} | "
                  f"peak memory {peak_memory_bytes(fabric.device) / 2**30:.2f} GiB"
                  + (f" | final held-out reward accuracy {val['rewards/accuracies']:.1%}" if val is not None else ""))

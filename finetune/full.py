@@ -86,6 +86,7 @@ def setup(
     packing: bool = False,
     n_train: Optional[int] = None,
     n_val: Optional[int] = None,
+    columns: Optional[dict[str, str]] = None,
     # optimisation
     max_steps: Optional[int] = None,
     epochs: float = 1.0,
@@ -134,6 +135,8 @@ def setup(
             batch_size and micro_batch_size then count rows.
         n_train: use only the first n_train training rows (json_extraction: how many to generate).
         n_val: likewise for validation rows.
+        columns: your file's column names, e.g. '{"instruction": "question", "output": "answer"}' (keys:
+            instruction, input, output).
         max_steps: optimizer steps (default: `epochs` passes over the data).
         epochs: passes over the training data when max_steps is not given.
         batch_size: global batch size in samples per optimizer step (over all devices).
@@ -178,6 +181,7 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
          blank_line_docs: bool, resume: bool,
          optimizer: str, prompt_style: Optional[str],
          max_seq_length: int, mask_prompt: bool, packing: bool, n_train: Optional[int], n_val: Optional[int],
+         columns: Optional[dict],
          max_steps: Optional[int], epochs: float, batch_size: int, micro_batch_size: int,
          learning_rate: Optional[float],
          weight_decay: float, warmup_steps: int, min_lr: float, grad_clip: float, neftune_alpha: float,
@@ -208,8 +212,8 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     style = PromptStyle.from_checkpoint(checkpoint_dir, prompt_style)
     train_dl, val_dl, data_stats = get_dataloaders(
         data, tokenizer, style, max_seq_length=max_seq_length, micro_batch_size=micro_batch_size, seed=seed,
-        val_data=val_data, n_train=n_train, n_val=n_val, mask_prompt=mask_prompt, bucket_by_length=True,
-        pad_id=tokenizer.eos_id or 0, verbose=fabric.is_global_zero, packing=packing,
+        val_data=val_data, n_train=n_train, n_val=n_val, columns=columns, mask_prompt=mask_prompt,
+        bucket_by_length=True, pad_id=tokenizer.eos_id or 0, verbose=fabric.is_global_zero, packing=packing,
         blank_line_docs=blank_line_docs)
     if max_steps is None:
         max_steps = max(1, math.ceil(epochs * data_stats["n_train"] / batch_size))
@@ -248,15 +252,18 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
 
     # the json_extraction task's real test: does the model now answer with the right JSON?
     eval_rows = val_dl.dataset.rows[:eval_samples] if data == "json_extraction" and val_dl is not None else []
-    if eval_rows and not resume:
-        before = evaluate_json(fabric, gpt, tokenizer, style, eval_rows)
+    if eval_rows and not resume:  # kept with the resume state: a resumed run still says before -> after
+        state["json_before"] = {k: v for k, v in evaluate_json(fabric, gpt, tokenizer, style, eval_rows).items()
+                                if k in ("valid_json", "exact_keys", "all_correct")}
     fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, save_as, hparams, out_dir, max_steps, grad_accum,
         learning_rate, warmup_steps, min_lr, grad_clip, neftune_alpha, parse_duration(max_time), eval_interval,
         eval_iters, save_interval, log_interval)
     if eval_rows and not state.get("stopped"):
         after = evaluate_json(fabric, gpt, tokenizer, style, eval_rows)
-        if not resume:
-            fabric.print(f"JSON before -> after fine-tuning: valid {before['valid_json']:.0%} -> {after['valid_json']:.0%}, "
+        before = state.get("json_before")
+        if before:
+            fabric.print(f"JSON before -> after fine-tuning: valid {before['valid_json']:.0%} -> "
+                         f"{after['valid_json']:.0%}, "
                          f"exact keys {before['exact_keys']:.0%} -> {after['exact_keys']:.0%}, "
                          f"all values right {before['all_correct']:.0%} -> {after['all_correct']:.0%}")
 
@@ -268,6 +275,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, save_as, hparams
     metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"], logger_name=hparams["logger_name"],
                          hparams=hparams)  # + hparams.yaml, an experiment tracker, loss.png
     throughput = Throughput(state["step"], max_steps)
+    earlier_seconds = state.get("seconds", 0.0)  # a resumed run's time before the interruption
     flops = FlopsMeter.for_fabric(gpt, fabric, hparams["peak_flops"])  # model FLOPs, for MFU (lora_lab/flops.py)
     reset_peak_memory(fabric.device)
     batches = micro_batches(train_dl, fabric.global_rank, fabric.world_size, state)
@@ -297,6 +305,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, save_as, hparams
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
+        state["seconds"] = earlier_seconds + throughput.elapsed()
         step, train_loss = state["step"], loss_sum / grad_accum
         if fabric.world_size > 1:  # the loss of the global batch, not only of this device's share
             train_loss = fabric.all_reduce(torch.tensor(train_loss, device=fabric.device), reduce_op="mean").item()
@@ -334,7 +343,8 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, save_as, hparams
     metrics.finish()  # the final loss.png; the tracker's files closed
 
     fabric.print(f"Trainable parameters {count_parameters(gpt)[0]:,} | {state['step']} steps in "
-                 f"{format_seconds(throughput.elapsed())} | {throughput.tokens_per_sec():,.0f} tokens/s | "
+                 f"{format_seconds(state.get('seconds', 0.0))} | "
+                 f"{state['tokens'] / max(state.get('seconds', 0.0), 1e-9):,.0f} tokens/s | "
                  f"{flops.summary(throughput.elapsed())} | "
                  f"peak memory {peak_memory_bytes(fabric.device) / 2**30:.2f} GiB"
                  + (f" | final val loss {val_loss:.4f}" if val_loss is not None else ""))

@@ -19,13 +19,13 @@ import torch
 # run as `python generate/base.py` from a checkout without installing: make lora_lab importable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lora_lab.adapted import load_base  # noqa: E402
 from lora_lab.checkpoint import load_config  # noqa: E402
 from lora_lab.checks import check_args  # noqa: E402
 from lora_lab.formats.download import ensure_checkpoint  # noqa: E402
 from lora_lab.generate import (StreamDecoder, generate, generation_stats, reset_peak_memory,  # noqa: E402
                                select_device, select_dtype, synchronize)
-from lora_lab.model import GPT  # noqa: E402
-from lora_lab.nf4 import model_size_report, quantize_nf4  # noqa: E402
+from lora_lab.nf4 import model_size_report, nf4_settings  # noqa: E402
 from lora_lab.prompts import PromptStyle  # noqa: E402
 from lora_lab.tokenizer import Tokenizer  # noqa: E402
 from lora_lab.utils import LoraLabError, cli  # noqa: E402
@@ -71,9 +71,9 @@ def main(
 
     # 1. the model and its tokenizer
     t0 = time.perf_counter()
-    model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=dtype).eval()
-    if quantize == "nf4":
-        quantize_nf4(model)  # every nn.Linear but lm_head -> NF4Linear
+    # with nf4: every nn.Linear but lm_head quantized from the weights as stored, then the rest cast to dtype (the
+    # recipe of finetune/qlora.py and of every loader: lora_lab/adapted.py)
+    model = load_base(checkpoint_dir, nf4=nf4_settings() if quantize == "nf4" else None, device=device, dtype=dtype)
     tokenizer = Tokenizer(checkpoint_dir)
     print(f"Loaded {config.name or checkpoint_dir} ({dtype}, {device}) in {time.perf_counter() - t0:.2f} s",
           file=sys.stderr)

@@ -27,7 +27,7 @@ tests/test_finetune_full_adapter.py (generate/adapter.py), tests/test_evaluate.p
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
@@ -37,10 +37,9 @@ from lora_lab.checkpoint import load_config
 from lora_lab.lora import (ADAPTER_WEIGHTS_FILE, LoRAConfig, base_checkpoint_dir, check_adapter_fits, inject_lora,
                            load_lora, load_lora_state_dict, merge_lora, merge_lora_into_dequantized)
 from lora_lab.model import GPT
-from lora_lab.nf4 import quantize_nf4
-from lora_lab.utils import LoraLabError
+from lora_lab.nf4 import nf4_settings, quantize_nf4
+from lora_lab.utils import LoraLabError, PathLike
 
-PathLike = Union[str, Path]
 QUANTIZE = (None, "none", "nf4")
 
 
@@ -51,13 +50,15 @@ def check_quantize(quantize: Optional[str]) -> None:
 
 def load_base(checkpoint_dir: PathLike, nf4: Optional[dict] = None, device=None,
               dtype: Optional[torch.dtype] = None) -> GPT:
-    """The base model in eval mode. nf4: None for float weights in `dtype` (None: as stored); else quantize_nf4's
-    settings ({} for its defaults; a lora_config's base_quantization, whose "method" is ignored): every nn.Linear but
-    lm_head quantized from the weights as stored, as finetune/qlora.py does (same bits), then the rest cast."""
+    """The base model in eval mode: THE NF4 recipe of every loader (generate/, evaluate, merge, the server).
+    nf4: None for float weights in `dtype` (None: as stored); else the settings a quantized model records
+    (nf4.nf4_settings(); {} for the defaults; a QLoRA adapter's base_quantization): every nn.Linear but lm_head
+    quantized from the weights *as stored*, as finetune/qlora.py does (same bits whatever `dtype` is), then the
+    rest cast. Quantizing after a cast to bf16 would give other codes (tests/test_nf4_recipe.py)."""
     if nf4 is None:
         return GPT.from_checkpoint(checkpoint_dir, device=device, dtype=dtype).eval()
     model = GPT.from_checkpoint(checkpoint_dir, device=device).eval()
-    quantize_nf4(model, **{k: v for k, v in nf4.items() if k != "method"})  # nn.Linear but lm_head -> NF4Linear
+    quantize_nf4(model, **{k: v for k, v in {**nf4_settings(), **nf4}.items() if k != "method"})  # -> NF4Linear
     if dtype is not None:
         model.to(dtype)  # embeddings, norms, lm_head; NF4 codes stay, and dequantize to the input's dtype
     return model
@@ -101,17 +102,54 @@ def load_adapter_model(checkpoint_dir: Optional[PathLike], adapter_dir: PathLike
                        device=None, dtype: Optional[torch.dtype] = None,
                        adapter: Optional[tuple[AdapterConfig, dict[str, torch.Tensor]]] = None) -> GPT:
     """Base + the LLaMA-Adapter (V1 or V2) in adapter_dir, in eval mode. quantize="nf4": the frozen base's linear
-    layers in 4 bits (quantized from `dtype`), the prefixes and gates (V2: scales, biases, norms) in dtype.
+    layers in 4 bits (load_base's recipe), the prefixes and gates (V2: scales, biases, norms) in dtype.
     adapter: what load_adapter(adapter_dir) returned, if the caller read it already."""
     check_quantize(quantize)
     adapter_config, tensors = adapter if adapter is not None else load_adapter(adapter_dir)
     checkpoint_dir = adapter_base_checkpoint_dir(adapter_config, checkpoint_dir, adapter_dir)
     check_adapter_fits(adapter_config, load_config(checkpoint_dir), adapter_dir, checkpoint_dir)
-    model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=dtype).eval()
-    if quantize == "nf4":
-        quantize_nf4(model)  # every nn.Linear but lm_head -> NF4Linear
+    model = load_base(checkpoint_dir, nf4=nf4_settings() if quantize == "nf4" else None, device=device, dtype=dtype)
     # the attention (V2: and every linear layer) swapped as in training, then its tensors
     inject_adapter(model, adapter_prompt_length=adapter_config.adapter_prompt_length,
                    adapter_start_layer=adapter_config.adapter_start_layer, version=adapter_config.adapter_version)
     load_adapter_state_dict(model, tensors, source=Path(adapter_dir) / LLAMA_ADAPTER_WEIGHTS_FILE)
     return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# What a directory holds. Two formats share the file name adapter_config.json: LLaMA-Adapter's (finetune/adapter.py,
+# beside adapter.safetensors) and PEFT's (beside adapter_model.safetensors, with a "peft_type"); this is the one
+# place that tells them apart, for evaluate, the GGUF exporter and the server.
+# ------------------------------------------------------------------------------------------------------------
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_KINDS = {"lora": "a LoRA / QLoRA adapter (lora_config.json)",
+                 "adapter": "a LLaMA-Adapter (adapter_config.json + adapter.safetensors)",
+                 "peft": "a PEFT adapter (adapter_config.json + adapter_model.safetensors)",
+                 "full": "a full fine-tune (model_config.json)"}
+
+
+def adapter_kind(path: PathLike) -> Optional[str]:
+    """"lora", "adapter" (LLaMA-Adapter), "peft" or "full" (a checkpoint) from the files in `path`; None: none of
+    them (or not a directory). Reads at most adapter_config.json, when neither weights file decides."""
+    import json
+
+    from lora_lab.adapter import ADAPTER_CONFIG_FILE as LLAMA_ADAPTER_CONFIG_FILE
+    from lora_lab.checkpoint import is_checkpoint
+    from lora_lab.lora import ADAPTER_CONFIG_FILE as LORA_CONFIG_FILE
+
+    path = Path(path)
+    if (path / LORA_CONFIG_FILE).is_file():
+        return "lora"
+    if (path / LLAMA_ADAPTER_CONFIG_FILE).is_file():  # == PEFT_CONFIG_FILE
+        if (path / PEFT_WEIGHTS_FILE).is_file():
+            return "peft"
+        if (path / LLAMA_ADAPTER_WEIGHTS_FILE).is_file():
+            return "adapter"
+        try:  # no weights file yet: the config says (only PEFT's has a peft_type)
+            return "peft" if "peft_type" in json.loads((path / PEFT_CONFIG_FILE).read_text()) else "adapter"
+        except (OSError, ValueError):
+            return "adapter"
+    if is_checkpoint(path):
+        return "full"
+    return None

@@ -21,7 +21,7 @@ from lora_lab.utils import LoraLabError
 
 # integer flags that count something and must be >= 1 (or >= 0), when a script has them and they are set
 AT_LEAST_ONE = ("lora_r", "batch_size", "micro_batch_size", "max_steps", "max_seq_length", "eval_interval",
-                "eval_iters", "save_interval", "log_interval", "devices", "num_nodes", "n_train", "n_val",
+                "eval_iters", "save_interval", "log_interval", "devices", "num_nodes", "n_train", "n_val", "n_test",
                 "max_new_tokens", "top_k", "nf4_blocksize")
 AT_LEAST_ZERO = ("warmup_steps", "eval_samples")
 POSITIVE = ("epochs", "learning_rate", "lora_alpha", "lora_plus_ratio")
@@ -65,10 +65,14 @@ def check_args(args: Mapping[str, Any]) -> None:
     preference = "beta" in args  # finetune/dpo.py: pairs of answers, not instruction data
     if "label_column" in args:  # finetune/classify.py: labelled texts in a file, not an instruction data set
         check_classification_args(args)
+        if args.get("columns") is not None:
+            check_columns(args["columns"], None, fields=("text", "label"))
     else:
         for name in ("data", "val_data"):
             if args.get(name) is not None:
                 (check_preference_data if preference else check_data)(args[name], name)
+        if args.get("columns") is not None:
+            check_columns(args["columns"], args.get("data"), preference)
     if preference:
         from lora_lab.dpo import check_dpo_settings
 
@@ -105,6 +109,29 @@ def check_data(data: str, flag: str = "data") -> None:
     choices = ", ".join((*BUILTIN_DATASETS, *NAMED_DATASETS))
     raise LoraLabError(f"--{flag} {name!r} is neither a dataset name ({choices}) nor an existing file: pass one of "
                        f"those names or a path to {LOCAL_FILE_HELP}")
+
+
+def check_columns(columns: Any, data: Any, preference: bool = False, fields: tuple[str, ...] = ()) -> None:
+    """--columns: {field: your column} for a file of your own, naming fields the data has (instruction rows',
+    preference pairs', or `fields`)."""
+    from lora_lab.data.instructions import BUILTIN_DATASETS
+    from lora_lab.data.instructions import FIELDS as INSTRUCTION_FIELDS
+    from lora_lab.data.preference import FIELDS as PREFERENCE_FIELDS
+    from lora_lab.data.text import is_text_data
+
+    fields = fields or (PREFERENCE_FIELDS if preference else INSTRUCTION_FIELDS)
+    example = ('{"text": "review", "label": "sentiment"}' if "text" in fields else '{"chosen": "good"}' if preference
+               else '{"instruction": "question", "output": "answer"}')
+    if not isinstance(columns, dict) or not all(isinstance(v, str) for v in columns.values()):
+        raise LoraLabError(f"--columns {columns!r}: give a JSON object from field to your column name, e.g. "
+                           f"--columns '{example}'")
+    unknown = sorted(set(columns) - set(fields))
+    if unknown:
+        raise LoraLabError(f"--columns: unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: map "
+                           f"some of {', '.join(fields)} to your column names, e.g. --columns '{example}'")
+    if data is not None and (str(data) in BUILTIN_DATASETS or is_text_data(data)):
+        raise LoraLabError(f"--columns renames the columns of a .json/.jsonl/.csv file of your own; --data {data} "
+                           f"has no columns to rename: leave --columns out")
 
 
 def check_classification_args(args: Mapping[str, Any]) -> None:

@@ -57,11 +57,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lora_lab.adapted import load_base
 from lora_lab.checkpoint import copy_tokenizer_files, load_config, read_adapter_files, save_adapter_files
 from lora_lab.config import Config
 from lora_lab.lora import LoRAConfig, save_lora
 from lora_lab.model import GPT
-from lora_lab.nf4 import quantize_nf4
 from lora_lab.utils import LoraLabError, atomic_path, atomic_write_text
 
 CLASSIFIER_CONFIG_FILE = "classifier_config.json"
@@ -144,11 +144,11 @@ def pooled_hidden_states(model: GPT, input_ids: torch.Tensor, attention_mask: to
                          pooling: str = "last", segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The frozen model's pooled final hidden states (B, C): the features a head (or a logistic regression) reads
     (with segment_ids, packed rows: (N, C), one per text)."""
-    head, model.lm_head = model.lm_head, nn.Identity()
-    try:
-        return classify(model, input_ids, attention_mask, pooling, segment_ids=segment_ids).float()  # (B, C)
-    finally:
-        model.lm_head = head
+    if segment_ids is not None:
+        hidden = model.hidden_states(input_ids, segment_ids=segment_ids.to(input_ids.device))  # (R, T, C)
+        return pool_segments(hidden, segment_ids, pooling).float()  # (N, C)
+    hidden = model.hidden_states(input_ids, segment_ids=attention_mask.to(input_ids.device))  # (B, T, C)
+    return pool(hidden, attention_mask, pooling).float()  # (B, C)
 
 
 @torch.no_grad()
@@ -237,7 +237,7 @@ class ClassifierConfig:
     max_seq_length: int = 512
     head_bias: bool = False  # `features`: the logistic regression's intercept
     lora: Optional[dict] = None  # lora / qlora: LoRAConfig fields (r, alpha, dropout, targets, ...)
-    base_quantization: Optional[dict] = None  # qlora: {"method": "nf4", "blocksize": 64, "double_quant": True}
+    base_quantization: Optional[dict] = None  # qlora: the settings quantize_nf4 recorded (nf4.nf4_settings())
     pad_id: int = 0
     text_column: str = "text"
     label_column: str = "label"
@@ -320,10 +320,7 @@ def load_classifier(model_dir: Union[str, Path], checkpoint_dir: Union[str, Path
             raise LoraLabError(f"{model_dir}: its base model {base_dir} does not exist here: pass --checkpoint_dir")
         if load_config(base_dir).to_dict() != base_config.to_dict():
             raise LoraLabError(f"{model_dir} was trained on another base model than {base_dir} (the configs differ)")
-        model = GPT.from_checkpoint(base_dir)
-    if config.base_quantization is not None:
-        q = config.base_quantization
-        quantize_nf4(model, blocksize=q["blocksize"], double_quant=q["double_quant"])
+        model = load_base(base_dir, nf4=config.base_quantization)  # qlora: the NF4 base rebuilt as trained
     add_classification_head(model, len(config.labels), bias=config.head_bias)  # on the meta device for `full`
     lora = config.lora_config()
     if lora is not None:

@@ -78,6 +78,16 @@ class Config:
             raise ValueError(f"Unknown model name {name!r}.{hint} (all names: lora_lab.config.name_to_config)")
         return replace(cls(**name_to_config[name]), **overrides)
 
+    def known_hf_repo(self) -> str:
+        """The Hub id of this model: `hf_repo`, else that of the named config of the same name and shape (a
+        checkpoint converted from a GGUF or a local folder called SmolLM2-135M-Instruct is HuggingFaceTB's), else
+        "" (unknown)."""
+        if self.hf_repo:
+            return self.hf_repo
+        named = name_to_config.get(self.name, {})
+        same = all(named.get(k) == getattr(self, k) for k in ("n_layer", "n_embd", "n_head", "vocab_size"))
+        return named.get("hf_repo", "") if named and same else ""
+
     # ---- (de)serialisation ---------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return asdict(self)

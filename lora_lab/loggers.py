@@ -11,7 +11,7 @@ Lightning's loggers, which gets the same rows and the same hyperparameters. All 
     elsewhere (a tracking server)
   - wandb: OUT_DIR/wandb/; with WANDB_MODE=offline nothing leaves the machine (`wandb sync` uploads it later)
 Each needs its package (the extras lora_lab[tensorboard], [mlflow], [wandb]); a missing one is reported in one
-line, before anything slow starts. tests/test_loggers.py reads each logger's output back with its own library.
+line, before anything slow starts. tests/test_run_record.py reads each logger's output back with its own library.
 """
 
 from __future__ import annotations

@@ -645,15 +645,19 @@ def base_checkpoint_dir(lora_config: LoRAConfig, checkpoint_dir: Optional[Union[
     return Path(lora_config.base_model)
 
 
+def base_shape_diffs(lora_config: LoRAConfig, config: Config) -> list[str]:
+    """["n_embd 48 vs 32", ...]: where the base the adapter records differs in shape from `config` ([] for an adapter
+    saved without its base config: load_lora_state_dict still checks every shape)."""
+    base, ours = lora_config.base_config or {}, config.to_dict()
+    return [f"{k} {base[k]} vs {ours[k]}" for k in SHAPE_FIELDS if k in base and base[k] != ours[k]]
+
+
 def check_adapter_fits(lora_config: LoRAConfig, config: Config, adapter_dir: Union[str, Path],
                        checkpoint_dir: Union[str, Path]) -> None:
     """One line naming the differences when the adapter was trained on a base model of other shapes."""
-    base = lora_config.base_config
-    if not base:  # an adapter saved without its base config: load_lora_state_dict still checks every shape
-        return
-    ours = config.to_dict()
-    diffs = [f"{k} {base[k]} vs {ours[k]}" for k in SHAPE_FIELDS if k in base and base[k] != ours[k]]
+    diffs = base_shape_diffs(lora_config, config)
     if diffs:
+        base = lora_config.base_config
         trained_on = base.get("name") or lora_config.base_model or "another model"
         raise LoraLabError(f"{adapter_dir} was trained on {trained_on}, whose shapes differ from {checkpoint_dir} "
                            f"({', '.join(diffs)}): pass the --checkpoint_dir of the base model it was trained on")

@@ -73,7 +73,7 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, input_pos: Union[int, torch.Tensor, None] = None,
                 labels: Optional[torch.Tensor] = None, neftune_alpha: float = 0.0,
                 loss_chunk_size: Optional[int] = 1024, segment_ids: Optional[torch.Tensor] = None,
-                logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
+                logits_at: Optional[torch.Tensor] = None, return_hidden: bool = False) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab_size), or with `labels` (B, T) the mean next-token loss.
 
         input_pos: with a KV cache, the position of idx[:, 0] (0 for the prompt, then one more per new token):
@@ -91,6 +91,7 @@ class GPT(nn.Module):
         alpha / sqrt(T * C) to the embeddings, a regulariser that helps instruction tuning.
         logits_at: a (B, T) bool mask: return only those positions' logits, (n, vocab_size) in row-major order.
         lm_head (49k-256k wide) then runs where it is needed, e.g. on DPO's answer tokens (lora_lab/dpo.py).
+        return_hidden: return the final normed hidden states (B, T, C) that lm_head reads (`hidden_states`).
         """
         B, T = idx.shape
         mask = None  # None: each attention layer makes the causal mask it needs (it depends on the KV cache)
@@ -122,11 +123,20 @@ class GPT(nn.Module):
             else:
                 x = block(x, cos, sin, input_pos, mask)
         x = self.norm_f(x)  # (B, T, C)
+        if return_hidden:
+            return x
         if labels is not None:
             return next_token_loss(self.lm_head, x, labels, loss_chunk_size)
         if logits_at is not None:
             return self.lm_head(x[logits_at])  # (n, vocab_size)
         return self.lm_head(x)  # (B, T, vocab_size)
+
+
+    def hidden_states(self, idx: torch.Tensor, input_pos: Union[int, torch.Tensor, None] = None,
+                      segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The final normed hidden states (B, T, C), lm_head not run: what a classifier's head pools, what a
+        server's prefill needs at each prompt's last position only (arguments as `forward`)."""
+        return self.forward(idx, input_pos=input_pos, segment_ids=segment_ids, return_hidden=True)
 
 
 IGNORE_INDEX = -100

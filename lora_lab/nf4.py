@@ -58,6 +58,17 @@ NF4_OFFSET = 0.9677083  # probability of the outermost quantile (QLoRA / bitsand
 NESTED_BLOCKSIZE = 256  # blocks of absmax values per float32 scale under double quantization
 LUT_SIZE = 65536  # grid points over [-1, 1] used by bitsandbytes' CPU 8-bit quantizer
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# QLoRA's settings, the defaults everywhere (quantize_nf4, finetune/qlora.py, --quantize nf4 of every loader). A model
+# quantized by quantize_nf4 records the settings it used as `model.base_quantization` (this dict's keys), which a
+# QLoRA adapter saves as its config's base_quantization, so that every consumer rebuilds the same 4-bit base
+# (lora_lab/adapted.py's load_base: from the weights as stored, then the rest cast).
+NF4_DEFAULTS = {"method": "nf4", "blocksize": 64, "double_quant": True}
+
+
+def nf4_settings(blocksize: int = NF4_DEFAULTS["blocksize"], double_quant: bool = NF4_DEFAULTS["double_quant"]) -> dict:
+    """The settings dict a quantized model records and a QLoRA adapter saves ({"method", "blocksize",
+    "double_quant"})."""
+    return {"method": "nf4", "blocksize": blocksize, "double_quant": double_quant}
 BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the block sizes bitsandbytes accepts
 USE_TORCH_COMPILE = True  # on CUDA, run dequantize + matmul through torch.compile (never on CPU)
 
@@ -180,11 +191,13 @@ class NF4State:
 # ------------------------------------------------------------------------------------------------------------
 # Quantize / dequantize
 # ------------------------------------------------------------------------------------------------------------
-def quantize_nf4(weight, blocksize: int = 64, double_quant: bool = True, *, skip=("lm_head",)):
+def quantize_nf4(weight, blocksize: int = NF4_DEFAULTS["blocksize"], double_quant: bool = NF4_DEFAULTS["double_quant"],
+                 *, skip=("lm_head",)):
     """Quantize a float tensor to NF4: returns (packed uint8 (ceil(numel/2), 1), NF4State).
 
     Called with an nn.Module instead, swaps its nn.Linear layers for NF4Linear in place (see
-    `quantize_model_nf4`, which `skip` is passed to) and returns the module."""
+    `quantize_model_nf4`, which `skip` is passed to), records the settings as `module.base_quantization` and
+    returns the module."""
     if isinstance(weight, nn.Module):
         return quantize_model_nf4(weight, blocksize=blocksize, double_quant=double_quant, skip=skip)
     if not isinstance(weight, torch.Tensor) or weight.dtype not in FLOAT_DTYPES:
@@ -588,8 +601,8 @@ def _skipped(name: str, skip) -> bool:
     return any(name == s or name.rsplit(".", 1)[-1] == s or fnmatch.fnmatchcase(name, s) for s in skip)
 
 
-def quantize_model_nf4(model: nn.Module, blocksize: int = 64, double_quant: bool = True,
-                       skip=("lm_head",)) -> nn.Module:
+def quantize_model_nf4(model: nn.Module, blocksize: int = NF4_DEFAULTS["blocksize"],
+                       double_quant: bool = NF4_DEFAULTS["double_quant"], skip=("lm_head",)) -> nn.Module:
     """Swap every nn.Linear of `model` (except those `skip` names, e.g. "lm_head", "blocks.0.*") for an NF4Linear,
     in place; returns the model. Embeddings and norms are not linear layers and stay as they are, and so does a
     linear layer whose weight is shared with another module (a tied lm_head: the embedding stays float). Quantize
@@ -611,6 +624,7 @@ def quantize_model_nf4(model: nn.Module, blocksize: int = 64, double_quant: bool
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant))
+    model.base_quantization = nf4_settings(blocksize, double_quant)  # what a QLoRA adapter records of its base
     return model
 
 

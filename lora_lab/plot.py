@@ -9,7 +9,7 @@ rate on a second axis. The title names the run (its folder) and its key hyperpar
 OUT_DIR/hparams.yaml. A DPO run (finetune/dpo.py) logs its loss as `loss` and adds a panel below: the reward
 accuracy (the share of pairs whose chosen answer gets the larger implicit reward), training and held-out. With several runs (e.g. LoRA vs QLoRA, r 8 vs r 64) each gets a colour and the default
 output is loss_comparison.png in the working directory. matplotlib draws with its Agg backend: no display needed.
-tests/test_plot.py checks the files.
+tests/test_run_record.py checks the files (test_loss_png_*).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ notebook's captured stream) a bar would write hundreds of carriage-return fragme
 is printed at most every LORA_LAB_PROGRESS_INTERVAL seconds (default 10) and one when the loop ends, if it took
 long enough to print anything at all: no phase longer than ~10 s is silent, and short ones add no noise.
 LORA_LAB_PROGRESS=bar|lines|off forces a mode. Progress goes to stderr, so stdout keeps only the results.
-tests/test_progress.py checks both modes.
+tests/test_run_record.py checks both modes (test_progress_*).
 """
 
 from __future__ import annotations

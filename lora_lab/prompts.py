@@ -31,6 +31,13 @@ class PromptStyle:
 
     name = ""
     stop_token_names: tuple[str, ...] = ()  # tokens that end the model's turn, besides the tokenizer's EOS
+    # the same format for other readers: the text that closes a finished assistant turn (multi-turn chats, the
+    # server), a Jinja chat template (tokenizer.chat_template in GGUF files: llama.cpp --jinja, LM Studio) and
+    # Ollama's Go template of one turn (.System, .Prompt) for a Modelfile's TEMPLATE. tests/test_prompts.py checks
+    # that each renders exactly what `apply` does.
+    turn_end = "\n\n"
+    jinja: Optional[str] = None
+    ollama = "{{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}"
 
     def __init__(self, default_system: Optional[str] = None) -> None:
         # used when apply(system=None); an explicit system (even "") replaces it
@@ -102,6 +109,15 @@ class Alpaca(PromptStyle):
     """Stanford Alpaca's instruction format; the opening sentence plays the part of a system message."""
 
     name = "alpaca"
+    jinja = ("{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\\n\\n' }}{% else %}"
+             "{{ 'Below is an instruction that describes a task. Write a response that appropriately completes "
+             "the request.\\n\\n' }}{% endif %}{% for message in messages %}{% if message['role'] == 'user' %}"
+             "{{ '### Instruction:\\n' + message['content'] + '\\n\\n### Response:\\n' }}"
+             "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token + '\\n\\n' }}{% endif %}"
+             "{% endfor %}")
+    ollama = ("{{ if .System }}{{ .System }}{{ else }}Below is an instruction that describes a task. Write a "
+              "response that appropriately completes the request.{{ end }}\n\n### Instruction:\n{{ .Prompt }}"
+              "\n\n### Response:\n")
 
     def apply(self, prompt: str, input: str = "", system: Optional[str] = None) -> str:
         system = self._system(system)
@@ -120,6 +136,12 @@ class ChatML(PromptStyle):
 
     name = "chatml"
     stop_token_names = ("<|im_end|>", "<|endoftext|>")
+    turn_end = "<|im_end|>\n"
+    jinja = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+             "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+             "{% endif %}")
+    ollama = ("{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}<|im_start|>user\n"
+              "{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n")
 
     def apply(self, prompt: str, input: str = "", system: Optional[str] = None) -> str:
         system = self._system(system)
@@ -136,6 +158,11 @@ class Llama2Chat(PromptStyle):
 
     name = "llama2-chat"
     stop_token_names = ("</s>",)
+    turn_end = " </s>"
+    jinja = ("{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + "
+             "message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+             "{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
+    ollama = "[INST] {{ if .System }}<<SYS>>\n{{ .System }}\n<</SYS>>\n\n{{ end }}{{ .Prompt }} [/INST]"
 
     def apply(self, prompt: str, input: str = "", system: Optional[str] = None) -> str:
         system = self._system(system)
@@ -148,6 +175,13 @@ class Llama3(PromptStyle):
 
     name = "llama3"
     stop_token_names = ("<|eot_id|>", "<|end_of_text|>")
+    turn_end = "<|eot_id|>"
+    jinja = ("{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' "
+             "+ message['content'] + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+             "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+    ollama = ("{{ if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
+              "<|start_header_id|>user<|end_header_id|>\n\n{{ .Prompt }}<|eot_id|>"
+              "<|start_header_id|>assistant<|end_header_id|>\n\n")
 
     def apply(self, prompt: str, input: str = "", system: Optional[str] = None) -> str:
         system = self._system(system)
@@ -162,6 +196,11 @@ class Mistral(PromptStyle):
 
     name = "mistral"
     stop_token_names = ("</s>",)
+    turn_end = "</s>"
+    jinja = ("{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] "
+             "+ ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+             "{% endif %}{% endfor %}")
+    ollama = "[INST] {{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }} [/INST]"
 
     def apply(self, prompt: str, input: str = "", system: Optional[str] = None) -> str:
         system = self._system(system)
@@ -174,6 +213,12 @@ class Gemma(PromptStyle):
 
     name = "gemma"
     stop_token_names = ("<end_of_turn>", "<eos>")
+    turn_end = "<end_of_turn>\n"
+    jinja = ("{% for message in messages %}{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' "
+             "else 'user') + '\\n' + message['content'] + '<end_of_turn>\\n' }}{% endfor %}"
+             "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
+    ollama = ("<start_of_turn>user\n{{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}<end_of_turn>\n"
+              "<start_of_turn>model\n")
 
     def apply(self, prompt: str, input: str = "", system: Optional[str] = None) -> str:
         system = self._system(system)
@@ -188,6 +233,11 @@ class Zephyr(PromptStyle):
 
     name = "zephyr"
     stop_token_names = ("</s>",)
+    turn_end = "</s>\n"
+    jinja = ("{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token "
+             "+ '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+    ollama = ("{{ if .System }}<|system|>\n{{ .System }}</s>\n{{ end }}<|user|>\n{{ .Prompt }}</s>\n"
+              "<|assistant|>\n")
 
     def apply(self, prompt: str, input: str = "", system: Optional[str] = None) -> str:
         system = self._system(system)

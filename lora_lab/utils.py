@@ -8,7 +8,9 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
+
+PathLike = Union[str, os.PathLike]  # a path given as text or as a Path
 
 
 class LoraLabError(Exception):

@@ -382,3 +382,17 @@ def test_real_reviews_short_run_beats_the_majority_class(tmp_path):
     scores = json.loads((tmp_path / "out" / ft.SCORES_FILE).read_text())["test"]
     majority = max(sum(row) for row in scores["confusion"])  # rows: the true classes
     assert scores["accuracy"] >= majority / scores["n"] + 0.08, scores
+
+
+def test_n_test_and_columns(tiny_ckpt, tmp_path, capsys):
+    """--n_test scores only that many test texts (classify.md's CPU-sized run); --columns renames the text and
+    label columns like --text_column / --label_column."""
+    data = write_reviews(tmp_path / "reviews.csv", n=60)
+    renamed = tmp_path / "renamed.csv"
+    renamed.write_text(data.read_text().replace("text,label", "review,sentiment", 1))
+    out = run(tiny_ckpt, renamed, tmp_path / "out", "head", max_steps=1, n_test=3,
+              columns={"text": "review", "label": "sentiment"})
+    confusion = json.loads((out / ft.SCORES_FILE).read_text())["test"]["confusion"]
+    assert sum(map(sum, confusion)) == 3 and "3 test texts" in capsys.readouterr().err
+    msg = one_line_error(capsys, tiny_ckpt, tmp_path / "o", "--data", str(renamed), "--columns", '{"txt": "review"}')
+    assert "--columns: unknown field txt: map some of text, label" in msg

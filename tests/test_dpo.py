@@ -393,13 +393,14 @@ def test_interrupted_run_resumes_exactly(reference_run, tiny_ckpt, pairs_file, t
     (dict(data="alpaca"), "--data 'alpaca' is not an existing file"),  # no built-in instruction set here
     (dict(val_data="missing_val.json"), "--val_data 'missing_val.json' is not an existing file"),
     (dict(data="TXT"), "is not .json, .jsonl or .csv"),
+    (dict(columns={"output": "answer"}), "--columns: unknown field output: map some of instruction, input, chosen"),
 ])
 def test_bad_input_is_one_line_before_the_model_loads(tiny_ckpt, pairs_file, tmp_path, monkeypatch, bad, message):
     """check_args judges DPO's own arguments too (preference files, the adapter folder, beta, loss), before the
     data set or the model is touched."""
     txt = tmp_path / "pairs.txt"
     txt.write_text("not pairs")
-    bad = {k: {"CKPT": str(tiny_ckpt), "TXT": str(txt)}.get(v, v) for k, v in bad.items()}
+    bad = {k: {"CKPT": str(tiny_ckpt), "TXT": str(txt)}.get(v, v) if isinstance(v, str) else v for k, v in bad.items()}
     args = {"data": pairs_file, **bad}
 
     def slow(*a, **k):

@@ -53,6 +53,8 @@ COMMON = [
     (dict(val_data="no_such_val.json"), r"--val_data 'no_such_val.json'"),
     (dict(max_time="soon"), r"--max_time 'soon'"),
     (dict(checkpoint_dir=Path("no/such/checkpoint")), r"Checkpoint directory no/such/checkpoint does not exist"),
+    (dict(columns={"question": "q"}), r"--columns: unknown field question: map some of instruction, input"),
+    (dict(columns={"output": "answer"}), r"--data json_extraction has no columns to rename"),
 ]
 SPECIFIC = {
     "lora": [(dict(lora_r=0), r"--lora_r 0: use a whole number >= 1"),

@@ -1,4 +1,4 @@
-"""GGUF export (lora_lab/export_gguf.py), checked by llama.cpp itself through llama-cpp-python, and by our importer.
+"""GGUF export (lora_lab/formats/gguf_export.py, gguf_adapter.py), checked by llama.cpp itself through llama-cpp-python, and by our importer.
 
 - For a tiny random model of each exported family (with a real tokenizer: SmolLM2's byte-level BPE, or Llama 2's
   SentencePiece model) llama.cpp loads our F32 file and gives our logits (per-family tolerance below), the same
@@ -25,8 +25,9 @@ import torch
 from conftest import ROOT, require_asset
 from lora_lab.checkpoint import load_checkpoint, save_checkpoint
 from lora_lab.config import Config
-from lora_lab.formats.gguf_export import gguf_architecture, halves_to_interleaved, export_gguf, write_gguf_adapter
-from lora_lab.formats.llama2c import interleaved_to_halves
+from lora_lab.formats.gguf_adapter import write_gguf_adapter
+from lora_lab.formats.gguf_export import export_gguf
+from lora_lab.formats.gguf_names import gguf_architecture, halves_to_interleaved, interleaved_to_halves
 from lora_lab.lora import LoRAConfig, inject_lora, lora_state_dict, merge_lora, save_lora
 from lora_lab.model import GPT
 from lora_lab.tokenizer import Tokenizer

@@ -129,7 +129,8 @@ def test_full_run_writes_a_checkpoint_that_loads_everywhere(tiny_ckpt, full_refe
     assert all(not torch.equal(tuned[k], base[k]) for k in base)
     state = torch.load(out / TRAIN_STATE_FILE, weights_only=True)
     assert_tensors_equal({k: v for k, v in state["model"].items() if k != "lm_head.weight"}, tuned)
-    assert state["counters"] == {"step": 8, "micro_batches": 16, "tokens": state["counters"]["tokens"]}
+    assert state["counters"] == {"step": 8, "micro_batches": 16, "tokens": state["counters"]["tokens"],
+                                 "seconds": state["counters"]["seconds"]}
     assert len(state["optimizer"]["state"]) == len(tuned)  # AdamW moments for every parameter, by name
     rows = metrics(out)
     assert [int(r["step"]) for r in rows] == list(range(1, 9))

@@ -513,3 +513,39 @@ def test_bare_boolean_flags_mean_true():
     assert bare_flags_to_true(ft.setup, ["--resume", "--out_dir", "x", "--use_dora"]) == \
         ["--resume", "true", "--out_dir", "x", "--use_dora", "true"]
     assert bare_flags_to_true(ft.setup, ["--resume", "false", "--data", "d"]) == ["--resume", "false", "--data", "d"]
+
+
+def test_columns_flag_renames_the_columns_of_a_csv(tiny_ckpt, monkeypatch, capsys, tmp_path):
+    """`--columns '{"instruction": "question", "output": "answer"}'` (prepare_dataset.md) on the command line: the
+    rows of a CSV with other column names train; without it the loader's one-line error names the flag."""
+    data = tmp_path / "qa.csv"
+    with data.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["question", "answer"])
+        w.writerows([[f"What is {i} plus {i}?", str(2 * i)] for i in range(12)])
+    columns = ["--columns", '{"instruction": "question", "output": "answer"}']
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *cli_args(tiny_ckpt, tmp_path / "out", data=data, max_steps=1),
+                                      *columns])
+    cli(ft.setup)
+    config, weights = load_lora(tmp_path / "out")
+    assert config.r == 8 and weights
+    line = run_cli(monkeypatch, capsys, *cli_args(tiny_ckpt, tmp_path / "out2", data=data, max_steps=1))
+    assert "has no 'instruction' column" in line and "--columns on the command line" in line
+
+
+def test_a_resumed_run_reports_like_an_uninterrupted_one(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """A run interrupted (Ctrl-C) and resumed still prints the JSON before -> after line (the "before"
+    scores travel in the resume state) and its summary counts all its steps and time, not only the resumed ones."""
+    out = tmp_path / "out"
+    monkeypatch.setattr(ft, "StopRequest", stop_after(1))
+    run(tiny_ckpt, out, max_steps=3, eval_samples=1)
+    monkeypatch.undo()
+    first = capsys.readouterr().out
+    assert "Stopped at step 1" in first and "JSON before -> after" not in first
+    seconds = torch.load(out / TRAIN_STATE_FILE, weights_only=True)["counters"]["seconds"]
+    run(tiny_ckpt, out, resume=True, max_steps=3, eval_samples=1)
+    resumed = capsys.readouterr().out
+    assert len(re.findall(r"^JSON before -> after fine-tuning: valid \d+% -> \d+%", resumed, re.M)) == 1
+    summary = next(line for line in resumed.splitlines() if line.startswith("Trainable parameters"))
+    assert "| 3 steps in " in summary
+    assert torch.load(out / TRAIN_STATE_FILE, weights_only=True)["counters"]["seconds"] > seconds > 0

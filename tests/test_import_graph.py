@@ -138,3 +138,42 @@ def test_the_cycle_finder_finds_function_level_and_relative_imports(tmp_path):
     assert find_cycles(graph) == [["lora_lab.high", "lora_lab.sub.mid", "lora_lab.high"]]
     (pkg / "sub" / "mid.py").write_text("def f():\n    from lora_lab.low import X\n    return X\n")
     assert find_cycles(import_graph(tmp_path)) == []
+
+
+# The layers: the core is what a reader of the method needs (the model, LoRA, NF4, the LLaMA-Adapter, tokens and
+# prompts) and stands on three small utilities only; formats/ reads and writes files and never reaches into
+# training, evaluation or serving. A core module that imported a format, the trainer or the server would make
+# `from lora_lab.lora import ...` pull in FastAPI, lm-eval or GGUF code.
+CORE = {"lora_lab.model", "lora_lab.config", "lora_lab.lora", "lora_lab.nf4", "lora_lab.adapter", "lora_lab.tokenizer",
+        "lora_lab.prompts"}
+UNDER_CORE = {"lora_lab", "lora_lab.utils", "lora_lab.checkpoint", "lora_lab.progress"}
+ABOVE_FORMATS = ("lora_lab.training", "lora_lab.evaluate", "lora_lab.serve", "lora_lab.data", "lora_lab.checks",
+                 "lora_lab.loggers", "lora_lab.plot", "lora_lab.compile", "lora_lab.flops", "lora_lab.dpo")
+
+
+def reachable(graph: dict[str, dict[str, int]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for w in graph.get(todo.pop(), {}):
+            if w not in seen:
+                seen.add(w)
+                todo.append(w)
+    return seen
+
+
+def test_the_core_imports_only_the_core_and_the_utilities():
+    graph = import_graph()
+    assert CORE <= graph.keys()
+    for module in sorted(CORE):
+        outside = reachable(graph, module) - CORE - UNDER_CORE
+        assert not outside, f"{module} reaches {sorted(outside)}: the core must not import formats, training, " \
+                            f"evaluation or serving"
+
+
+def test_formats_do_not_reach_training_evaluation_or_serving():
+    graph = import_graph()
+    formats = [m for m in graph if m.startswith("lora_lab.formats")]
+    assert "lora_lab.formats.gguf_names" in formats
+    for module in formats:
+        bad = sorted(w for w in reachable(graph, module) if w.startswith(ABOVE_FORMATS))
+        assert not bad, f"{module} reaches {bad}"

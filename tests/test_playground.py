@@ -8,7 +8,6 @@ the `selenium` package; without them the browser tests skip and say why. The pag
 browser too.
 """
 
-import json
 import os
 
 import pytest
@@ -36,8 +35,11 @@ def live(tmp_path_factory):
     config = Config(name="tiny", **dict(LLAMA, vocab_size=49152, block_size=96), prompt_style="chatml")
     base = make_base(tmp / "base", config, tokenizer_dir=tok)
     make_adapter(base, tmp / "qv4", ["query", "value"], r=4, prompt_style="chatml")
-    make_adapter(base, tmp / "mlp2", ["mlp", "lm_head"], r=2, prompt_style="chatml")
-    server = ModelServer.load(tmp / "base", {"qv4": tmp / "qv4"}, device="cpu", max_batch_size=4)
+    # loaded from the page later: run-time loading reads only below --adapters_root (a folder that is not itself
+    # an adapter, so /v1/models does not list it before it is loaded)
+    make_adapter(base, tmp / "root" / "later" / "mlp2", ["mlp", "lm_head"], r=2, prompt_style="chatml")
+    server = ModelServer.load(tmp / "base", {"qv4": tmp / "qv4"}, adapters_root=tmp / "root", device="cpu",
+                              max_batch_size=4, allow_runtime_loading=True)
     live = LiveServer(server)
     live.dir = tmp
     yield live
@@ -126,7 +128,7 @@ def test_playground_in_a_headless_browser(live, browser):
 
     # load an adapter by path from the page, answer with it in a third column, then unload it
     set_field("adapter-name", "mlp2")
-    set_field("adapter-path", str(live.dir / "mlp2"))
+    set_field("adapter-path", "later/mlp2")  # relative to the server's --adapters_root
     d.find_element(By.ID, "load-adapter").click()
     browser.wait(lambda d: "mlp2" in listed(), what="the loaded adapter in the list")
     assert "mlp2" in [m["id"] for m in httpx.get(live.url + "/v1/models", timeout=30).json()["data"]]
@@ -152,30 +154,54 @@ def test_playground_in_a_headless_browser(live, browser):
         assert error.is_displayed() and text_of(error) == f"400: {message}"
         assert text_of(column.find_element(By.CSS_SELECTOR, ".output")) == ""
     set_field("adapter-name", "nowhere")
-    set_field("adapter-path", str(live.dir / "nowhere"))
+    set_field("adapter-path", "later/nowhere")
     d.find_element(By.ID, "load-adapter").click()
-    browser.wait(lambda d: "does not exist" in d.find_element(By.ID, "adapter-message").text, what="the load error")
+    browser.wait(lambda d: "no adapter directory at lora_path" in d.find_element(By.ID, "adapter-message").text,
+                 what="the load error")
     # the only console errors are the browser's own notes on those two failed requests
     assert all("status of 400" in e for e in browser.console_errors())
 
 
-def test_page_sends_the_api_key_it_is_given(live, browser):
-    """A key typed into the page goes to the API as `Authorization: Bearer KEY` (python -m lora_lab.serve
-    --api_key); checked here by recording what the page's requests carry."""
+def test_page_with_api_keys(live, browser):
+    """A server started with keys (python -m lora_lab.serve --api_key): the page itself loads without one (it holds
+    nothing secret), the model list shows the API's 401 until a key is typed, then the key goes out as
+    `Authorization: Bearer KEY` with every request and the page works."""
     from selenium.webdriver.common.by import By
 
-    d = browser.driver
-    d.get(live.url + "/")
-    browser.wait(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
-    d.execute_script("""
-        window.__auth = [];
-        const original = window.fetch;
-        window.fetch = (url, init) => { window.__auth.push([String(url), (init && init.headers || {})['Authorization']
-                                                            || null]); return original(url, init); };""")
-    key = d.find_element(By.ID, "api-key")
-    key.send_keys("sk-test-123")
-    d.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
-    browser.wait(lambda d: d.execute_script("return window.__auth.length"), what="the models request")
-    calls = d.execute_script("return window.__auth")
-    assert calls and all(auth == "Bearer sk-test-123" for _, auth in calls), json.dumps(calls)
-    assert calls[0][0] == "v1/models"
+    from lora_lab.serve.app import ServeOptions
+
+    key = "sk-playground-0123456789"
+    server = ModelServer.load(live.dir / "base", {"qv4": live.dir / "qv4"}, device="cpu", max_batch_size=2)
+    keyed = LiveServer(server, ServeOptions(api_keys=(key,)))
+    try:
+        assert httpx.get(keyed.url + "/v1/models", timeout=30).status_code == 401
+        d = browser.driver
+        browser.console_errors()  # read (and so clear) what earlier tests left in the console log
+        d.get(keyed.url + "/")
+        browser.wait(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
+        assert "401" in d.find_element(By.ID, "adapter-message").text
+        assert all("status of 401" in e for e in browser.console_errors())
+        d.execute_script("""
+            window.__auth = [];
+            const original = window.fetch;
+            window.fetch = (url, init) => { window.__auth.push((init && init.headers || {})['Authorization'] || null);
+                                            return original(url, init); };""")
+        field = d.find_element(By.ID, "api-key")
+        field.send_keys(key)
+        d.execute_script("arguments[0].dispatchEvent(new Event('change'))", field)
+        browser.wait(lambda d: d.find_elements(By.CSS_SELECTOR, '#model-list li[data-model="qv4"]'),
+                     what="the models, with the key")
+        prompt = d.find_element(By.ID, "prompt")
+        prompt.send_keys("Hello")
+        d.find_element(By.ID, "max-tokens").clear()
+        d.find_element(By.ID, "max-tokens").send_keys("4")
+        d.find_element(By.ID, "send").click()
+        browser.wait(lambda d: d.find_element(By.ID, "status").text == "done", timeout=120, what="the answers")
+        for column in d.find_elements(By.CSS_SELECTOR, "#columns .column"):
+            assert column.find_element(By.CSS_SELECTOR, ".error").get_attribute("hidden")
+            assert text_of(column.find_element(By.CSS_SELECTOR, ".output"))
+        sent = d.execute_script("return window.__auth")
+        assert len(sent) == 3 and set(sent) == {f"Bearer {key}"}  # /v1/models, then one request per column
+        assert browser.console_errors() == []
+    finally:
+        keyed.stop()

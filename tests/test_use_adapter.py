@@ -360,3 +360,34 @@ def test_export_peft_refusals_are_one_line(tmp_path, capsys, monkeypatch):
     result = run_in_process(main, "--adapter_dir", tmp_path / "odd-adapter", "--out_dir", tmp_path / "p2",
                             capsys=capsys, monkeypatch=monkeypatch)
     assert_one_line_error(result, "no Hugging Face architecture")
+
+
+def test_export_peft_base_id_known_given_or_said(tmp_path, capsys):
+    """base_model_name_or_path: the Hub id the base knows (a config named like one of ours, e.g. a GGUF converted to
+    SmolLM2-135M-Instruct, knows HuggingFaceTB's), else --base_model_name_or_path, else null and one line saying
+    what to do (PEFT's AutoPeftModel would try the Hub for nothing)."""
+    from pathlib import Path
+
+    from lora_lab.config import Config
+    from lora_lab.formats.gguf_import import model_name_of
+    from lora_lab.formats.peft import main as export_peft_main
+
+    assert model_name_of(Path("SmolLM2-135M-Instruct.Q4_1.gguf")) == "SmolLM2-135M-Instruct"
+    assert model_name_of(Path("llama-2-7b-chat.Q4_K_M.gguf")) == "llama-2-7b-chat"
+    assert model_name_of(Path("merged.f16.gguf")) == "merged" and model_name_of(Path("q8_0.gguf")) == "q8_0"
+    smol = Config.from_name("SmolLM2-135M-Instruct", hf_repo="")
+    assert smol.known_hf_repo() == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert Config.from_name("SmolLM2-135M-Instruct", hf_repo="", n_layer=2).known_hf_repo() == ""  # other shape
+
+    config = Config(name="tiny", block_size=64, vocab_size=64, n_layer=2, n_embd=16, n_head=2, n_query_groups=2,
+                    intermediate_size=32, norm_class="RMSNorm", mlp_class="swiglu", bias=False)
+    base = make_base(tmp_path / "base", config)
+    make_adapter(base, tmp_path / "adapter", ["query", "value"])
+    capsys.readouterr()
+    export_peft_main(adapter_dir=tmp_path / "adapter", out_dir=tmp_path / "peft")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+    notes = [line for line in capsys.readouterr().err.splitlines() if "Hub id is unknown" in line]
+    assert len(notes) == 1 and "--base_model_name_or_path" in notes[0] and "convert --to hf" in notes[0]
+    export_peft_main(adapter_dir=tmp_path / "adapter", out_dir=tmp_path / "peft2", base_model_name_or_path="me/tiny")
+    assert json.loads((tmp_path / "peft2" / "adapter_config.json").read_text())["base_model_name_or_path"] == "me/tiny"
+    assert "Hub id is unknown" not in capsys.readouterr().err

@@ -16,9 +16,9 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from lora_lab.model import IGNORE_INDEX  # noqa: F401  (the label that is never a target)
 from lora_lab.utils import LoraLabError
 
-IGNORE_INDEX = -100
 
 
 def collate(samples: Sequence[dict], pad_id: int = 0, ignore_index: int = IGNORE_INDEX,

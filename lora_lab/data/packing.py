@@ -25,7 +25,8 @@ from typing import Sequence
 import torch
 from torch.utils.data import Dataset
 
-IGNORE_INDEX = -100
+from lora_lab.model import IGNORE_INDEX  # noqa: F401  (the label that is never a target)
+
 
 
 def pack_indices(lengths: Sequence[int], max_seq_length: int, seed: int = 0, window: int = 64) -> list[list[int]]:

@@ -28,7 +28,7 @@ from typing import Literal, Optional
 import torch
 
 from lora_lab.evaluate.compare import compare_table, flatten_lm_eval
-from lora_lab.evaluate.load import check_fits, load_model
+from lora_lab.evaluate.load import check_fits, load_model, nf4_settings_of
 from lora_lab.evaluate.local_tasks import OUR_TASKS
 from lora_lab.generate import peak_memory_bytes, select_device, select_dtype
 from lora_lab.utils import LoraLabError, atomic_write_text, cli
@@ -114,9 +114,10 @@ def main(
     dtype = select_dtype(precision, device)
     torch.manual_seed(seed)
     report, named_scores = [], []
+    nf4 = nf4_settings_of([adapter for _, adapter in models]) if quantize == "nf4" else None  # one 4-bit base
     for name, adapter in models:
         t0 = time.perf_counter()
-        loaded = load_model(checkpoint_dir, adapter, quantize=quantize, device=device, dtype=dtype)
+        loaded = load_model(checkpoint_dir, adapter, quantize=quantize, device=device, dtype=dtype, nf4=nf4)
         print(f"Evaluating {loaded.about} ({dtype}, {device})", file=sys.stderr)
         style = PromptStyle.from_checkpoint(loaded.checkpoint_dir, prompt_style or loaded.prompt_style)
         entry: dict = {"name": name, "model": loaded.about}

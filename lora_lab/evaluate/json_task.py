@@ -13,11 +13,11 @@ can see what failed.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
 from lora_lab.json_score import score_json, summarize
+from lora_lab.progress import progress
 from lora_lab.utils import LoraLabError
 
 
@@ -62,11 +62,9 @@ def json_task(model, tokenizer, prompt_style, data: str, schema: Optional[dict] 
 
     rows = json_rows(data, limit)
     results = []
-    for i, row in enumerate(rows):
+    for row in progress(rows, desc="json", unit="prompt"):
         answer = generate_answers(model, tokenizer, prompt_style, [row], max_new_tokens=max_new_tokens)[0]
         scores = score_json(answer, row["output"], schema)
         results.append({"instruction": row["instruction"], "input": row.get("input", ""), "answer": answer,
                         "expected": row["output"], **scores})
-        print(f"\rjson: {i + 1}/{len(rows)}", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
     return {"summary": summarize(results), "rows": results}

@@ -39,6 +39,7 @@ from lm_eval.models.utils import handle_stop_sequences, postprocess_generated_te
 
 from lora_lab.generate import generate
 from lora_lab.model import GPT
+from lora_lab.progress import progress
 from lora_lab.tokenizer import Tokenizer
 
 
@@ -93,29 +94,35 @@ class LoraLabLM(TemplateLM):
             rows.setdefault(tuple((context + continuation)[-(L + 1):][:-1]), []).append(i)
         order = sorted(rows, key=lambda inp: (-len(inp), inp))  # longest first
         results: list = [None] * len(requests)
-        for start in range(0, len(order), self.batch_size):
+        starts = range(0, len(order), self.batch_size)
+        for start in progress(starts, desc="loglikelihood", unit="batch") if self.progress and not disable_tqdm \
+                else starts:
             batch = order[start:start + self.batch_size]
             T = len(batch[0])
             idx = torch.zeros(len(batch), T, dtype=torch.long)  # (B, T) right padding: the pads come after
+            # lm_head only where a continuation is scored: from a row's earliest continuation start to its end
+            scored = torch.zeros(len(batch), T, dtype=torch.bool)  # (B, T)
+            first = []
             for b, inp in enumerate(batch):
                 idx[b, :len(inp)] = torch.tensor(inp)
-            logits = self.model(idx.to(self._device))  # (B, T, vocab)
+                first.append(min(len(inp) - len(requests[i][2]) for i in rows[inp]))
+                scored[b, first[b]:len(inp)] = True
+            logits = self.model(idx.to(self._device), logits_at=scored.to(self._device))  # (n, vocab) row-major
+            offset = 0
             for b, inp in enumerate(batch):
+                row_logits = logits[offset:offset + len(inp) - first[b]]  # positions first[b] .. len(inp) - 1
+                offset += len(inp) - first[b]
                 for i in rows[inp]:
                     cont = requests[i][2]
                     n, c = len(inp), len(cont)
-                    logprobs = F.log_softmax(logits[b, n - c:n].float(), dim=-1)  # (c, vocab) the continuation's
+                    # (c, vocab) the continuation's
+                    logprobs = F.log_softmax(row_logits[n - c - first[b]:n - first[b]].float(), dim=-1)
                     target = torch.tensor(cont, device=logprobs.device)  # (c,)
                     logprob = logprobs.gather(-1, target[:, None]).sum().item()
                     greedy = bool((logprobs.argmax(dim=-1) == target).all())
                     results[i] = (logprob, greedy)
                     if requests[i][0] is not None:
                         self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
-            if self.progress and not disable_tqdm:
-                print(f"\rloglikelihood: {min(start + self.batch_size, len(order))}/{len(order)}", end="",
-                      file=sys.stderr, flush=True)
-        if self.progress and not disable_tqdm and order:
-            print(file=sys.stderr)
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -141,7 +148,8 @@ class LoraLabLM(TemplateLM):
         eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
         self.n_requests += len(requests)
         out = []
-        for n, req in enumerate(requests):
+        for req in progress(requests, desc="generate_until", unit="request") if self.progress and not disable_tqdm \
+                else requests:
             context, gen_kwargs = req.args
             gen_kwargs = dict(gen_kwargs or {})
             until = gen_kwargs.pop("until", None)
@@ -160,8 +168,4 @@ class LoraLabLM(TemplateLM):
             text = postprocess_generated_text(self.tok_decode(ids), stop=until, think_end_token=None)
             out.append(text)
             self.cache_hook.add_partial("generate_until", (context, req.args[1]), text)
-            if self.progress and not disable_tqdm:
-                print(f"\rgenerate_until: {n + 1}/{len(requests)}", end="", file=sys.stderr, flush=True)
-        if self.progress and not disable_tqdm and requests:
-            print(file=sys.stderr)
         return out

@@ -25,19 +25,19 @@ from typing import Optional, Union
 
 import torch
 
-from lora_lab.adapted import check_quantize, load_adapter_model, load_lora_model
+from lora_lab.adapted import adapter_kind as find_adapter_kind
+from lora_lab.adapted import check_quantize, load_adapter_model, load_base, load_lora_model
 from lora_lab.adapter import ADAPTER_CONFIG_FILE as LLAMA_ADAPTER_CONFIG
 from lora_lab.adapter import base_checkpoint_dir as adapter_base_checkpoint_dir
 from lora_lab.adapter import load_adapter
-from lora_lab.checkpoint import CONFIG_FILE, is_checkpoint, load_config
+from lora_lab.checkpoint import CONFIG_FILE, load_config
 from lora_lab.lora import ADAPTER_CONFIG_FILE as LORA_CONFIG
 from lora_lab.lora import SHAPE_FIELDS, base_checkpoint_dir, check_adapter_fits, load_lora
 from lora_lab.model import GPT
-from lora_lab.nf4 import quantize_nf4
+from lora_lab.nf4 import nf4_settings
 from lora_lab.tokenizer import Tokenizer
-from lora_lab.utils import LoraLabError
+from lora_lab.utils import LoraLabError, PathLike
 
-PathLike = Union[str, Path]
 
 
 @dataclass
@@ -50,19 +50,20 @@ class Loaded:
 
 
 def adapter_kind(adapter_dir: PathLike) -> str:
-    """"lora", "adapter" (LLaMA-Adapter) or "full" (a checkpoint), from the files in adapter_dir."""
+    """"lora", "adapter" (LLaMA-Adapter) or "full" (a checkpoint), from the files in adapter_dir
+    (lora_lab.adapted.adapter_kind); one line for anything else."""
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise LoraLabError(f"--adapter_dir {adapter_dir} does not exist: pass the out_dir of a finetune/*.py run")
-    if (adapter_dir / LORA_CONFIG).is_file():
-        return "lora"
-    if (adapter_dir / LLAMA_ADAPTER_CONFIG).is_file():
-        return "adapter"
-    if is_checkpoint(adapter_dir):
-        return "full"
-    raise LoraLabError(f"--adapter_dir {adapter_dir} holds none of {LORA_CONFIG} (LoRA / QLoRA), "
-                       f"{LLAMA_ADAPTER_CONFIG} (LLaMA-Adapter) or {CONFIG_FILE} (a full fine-tune): pass the out_dir "
-                       f"of a finetune/*.py run")
+    kind = find_adapter_kind(adapter_dir)
+    if kind == "peft":
+        raise LoraLabError(f"--adapter_dir {adapter_dir} is a PEFT adapter: evaluate reads lora_lab's outputs; "
+                           f"evaluate it with the server (python -m lora_lab.serve) or transformers + PEFT")
+    if kind is None:
+        raise LoraLabError(f"--adapter_dir {adapter_dir} holds none of {LORA_CONFIG} (LoRA / QLoRA), "
+                           f"{LLAMA_ADAPTER_CONFIG} (LLaMA-Adapter) or {CONFIG_FILE} (a full fine-tune): pass the "
+                           f"out_dir of a finetune/*.py run")
+    return kind
 
 
 def read_adapter(adapter_dir: PathLike, kind: str):
@@ -106,27 +107,40 @@ def check_fits(checkpoint_dir: Optional[PathLike], adapter_dir: Optional[PathLik
     check_adapter_fits(adapter_config, load_config(checkpoint_dir), adapter_dir, checkpoint_dir)
 
 
+def nf4_settings_of(adapter_dirs) -> dict:
+    """The NF4 settings for a --quantize nf4 base without an adapter of its own (--compare's base column): those the
+    first QLoRA adapter among adapter_dirs was trained on, so both columns stand on the same 4-bit base; else
+    QLoRA's defaults."""
+    for adapter_dir in adapter_dirs:
+        if adapter_dir is not None and adapter_kind(adapter_dir) == "lora":
+            q = read_adapter(adapter_dir, "lora")[0].base_quantization
+            if q:
+                return {**nf4_settings(), **q}
+    return nf4_settings()
+
+
 def load_model(checkpoint_dir: Optional[PathLike], adapter_dir: Optional[PathLike] = None,
                quantize: Optional[str] = None, device: Union[str, torch.device] = "cpu",
-               dtype: torch.dtype = torch.float32) -> Loaded:
-    """The model (in eval mode) of base + adapter_dir, its tokenizer, a description and its prompt style."""
+               dtype: torch.dtype = torch.float32, nf4: Optional[dict] = None) -> Loaded:
+    """The model (in eval mode) of base + adapter_dir, its tokenizer, a description and its prompt style.
+    nf4: the settings of a --quantize nf4 base or full fine-tune (default nf4_settings(); a LoRA adapter brings
+    its own: the base it was trained on)."""
     check_quantize(quantize)
     kind = adapter_kind(adapter_dir) if adapter_dir is not None else "base"
 
     check_fits(checkpoint_dir, adapter_dir)  # one line, before any weights are read
     if kind == "full":
         config = load_config(adapter_dir)
-        model = GPT.from_checkpoint(adapter_dir, device=device, dtype=dtype).eval()
-        if quantize == "nf4":
-            quantize_nf4(model)
+        model = load_base(adapter_dir, nf4=(nf4 or nf4_settings()) if quantize == "nf4" else None, device=device,
+                          dtype=dtype)
         return Loaded(model, Tokenizer(adapter_dir), f"full fine-tune {adapter_dir}", config.prompt_style,
                       Path(adapter_dir))
 
     if kind == "base":
         config = load_config(checkpoint_dir)
-        model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=dtype).eval()
-        if quantize == "nf4":
-            quantize_nf4(model)  # every nn.Linear but lm_head -> NF4Linear
+        # as the adapter columns' base: quantized from the weights as stored, then cast (lora_lab/adapted.py)
+        model = load_base(checkpoint_dir, nf4=(nf4 or nf4_settings()) if quantize == "nf4" else None, device=device,
+                          dtype=dtype)
         about = str(checkpoint_dir) + (" (NF4)" if quantize == "nf4" else "")
         return Loaded(model, Tokenizer(checkpoint_dir), about, config.prompt_style, Path(checkpoint_dir))
 

@@ -18,13 +18,13 @@ answer's tokens (and the EOS) are scored, given their prompt.
 from __future__ import annotations
 
 import math
-import sys
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from lora_lab.model import GPT
+from lora_lab.progress import progress
 
 
 @torch.inference_mode()
@@ -39,22 +39,20 @@ def sliding_window_nll(model: GPT, ids: torch.Tensor, max_length: int, stride: i
     N = ids.numel()
     nll, count, prev_end = 0.0, 0, 0
     n_windows = max(1, math.ceil(max(N - max_length, 0) / stride) + 1)
-    for w, begin in enumerate(range(0, N, stride)):
+    for begin in progress(range(0, N, stride), total=n_windows, desc="perplexity", unit="window"):
         end = min(begin + max_length, N)
         new = end - prev_end  # the tokens no earlier window scored: the last `new` of this window
         window = ids[begin:end][None]  # (1, T)
-        logits = model(window)[0, :-1]  # (T - 1, vocab) position t predicts token t + 1
-        targets = window[0, 1:].clone()  # (T - 1,)
         first = max(window.size(1) - new, 1)  # the first scored position (position 0 has nothing to predict it)
-        logits, targets = logits[first - 1:], targets[first - 1:]
+        scored = torch.zeros_like(window, dtype=torch.bool)  # (1, T) position t predicts token t + 1
+        scored[0, first - 1:-1] = True
+        logits = model(window, logits_at=scored)  # (T - first, vocab): lm_head only where a token is scored
+        targets = window[0, first:]  # (T - first,)
         nll += F.cross_entropy(logits.float(), targets, reduction="sum").item()
         count += targets.numel()
         prev_end = end
-        if sys.stderr.isatty() or w % 20 == 0:
-            print(f"\rperplexity: window {w + 1}/{n_windows}", end="", file=sys.stderr, flush=True)
         if end == N:
             break
-    print(file=sys.stderr)
     return nll, count
 
 
@@ -65,12 +63,14 @@ def answers_nll(model: GPT, samples: Sequence[dict], batch_size: int = 8) -> tup
 
     device = model.wte.weight.device
     nll, count = 0.0, 0
-    for start in range(0, len(samples), batch_size):
+    starts = range(0, len(samples), batch_size)
+    for start in progress(starts, desc="perplexity", unit="batch"):
         batch = collate(samples[start:start + batch_size])  # right-padded; pads are never targets
-        logits = model(batch["input_ids"].to(device))  # (B, T, vocab)
         labels = batch["labels"][:, 1:].to(device)  # (B, T - 1) position t predicts labels[t + 1]
-        mask = labels != IGNORE_INDEX
-        nll += F.cross_entropy(logits[:, :-1][mask].float(), labels[mask], reduction="sum").item()
+        mask = labels != IGNORE_INDEX  # (B, T - 1)
+        scored = F.pad(mask, (0, 1))  # (B, T): lm_head only at positions whose next token is a target
+        logits = model(batch["input_ids"].to(device), logits_at=scored)  # (n, vocab) row-major, as labels[mask]
+        nll += F.cross_entropy(logits.float(), labels[mask], reduction="sum").item()
         count += int(mask.sum())
     return nll, count
 

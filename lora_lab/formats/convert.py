@@ -11,7 +11,7 @@ SRC is one of:
     model's tokenizer.json / tokenizer_config.json, when you would rather use those than the GGUF's vocabulary;
   - a llama2.c model `.bin` (the 7-int32 header export); --tokenizer: its tokenizer.bin.
 
-The converters live in lora_lab/convert_hf.py, convert_gguf.py and convert_llama2c.py (export_gguf.py for
+The converters live in lora_lab/formats/hf.py, convert_gguf.py and convert_llama2c.py (export_gguf.py for
 --to gguf); this file only recognises the source and dispatches.
 """
 
@@ -22,7 +22,6 @@ import importlib
 import inspect
 import os
 import struct
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 

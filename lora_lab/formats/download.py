@@ -131,7 +131,7 @@ def download(repo_id: str, checkpoint_dir: Path = Path("checkpoints"), token: Op
     # 3. convert in place (the converter reads the original weights before writing model.safetensors)
     from lora_lab.formats.hf import convert_hf_checkpoint
 
-    config = convert_hf_checkpoint(out_dir, out_dir)
+    config = convert_hf_checkpoint(out_dir, out_dir, hf_repo=repo_id)
 
     # 4. the original weights are now a second copy: delete them unless asked to keep them
     if not keep_hf_weights:

@@ -4,10 +4,10 @@ A GGUF file holds key/value metadata (`llama.block_count`, `tokenizer.ggml.token
 (`token_embd.weight`, `blk.0.attn_q.weight`, ...), each in a ggml type: plain floats or block-quantized
 (Q8_0, Q4_0, Q4_K, ...). The `gguf` package reads the file and dequantizes the blocks; we map the names to ours.
 
-Two things llama.cpp changes on the way in that we undo:
+What llama.cpp changes on the way in that we undo (the names and layouts: lora_lab/formats/gguf_names.py):
   - For the llama architecture, its converter reorders the rows of Q and K of each head from Hugging Face's
-    rotate-half RoPE layout to llama.cpp's interleaved-pairs layout: reshape (n_head, 2, hs/2) and swap axes 1, 2
-    (K with the KV head count). `interleaved_to_halves` is its exact inverse.
+    rotate-half RoPE layout to llama.cpp's interleaved-pairs layout: `interleaved_to_halves` (gguf_names.py)
+    is its exact inverse.
   - Gemma's RMSNorm scales by (1 + weight); llama.cpp stores 1 + weight. We store the weight.
   - GPT-NeoX and Falcon (and Phi-2, optionally) fuse q, k and v into one attn_qkv matrix, [Q; K; V] rows; we split
     it. Falcon-40B's attn_norm is the MLP's norm and attn_norm_2 the attention's.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -32,7 +31,8 @@ import torch
 
 from lora_lab.checkpoint import copy_tokenizer_files, save_checkpoint
 from lora_lab.config import Config
-from lora_lab.formats.llama2c import as_dtype, interleaved_to_halves
+from lora_lab.formats.gguf_names import ARCHS, LLAMA3_SPLIT, QWEN2_SPLIT, gguf_name_to_ours, interleaved_to_halves
+from lora_lab.formats.llama2c import as_dtype
 from lora_lab.model import llama3_scale
 from lora_lab.progress import progress
 from lora_lab.formats.sp_vocab import CONTROL, NORMAL, USER_DEFINED, build_sentencepiece_bpe, write_tokenizer_files
@@ -40,38 +40,7 @@ from lora_lab.prompts import prompt_style_from_chat_template
 from lora_lab.utils import LoraLabError, atomic_write_text
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-SUPPORTED_ARCHS = ("llama", "qwen2", "gemma", "phi2", "gptneox", "falcon")
-LAYER_NORM_ARCHS = ("phi2", "gptneox", "falcon")  # LayerNorm + GELU MLP
-# architectures whose Q/K rows llama.cpp's converter permutes to its interleaved RoPE layout (the rest use NeoX RoPE)
-PERMUTED_QK_ARCHS = ("llama",)
-
-# GGUF tensor name -> ours ({i} is the layer); the suffix (.weight / .bias) carries over
-_LAYER_NAMES = {
-    "attn_norm": "norm_1", "ffn_norm": "norm_2",
-    "attn_q": "attn.q_proj", "attn_k": "attn.k_proj", "attn_v": "attn.v_proj", "attn_output": "attn.o_proj",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-    "attn_qkv": "attn.qkv", "attn_norm_2": "norm_1",  # split into q/k/v; Falcon-40B's attention norm
-}
-_GLOBAL_NAMES = {"token_embd": "wte", "output_norm": "norm_f", "output": "lm_head"}
-_LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
-_GLOBAL_RE = re.compile(r"^(\w+)\.(weight|bias)$")
-
-# regexes of the pre-tokenizers llama.cpp names in tokenizer.ggml.pre, for byte-level BPE vocabularies
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-def gguf_name_to_ours(name: str) -> Optional[str]:
-    """`blk.3.attn_q.weight` -> `blocks.3.attn.q_proj.weight`; None for names we do not know."""
-    m = _LAYER_RE.match(name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"blocks.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
-    m = _GLOBAL_RE.match(name)
-    if m and m.group(1) in _GLOBAL_NAMES:
-        return f"{_GLOBAL_NAMES[m.group(1)]}.{m.group(2)}"
-    return None
+SUPPORTED_ARCHS = tuple(ARCHS)
 
 
 class _Meta:
@@ -157,7 +126,7 @@ def config_from_gguf(meta: _Meta, tensors: dict, path: Path) -> Config:
     rope_dim = meta.get(f"{arch}.rope.dimension_count", head_size)
     vocab_size = int(tensors["token_embd.weight"].shape[1])  # GGUF shape is (n_embd, vocab)
     kw: dict[str, Any] = dict(
-        name=path.stem, block_size=meta.need(f"{arch}.context_length"), vocab_size=vocab_size,
+        name=model_name_of(path), block_size=meta.need(f"{arch}.context_length"), vocab_size=vocab_size,
         n_layer=meta.need(f"{arch}.block_count"), n_embd=n_embd, n_head=n_head, head_size=head_size,
         n_query_groups=meta.one(f"{arch}.attention.head_count_kv", n_head),
         intermediate_size=meta.one(f"{arch}.feed_forward_length"), rotary_percentage=rope_dim / head_size,
@@ -169,7 +138,7 @@ def config_from_gguf(meta: _Meta, tensors: dict, path: Path) -> Config:
     )
     if arch == "gemma":
         kw.update(norm_unit_offset=True, mlp_class="geglu", gelu_approximate="tanh", scale_embeddings=True)
-    if arch in LAYER_NORM_ARCHS:
+    if ARCHS[arch].layer_norm:
         kw.update(norm_class="LayerNorm", norm_eps=float(meta.need(f"{arch}.attention.layer_norm_epsilon")),
                   mlp_class="gelu", parallel_residual=True, attn_qkv_bias=None,
                   bias="blk.0.attn_output.bias" in tensors, lm_head_bias="output.bias" in tensors)
@@ -190,7 +159,19 @@ def config_from_gguf(meta: _Meta, tensors: dict, path: Path) -> Config:
     file_type = meta.get("general.file_type")
     kw["extra"] = {"source": "gguf", "gguf_file": path.name, "gguf_architecture": arch,
                    "gguf_file_type": _file_type_name(file_type)}
-    return Config(**kw)
+    config = Config(**kw)
+    config.hf_repo = config.known_hf_repo()  # SmolLM2-135M-Instruct.Q4_1.gguf is HuggingFaceTB/SmolLM2-135M-Instruct
+    return config
+
+
+# a quantization / precision suffix of a GGUF file name: SmolLM2-135M-Instruct.Q4_1, llama-2-7b.Q4_K_M, x-f16
+_QUANT_SUFFIX = re.compile(r"[._-](?:I?Q\d\w*|[BF]F?16|F32|FP16|FP32)$", re.IGNORECASE)
+
+
+def model_name_of(path: Path) -> str:
+    """The model's name from its GGUF file's name, without the quantization suffix: a model is served and exported
+    under its own name whatever file it came from."""
+    return _QUANT_SUFFIX.sub("", path.stem) or path.stem
 
 
 def _file_type_name(file_type: Optional[int]) -> Optional[str]:
@@ -274,10 +255,10 @@ def convert_gguf(gguf_path: Union[str, Path], out_dir: Union[str, Path], tokeniz
             for part, x in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
                 state_dict[name.replace(".qkv.", f".{part}.")] = x.clone().to(dtype)
             continue
-        if arch in PERMUTED_QK_ARCHS and (".attn.q_proj." in name or ".attn.k_proj." in name):
+        if ARCHS[arch].permute_qk and (".attn.q_proj." in name or ".attn.k_proj." in name):
             n = config.n_head if ".q_proj." in name else config.n_query_groups
             w = interleaved_to_halves(w, n)  # (n * hs, C) back to rotate-half order
-        if arch == "gemma" and name.endswith(("norm_1.weight", "norm_2.weight", "norm_f.weight")):
+        if ARCHS[arch].norm_plus_one and name.endswith(("norm_1.weight", "norm_2.weight", "norm_f.weight")):
             w = w - 1  # llama.cpp stores Gemma's (1 + weight)
         state_dict[name] = w.to(dtype)
 
@@ -368,7 +349,7 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], types: list[int], pre:
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     if pre in ("llama-bpe", "llama3", "qwen2", "smaug-bpe"):
-        split = _QWEN2_SPLIT if pre == "qwen2" else _LLAMA3_SPLIT
+        split = QWEN2_SPLIT if pre == "qwen2" else LLAMA3_SPLIT
         pre_tok = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"), byte_level])
     elif pre == "smollm":  # every digit alone, then GPT-2's regex
         pre_tok = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),

@@ -36,9 +36,8 @@ from lora_lab.checkpoint import copy_tokenizer_files, load_checkpoint, save_chec
 from lora_lab.config import Config
 from lora_lab.progress import progress
 from lora_lab.prompts import chat_template, prompt_style_from_chat_template  # noqa: F401 (re-exported)
-from lora_lab.utils import LoraLabError, atomic_path, atomic_write_text
+from lora_lab.utils import LoraLabError, PathLike, atomic_path, atomic_write_text
 
-PathLike = Union[str, Path]
 # transformers writes the chat template to its own file since 4.43; keep it with the tokenizer files
 EXTRA_TOKENIZER_FILES = ("chat_template.jinja",)
 # buffers some checkpoints carry that are not weights (we compute them)
@@ -490,7 +489,9 @@ def config_from_hf(hf_config: dict, name: str = "", chat_template: Optional[str]
     if family.architecture == "FalconForCausalLM":
         extra["hf_new_decoder_architecture"] = bool(hf["new_decoder_architecture"])
     try:
-        return Config(name=name, prompt_style=prompt_style_from_chat_template(chat_template), extra=extra, **kw)
+        config = Config(name=name, prompt_style=prompt_style_from_chat_template(chat_template), extra=extra, **kw)
+        config.hf_repo = config.hf_repo or config.known_hf_repo()  # a folder named like one of ours: its Hub id
+        return config
     except (ValueError, TypeError) as e:
         raise LoraLabError(f"the config does not describe a valid model ({e})") from None
 
@@ -652,7 +653,8 @@ def _tensor_count(path: Path) -> Optional[int]:
         return None
 
 
-def convert_hf_checkpoint(hf_dir: PathLike, out_dir: PathLike, dtype: Union[str, torch.dtype, None] = None) -> Config:
+def convert_hf_checkpoint(hf_dir: PathLike, out_dir: PathLike, dtype: Union[str, torch.dtype, None] = None,
+                          hf_repo: str = "") -> Config:
     """Convert a Hugging Face model folder into a lora_lab checkpoint in `out_dir`; returns its Config.
 
     Weights keep their dtype unless `dtype` is given. Every tensor of the source must find its place (rotary
@@ -698,6 +700,7 @@ def convert_hf_checkpoint(hf_dir: PathLike, out_dir: PathLike, dtype: Union[str,
     if missing:
         raise LoraLabError(f"{hf_dir}: the weight files lack {len(missing)} tensors that {config_path.name} "
                            f"implies (e.g. {', '.join(dict.fromkeys(missing[:3]))}): download the model again")
+    config.hf_repo = hf_repo or config.hf_repo  # (the Hub id it was downloaded from: PEFT exports record it)
     save_checkpoint(out_dir, config, state_dict, tokenizer_dir=hf_dir)
     _copy_extra_tokenizer_files(hf_dir, out_dir)
     return config

@@ -11,7 +11,7 @@ and row 2i+1 to i + hs/2 makes the two compute the same attention scores.
 
 The tokenizer file is int32 max_token_length, then for every token: float32 score, int32 length, UTF-8 bytes.
 llama2.c's exporter wrote spaces instead of "▁" and "\\n<s>\\n" / "\\n</s>\\n" for BOS / EOS; we undo both and
-build an equivalent SentencePiece-style tokenizer.json (lora_lab/sp_vocab.py).
+build an equivalent SentencePiece-style tokenizer.json (lora_lab/formats/sp_vocab.py).
 
     python -m lora_lab.formats.llama2c --bin_path stories260K.bin --out_dir out/stories260K --tokenizer_path tok512.bin
 """
@@ -29,6 +29,7 @@ import torch
 
 from lora_lab.checkpoint import save_checkpoint
 from lora_lab.config import Config
+from lora_lab.formats.gguf_names import interleaved_to_halves
 from lora_lab.formats.sp_vocab import BYTE, CONTROL, NORMAL, SPACE, UNKNOWN, build_sentencepiece_bpe, is_byte_piece, \
     write_tokenizer_files
 from lora_lab.progress import progress
@@ -45,16 +46,6 @@ def as_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
     if dtype not in ("float32", "bfloat16", "float16"):
         raise LoraLabError(f"dtype {dtype!r} is not one of float32, bfloat16, float16")
     return getattr(torch, dtype)
-
-
-def interleaved_to_halves(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Reorder the rows of a q or k projection (n_head * hs, ...) from interleaved RoPE pairs to rotate-half pairs.
-
-    Per head, row 2i goes to i and row 2i+1 to i + hs/2. This is also the inverse of the permutation llama.cpp's
-    converter applies to Hugging Face Llama weights (reshape (n_head, 2, hs/2), swap axes 1 and 2)."""
-    rows = w.shape[0]
-    hs = rows // n_head
-    return w.reshape(n_head, hs // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def read_llama2c_tokenizer(path: Union[str, Path]) -> tuple[list[str], list[float]]:

@@ -8,7 +8,7 @@
 
     python -m lora_lab.merge_lora --adapter_dir out/finetune/lora --to gguf --out_dir merged.gguf [--outtype q8_0]
     # one llama.cpp GGUF file (`python -m lora_lab.merge_lora ... --to gguf merged.gguf` works too); see
-    # lora_lab/export_gguf.py. A QLoRA adapter merges into the dequantized NF4 base, as for the other formats.
+    # lora_lab/formats/gguf_export.py. A QLoRA adapter merges into the dequantized NF4 base, as for the other formats.
 
 Every adapted weight becomes W + (alpha/r) B A (DoRA: m (W + s B A) / ||W + s B A||, see lora_lab/lora.py), so
 the merged model computes what base + adapter computes, up to floating point rounding, at the base model's cost.
@@ -33,7 +33,7 @@ import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Literal, Optional
 
 import torch
 from safetensors.torch import save_file
@@ -49,9 +49,8 @@ from lora_lab.generate import PRECISIONS
 from lora_lab.lora import (ADAPTER_WEIGHTS_FILE, SHAPE_FIELDS, LoRAConfig, base_checkpoint_dir,  # noqa: F401
                            check_adapter_fits, load_lora, merge_lora, merge_lora_into_dequantized)
 from lora_lab.model import GPT
-from lora_lab.utils import LoraLabError, atomic_path, atomic_write_text, cli
+from lora_lab.utils import LoraLabError, PathLike, atomic_path, atomic_write_text, cli
 
-PathLike = Union[str, Path]
 
 
 def _dtype(name: Optional[str]) -> Optional[torch.dtype]:

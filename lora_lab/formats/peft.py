@@ -18,7 +18,7 @@ AutoModelForSequenceClassification + PeftModel.from_pretrained.
 
 PEFT computes each adapted layer as we do (lora_lab/lora.py): x W^T + b + (alpha/r) x A^T B^T, alpha/sqrt(r)
 with use_rslora, and the same DoRA formula, so the tensors are copied unchanged under the Hugging Face module
-names of the base model's family (the name tables of lora_lab/convert_hf.py).
+names of the base model's family (the name tables of lora_lab/formats/hf.py).
 
 Fused q/k/v (GPT-NeoX, Falcon). These Hugging Face models have one query_key_value layer where we have q_proj,
 k_proj and v_proj. LoRA on some of ours is still exactly a LoRA on the fused layer, of a larger rank: with
@@ -47,23 +47,21 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lora_lab.adapted import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
 from lora_lab.checkpoint import WEIGHTS_FILE, load_config
 from lora_lab.classifier import peft_classifier_parts
 from lora_lab.config import Config
 from lora_lab.formats.hf import Family, fuse_qkv, hf_family_for
 from lora_lab.lora import ADAPTER_CONFIG_FILE, LoRAConfig, base_checkpoint_dir, check_adapter_fits, load_lora
 from lora_lab.progress import progress
-from lora_lab.utils import LoraLabError, atomic_path, atomic_write_text, cli
+from lora_lab.utils import LoraLabError, PathLike, atomic_path, atomic_write_text, cli
 
-PathLike = Union[str, Path]
-PEFT_CONFIG_FILE = "adapter_config.json"
-PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel wraps a LoraModel, which wraps the transformers model
 PEFT_PARAM_NAMES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}
 FUSED = "blocks.{i}.attn.qkv"  # the convert_hf tables' name for q, k and v fused into one layer
@@ -185,7 +183,7 @@ def peft_adapter(lora_config: LoRAConfig, adapter: dict[str, torch.Tensor], conf
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path or config.hf_repo or None,
+        "base_model_name_or_path": base_model_name_or_path or config.known_hf_repo() or None,
         "r": lora_config.r,
         "lora_alpha": lora_config.alpha,
         "lora_dropout": lora_config.dropout,
@@ -249,13 +247,19 @@ def main(
     Args:
         adapter_dir: the output directory of a LoRA fine-tuning run (lora.safetensors + lora_config.json).
         out_dir: where the PEFT adapter goes.
-        base_model_name_or_path: recorded in adapter_config.json (default: the base model's Hub repo, if known).
+        base_model_name_or_path: recorded in adapter_config.json: the Hub id of the base, or a Hugging Face folder
+            of it (`python -m lora_lab.convert --to hf`), where PEFT's AutoPeftModel loads the base from (default:
+            the base model's Hub repo, if known).
         checkpoint_dir: the base checkpoint; default: the adapter's base model. Only DoRA on GPT-NeoX or Falcon
             q/k/v needs it.
     """
     written = export_peft(adapter_dir, out_dir, checkpoint_dir, base_model_name_or_path)
     print(f"PEFT adapter for {', '.join(written['target_modules'])} (r={written['r']}) saved to {out_dir}",
           file=sys.stderr)
+    if written["base_model_name_or_path"] is None:
+        print("note: the base model's Hub id is unknown (it was converted from a local file), so PEFT's "
+              "AutoPeftModelForCausalLM cannot find it: pass --base_model_name_or_path HUB_ID, or the folder of "
+              "`python -m lora_lab.convert --to hf CHECKPOINT_DIR HF_DIR`", file=sys.stderr)
     lora_config, _ = load_lora(adapter_dir)
     if "lm_head" in lora_config.targets and (lora_config.base_config or {}).get("tie_embeddings"):
         print("note: lm_head shares the embedding matrix: do not merge this adapter with PEFT's merge_and_unload(), "

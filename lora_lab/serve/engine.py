@@ -19,7 +19,14 @@ test_concurrent_mixed_adapters_match_generate_scripts, checks token for token).
 
 Events go back to the caller through `Request.on_event(kind, payload)`, called from the engine thread:
 ("text", str) for new text, then ("done", finish_reason) with finish_reason "stop", "length" or "abort", or
-("error", message).
+("error", message) (then `finish_reason` is "error", or "timeout" for a request past `timeout`).
+
+Bounds, so that a burst cannot make every client wait: `max_queue` requests may wait beyond the running batch
+(`submit` raises QueueFull past it: the server answers 429), and a request not finished `timeout` seconds after it
+arrived ends with an error and frees its row. Counters for /metrics and the tests: `tokens_generated`, `finished`
+{finish_reason: count}; `listeners` are called with each finished request (from the engine thread).
+Sampling: each request has its own torch.Generator (seeded with its `seed`, else from the OS), so requests never
+touch the global RNG or each other's.
 """
 
 from __future__ import annotations
@@ -36,6 +43,10 @@ import torch.nn as nn
 
 from lora_lab.generate import StreamDecoder, sample
 from lora_lab.model import KVCache
+
+
+class QueueFull(RuntimeError):
+    """More requests than the running batch plus `max_queue` waiting ones: come back later (HTTP 429)."""
 
 
 class SlotKVCache(KVCache):
@@ -83,6 +94,7 @@ class Request:
     text: str = ""  # all the text so far (stop strings cut off)
     sent: int = 0  # how much of `text` went out in ("text", ...) events
     first_token_time: Optional[float] = None
+    finish_time: Optional[float] = None
     submit_time: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
@@ -93,12 +105,18 @@ class Request:
 class Engine:
     def __init__(self, model: nn.Module, tokenizer, store, max_batch_size: int = 16,
                  max_seq_length: Optional[int] = None, max_prefill_tokens: int = 4096,
-                 on_release: Optional[Callable[[Request], None]] = None) -> None:
+                 on_release: Optional[Callable[[Request], None]] = None, max_queue: Optional[int] = None,
+                 timeout: Optional[float] = None) -> None:
         self.model, self.tokenizer, self.store = model, tokenizer, store
         self.max_batch_size = max_batch_size
         self.max_seq_length = min(max_seq_length or model.config.block_size, model.config.block_size)
         self.max_prefill_tokens = max_prefill_tokens
         self.on_release = on_release
+        self.max_queue = max_queue  # None: no bound on the waiting requests
+        self.timeout = timeout  # None: requests may take as long as they take
+        self.listeners: list[Callable[[Request], None]] = []
+        self.tokens_generated = 0
+        self.finished: dict[str, int] = {}  # finish_reason -> requests
         self.device = model.wte.weight.device
         p = model.wte.weight
         with torch.inference_mode():
@@ -122,6 +140,10 @@ class Engine:
         self.thread.start()
         return self
 
+    def has_room(self) -> bool:
+        """Whether one more request would be taken now (the server asks before it loads an adapter for it)."""
+        return self.max_queue is None or len(self.rows) + len(self.waiting) < self.max_batch_size + self.max_queue
+
     def submit(self, req: Request) -> None:
         if not req.prompt_ids:
             raise ValueError("empty prompt")
@@ -130,6 +152,9 @@ class Engine:
         with self.cond:
             if self.stopping or self.drain_deadline is not None:
                 raise RuntimeError("the server is shutting down")
+            if not self.has_room():
+                raise QueueFull(f"the server is at capacity ({self.max_batch_size} running and {self.max_queue} "
+                                f"waiting requests): retry later")
             self.waiting.append(req)
             self.cond.notify()
 
@@ -184,6 +209,8 @@ class Engine:
             if self.drain_deadline is not None and time.perf_counter() > self.drain_deadline:
                 for req in self.rows:
                     req.cancelled = True
+            if self.timeout is not None:
+                self._time_out(time.perf_counter() - self.timeout)
             self._drop_cancelled()
             admitted = []
             with self.cond:
@@ -227,8 +254,11 @@ class Engine:
         for cache in self.caches:
             cache.row_offset = 0
         for r in reqs:
-            r.generator = torch.Generator(device=self.device)
-            r.generator.manual_seed(r.seed if r.seed is not None else torch.seed())
+            r.generator = torch.Generator(device=self.device)  # this request's own: the global RNG is not touched
+            if r.seed is not None:
+                r.generator.manual_seed(r.seed)
+            else:
+                r.generator.seed()  # a seed from the OS, for this generator only
             r.decoder = StreamDecoder(self.tokenizer, context_ids=r.prompt_ids[-1:])
             self.rows.append(r)
             self.lengths.append(len(r.prompt_ids))
@@ -254,6 +284,7 @@ class Engine:
             else:
                 token = int(sample(logits[j:j + 1], r.temperature, None, r.top_p, r.generator))
             r.generated.append(token)
+            self.tokens_generated += 1
             if r.first_token_time is None:
                 r.first_token_time = now
             self._advance(r, token, self.lengths[i])
@@ -298,6 +329,8 @@ class Engine:
             if r.stop:
                 self._cut_at_stop(r)
         r.finish_reason = reason or "error"
+        r.finish_time = time.perf_counter()
+        self.finished[r.finish_reason] = self.finished.get(r.finish_reason, 0) + 1
         if error is None and reason != "abort":
             self._send(r)
         try:
@@ -308,6 +341,23 @@ class Engine:
         finally:
             if self.on_release is not None:
                 self.on_release(r)
+            for listener in self.listeners:
+                try:
+                    listener(r)
+                except Exception:  # a metric must never take the engine down
+                    traceback.print_exc()
+
+    def _time_out(self, arrived_before: float) -> None:
+        """End the requests (waiting or running) that arrived before `arrived_before`: an error, their rows freed."""
+        message = f"the request did not finish within this server's --timeout of {self.timeout:g} s"
+        with self.cond:
+            late = [r for r in self.waiting if r.submit_time < arrived_before]
+            for r in late:
+                self.waiting.remove(r)
+        late += [r for r in self.rows if r.submit_time < arrived_before]
+        for r in late:
+            self._finish(r, "timeout", error=message)
+        self._remove_rows([i for i, r in enumerate(self.rows) if r.finish_reason == "timeout"])
 
     def _drop_cancelled(self) -> None:
         gone = [i for i, r in enumerate(self.rows) if r.cancelled]
@@ -330,10 +380,5 @@ class Engine:
 def final_hidden(model: nn.Module, idx: torch.Tensor, input_pos) -> torch.Tensor:
     """The model's final normed hidden states (B, T, C), without running lm_head on every prompt position:
     only each prompt's last position needs logits, and a (B, T, vocab) tensor would be most of a prefill's
-    memory (lm_head is swapped for an identity during this forward, then put back)."""
-    head = model.lm_head
-    model.lm_head = nn.Identity()
-    try:
-        return model(idx, input_pos=input_pos)  # (B, T, C)
-    finally:
-        model.lm_head = head
+    memory."""
+    return model.hidden_states(idx, input_pos=input_pos)  # (B, T, C)

@@ -21,6 +21,8 @@ STATIC = Path(__file__).parent / "static"
 # the files the page is made of, and their types: only these are served (no paths from the request touch the disk)
 FILES = {"playground.css": "text/css; charset=utf-8", "playground.js": "text/javascript; charset=utf-8"}
 
+PATHS = ("/", *(f"/static/{name}" for name in FILES))  # open without an API key (app.py's ServeOptions)
+
 router = APIRouter(include_in_schema=False)
 
 
