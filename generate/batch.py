@@ -248,7 +248,8 @@ def main(
 
     def rates() -> str:
         seconds = max(time.perf_counter() - t_start, 1e-9)
-        return f"{stats['rows'] / seconds:.2f} texts/s, {stats['completion_tokens'] / seconds:.1f} tokens/s"
+        tokens = stats["completion_tokens"] + sum(len(req.generated) for _, req, _ in inflight.values())
+        return f"{stats['rows'] / seconds:.2f} texts/s, {tokens / seconds:.1f} tokens/s"
 
     reset_peak_memory(device)
     t_start = time.perf_counter()
