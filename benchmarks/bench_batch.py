@@ -214,6 +214,8 @@ def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Ins
                 if reference is not None:
                     row["same_as_loop"] = sum(a == b for a, b in zip(answers, reference)) / len(reference)
                 rows.append(row)
+                print(f"{row['base']} {side}: {len(answers)} texts in {seconds:.1f} s, {rate:.3f} texts/s",
+                      flush=True)
     loop_rate = {r["base"]: r["texts_per_s"] for r in rows if r["side"] == "generate/lora.py loop"}
     print(f"\n| base | side | texts | texts/s | x loop | tokens/s | 1M texts: hours | $ at ${usd_per_hour:g}/h | "
           f"= loop's text | schema-valid |")
