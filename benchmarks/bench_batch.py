@@ -20,7 +20,9 @@ the adapter's prompt style, greedy, at most `--max_new_tokens` tokens, stopping 
                      left-padded, in input order (a batch ends when its longest answer ends)
 
 Every side's answers are compared with the loop's (greedy: they should be the same texts), and scored against the
-quick-start task's JSON schema. Times are wall-clock on a machine that may be shared: read the ratios of one run.
+quick-start task's JSON schema. Times are wall-clock, and CPU time of the main thread (with `--threads 1` every side
+computes in it: batch.py steps the engine in its own thread, no engine thread), which a shared machine's load does
+not inflate: on a busy machine read the CPU-time ratios.
 Cost: hours for 1 M texts at this rate x `--usd_per_hour` (default 0.05: roughly a 2-vCPU cloud VM).
 """
 
@@ -58,8 +60,8 @@ def review_texts(n: int, path: Path = REVIEWS) -> list[str]:
 
 
 def run_batch_script(checkpoint_dir, adapter_dir, prompts: list[str], quantize: str, max_batch_size: int,
-                     max_new_tokens: int, tmp: Path) -> tuple[list[str], float, int]:
-    """(answers, seconds, generated tokens) of generate/batch.py on `prompts` (one JSON line each)."""
+                     max_new_tokens: int, tmp: Path) -> tuple[list[str], float, float, int]:
+    """(answers, seconds, CPU seconds of this thread, generated tokens) of generate/batch.py on `prompts`."""
     from generate.batch import main
 
     src, out = tmp / f"in-{quantize}.jsonl", tmp / f"out-{quantize}.jsonl"
@@ -70,7 +72,7 @@ def run_batch_script(checkpoint_dir, adapter_dir, prompts: list[str], quantize: 
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == list(range(len(prompts))) and summary["failures"] == 0
     tokens = sum(r["completion_tokens"] for r in rows)
-    return [r["output"] for r in rows], summary["seconds"], tokens
+    return [r["output"] for r in rows], summary["seconds"], summary["cpu_seconds"], tokens
 
 
 def script_model(checkpoint_dir, adapter_dir, quantize: str):
@@ -86,16 +88,16 @@ def script_model(checkpoint_dir, adapter_dir, quantize: str):
 
 
 def run_loop(model, tokenizer, prompt_ids: list[torch.Tensor], stop_ids, max_new_tokens: int):
-    """generate/lora.py's loop, one text after the other: (answers, seconds, generated tokens)."""
+    """generate/lora.py's loop, one text after the other: (answers, seconds, CPU seconds, generated tokens)."""
     from lora_lab.generate import generate
 
     answers, tokens = [], 0
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.thread_time()
     for ids in prompt_ids:
         out = list(generate(model, ids, max_new_tokens, temperature=0.0, eos_ids=stop_ids))
         tokens += len(out)
         answers.append(tokenizer.decode(torch.tensor([t for t in out if t not in stop_ids])))
-    return answers, time.perf_counter() - t0, tokens
+    return answers, time.perf_counter() - t0, time.thread_time() - cpu0, tokens
 
 
 def peft_model(checkpoint_dir, adapter_dir, quantize: str, tmp: Path):
@@ -116,10 +118,10 @@ def peft_model(checkpoint_dir, adapter_dir, quantize: str, tmp: Path):
 
 
 def run_peft(model, tokenizer, prompt_ids: list[torch.Tensor], stop_ids, max_new_tokens: int, batch_size: int):
-    """Batches of `batch_size` prompts, left-padded, through generate: (answers, seconds, generated tokens)."""
+    """Batches of `batch_size` prompts, left-padded, through generate: (answers, seconds, CPU seconds, tokens)."""
     answers, tokens = [], 0
     pad = stop_ids[0]
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.thread_time()
     with torch.inference_mode():
         for start in range(0, len(prompt_ids), batch_size):
             batch = prompt_ids[start:start + batch_size]
@@ -135,7 +137,7 @@ def run_peft(model, tokenizer, prompt_ids: list[torch.Tensor], stop_ids, max_new
                 n = next((k + 1 for k, t in enumerate(row) if t in stop_ids), len(row))  # up to and with the stop
                 tokens += n
                 answers.append(tokenizer.decode(torch.tensor([t for t in row[:n] if t not in stop_ids])))
-    return answers, time.perf_counter() - t0, tokens
+    return answers, time.perf_counter() - t0, time.thread_time() - cpu0, tokens
 
 
 def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"),
@@ -205,26 +207,30 @@ def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Ins
                                                         max_batch_size)
                 del model
             reference = results.get("generate/lora.py loop", (None,))[0]
-            for side, (answers, seconds, tokens) in results.items():
+            for side, (answers, seconds, cpu_seconds, tokens) in results.items():
                 rate = len(answers) / seconds
                 row = {"base": "NF4" if q == "nf4" else "float32", "side": side, "texts": len(answers),
                        "texts_per_s": rate, "tokens_per_s": tokens / seconds, "hours_per_1M": 1e6 / rate / 3600,
+                       "texts_per_cpu_s": len(answers) / cpu_seconds,
                        "schema_valid": sum(map(valid, answers)) / len(answers)}
                 row["usd_per_1M"] = row["hours_per_1M"] * usd_per_hour
                 if reference is not None:
                     row["same_as_loop"] = sum(a == b for a, b in zip(answers, reference)) / len(reference)
                 rows.append(row)
-                print(f"{row['base']} {side}: {len(answers)} texts in {seconds:.1f} s, {rate:.3f} texts/s",
-                      flush=True)
+                print(f"{row['base']} {side}: {len(answers)} texts in {seconds:.1f} s ({cpu_seconds:.1f} s CPU of "
+                      f"this thread), {rate:.3f} texts/s", flush=True)
     loop_rate = {r["base"]: r["texts_per_s"] for r in rows if r["side"] == "generate/lora.py loop"}
-    print(f"\n| base | side | texts | texts/s | x loop | tokens/s | 1M texts: hours | $ at ${usd_per_hour:g}/h | "
-          f"= loop's text | schema-valid |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    loop_cpu = {r["base"]: r["texts_per_cpu_s"] for r in rows if r["side"] == "generate/lora.py loop"}
+    print(f"\n| base | side | texts | texts/s | x loop | texts per CPU s | x loop (CPU) | tokens/s | 1M texts: hours "
+          f"| $ at ${usd_per_hour:g}/h | = loop's text | schema-valid |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         x = f"{r['texts_per_s'] / loop_rate[r['base']]:.1f}" if r["base"] in loop_rate else "-"
+        x_cpu = f"{r['texts_per_cpu_s'] / loop_cpu[r['base']]:.1f}" if r["base"] in loop_cpu else "-"
         same = f"{100 * r['same_as_loop']:.0f} %" if "same_as_loop" in r else "-"
-        print(f"| {r['base']} | {r['side']} | {r['texts']} | {r['texts_per_s']:.2f} | {x} | {r['tokens_per_s']:.1f} | "
-              f"{r['hours_per_1M']:.0f} | {r['usd_per_1M']:.2f} | {same} | {100 * r['schema_valid']:.0f} % |")
+        print(f"| {r['base']} | {r['side']} | {r['texts']} | {r['texts_per_s']:.2f} | {x} | {r['texts_per_cpu_s']:.3f} | "
+              f"{x_cpu} | {r['tokens_per_s']:.1f} | {r['hours_per_1M']:.0f} | {r['usd_per_1M']:.2f} | {same} | "
+              f"{100 * r['schema_valid']:.0f} % |")
     return rows
 
 

@@ -252,19 +252,19 @@ def main(
         return f"{stats['rows'] / seconds:.2f} texts/s, {tokens / seconds:.1f} tokens/s"
 
     reset_peak_memory(device)
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.thread_time()  # (the engine steps in this thread)
     try:
         if server is not None:
             for _ in progress(run(), total=total - out.done, desc="batch", unit="text", postfix=rates):
                 pass
     finally:
         out.close()
-    seconds = time.perf_counter() - t_start
+    seconds, cpu_seconds = time.perf_counter() - t_start, time.thread_time() - cpu_start
 
     # 4. the summary
     answered = stats["rows"] - stats["failures"]
     summary = {"rows": total, "written_now": stats["rows"], "written_before": done_before,
-               "failures": out.failures, "seconds": seconds,
+               "failures": out.failures, "seconds": seconds, "cpu_seconds": cpu_seconds,
                "texts_per_s": answered / seconds if answered else 0.0,
                "completion_tokens_per_s": stats["completion_tokens"] / seconds if answered else 0.0,
                "prompt_tokens_per_s": stats["prompt_tokens"] / seconds if answered else 0.0,
