@@ -18,6 +18,8 @@ A stale flag, a file no earlier step makes, or a command that fails then fails t
 
 import os
 import re
+import resource
+import time
 import shutil
 import signal
 import subprocess
@@ -195,6 +197,7 @@ def run_page(page: str, tmp_path: Path, default_checkpoint: Path) -> None:
     repo = fresh_copy(tmp_path, default_checkpoint)
     script = tmp_path / "page.sh"
     script.write_text(page_script(blocks, page))
+    cpu0, t0 = _children_cpu(), time.perf_counter()
     proc = subprocess.Popen(["bash", str(script)], cwd=repo, env=_env(repo), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -209,10 +212,17 @@ def run_page(page: str, tmp_path: Path, default_checkpoint: Path) -> None:
         except ProcessLookupError:
             pass
     print(out[-3000:])
+    print(f"{page}: {_children_cpu() - cpu0:.0f} s of CPU, {time.perf_counter() - t0:.0f} s wall")
     if proc.returncode:
         where = re.findall(r">>> docs-test: (\S+)", out)
         pytest.fail(f"{where[-1] if where else page}: the block failed (exit {proc.returncode}); "
                     f"last output:\n{out[-4000:]}")
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of the finished child processes: what a page cost, whatever the load."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 @pytest.mark.parametrize("page", [pytest.param(p, marks=pytest.mark.slow) if p in SLOW else p for p in pages()])
