@@ -37,7 +37,8 @@ from lora_lab.serve.errors import APIError, error_response, unauthorized
 from lora_lab.serve.metrics import make_metrics
 from lora_lab.serve.server import ModelServer
 
-ROUTERS = [openai_api.router, metrics_routes.router]  # every route of the app but /health
+ROUTERS = [openai_api.router, metrics_routes.router, playground.router]  # every route of the app but /health
+
 
 @dataclass
 class ServeOptions:
@@ -46,20 +47,17 @@ class ServeOptions:
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # empty: no key needed
     max_body_bytes: int = 1 << 20  # 1 MiB of JSON is ~250k tokens of prompt: far past any context
     max_tokens_limit: Optional[int] = None  # the largest max_tokens a request may ask for
-<<<<<<< HEAD
     # open without a key: /health and the playground's page (static files holding nothing secret; the page asks
-    # for the key and sends it with its API calls)
+    # for the key and sends it with its API calls). An entry ending in "/" opens all below it, but "/" (the page)
+    # opens only itself
     public_paths: tuple[str, ...] = ("/health", *playground.PATHS)
-=======
-    public_paths: tuple[str, ...] = ("/health",)  # open without a key; an entry ending in "/" opens all below it
->>>>>>> main
 
     def __post_init__(self) -> None:
         self.api_keys = tuple(self.api_keys)
         self._digests = [hashlib.sha256(k.encode()).digest() for k in self.api_keys]
 
     def is_public(self, path: str) -> bool:
-        return any(path == p or (p.endswith("/") and path.startswith(p)) for p in self.public_paths)
+        return any(path == p or (p != "/" and p.endswith("/") and path.startswith(p)) for p in self.public_paths)
 
     def key_ok(self, given: bytes) -> bool:
         """Whether `given` is one of the keys; every key is compared (no early exit), each in constant time."""
@@ -179,12 +177,6 @@ def create_app(server: ModelServer, options: Optional[ServeOptions] = None, shut
     app.add_exception_handler(APIError, _api_error)
     app.add_middleware(Guard, options=options, metrics=app.state.metrics)
     app.add_api_route("/health", health, methods=["GET"])
-<<<<<<< HEAD
-    app.include_router(openai_api.router)
-    app.include_router(metrics_routes.router)
-    app.include_router(playground.router)  # the web page at /
-=======
     for router in ROUTERS:
         app.include_router(router)
->>>>>>> main
     return app
