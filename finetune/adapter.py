@@ -51,10 +51,13 @@ from lora_lab.compile import compile_blocks
 from lora_lab.data import get_dataloaders
 from lora_lab.data.json_extraction import evaluate_extractions
 from lora_lab.data.mix import write_mix_record
+from lora_lab.distributed import (SHARDS_DIR, gathered, is_sharded, load_sharded_state, make_fabric,
+                                  optimizer_state, report_shards, save_sharded_state)
 from lora_lab.formats.download import ensure_checkpoint
 from lora_lab.flops import FlopsMeter
 from lora_lab.generate import peak_memory_bytes, reset_peak_memory
 from lora_lab.lora import count_parameters
+from lora_lab.plan import plan_script
 from lora_lab.prompts import PromptStyle
 from lora_lab.training import (TRAIN_STATE_FILE, LRSchedule, MetricsLog, StopRequest, Throughput, format_seconds,
                                generate_answers, iter_keeping_rng, load_train_state, micro_batches, parse_duration,
@@ -109,6 +112,7 @@ def setup(
     devices: int = 1,
     num_nodes: int = 1,
     strategy: Literal["auto", "ddp", "fsdp"] = "auto",
+    plan: bool = False,
 ) -> None:
     """Fine-tune with LLaMA-Adapter.
 
@@ -161,12 +165,15 @@ def setup(
         devices: devices per node (data parallel over them).
         num_nodes: nodes, as Fabric launches them.
         strategy: auto, ddp, or fsdp to shard the model over GPUs.
+        plan: print the memory this run needs per device (python -m lora_lab.plan) and exit.
     """
     check_args(locals())  # every argument that can be judged without data or a model, before anything slow
+    if plan:  # the memory plan of these arguments, and nothing else (lora_lab/plan.py)
+        return plan_script(locals(), __file__)
     checkpoint_dir = ensure_checkpoint(checkpoint_dir)  # the default model is fetched once if missing
     if precision is None:
         precision = "bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision)
+    fabric = make_fabric(devices, num_nodes, strategy, precision)  # fsdp: FSDP2 units (lora_lab/distributed.py)
     fabric.launch()
     args = dict(locals())
     del args["fabric"]
@@ -182,7 +189,8 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
          weight_decay: float, warmup_steps: int, min_lr: float, grad_clip: float, neftune_alpha: float,
          activation_checkpointing: bool, compile: bool, max_time: Optional[str], eval_interval: int,
          eval_iters: int, eval_samples: int, save_interval: int, log_interval: int, logger_name: str, seed: int,
-         precision: str, peak_flops: Optional[float], devices: int, num_nodes: int, strategy: str) -> None:
+         precision: str, peak_flops: Optional[float], devices: int, num_nodes: int, strategy: str,
+         plan: bool) -> None:
     hparams = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "fabric"}
     out_dir = Path(out_dir)
     # cheap checks of the arguments first, so that a mistake is reported before minutes of data and model loading
@@ -231,18 +239,23 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
                  f"{model.config.n_layer - 1}{v2_parts}: {trainable:,} trainable parameters of {total:,} "
                  f"({100 * trainable / total:.2f}%)")
 
-    param_groups = adapter_param_groups(model)  # v2's scales, biases and norms without weight decay
-    optimizer = torch.optim.AdamW(param_groups, lr=learning_rate, weight_decay=weight_decay, betas=(0.9, 0.95))
     gpt = model  # the plain module, for generation and saving
-    model, optimizer = fabric.setup(model, optimizer)
+    model = fabric.setup_module(model)  # fsdp shards it here, so the optimizer is made after, for the shards
+    report_shards(fabric, gpt)  # fsdp: the parameter bytes each rank holds
+    param_groups = adapter_param_groups(model)  # v2's scales, biases and norms without weight decay
+    optimizer = fabric.setup_optimizers(torch.optim.AdamW(param_groups, lr=learning_rate,
+                                                           weight_decay=weight_decay, betas=(0.9, 0.95)))
 
     state = {"step": 0, "micro_batches": 0, "tokens": 0}
     if compile:  # torch.compile each block for training (lora_lab/compile.py)
         compile_blocks(gpt)
     if resume:
         saved = load_train_state(out_dir / TRAIN_STATE_FILE)
-        load_adapter_state_dict(gpt, saved["adapter"], source=out_dir / TRAIN_STATE_FILE)
-        optimizer.load_state_dict(saved["optimizer"])
+        if is_sharded(gpt):  # fsdp: every rank reads its own shard back
+            load_sharded_state(fabric, gpt, optimizer, out_dir / SHARDS_DIR)
+        else:
+            load_adapter_state_dict(gpt, saved["adapter"], source=out_dir / TRAIN_STATE_FILE)
+            optimizer.load_state_dict(saved["optimizer"])
         train_dl.batch_sampler.load_state_dict(saved["sampler"])
         set_rng_state(saved["rng"])
         state.update(saved["counters"])
@@ -386,16 +399,19 @@ def evaluate_json(fabric, gpt, tokenizer, style, rows) -> dict:
 
 def save(fabric, gpt, optimizer, train_dl, state, adapter_config, hparams, out_dir) -> None:
     """The adapter (for generate/adapter.py) and the resume state, each written atomically."""
-    if fabric.is_global_zero:
-        save_adapter(out_dir, gpt, adapter_config)
-        save_train_state(out_dir / TRAIN_STATE_FILE, {
-            "adapter": {k: v.detach().cpu() for k, v in adapter_state_dict(gpt).items()},
-            "optimizer": optimizer.state_dict(),
-            "sampler": train_dl.batch_sampler.state_dict(),
-            "rng": rng_state(),
-            "counters": {k: v for k, v in state.items() if k != "stopped"},
-            "hparams": hparams,
-        })
+    if is_sharded(gpt):  # fsdp: each rank writes its shard of the resume state
+        save_sharded_state(fabric, gpt, optimizer, out_dir / SHARDS_DIR)
+    with gathered(fabric, gpt):  # fsdp: the whole trainable part on rank 0, for the one file
+        if fabric.is_global_zero:
+            save_adapter(out_dir, gpt, adapter_config)
+            save_train_state(out_dir / TRAIN_STATE_FILE, {
+                "adapter": {k: v.detach().cpu() for k, v in adapter_state_dict(gpt).items()},
+                "optimizer": optimizer_state(gpt, optimizer),  # None under fsdp: it is in the shards
+                "sampler": train_dl.batch_sampler.state_dict(),
+                "rng": rng_state(),
+                "counters": {k: v for k, v in state.items() if k != "stopped"},
+                "hparams": hparams,
+            })
     fabric.barrier()
 
 

@@ -41,11 +41,13 @@ from lora_lab.classifier import (METHODS, POOLINGS, ClassifierConfig, add_classi
                                  logistic_regression, save_classifier, trained_state_dict)
 from lora_lab.compile import compile_blocks
 from lora_lab.data.classification import classification_dataloaders, load_classification
+from lora_lab.distributed import make_fabric
 from lora_lab.formats.download import ensure_checkpoint
 from lora_lab.flops import FlopsMeter
 from lora_lab.generate import peak_memory_bytes, reset_peak_memory
 from lora_lab.lora import count_parameters, inject_lora, mark_only_lora_trainable, normalize_targets
 from lora_lab.nf4 import quantize_nf4
+from lora_lab.plan import plan_script
 from lora_lab.training import (TRAIN_STATE_FILE, LRSchedule, MetricsLog, StopRequest, Throughput, format_seconds,
                                iter_keeping_rng, load_train_state, micro_batches, parse_duration, rng_state,
                                save_train_state, set_lr, set_rng_state)
@@ -110,6 +112,7 @@ def setup(
     devices: int = 1,
     num_nodes: int = 1,
     strategy: Literal["auto", "ddp"] = "auto",
+    plan: bool = False,
 ) -> None:
     """Fine-tune a classifier.
 
@@ -175,12 +178,15 @@ def setup(
         devices: devices per node (data parallel over them).
         num_nodes: nodes, as Fabric launches them.
         strategy: auto or ddp.
+        plan: print the memory this run needs per device (python -m lora_lab.plan) and exit.
     """
     check_args(locals())  # every argument that can be judged without data or a model, before anything slow
+    if plan:  # the memory plan of these arguments, and nothing else (lora_lab/plan.py)
+        return plan_script(locals(), __file__)
     checkpoint_dir = ensure_checkpoint(checkpoint_dir)  # the default model is fetched once if missing
     if precision is None:
         precision = "bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision)
+    fabric = make_fabric(devices, num_nodes, strategy, precision)  # fsdp: FSDP2 units (lora_lab/distributed.py)
     fabric.launch()
     args = dict(locals())
     del args["fabric"]
@@ -197,7 +203,8 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
          learning_rate: Optional[float], weight_decay: float, warmup_steps: int, min_lr: float, grad_clip: float,
          neftune_alpha: float, activation_checkpointing: bool, compile: bool, max_time: Optional[str],
          eval_interval: int, eval_iters: int, save_interval: int, log_interval: int, logger_name: str, seed: int,
-         precision: str, peak_flops: Optional[float], devices: int, num_nodes: int, strategy: str) -> None:
+         precision: str, peak_flops: Optional[float], devices: int, num_nodes: int, strategy: str,
+         plan: bool) -> None:
     hparams = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "fabric"}
     out_dir = Path(out_dir)
     # cheap checks of the arguments first, so that a mistake is reported before minutes of data and model loading

@@ -47,6 +47,8 @@ from lora_lab.checks import check_args
 from lora_lab.checkpoint import load_config
 from lora_lab.compile import compile_blocks
 from lora_lab.data.preference import get_preference_dataloaders
+from lora_lab.distributed import (SHARDS_DIR, gathered, is_sharded, load_sharded_state, make_fabric,
+                                  optimizer_state, report_shards, save_sharded_state)
 from lora_lab.formats.download import ensure_checkpoint
 from lora_lab.dpo import (METRICS, add_metrics, answer_logps, check_dpo_settings, mean_metrics, pair_metrics,
                           preference_loss, reference_logps)
@@ -57,6 +59,7 @@ from lora_lab.lora import (LoRAConfig, check_adapter_fits, count_parameters, inj
                            normalize_targets)
 from lora_lab.lora_init import init_config, init_lora, save_trained_lora
 from lora_lab.nf4 import nf4_settings, quantize_nf4
+from lora_lab.plan import plan_script
 from lora_lab.prompts import PromptStyle
 from lora_lab.training import (TRAIN_STATE_FILE, LRSchedule, MetricsLog, StopRequest, Throughput, format_seconds,
                                generate_answers, iter_keeping_rng, load_train_state, micro_batches, parse_duration,
@@ -126,6 +129,7 @@ def setup(
     devices: int = 1,
     num_nodes: int = 1,
     strategy: Literal["auto", "ddp", "fsdp"] = "auto",
+    plan: bool = False,
 ) -> None:
     """Preference fine-tuning with DPO on LoRA.
 
@@ -192,12 +196,15 @@ def setup(
         devices: devices per node (data parallel over them).
         num_nodes: nodes, as Fabric launches them.
         strategy: auto, ddp, or fsdp to shard the model over GPUs.
+        plan: print the memory this run needs per device (python -m lora_lab.plan) and exit.
     """
     check_args(locals())  # every argument that can be judged without data or a model, before anything slow
+    if plan:  # the memory plan of these arguments, and nothing else (lora_lab/plan.py)
+        return plan_script(locals(), __file__)
     checkpoint_dir = ensure_checkpoint(checkpoint_dir)  # the default model is fetched once if missing
     if precision is None:
         precision = "bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision)
+    fabric = make_fabric(devices, num_nodes, strategy, precision)  # fsdp: FSDP2 units (lora_lab/distributed.py)
     fabric.launch()
     args = dict(locals())
     del args["fabric"]
@@ -215,7 +222,7 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
          activation_checkpointing: bool, compile: bool,
          max_time: Optional[str], eval_interval: int, eval_iters: int, eval_samples: int, save_interval: int,
          log_interval: int, logger_name: str, seed: int, precision: str, peak_flops: Optional[float], devices: int,
-         num_nodes: int, strategy: str) -> None:
+         num_nodes: int, strategy: str, plan: bool) -> None:
     hparams = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "fabric"}
     out_dir = Path(out_dir)
     # cheap checks of the arguments first, so that a mistake is reported before minutes of data and model loading
@@ -287,13 +294,15 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
                  f"{' (NF4 base)' if quantize else ''}: {trainable:,} trainable parameters of {total:,} "
                  f"({100 * trainable / total:.2f}%)")
 
+    gpt = model  # the plain module, for generation and saving
+    model = fabric.setup_module(model)  # fsdp shards it here, so the optimizer is made after, for the shards
+    report_shards(fabric, gpt)  # fsdp: the parameter bytes each rank holds
     if lora_plus_ratio:
         param_groups = lora_plus_param_groups(model, learning_rate, ratio=lora_plus_ratio, weight_decay=weight_decay)
     else:
         param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    optimizer = torch.optim.AdamW(param_groups, lr=learning_rate, weight_decay=weight_decay, betas=(0.9, 0.95))
-    gpt = model  # the plain module, for generation and saving
-    model, optimizer = fabric.setup(model, optimizer)
+    optimizer = fabric.setup_optimizers(torch.optim.AdamW(param_groups, lr=learning_rate,
+                                                           weight_decay=weight_decay, betas=(0.9, 0.95)))
 
     state = {"step": 0, "micro_batches": 0, "tokens": 0}
     if compile:  # torch.compile each block for training (lora_lab/compile.py); the reference pass runs eager
@@ -301,8 +310,11 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     datasets = [dl.dataset for dl in (train_dl, val_dl) if dl is not None]
     if resume:
         saved = load_train_state(out_dir / TRAIN_STATE_FILE)
-        load_lora_state_dict(gpt, saved["lora"], source=out_dir / TRAIN_STATE_FILE)
-        optimizer.load_state_dict(saved["optimizer"])
+        if is_sharded(gpt):  # fsdp: every rank reads its own shard back
+            load_sharded_state(fabric, gpt, optimizer, out_dir / SHARDS_DIR)
+        else:
+            load_lora_state_dict(gpt, saved["lora"], source=out_dir / TRAIN_STATE_FILE)
+            optimizer.load_state_dict(saved["optimizer"])
         train_dl.batch_sampler.load_state_dict(saved["sampler"])
         set_rng_state(saved["rng"])
         state.update(saved["counters"])
@@ -474,16 +486,19 @@ def generate_samples(gpt, tokenizer, style, rows) -> list[str]:
 
 def save(fabric, gpt, optimizer, train_dl, state, lora_config, hparams, out_dir) -> None:
     """The adapter (for generate/merge/export) and the resume state, each written atomically."""
-    if fabric.is_global_zero:
-        save_trained_lora(out_dir, gpt, lora_config)  # pissa / olora / loftq: converted to rank 2r against the base
-        save_train_state(out_dir / TRAIN_STATE_FILE, {
-            "lora": {k: v.detach().cpu() for k, v in lora_state_dict(gpt).items()},
-            "optimizer": optimizer.state_dict(),
-            "sampler": train_dl.batch_sampler.state_dict(),
-            "rng": rng_state(),
-            "counters": {k: v for k, v in state.items() if k != "stopped"},
-            "hparams": hparams,
-        })
+    if is_sharded(gpt):  # fsdp: each rank writes its shard of the resume state
+        save_sharded_state(fabric, gpt, optimizer, out_dir / SHARDS_DIR)
+    with gathered(fabric, gpt):  # fsdp: the whole trainable part on rank 0, for the one file
+        if fabric.is_global_zero:
+            save_trained_lora(out_dir, gpt, lora_config)  # pissa / olora / loftq: converted to rank 2r against the base
+            save_train_state(out_dir / TRAIN_STATE_FILE, {
+                "lora": {k: v.detach().cpu() for k, v in lora_state_dict(gpt).items()},
+                "optimizer": optimizer_state(gpt, optimizer),  # None under fsdp: it is in the shards
+                "sampler": train_dl.batch_sampler.state_dict(),
+                "rng": rng_state(),
+                "counters": {k: v for k, v in state.items() if k != "stopped"},
+                "hparams": hparams,
+            })
     fabric.barrier()
 
 

@@ -82,14 +82,16 @@ ROLE_LAYERS: dict[str, tuple[str, ...]] = {
     "projection": ("o_proj",),
     "mlp": ("gate_proj", "up_proj", "down_proj"),
     "lm_head": ("lm_head",),
+    "experts": ("gate_proj", "up_proj", "down_proj"),  # of each expert of a mixture of experts (blocks.*.mlp.experts.*)
 }
 ROLES = tuple(ROLE_LAYERS)
 ROLE_WORDS = {"query": "query projections", "key": "key projections", "value": "value projections",
-              "projection": "attention output projections", "mlp": "MLP projections", "lm_head": "lm_head"}
+              "projection": "attention output projections", "mlp": "MLP projections", "lm_head": "lm_head",
+              "experts": "experts' MLP projections"}
 LORA_PARAMS = ("lora_A", "lora_B", "lora_magnitude")
 # the Config fields that decide the shapes of the layers an adapter can hold weights for
 SHAPE_FIELDS = ("vocab_size", "n_layer", "n_embd", "n_head", "head_size", "n_query_groups", "intermediate_size",
-                "mlp_class")
+                "mlp_class", "n_expert", "moe_intermediate_size")
 
 
 class LoRALinear(nn.Module):
@@ -325,6 +327,8 @@ def role_of(module_name: str) -> Optional[str]:
     last = module_name.rsplit(".", 1)[-1]
     if last == "lm_head" and module_name != "lm_head":
         return None
+    if ".experts." in module_name:  # an expert's projection is "experts", not "mlp" (the router is no target)
+        return "experts" if last in ROLE_LAYERS["experts"] else None
     return next((role for role, layers in ROLE_LAYERS.items() if last in layers), None)
 
 
@@ -614,7 +618,8 @@ def save_lora(path_dir: Union[str, Path], model: nn.Module, lora_config: LoRACon
         raise LoraLabError(f"the LoRA config (r={lora_config.r}, use_dora={lora_config.use_dora}) does not describe "
                            f"the model (r={m.r}, use_dora={m.use_dora} on {name})")
     roles = [role for role in ROLES if any(role_of(n) == role for n in layers)]
-    if roles != lora_config.targets:
+    present = {role_of(n) for n, _ in model.named_modules()}  # ("all" on a dense model has no experts, on a MoE no mlp)
+    if roles != [r for r in lora_config.targets if r in present]:
         raise LoraLabError(f"the LoRA config has targets {lora_config.targets} but the model has LoRA on {roles}")
     return save_adapter_files(path_dir, lora_state_dict(model), lora_config.to_dict(), ADAPTER_WEIGHTS_FILE,
                               ADAPTER_CONFIG_FILE)

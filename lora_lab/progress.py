@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Iterable, Iterator, Optional, TypeVar
+from typing import Callable, Iterable, Iterator, Optional, TypeVar
 
 T = TypeVar("T")
 DEFAULT_INTERVAL_S = 10.0
@@ -42,8 +42,9 @@ def _clock(seconds: float) -> str:
 
 
 def progress(iterable: Iterable[T], total: Optional[int] = None, desc: str = "", unit: str = "it",
-             file=None) -> Iterator[T]:
-    """Yield the items of `iterable`, showing how far the loop has got (see the module docstring)."""
+             file=None, postfix: Optional[Callable[[], str]] = None) -> Iterator[T]:
+    """Yield the items of `iterable`, showing how far the loop has got (see the module docstring). `postfix`, if
+    given, is called for a short text shown after the count (e.g. generate/batch.py's tokens/s)."""
     file = sys.stderr if file is None else file
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)  # type: ignore[arg-type]
@@ -55,7 +56,11 @@ def progress(iterable: Iterable[T], total: Optional[int] = None, desc: str = "",
         from tqdm import tqdm
 
         # leave=False: the bar disappears when done; the caller prints the result line
-        yield from tqdm(iterable, total=total, desc=desc, unit=unit, file=file, leave=False, dynamic_ncols=True)
+        bar = tqdm(iterable, total=total, desc=desc, unit=unit, file=file, leave=False, dynamic_ncols=True)
+        for item in bar:
+            yield item
+            if postfix is not None:
+                bar.set_postfix_str(postfix(), refresh=False)
         return
 
     interval = _interval()
@@ -66,7 +71,8 @@ def progress(iterable: Iterable[T], total: Optional[int] = None, desc: str = "",
         done += 1
         now = time.perf_counter()
         if now - last >= interval and (total is None or done < total):
-            print(_line(desc, done, total, unit, now - t0), file=file, flush=True)
+            extra = f"; {postfix()}" if postfix is not None else ""
+            print(_line(desc, done, total, unit, now - t0) + extra, file=file, flush=True)
             last, printed = now, True
     if printed:
         print(_line(desc, done, total, unit, time.perf_counter() - t0, finished=True), file=file, flush=True)

@@ -9,6 +9,8 @@
     openai_api.py   /v1/completions, /v1/chat/completions, /v1/models, adapter (un)loading (an APIRouter)
     metrics.py      /metrics in Prometheus' format
     errors.py       OpenAI's error bodies
+    playground.py   the web page at / (static/: plain HTML, CSS, JavaScript) comparing models side by side
+    batch.py        batch inference's files (generate/batch.py runs the engine in-process over them)
     __main__.py     the command line (uvicorn)
 
 The HTTP part needs the optional extra `serve` (pip install -e ".[serve]": FastAPI, uvicorn, prometheus_client).

@@ -4,6 +4,7 @@
 
     lora_lab/serve/openai_api.py   /v1/completions, /v1/chat/completions, /v1/models, adapter (un)loading
     lora_lab/serve/metrics.py      /metrics (Prometheus)
+    lora_lab/serve/playground.py   / and its two static files: the web page comparing models (open: no key)
     here                           /health (open: no key, cheap), the guard, the error handlers
 
 What every route shares lives on `app.state`: `server` (the ModelServer), `options` (ServeOptions), `metrics`.
@@ -11,9 +12,10 @@ A new router is one more entry in ROUTERS; its routes get the guard with nothing
 uses openai_api.submit / events, which raise the API's errors and label the request for /metrics; a page that a
 browser opens without a key is listed in `public_paths`). The guard (`Guard`, ASGI middleware, so it sees every path, routers and mounted static files alike):
 
-  1. keys: with `options.api_keys`, every path but `options.public_paths` (/health) needs `Authorization: Bearer
-     KEY`; a missing or wrong key gets OpenAI's 401 body. Keys are compared in constant time (hmac.compare_digest
-     of SHA-256 digests: the time says nothing about the key, not even its length), and never echoed or logged;
+  1. keys: with `options.api_keys`, every path but `options.public_paths` (/health, the playground's page) needs
+     `Authorization: Bearer KEY`; a missing or wrong key gets OpenAI's 401 body. Keys are compared in constant
+     time (hmac.compare_digest of SHA-256 digests: the time says nothing about the key, not even its length), and
+     never echoed or logged;
   2. the body: more than `options.max_body_bytes` gets 413 before the route reads it;
   3. /metrics' request counter, by model (what the route put in `request.state.model`) and status.
 """
@@ -30,12 +32,13 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 
-from lora_lab.serve import metrics as metrics_routes, openai_api
+from lora_lab.serve import metrics as metrics_routes, openai_api, playground
 from lora_lab.serve.errors import APIError, error_response, unauthorized
 from lora_lab.serve.metrics import make_metrics
 from lora_lab.serve.server import ModelServer
 
-ROUTERS = [openai_api.router, metrics_routes.router]  # every route of the app but /health
+ROUTERS = [openai_api.router, metrics_routes.router, playground.router]  # every route of the app but /health
+
 
 @dataclass
 class ServeOptions:
@@ -44,14 +47,17 @@ class ServeOptions:
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # empty: no key needed
     max_body_bytes: int = 1 << 20  # 1 MiB of JSON is ~250k tokens of prompt: far past any context
     max_tokens_limit: Optional[int] = None  # the largest max_tokens a request may ask for
-    public_paths: tuple[str, ...] = ("/health",)  # open without a key; an entry ending in "/" opens all below it
+    # open without a key: /health and the playground's page (static files holding nothing secret; the page asks
+    # for the key and sends it with its API calls). An entry ending in "/" opens all below it, but "/" (the page)
+    # opens only itself
+    public_paths: tuple[str, ...] = ("/health", *playground.PATHS)
 
     def __post_init__(self) -> None:
         self.api_keys = tuple(self.api_keys)
         self._digests = [hashlib.sha256(k.encode()).digest() for k in self.api_keys]
 
     def is_public(self, path: str) -> bool:
-        return any(path == p or (p.endswith("/") and path.startswith(p)) for p in self.public_paths)
+        return any(path == p or (p != "/" and p.endswith("/") and path.startswith(p)) for p in self.public_paths)
 
     def key_ok(self, given: bytes) -> bool:
         """Whether `given` is one of the keys; every key is compared (no early exit), each in constant time."""
