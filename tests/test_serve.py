@@ -402,22 +402,23 @@ def test_load_64_requests_over_8_adapters_with_disconnects(workdir):
     released, release = [], server.engine.on_release
     server.engine.on_release = lambda r: (released.append(r.finish_reason), release(r))
     live = LiveServer(server)
+    # one client for the 64 threads (a client per request would spend most of the test building SSL contexts)
+    http = httpx.Client(base_url=live.url, timeout=120, trust_env=False, limits=httpx.Limits(max_connections=64))
     try:
         def call(i):
             model, prompt = jobs[i]
             body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": N_NEW,
                     "temperature": 0, "stream": True}
-            with httpx.Client(base_url=live.url, timeout=120, trust_env=False) as http:
-                with http.stream("POST", "/v1/chat/completions", json=body) as r:
-                    assert r.status_code == 200
-                    text = ""
-                    for line in r.iter_lines():
-                        if i % 4 == 3:
-                            return None  # this client goes away after the first event
-                        if line == "data: [DONE]":
-                            return text
-                        if line.startswith("data: "):
-                            text += json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+            with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                assert r.status_code == 200
+                text = ""
+                for line in r.iter_lines():
+                    if i % 4 == 3:
+                        return None  # this client goes away after the first event
+                    if line == "data: [DONE]":
+                        return text
+                    if line.startswith("data: "):
+                        text += json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
             raise AssertionError("no [DONE]")
 
         with ThreadPoolExecutor(64) as pool:
@@ -434,6 +435,7 @@ def test_load_64_requests_over_8_adapters_with_disconnects(workdir):
         assert not server.store.in_use and len(released) == 64
         assert 1 <= released.count("abort") <= 16  # clients that left were dropped (some may have finished first)
     finally:
+        http.close()
         live.stop()
 
 

@@ -121,7 +121,11 @@ def test_api_keys_from_the_command_line_and_environment(monkeypatch):
     monkeypatch.setenv("LORA_LAB_API_KEY", "short")
     with pytest.raises(LoraLabError, match="at least 8 characters"):
         api_keys(args)
-    assert "key-three" not in repr(ServeOptions(api_keys=("key-three-abcdefgh",)))
+    options = ServeOptions(api_keys=("key-three-abcdefgh",), public_paths=("/health", "/static/"))
+    assert "key-three" not in repr(options)
+    assert options.key_ok(b"key-three-abcdefgh") and not options.key_ok(b"key-three-abcdefg")
+    assert options.is_public("/health") and options.is_public("/static/app.js")
+    assert not options.is_public("/healthz") and not options.is_public("/static") and not options.is_public("/")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -325,7 +329,22 @@ def test_timeout_ends_the_request_and_frees_its_row(netdir):
         assert events[tag][-1][0] == "error" and "--timeout of 30 s" in events[tag][-1][1]
         assert req.finish_reason == "timeout"
     assert server.engine.busy() == 0 and not server.store.in_use and server.engine.finished == {"timeout": 2}
-    server.engine.shutdown()
+    # over HTTP: 503 with code "timeout" (a stream gets an error event), and the server goes on
+    live = LiveServer(server)
+    try:
+        with ThreadPoolExecutor(1) as pool, httpx.Client(base_url=live.url, timeout=60, trust_env=False) as http:
+            late = pool.submit(post, http, "/v1/completions", model="tiny", prompt="Hello", max_tokens=5)
+            deadline = time.time() + 30
+            while not server.engine.waiting:
+                assert time.time() < deadline
+                time.sleep(0.02)
+            server.engine.waiting[0].submit_time -= 60
+            server.engine.step()  # (the engine thread is not started: the test steps it)
+            r = late.result(timeout=60)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "timeout"
+            assert "--timeout of 30 s" in r.json()["error"]["message"]
+    finally:
+        live.stop()
 
 
 def test_unseeded_sampling_leaves_the_global_rng_alone(netdir):
@@ -397,54 +416,60 @@ def test_metrics_move_with_requests(netdir):
 # Soak: hundreds of mixed requests, some leaving, some refused; nothing lost, nothing leaked
 # ------------------------------------------------------------------------------------------------------------
 def rss_mb() -> float:
+    """Resident memory, after the garbage collector and glibc's malloc_trim hand back what is free."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
-SOAK_REQUESTS, SOAK_CLIENTS = 300, 16  # 16 clients against 6 rows + 4 waiting: some are refused
-BACKOFF = 0.1  # a refused client waits before its next request (Retry-After says 1 s; scaled down for the test)
-RSS_MARGIN_MB = 60  # resident memory after the soak, against after a warm-up round of the same requests
+SOAK_REQUESTS, SOAK_CLIENTS = 400, 16  # 16 clients against 6 rows + 4 waiting: some are refused
+BACKOFF = 0.5  # a refused client waits before its next request (Retry-After says 1 s; scaled down for the test)
+RSS_MARGIN_MB = 40  # resident memory after the soak, against after a warm-up round of the same requests
 
 
-def soak_call(url, i, model, prompt):
+def soak_call(http, i, model, prompt):
     """One client: kind of request by i. Returns ("ok", text) | ("429", None) | ("left", None)."""
     stream, leaves, chat = i % 2 == 0, i % 10 == 4, i % 3 != 0
     body = {"model": model, "max_tokens": N_NEW, "temperature": 0, "stream": stream}
     body.update({"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt})
     path = "/v1/chat/completions" if chat else "/v1/completions"
-    with httpx.Client(base_url=url, timeout=120, trust_env=False) as http:
-        if not stream:
-            r = http.post(path, json=body)
-            if r.status_code == 429:
-                assert r.headers["retry-after"] and r.json()["error"]["code"] == "rate_limit_exceeded"
-                time.sleep(BACKOFF)
-                return "429", None
-            assert r.status_code == 200, r.text
-            c = r.json()["choices"][0]
-            return "ok", c["message"]["content"] if chat else c["text"]
-        with http.stream("POST", path, json=body) as r:
-            if r.status_code == 429:
-                r.read()
-                assert r.headers["retry-after"] and json.loads(r.text)["error"]["code"] == "rate_limit_exceeded"
-                time.sleep(BACKOFF)
-                return "429", None
-            assert r.status_code == 200
-            text = ""
-            for line in r.iter_lines():
-                if leaves:
-                    return "left", None  # gone after the first event
-                if line == "data: [DONE]":
-                    return "ok", text
-                if line.startswith("data: "):
-                    c = json.loads(line[6:])["choices"][0]
-                    text += (c["delta"].get("content") or "") if chat else c["text"]
+    if not stream:
+        r = http.post(path, json=body)
+        if r.status_code == 429:
+            assert r.headers["retry-after"] and r.json()["error"]["code"] == "rate_limit_exceeded"
+            time.sleep(BACKOFF)
+            return "429", None
+        assert r.status_code == 200, r.text
+        c = r.json()["choices"][0]
+        return "ok", c["message"]["content"] if chat else c["text"]
+    with http.stream("POST", path, json=body) as r:
+        if r.status_code == 429:
+            r.read()
+            assert r.headers["retry-after"] and json.loads(r.text)["error"]["code"] == "rate_limit_exceeded"
+            time.sleep(BACKOFF)
+            return "429", None
+        assert r.status_code == 200
+        text = ""
+        for line in r.iter_lines():
+            if leaves:
+                return "left", None  # gone after the first event
+            if line == "data: [DONE]":
+                return "ok", text
+            if line.startswith("data: "):
+                c = json.loads(line[6:])["choices"][0]
+                text += (c["delta"].get("content") or "") if chat else c["text"]
     raise AssertionError("no [DONE]")
 
 
 @pytest.mark.slow
 def test_soak_mixed_requests_lose_nothing_and_leak_nothing(netdir):
-    import gc
-
     models = ["tiny", "qv4", "all8", "mlp2", "dora4", "peft_qv4"]
     jobs = [(models[i % len(models)], PROMPTS[(i // len(models)) % len(PROMPTS)]) for i in range(SOAK_REQUESTS)]
     # the reference: each (model, prompt, chat or not) alone, greedy, on an engine of one row
@@ -471,26 +496,28 @@ def test_soak_mixed_requests_lose_nothing_and_leak_nothing(netdir):
     live = LiveServer(server)
     t0 = time.perf_counter()
     try:
+        limits = httpx.Limits(max_connections=SOAK_CLIENTS, max_keepalive_connections=SOAK_CLIENTS)
+        http = httpx.Client(base_url=live.url, timeout=120, trust_env=False, limits=limits)
+
         def run(n):
             with ThreadPoolExecutor(SOAK_CLIENTS) as pool:
-                return list(pool.map(lambda i: soak_call(live.url, i, *jobs[i]), range(n)))
+                return list(pool.map(lambda i: soak_call(http, i, *jobs[i]), range(n)))
 
         run(36)  # warm-up: allocator, caches, every adapter loaded once
-        gc.collect()
         rss_before, finished_before = rss_mb(), dict(server.engine.finished)
         results = run(SOAK_REQUESTS)
         deadline = time.time() + 30
         while server.engine.busy() and time.time() < deadline:
             time.sleep(0.05)
-        gc.collect()
         rss_after = rss_mb()
+        http.close()
         kinds = [k for k, _ in results]
         for i, (kind, text) in enumerate(results):
             if kind == "ok":
                 model, prompt = jobs[i]
                 assert text == want[(model, prompt, i % 3 != 0)], (i, jobs[i])
         n_ok, n_429, n_left = kinds.count("ok"), kinds.count("429"), kinds.count("left")
-        assert n_ok + n_429 + n_left == SOAK_REQUESTS and n_ok > SOAK_REQUESTS // 3
+        assert n_ok + n_429 + n_left == SOAK_REQUESTS and n_ok >= SOAK_REQUESTS // 5
         assert n_429 > 0, "the queue limit was never reached: raise SOAK_CLIENTS"
         assert n_left > 0
         # no slot, row or cache row leaked: the engine's counters are back at zero

@@ -7,8 +7,9 @@
     here                           /health (open: no key, cheap), the guard, the error handlers
 
 What every route shares lives on `app.state`: `server` (the ModelServer), `options` (ServeOptions), `metrics`.
-A new router is one line in create_app, `app.include_router(router)`; its routes get the guard with nothing more
-to do. The guard (`Guard`, ASGI middleware, so it sees every path, routers and mounted static files alike):
+A new router is one more entry in ROUTERS; its routes get the guard with nothing more to do (a route that generates
+uses openai_api.submit / events, which raise the API's errors and label the request for /metrics; a page that a
+browser opens without a key is listed in `public_paths`). The guard (`Guard`, ASGI middleware, so it sees every path, routers and mounted static files alike):
 
   1. keys: with `options.api_keys`, every path but `options.public_paths` (/health) needs `Authorization: Bearer
      KEY`; a missing or wrong key gets OpenAI's 401 body. Keys are compared in constant time (hmac.compare_digest
@@ -34,6 +35,7 @@ from lora_lab.serve.errors import APIError, error_response, unauthorized
 from lora_lab.serve.metrics import make_metrics
 from lora_lab.serve.server import ModelServer
 
+ROUTERS = [openai_api.router, metrics_routes.router]  # every route of the app but /health
 
 @dataclass
 class ServeOptions:
@@ -42,11 +44,14 @@ class ServeOptions:
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # empty: no key needed
     max_body_bytes: int = 1 << 20  # 1 MiB of JSON is ~250k tokens of prompt: far past any context
     max_tokens_limit: Optional[int] = None  # the largest max_tokens a request may ask for
-    public_paths: tuple[str, ...] = ("/health",)  # open without a key
+    public_paths: tuple[str, ...] = ("/health",)  # open without a key; an entry ending in "/" opens all below it
 
     def __post_init__(self) -> None:
         self.api_keys = tuple(self.api_keys)
         self._digests = [hashlib.sha256(k.encode()).digest() for k in self.api_keys]
+
+    def is_public(self, path: str) -> bool:
+        return any(path == p or (p.endswith("/") and path.startswith(p)) for p in self.public_paths)
 
     def key_ok(self, given: bytes) -> bool:
         """Whether `given` is one of the keys; every key is compared (no early exit), each in constant time."""
@@ -72,7 +77,11 @@ class Guard:
         self.app, self.options, self.metrics = app, options, metrics
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] == "websocket" and self.options.api_keys and not self.options.is_public(scope["path"]):
+            token = _bearer(scope)
+            if not token or not self.options.key_ok(token):
+                return await send({"type": "websocket.close", "code": 1008})  # policy violation: no or wrong key
+        if scope["type"] != "http":  # lifespan, and websockets with their key
             return await self.app(scope, receive, send)
         status = [500]
 
@@ -89,7 +98,7 @@ class Guard:
 
     async def _guarded(self, scope, receive, send):
         options = self.options
-        if options.api_keys and scope["path"] not in options.public_paths:
+        if options.api_keys and not options.is_public(scope["path"]):
             token = _bearer(scope)
             if not token or not options.key_ok(token):
                 return await unauthorized(missing=not token).response()(scope, receive, send)
@@ -162,6 +171,6 @@ def create_app(server: ModelServer, options: Optional[ServeOptions] = None, shut
     app.add_exception_handler(APIError, _api_error)
     app.add_middleware(Guard, options=options, metrics=app.state.metrics)
     app.add_api_route("/health", health, methods=["GET"])
-    app.include_router(openai_api.router)
-    app.include_router(metrics_routes.router)
+    for router in ROUTERS:
+        app.include_router(router)
     return app

@@ -127,9 +127,7 @@ async def submit(http: HTTPRequest, model: str, prompt: Optional[str] = None, me
         raise rate_limited(str(e)) from None
     except LoraLabError as e:
         status = getattr(e, "status", 400)
-        param = "messages" if "messages" in str(e) else ("model" if "adapter" in str(e) else
-                                                          ("messages" if messages else "prompt"))
-        raise APIError(status, str(e), param if status == 400 else None,
+        raise APIError(status, str(e), getattr(e, "param", None) if status == 400 else None,
                        kind="invalid_request_error" if status == 400 else "server_error",
                        headers={"Retry-After": "1"} if status == 503 else None) from None
     try:

@@ -119,12 +119,17 @@ class ModelServer:
                 messages: Optional[list[dict]] = None, ignore_eos: bool = False, **kwargs) -> Request:
         """A Request for `model` (the base's name or an adapter's), its adapter slot taken (KeyError: unknown
         model). `prompt` is passed as it is (completions), `messages` rendered in the adapter's prompt style.
-        ignore_eos: no stop at the end-of-text or end-of-turn tokens (max_tokens tokens, for benchmarks)."""
+        ignore_eos: no stop at the end-of-text or end-of-turn tokens (max_tokens tokens, for benchmarks).
+        A LoraLabError says in `.param` which field it is about ("model", "messages" or "prompt"), for the API."""
         if not self.engine.has_room():  # before an adapter is read for a request that would be refused anyway
             raise QueueFull(f"the server is at capacity ({self.engine.max_batch_size} running and "
                             f"{self.engine.max_queue} waiting requests): retry later")
         adapter_name = None if self.is_base(model) else model
-        slot, adapter = self.store.acquire(adapter_name) if adapter_name else (0, None)
+        try:
+            slot, adapter = self.store.acquire(adapter_name) if adapter_name else (0, None)
+        except LoraLabError as e:  # the adapter could not be read or has no free slot
+            e.param = "model"
+            raise
         try:
             style = self.style_for(adapter)
             text = prompt if messages is None else render_chat(style, messages)
@@ -140,9 +145,11 @@ class ModelServer:
                 stop_ids = []
             return Request(prompt_ids=prompt_ids, on_event=on_event, stop_ids=stop_ids, slot=slot,
                            adapter=adapter_name, **kwargs)
-        except BaseException:
+        except BaseException as e:
             if adapter_name:
                 self.store.release(adapter_name)
+            if isinstance(e, LoraLabError):
+                e.param = "messages" if messages is not None else "prompt"
             raise
 
 
