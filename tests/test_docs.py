@@ -37,20 +37,7 @@ FENCE = re.compile(r"^(`{3,}|~{3,})\s*([\w+-]*)")
 SHELL = {"bash", "sh", "shell"}
 DEFAULT_CHECKPOINT = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct")
 
-# pages that train or evaluate a real model for more than a minute of CPU: @slow (CI runs them too)
-SLOW = {
-    "README.md",
-    "tutorials/classify.md",
-    "tutorials/continued_pretraining.md",
-    "tutorials/dpo.md",
-    "tutorials/evaluate.md",
-    "tutorials/export.md",
-    "tutorials/finetune_adapter.md",
-    "tutorials/finetune_full.md",
-    "tutorials/finetune_lora.md",
-    "tutorials/qlora.md",
-    "tutorials/serve.md",
-}
+# every page runs the real model (the default SmolLM2-135M-Instruct): each page test is @slow (CI runs them too)
 TIMEOUT_S = 1800  # a page that hangs (a server never answering) fails instead of stalling CI
 
 
@@ -225,6 +212,7 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-@pytest.mark.parametrize("page", [pytest.param(p, marks=pytest.mark.slow) if p in SLOW else p for p in pages()])
+@pytest.mark.slow
+@pytest.mark.parametrize("page", pages())
 def test_page_runs_as_written(page, tmp_path, default_checkpoint):
     run_page(page, tmp_path, default_checkpoint)
