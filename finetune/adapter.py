@@ -50,14 +50,18 @@ from lora_lab.checkpoint import load_config
 from lora_lab.compile import compile_blocks
 from lora_lab.data import get_dataloaders
 from lora_lab.data.json_extraction import evaluate_extractions
+from lora_lab.data.mix import write_mix_record
+from lora_lab.distributed import (SHARDS_DIR, gathered, is_sharded, load_sharded_state, make_fabric,
+                                  optimizer_state, report_shards, save_sharded_state)
 from lora_lab.formats.download import ensure_checkpoint
 from lora_lab.flops import FlopsMeter
 from lora_lab.generate import peak_memory_bytes, reset_peak_memory
 from lora_lab.lora import count_parameters
+from lora_lab.plan import plan_script
 from lora_lab.prompts import PromptStyle
-from lora_lab.training import (TRAIN_STATE_FILE, MetricsLog, StopRequest, Throughput, format_seconds,
-                               generate_answers, iter_keeping_rng, load_train_state, lr_at, micro_batches,
-                               parse_duration, rng_state, save_train_state, set_lr, set_rng_state)
+from lora_lab.training import (TRAIN_STATE_FILE, LRSchedule, MetricsLog, StopRequest, Throughput, format_seconds,
+                               generate_answers, iter_keeping_rng, load_train_state, micro_batches, parse_duration,
+                               rng_state, save_train_state, set_lr, set_rng_state)
 from lora_lab.utils import LoraLabError, cli
 
 
@@ -108,6 +112,7 @@ def setup(
     devices: int = 1,
     num_nodes: int = 1,
     strategy: Literal["auto", "ddp", "fsdp"] = "auto",
+    plan: bool = False,
 ) -> None:
     """Fine-tune with LLaMA-Adapter.
 
@@ -144,7 +149,9 @@ def setup(
         neftune_alpha: NEFTune noise on the embeddings while training (5 is the paper's usual value; 0 = off).
         activation_checkpointing: recompute activations in the backward pass: less memory, slower.
         compile: torch.compile each transformer block for training (minutes to compile; fastest with --packing).
-        max_time: time budget (3600, 90m, 1.5h, 23:30:00): stop, evaluate and save when it is spent.
+        max_time: time budget (3600, 90m, 1.5h, 23:30:00): the warm-up and cosine decay are laid over it (re-estimated
+            from the step time) and the run stops, at min_lr, evaluated and saved, when the next step would not
+            fit. The run also ends at max_steps / epochs if that comes first.
         eval_interval: validate every this many optimizer steps.
         eval_iters: at most this many validation batches per validation.
         eval_samples: json_extraction only: greedy generations scored for JSON validity/accuracy before and after.
@@ -158,12 +165,15 @@ def setup(
         devices: devices per node (data parallel over them).
         num_nodes: nodes, as Fabric launches them.
         strategy: auto, ddp, or fsdp to shard the model over GPUs.
+        plan: print the memory this run needs per device (python -m lora_lab.plan) and exit.
     """
     check_args(locals())  # every argument that can be judged without data or a model, before anything slow
+    if plan:  # the memory plan of these arguments, and nothing else (lora_lab/plan.py)
+        return plan_script(locals(), __file__)
     checkpoint_dir = ensure_checkpoint(checkpoint_dir)  # the default model is fetched once if missing
     if precision is None:
         precision = "bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision)
+    fabric = make_fabric(devices, num_nodes, strategy, precision)  # fsdp: FSDP2 units (lora_lab/distributed.py)
     fabric.launch()
     args = dict(locals())
     del args["fabric"]
@@ -179,7 +189,8 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
          weight_decay: float, warmup_steps: int, min_lr: float, grad_clip: float, neftune_alpha: float,
          activation_checkpointing: bool, compile: bool, max_time: Optional[str], eval_interval: int,
          eval_iters: int, eval_samples: int, save_interval: int, log_interval: int, logger_name: str, seed: int,
-         precision: str, peak_flops: Optional[float], devices: int, num_nodes: int, strategy: str) -> None:
+         precision: str, peak_flops: Optional[float], devices: int, num_nodes: int, strategy: str,
+         plan: bool) -> None:
     hparams = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "fabric"}
     out_dir = Path(out_dir)
     # cheap checks of the arguments first, so that a mistake is reported before minutes of data and model loading
@@ -206,6 +217,8 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
         val_data=val_data, n_train=n_train, n_val=n_val, columns=columns, mask_prompt=mask_prompt,
         bucket_by_length=True, pad_id=tokenizer.eos_id or 0, verbose=fabric.is_global_zero, packing=packing,
         blank_line_docs=blank_line_docs)
+    if fabric.is_global_zero:
+        write_mix_record(out_dir, data_stats)  # --data mix.yaml: its per-source counts, OUT_DIR/data_mix.json
     if max_steps is None:
         max_steps = max(1, math.ceil(epochs * data_stats["n_train"] / batch_size))
 
@@ -226,18 +239,23 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
                  f"{model.config.n_layer - 1}{v2_parts}: {trainable:,} trainable parameters of {total:,} "
                  f"({100 * trainable / total:.2f}%)")
 
-    param_groups = adapter_param_groups(model)  # v2's scales, biases and norms without weight decay
-    optimizer = torch.optim.AdamW(param_groups, lr=learning_rate, weight_decay=weight_decay, betas=(0.9, 0.95))
     gpt = model  # the plain module, for generation and saving
-    model, optimizer = fabric.setup(model, optimizer)
+    model = fabric.setup_module(model)  # fsdp shards it here, so the optimizer is made after, for the shards
+    report_shards(fabric, gpt)  # fsdp: the parameter bytes each rank holds
+    param_groups = adapter_param_groups(model)  # v2's scales, biases and norms without weight decay
+    optimizer = fabric.setup_optimizers(torch.optim.AdamW(param_groups, lr=learning_rate,
+                                                           weight_decay=weight_decay, betas=(0.9, 0.95)))
 
     state = {"step": 0, "micro_batches": 0, "tokens": 0}
     if compile:  # torch.compile each block for training (lora_lab/compile.py)
         compile_blocks(gpt)
     if resume:
         saved = load_train_state(out_dir / TRAIN_STATE_FILE)
-        load_adapter_state_dict(gpt, saved["adapter"], source=out_dir / TRAIN_STATE_FILE)
-        optimizer.load_state_dict(saved["optimizer"])
+        if is_sharded(gpt):  # fsdp: every rank reads its own shard back
+            load_sharded_state(fabric, gpt, optimizer, out_dir / SHARDS_DIR)
+        else:
+            load_adapter_state_dict(gpt, saved["adapter"], source=out_dir / TRAIN_STATE_FILE)
+            optimizer.load_state_dict(saved["optimizer"])
         train_dl.batch_sampler.load_state_dict(saved["sampler"])
         set_rng_state(saved["rng"])
         state.update(saved["counters"])
@@ -268,6 +286,9 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, adapter_config, 
     metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"], logger_name=hparams["logger_name"],
                          hparams=hparams)  # + hparams.yaml, an experiment tracker, loss.png
     throughput = Throughput(state["step"], max_steps)
+    # warm-up and cosine decay over max_steps, or over the --max_time budget (lora_lab/training.py)
+    schedule = LRSchedule(learning_rate, warmup_steps, min_lr, max_steps, max_time, state,
+                          sync=fabric.broadcast if fabric.world_size > 1 else None)
     earlier_seconds = state.get("seconds", 0.0)  # a resumed run's time before the interruption
     flops = FlopsMeter.for_fabric(gpt, fabric, hparams["peak_flops"])  # model FLOPs, for MFU (lora_lab/flops.py)
     reset_peak_memory(fabric.device)
@@ -275,7 +296,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, adapter_config, 
     val_loss = None
 
     while state["step"] < max_steps:
-        lr = lr_at(state["step"], max_steps, learning_rate, warmup_steps, min_lr)
+        lr = schedule.lr(state["step"])
         set_lr(optimizer, lr)
         loss_sum = 0.0
         for i in range(grad_accum):
@@ -297,6 +318,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, adapter_config, 
                 raise not_finite("gradient norm", norm.item(), state["step"] + 1, out_dir)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        schedule.step_done()
         state["step"] += 1
         state["seconds"] = earlier_seconds + throughput.elapsed()
         step, train_loss = state["step"], loss_sum / grad_accum
@@ -309,7 +331,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, adapter_config, 
                          f"ETA {format_seconds(throughput.eta(step))}")
         row = {"step": step, "train_loss": train_loss, "lr": lr, "tokens": state["tokens"],
                "tokens_per_sec": throughput.tokens_per_sec()}
-        out_of_time = max_time is not None and throughput.elapsed() > max_time
+        out_of_time = schedule.out_of_time()
         stop_requested = stop.requested
         if fabric.world_size > 1:
             # every device must take the same branch below (validate, save, break): a device that trained on
@@ -377,16 +399,19 @@ def evaluate_json(fabric, gpt, tokenizer, style, rows) -> dict:
 
 def save(fabric, gpt, optimizer, train_dl, state, adapter_config, hparams, out_dir) -> None:
     """The adapter (for generate/adapter.py) and the resume state, each written atomically."""
-    if fabric.is_global_zero:
-        save_adapter(out_dir, gpt, adapter_config)
-        save_train_state(out_dir / TRAIN_STATE_FILE, {
-            "adapter": {k: v.detach().cpu() for k, v in adapter_state_dict(gpt).items()},
-            "optimizer": optimizer.state_dict(),
-            "sampler": train_dl.batch_sampler.state_dict(),
-            "rng": rng_state(),
-            "counters": {k: v for k, v in state.items() if k != "stopped"},
-            "hparams": hparams,
-        })
+    if is_sharded(gpt):  # fsdp: each rank writes its shard of the resume state
+        save_sharded_state(fabric, gpt, optimizer, out_dir / SHARDS_DIR)
+    with gathered(fabric, gpt):  # fsdp: the whole trainable part on rank 0, for the one file
+        if fabric.is_global_zero:
+            save_adapter(out_dir, gpt, adapter_config)
+            save_train_state(out_dir / TRAIN_STATE_FILE, {
+                "adapter": {k: v.detach().cpu() for k, v in adapter_state_dict(gpt).items()},
+                "optimizer": optimizer_state(gpt, optimizer),  # None under fsdp: it is in the shards
+                "sampler": train_dl.batch_sampler.state_dict(),
+                "rng": rng_state(),
+                "counters": {k: v for k, v in state.items() if k != "stopped"},
+                "hparams": hparams,
+            })
     fabric.barrier()
 
 

@@ -41,13 +41,15 @@ from lora_lab.classifier import (METHODS, POOLINGS, ClassifierConfig, add_classi
                                  logistic_regression, save_classifier, trained_state_dict)
 from lora_lab.compile import compile_blocks
 from lora_lab.data.classification import classification_dataloaders, load_classification
+from lora_lab.distributed import make_fabric
 from lora_lab.formats.download import ensure_checkpoint
 from lora_lab.flops import FlopsMeter
 from lora_lab.generate import peak_memory_bytes, reset_peak_memory
 from lora_lab.lora import count_parameters, inject_lora, mark_only_lora_trainable, normalize_targets
 from lora_lab.nf4 import quantize_nf4
-from lora_lab.training import (TRAIN_STATE_FILE, MetricsLog, StopRequest, Throughput, format_seconds,
-                               iter_keeping_rng, load_train_state, lr_at, micro_batches, parse_duration, rng_state,
+from lora_lab.plan import plan_script
+from lora_lab.training import (TRAIN_STATE_FILE, LRSchedule, MetricsLog, StopRequest, Throughput, format_seconds,
+                               iter_keeping_rng, load_train_state, micro_batches, parse_duration, rng_state,
                                save_train_state, set_lr, set_rng_state)
 from lora_lab.utils import LoraLabError, atomic_write_text, cli
 
@@ -110,6 +112,7 @@ def setup(
     devices: int = 1,
     num_nodes: int = 1,
     strategy: Literal["auto", "ddp"] = "auto",
+    plan: bool = False,
 ) -> None:
     """Fine-tune a classifier.
 
@@ -160,7 +163,9 @@ def setup(
         activation_checkpointing: recompute activations in the backward pass: less memory, slower.
         compile: torch.compile each transformer block for training (minutes to compile; fastest with --packing;
             --method features trains nothing and runs eagerly).
-        max_time: time budget (3600, 90m, 1.5h, 23:30:00): stop, evaluate and save when it is spent.
+        max_time: time budget (3600, 90m, 1.5h, 23:30:00): the warm-up and cosine decay are laid over it (re-estimated
+            from the step time) and the run stops, at min_lr, evaluated and saved, when the next step would not
+            fit. The run also ends at max_steps / epochs if that comes first.
         eval_interval: validate every this many optimizer steps.
         eval_iters: at most this many validation batches per validation (the final scores use all).
         save_interval: save the classifier and resume state every this many optimizer steps.
@@ -173,12 +178,15 @@ def setup(
         devices: devices per node (data parallel over them).
         num_nodes: nodes, as Fabric launches them.
         strategy: auto or ddp.
+        plan: print the memory this run needs per device (python -m lora_lab.plan) and exit.
     """
     check_args(locals())  # every argument that can be judged without data or a model, before anything slow
+    if plan:  # the memory plan of these arguments, and nothing else (lora_lab/plan.py)
+        return plan_script(locals(), __file__)
     checkpoint_dir = ensure_checkpoint(checkpoint_dir)  # the default model is fetched once if missing
     if precision is None:
         precision = "bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision)
+    fabric = make_fabric(devices, num_nodes, strategy, precision)  # fsdp: FSDP2 units (lora_lab/distributed.py)
     fabric.launch()
     args = dict(locals())
     del args["fabric"]
@@ -195,7 +203,8 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
          learning_rate: Optional[float], weight_decay: float, warmup_steps: int, min_lr: float, grad_clip: float,
          neftune_alpha: float, activation_checkpointing: bool, compile: bool, max_time: Optional[str],
          eval_interval: int, eval_iters: int, save_interval: int, log_interval: int, logger_name: str, seed: int,
-         precision: str, peak_flops: Optional[float], devices: int, num_nodes: int, strategy: str) -> None:
+         precision: str, peak_flops: Optional[float], devices: int, num_nodes: int, strategy: str,
+         plan: bool) -> None:
     hparams = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "fabric"}
     out_dir = Path(out_dir)
     # cheap checks of the arguments first, so that a mistake is reported before minutes of data and model loading
@@ -342,6 +351,9 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, classifier_confi
     metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"], logger_name=hparams["logger_name"],
                          hparams=hparams)  # + hparams.yaml, an experiment tracker, loss.png
     throughput = Throughput(state["step"], max_steps)
+    # warm-up and cosine decay over max_steps, or over the --max_time budget (lora_lab/training.py)
+    schedule = LRSchedule(learning_rate, warmup_steps, min_lr, max_steps, max_time, state,
+                          sync=fabric.broadcast if fabric.world_size > 1 else None)
     earlier_seconds = state.get("seconds", 0.0)  # a resumed run's time before the interruption
     flops = FlopsMeter.for_fabric(gpt, fabric, hparams["peak_flops"])  # model FLOPs, for MFU (lora_lab/flops.py)
     reset_peak_memory(fabric.device)
@@ -349,7 +361,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, classifier_confi
     val_loss = None
 
     while state["step"] < max_steps:
-        lr = lr_at(state["step"], max_steps, learning_rate, warmup_steps, min_lr)
+        lr = schedule.lr(state["step"])
         set_lr(optimizer, lr)
         loss_sum = 0.0
         for i in range(grad_accum):
@@ -372,6 +384,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, classifier_confi
                 raise not_finite("gradient norm", norm.item(), state["step"] + 1, out_dir)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        schedule.step_done()
         state["step"] += 1
         state["seconds"] = earlier_seconds + throughput.elapsed()
         step, train_loss = state["step"], loss_sum / grad_accum
@@ -384,7 +397,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, classifier_confi
                          f"ETA {format_seconds(throughput.eta(step))}")
         row = {"step": step, "train_loss": train_loss, "lr": lr, "tokens": state["tokens"],
                "tokens_per_sec": throughput.tokens_per_sec()}
-        out_of_time = max_time is not None and throughput.elapsed() > max_time
+        out_of_time = schedule.out_of_time()
         stop_requested = stop.requested
         if fabric.world_size > 1:
             # every device must take the same branch below (validate, save, break): a device that trained on

@@ -45,6 +45,8 @@ from lora_lab.checks import check_args
 from lora_lab.checkpoint import load_config
 from lora_lab.compile import compile_blocks
 from lora_lab.data.preference import get_preference_dataloaders
+from lora_lab.distributed import (SHARDS_DIR, gathered, is_sharded, load_sharded_state, make_fabric,
+                                  optimizer_state, report_shards, save_sharded_state)
 from lora_lab.formats.download import ensure_checkpoint
 from lora_lab.dpo import (METRICS, add_metrics, answer_logps, check_dpo_settings, mean_metrics, pair_metrics,
                           preference_loss, reference_logps)
@@ -52,12 +54,14 @@ from lora_lab.flops import FlopsMeter
 from lora_lab.generate import peak_memory_bytes, reset_peak_memory
 from lora_lab.lora import (LoRAConfig, check_adapter_fits, count_parameters, inject_lora, load_lora,
                            load_lora_state_dict, lora_plus_param_groups, lora_state_dict, mark_only_lora_trainable,
-                           normalize_targets, save_lora)
-from lora_lab.nf4 import quantize_nf4
+                           normalize_targets)
+from lora_lab.lora_init import init_config, init_lora, save_trained_lora
+from lora_lab.nf4 import nf4_settings, quantize_nf4
+from lora_lab.plan import plan_script
 from lora_lab.prompts import PromptStyle
-from lora_lab.training import (TRAIN_STATE_FILE, MetricsLog, StopRequest, Throughput, format_seconds,
-                               generate_answers, iter_keeping_rng, load_train_state, lr_at, micro_batches,
-                               parse_duration, rng_state, save_train_state, set_lr, set_rng_state)
+from lora_lab.training import (TRAIN_STATE_FILE, LRSchedule, MetricsLog, StopRequest, Throughput, format_seconds,
+                               generate_answers, iter_keeping_rng, load_train_state, micro_batches, parse_duration,
+                               rng_state, save_train_state, set_lr, set_rng_state)
 from lora_lab.utils import LoraLabError, cli
 
 # metrics.csv: TRL's / torchtune's names for the training step, the same with val_ for the held-out pairs
@@ -86,6 +90,8 @@ def setup(
     use_rslora: bool = False,
     use_dora: bool = False,
     lora_plus_ratio: Optional[float] = None,
+    lora_init: str = "kaiming",
+    loftq_iter: int = 1,
     # data
     prompt_style: Optional[str] = None,
     max_seq_length: int = 512,
@@ -121,6 +127,7 @@ def setup(
     devices: int = 1,
     num_nodes: int = 1,
     strategy: Literal["auto", "ddp", "fsdp"] = "auto",
+    plan: bool = False,
 ) -> None:
     """Preference fine-tuning with DPO on LoRA.
 
@@ -144,6 +151,10 @@ def setup(
         use_rslora: scale by alpha / sqrt(r) instead of alpha / r (a fresh adapter only).
         use_dora: DoRA (weight-decomposed LoRA) (a fresh adapter only).
         lora_plus_ratio: LoRA+: B learns this many times faster than A (e.g. 16).
+        lora_init: where a new adapter's A, B (and the base) start (lora_lab/lora_init.py): kaiming, gaussian, pissa,
+            pissa_niter_N, olora, loftq (with --quantize nf4 only); pissa / olora / loftq save the adapter converted
+            to rank 2r against the untouched base.
+        loftq_iter: --lora_init loftq: alternating quantize / SVD steps.
         prompt_style: how prompts are wrapped (default: the base model's own).
         max_seq_length: pairs whose prompt + longer answer exceed it are left out (and counted).
         packing: lay the 2 x micro_batch_size sequences of each micro-batch end to end in rows of max_seq_length
@@ -166,7 +177,9 @@ def setup(
         activation_checkpointing: recompute activations in the backward pass: less memory, slower.
         compile: torch.compile each transformer block for training (minutes to compile; batch shapes vary, packed
             or not, so torch compiles again until it marks the lengths dynamic).
-        max_time: time budget (3600, 90m, 1.5h, 23:30:00): stop, evaluate and save when it is spent.
+        max_time: time budget (3600, 90m, 1.5h, 23:30:00): the warm-up and cosine decay are laid over it (re-estimated
+            from the step time) and the run stops, at min_lr, evaluated and saved, when the next step would not
+            fit. The run also ends at max_steps / epochs if that comes first.
         eval_interval: validate every this many optimizer steps.
         eval_iters: at most this many validation batches per validation.
         eval_samples: greedy answers to this many held-out prompts, shown before and after training.
@@ -180,12 +193,15 @@ def setup(
         devices: devices per node (data parallel over them).
         num_nodes: nodes, as Fabric launches them.
         strategy: auto, ddp, or fsdp to shard the model over GPUs.
+        plan: print the memory this run needs per device (python -m lora_lab.plan) and exit.
     """
     check_args(locals())  # every argument that can be judged without data or a model, before anything slow
+    if plan:  # the memory plan of these arguments, and nothing else (lora_lab/plan.py)
+        return plan_script(locals(), __file__)
     checkpoint_dir = ensure_checkpoint(checkpoint_dir)  # the default model is fetched once if missing
     if precision is None:
         precision = "bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision)
+    fabric = make_fabric(devices, num_nodes, strategy, precision)  # fsdp: FSDP2 units (lora_lab/distributed.py)
     fabric.launch()
     args = dict(locals())
     del args["fabric"]
@@ -196,14 +212,14 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
          adapter_dir: Optional[Path], beta: float, loss: str, quantize: Optional[str], nf4_blocksize: int,
          double_quant: bool, lora_r: int, lora_alpha: float, lora_dropout: float,
          lora_targets: Union[tuple[str, ...], str], use_rslora: bool, use_dora: bool,
-         lora_plus_ratio: Optional[float], prompt_style: Optional[str], max_seq_length: int, packing: bool,
-         n_train: Optional[int], n_val: Optional[int], columns: Optional[dict], max_steps: Optional[int],
-         epochs: float, batch_size: int, micro_batch_size: int, learning_rate: float, weight_decay: float,
-         warmup_steps: int, min_lr: float, grad_clip: float, neftune_alpha: float, activation_checkpointing: bool,
-         compile: bool,
+         lora_plus_ratio: Optional[float], lora_init: str, loftq_iter: int, prompt_style: Optional[str],
+         max_seq_length: int, packing: bool, n_train: Optional[int], n_val: Optional[int], columns: Optional[dict],
+         max_steps: Optional[int], epochs: float, batch_size: int, micro_batch_size: int, learning_rate: float,
+         weight_decay: float, warmup_steps: int, min_lr: float, grad_clip: float, neftune_alpha: float,
+         activation_checkpointing: bool, compile: bool,
          max_time: Optional[str], eval_interval: int, eval_iters: int, eval_samples: int, save_interval: int,
          log_interval: int, logger_name: str, seed: int, precision: str, peak_flops: Optional[float], devices: int,
-         num_nodes: int, strategy: str) -> None:
+         num_nodes: int, strategy: str, plan: bool) -> None:
     hparams = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "fabric"}
     out_dir = Path(out_dir)
     # cheap checks of the arguments first, so that a mistake is reported before minutes of data and model loading
@@ -214,6 +230,9 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     if sft_config is not None:
         check_adapter_fits(sft_config, load_config(checkpoint_dir), adapter_dir, checkpoint_dir)
     lora_targets = normalize_targets(lora_targets.split(",") if isinstance(lora_targets, str) else lora_targets)
+    if sft_config is not None and lora_init != "kaiming":
+        raise LoraLabError(f"--lora_init {lora_init} starts a new adapter, but --adapter_dir continues one: leave "
+                           f"one of them out")
     if fabric.world_size > 1 and batch_size % (micro_batch_size * fabric.world_size):
         raise LoraLabError(f"batch_size={batch_size} is not a multiple of micro_batch_size x devices = "
                            f"{micro_batch_size * fabric.world_size}")
@@ -236,26 +255,32 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     if max_steps is None:
         max_steps = max(1, math.ceil(epochs * data_stats["n_train"] / batch_size))
 
-    # ---- the model: load the base, (quantize it,) add LoRA or the SFT adapter, freeze everything else ----------
+    # ---- the model: load the base, add LoRA (initialise it, quantize) or the SFT adapter, freeze the rest ------
     model = GPT.from_checkpoint(checkpoint_dir)
-    if quantize == "nf4":
-        quantize_nf4(model, blocksize=nf4_blocksize, double_quant=double_quant)  # every nn.Linear but lm_head -> NF4
-    base_quantization = getattr(model, "base_quantization", None)  # the settings quantize_nf4 recorded, or None
+    # the settings quantize_nf4 records (it runs below, after the LoRA init), or None for a float base
+    base_quantization = nf4_settings(nf4_blocksize, double_quant) if quantize == "nf4" else None
     trained_with = {"method": "dpo", "loss": loss, "beta": beta,
                     "reference": f"base + {adapter_dir} (the starting adapter)" if sft_config else "the base model"}
     if sft_config is not None:  # continue the SFT adapter: its shape and settings, its weights
         lora_config = LoRAConfig(**{**sft_config.to_dict(), "dropout": lora_dropout, "lora_plus_ratio": lora_plus_ratio,
                                     "base_model": str(checkpoint_dir), "base_config": model.config.to_dict(),
                                     "prompt_style": style.name, "base_quantization": base_quantization,
-                                    "trained_with": {**trained_with, "sft_adapter": str(adapter_dir)}})
+                                    "trained_with": {**trained_with, "sft_adapter": str(adapter_dir)},
+                                    "init": None})  # (a converted PiSSA / LoftQ adapter continues as plain LoRA)
     else:
         lora_config = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=list(lora_targets),
                                  use_rslora=use_rslora, use_dora=use_dora, lora_plus_ratio=lora_plus_ratio,
                                  base_model=str(checkpoint_dir), base_config=model.config.to_dict(),
                                  prompt_style=style.name, base_quantization=base_quantization,
-                                 trained_with=trained_with)
+                                 trained_with=trained_with, init=init_config(lora_init, loftq_iter))
+    # LoRA on the float weights first: the init reads W (pissa / olora / loftq change it; lora_lab/lora_init.py)
+    # and, with --quantize nf4, stores each LoRA layer's base in NF4; quantize_nf4 does the other layers. The
+    # reference is the policy at step 0: for pissa / olora that is still exactly the base model
     inject_lora(model, r=lora_config.r, alpha=lora_config.alpha, dropout=lora_config.dropout,
                 targets=lora_config.targets, use_rslora=lora_config.use_rslora, use_dora=lora_config.use_dora)
+    init_lora(model, lora_init, nf4=base_quantization, loftq_iter=loftq_iter, device=fabric.device)
+    if quantize == "nf4":
+        quantize_nf4(model, blocksize=nf4_blocksize, double_quant=double_quant)  # every other nn.Linear but lm_head
     if sft_weights is not None:
         load_lora_state_dict(model, sft_weights, source=adapter_dir)
     mark_only_lora_trainable(model)
@@ -266,13 +291,15 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
                  f"{' (NF4 base)' if quantize else ''}: {trainable:,} trainable parameters of {total:,} "
                  f"({100 * trainable / total:.2f}%)")
 
+    gpt = model  # the plain module, for generation and saving
+    model = fabric.setup_module(model)  # fsdp shards it here, so the optimizer is made after, for the shards
+    report_shards(fabric, gpt)  # fsdp: the parameter bytes each rank holds
     if lora_plus_ratio:
         param_groups = lora_plus_param_groups(model, learning_rate, ratio=lora_plus_ratio, weight_decay=weight_decay)
     else:
         param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    optimizer = torch.optim.AdamW(param_groups, lr=learning_rate, weight_decay=weight_decay, betas=(0.9, 0.95))
-    gpt = model  # the plain module, for generation and saving
-    model, optimizer = fabric.setup(model, optimizer)
+    optimizer = fabric.setup_optimizers(torch.optim.AdamW(param_groups, lr=learning_rate,
+                                                           weight_decay=weight_decay, betas=(0.9, 0.95)))
 
     state = {"step": 0, "micro_batches": 0, "tokens": 0}
     if compile:  # torch.compile each block for training (lora_lab/compile.py); the reference pass runs eager
@@ -280,8 +307,11 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     datasets = [dl.dataset for dl in (train_dl, val_dl) if dl is not None]
     if resume:
         saved = load_train_state(out_dir / TRAIN_STATE_FILE)
-        load_lora_state_dict(gpt, saved["lora"], source=out_dir / TRAIN_STATE_FILE)
-        optimizer.load_state_dict(saved["optimizer"])
+        if is_sharded(gpt):  # fsdp: every rank reads its own shard back
+            load_sharded_state(fabric, gpt, optimizer, out_dir / SHARDS_DIR)
+        else:
+            load_lora_state_dict(gpt, saved["lora"], source=out_dir / TRAIN_STATE_FILE)
+            optimizer.load_state_dict(saved["optimizer"])
         train_dl.batch_sampler.load_state_dict(saved["sampler"])
         set_rng_state(saved["rng"])
         state.update(saved["counters"])
@@ -324,6 +354,9 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
     metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"], logger_name=hparams["logger_name"],
                          hparams=hparams, fields=COLUMNS)  # + hparams.yaml, an experiment tracker, loss.png
     throughput = Throughput(state["step"], max_steps)
+    # warm-up and cosine decay over max_steps, or over the --max_time budget (lora_lab/training.py)
+    schedule = LRSchedule(learning_rate, warmup_steps, min_lr, max_steps, max_time, state,
+                          sync=fabric.broadcast if fabric.world_size > 1 else None)
     earlier_seconds = state.get("seconds", 0.0)  # a resumed run's time before the interruption
     flops = FlopsMeter.for_fabric(gpt, fabric, hparams["peak_flops"])  # model FLOPs, for MFU (lora_lab/flops.py)
     reset_peak_memory(fabric.device)
@@ -331,7 +364,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
     val = None
 
     while state["step"] < max_steps:
-        lr = lr_at(state["step"], max_steps, learning_rate, warmup_steps, min_lr)
+        lr = schedule.lr(state["step"])
         set_lr(optimizer, lr)
         sums: dict[str, float] = {}
         for i in range(grad_accum):
@@ -357,6 +390,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
                 raise not_finite("gradient norm", norm.item(), state["step"] + 1, out_dir)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        schedule.step_done()
         state["step"] += 1
         state["seconds"] = earlier_seconds + throughput.elapsed()
         step, train = state["step"], mean_metrics(all_reduce_sums(fabric, sums))
@@ -368,7 +402,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
                          f"ETA {format_seconds(throughput.eta(step))}")
         row = {"step": step, **train, "lr": lr, "tokens": state["tokens"],
                "tokens_per_sec": throughput.tokens_per_sec()}
-        out_of_time = max_time is not None and throughput.elapsed() > max_time
+        out_of_time = schedule.out_of_time()
         stop_requested = stop.requested
         if fabric.world_size > 1:
             # every device must take the same branch below (validate, save, break): a device that trained on
@@ -449,16 +483,19 @@ def generate_samples(gpt, tokenizer, style, rows) -> list[str]:
 
 def save(fabric, gpt, optimizer, train_dl, state, lora_config, hparams, out_dir) -> None:
     """The adapter (for generate/merge/export) and the resume state, each written atomically."""
-    if fabric.is_global_zero:
-        save_lora(out_dir, gpt, lora_config)
-        save_train_state(out_dir / TRAIN_STATE_FILE, {
-            "lora": {k: v.detach().cpu() for k, v in lora_state_dict(gpt).items()},
-            "optimizer": optimizer.state_dict(),
-            "sampler": train_dl.batch_sampler.state_dict(),
-            "rng": rng_state(),
-            "counters": {k: v for k, v in state.items() if k != "stopped"},
-            "hparams": hparams,
-        })
+    if is_sharded(gpt):  # fsdp: each rank writes its shard of the resume state
+        save_sharded_state(fabric, gpt, optimizer, out_dir / SHARDS_DIR)
+    with gathered(fabric, gpt):  # fsdp: the whole trainable part on rank 0, for the one file
+        if fabric.is_global_zero:
+            save_trained_lora(out_dir, gpt, lora_config)  # pissa / olora / loftq: converted to rank 2r against the base
+            save_train_state(out_dir / TRAIN_STATE_FILE, {
+                "lora": {k: v.detach().cpu() for k, v in lora_state_dict(gpt).items()},
+                "optimizer": optimizer_state(gpt, optimizer),  # None under fsdp: it is in the shards
+                "sampler": train_dl.batch_sampler.state_dict(),
+                "rng": rng_state(),
+                "counters": {k: v for k, v in state.items() if k != "stopped"},
+                "hparams": hparams,
+            })
     fabric.barrier()
 
 

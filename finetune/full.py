@@ -47,7 +47,6 @@ from typing import Literal, Optional
 
 import lightning as L
 import torch
-from lightning.fabric.strategies import FSDPStrategy
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -58,15 +57,18 @@ from lora_lab.checkpoint import load_config, save_checkpoint
 from lora_lab.compile import compile_blocks
 from lora_lab.data import get_dataloaders
 from lora_lab.data.json_extraction import evaluate_extractions
+from lora_lab.data.mix import write_mix_record
+from lora_lab.distributed import (SHARDS_DIR, is_sharded, load_sharded_state, make_fabric, report_shards,
+                                  save_sharded_state)
 from lora_lab.formats.download import ensure_checkpoint
 from lora_lab.flops import FlopsMeter
 from lora_lab.generate import peak_memory_bytes, reset_peak_memory
 from lora_lab.lora import count_parameters
-from lora_lab.model import Block
+from lora_lab.plan import plan_script
 from lora_lab.prompts import PromptStyle
-from lora_lab.training import (TRAIN_STATE_FILE, MetricsLog, StopRequest, Throughput, format_seconds,
-                               generate_answers, iter_keeping_rng, load_train_state, lr_at, micro_batches,
-                               parse_duration, rng_state, save_train_state, set_lr, set_rng_state)
+from lora_lab.training import (TRAIN_STATE_FILE, LRSchedule, MetricsLog, StopRequest, Throughput, format_seconds,
+                               generate_answers, iter_keeping_rng, load_train_state, micro_batches, parse_duration,
+                               rng_state, save_train_state, set_lr, set_rng_state)
 from lora_lab.utils import LoraLabError, cli
 
 
@@ -115,6 +117,7 @@ def setup(
     devices: int = 1,
     num_nodes: int = 1,
     strategy: Literal["auto", "ddp", "fsdp"] = "auto",
+    plan: bool = False,
 ) -> None:
     """Fine-tune all the weights.
 
@@ -150,7 +153,9 @@ def setup(
         neftune_alpha: NEFTune noise on the embeddings while training (5 is the paper's usual value; 0 = off).
         activation_checkpointing: recompute activations in the backward pass: less memory, slower.
         compile: torch.compile each transformer block for training (minutes to compile; fastest with --packing).
-        max_time: time budget (3600, 90m, 1.5h, 23:30:00): stop, evaluate and save when it is spent.
+        max_time: time budget (3600, 90m, 1.5h, 23:30:00): the warm-up and cosine decay are laid over it (re-estimated
+            from the step time) and the run stops, at min_lr, evaluated and saved, when the next step would not
+            fit. The run also ends at max_steps / epochs if that comes first.
         eval_interval: validate every this many optimizer steps.
         eval_iters: at most this many validation batches per validation.
         eval_samples: json_extraction only: greedy generations scored for JSON validity/accuracy before and after.
@@ -164,13 +169,16 @@ def setup(
         devices: devices per node (data parallel over them).
         num_nodes: nodes, as Fabric launches them.
         strategy: auto, ddp, or fsdp to shard the weights, gradients and optimizer state over GPUs.
+        plan: print the memory this run needs per device (python -m lora_lab.plan) and exit.
     """
     check_args(locals())  # every argument that can be judged without data or a model, before anything slow
+    if plan:  # the memory plan of these arguments, and nothing else (lora_lab/plan.py)
+        return plan_script(locals(), __file__)
     checkpoint_dir = ensure_checkpoint(checkpoint_dir)  # the default model is fetched once if missing
     if precision is None:
         # float32 master weights: bf16-true would round most small updates away (see the memory table above)
         precision = "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=fabric_strategy(strategy), precision=precision)
+    fabric = make_fabric(devices, num_nodes, strategy, precision)  # fsdp: FSDP2 units (lora_lab/distributed.py)
     fabric.launch()
     args = dict(locals())
     del args["fabric"]
@@ -187,7 +195,8 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
          weight_decay: float, warmup_steps: int, min_lr: float, grad_clip: float, neftune_alpha: float,
          activation_checkpointing: bool, compile: bool, max_time: Optional[str], eval_interval: int,
          eval_iters: int, eval_samples: int, save_interval: int, log_interval: int, logger_name: str, seed: int,
-         precision: str, peak_flops: Optional[float], devices: int, num_nodes: int, strategy: str) -> None:
+         precision: str, peak_flops: Optional[float], devices: int, num_nodes: int, strategy: str,
+         plan: bool) -> None:
     hparams = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "fabric"}
     out_dir = Path(out_dir)
     # cheap checks of the arguments first, so that a mistake is reported before minutes of data and model loading
@@ -215,6 +224,8 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
         val_data=val_data, n_train=n_train, n_val=n_val, columns=columns, mask_prompt=mask_prompt,
         bucket_by_length=True, pad_id=tokenizer.eos_id or 0, verbose=fabric.is_global_zero, packing=packing,
         blank_line_docs=blank_line_docs)
+    if fabric.is_global_zero:
+        write_mix_record(out_dir, data_stats)  # --data mix.yaml: its per-source counts, OUT_DIR/data_mix.json
     if max_steps is None:
         max_steps = max(1, math.ceil(epochs * data_stats["n_train"] / batch_size))
 
@@ -232,19 +243,21 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     fabric.print(f"Full fine-tuning with {optimizer}: {trainable:,} trainable parameters of {total:,} "
                  f"({100 * trainable / total:.2f}%)")
 
+    gpt = model  # the plain module, for generation and saving
+    model = fabric.setup_module(model)  # fsdp shards it here, so the optimizer is made after, for the shards
+    report_shards(fabric, gpt)  # fsdp: the parameter bytes each rank holds
     param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    optimizer = make_optimizer(optimizer, param_groups, learning_rate, weight_decay)
-    gpt = model  # the plain module, for generation
-    model, optimizer = fabric.setup(model, optimizer)
-    if isinstance(fabric.strategy, FSDPStrategy):
-        gpt = model._forward_module  # the sharded root: generating and saving go through it (it gathers the shards)
+    optimizer = fabric.setup_optimizers(make_optimizer(optimizer, param_groups, learning_rate, weight_decay))
 
     state = {"step": 0, "micro_batches": 0, "tokens": 0}
     if compile:  # torch.compile each block for training (lora_lab/compile.py)
         compile_blocks(gpt)
     if resume:
         saved = load_train_state(out_dir / TRAIN_STATE_FILE)
-        load_full_state(gpt, optimizer, saved, source=out_dir / TRAIN_STATE_FILE)
+        if is_sharded(gpt):  # fsdp: every rank reads its own shard back
+            load_sharded_state(fabric, gpt, optimizer, out_dir / SHARDS_DIR)
+        else:
+            load_full_state(gpt, optimizer, saved, source=out_dir / TRAIN_STATE_FILE)
         train_dl.batch_sampler.load_state_dict(saved["sampler"])
         set_rng_state(saved["rng"])
         state.update(saved["counters"])
@@ -275,6 +288,9 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, save_as, hparams
     metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"], logger_name=hparams["logger_name"],
                          hparams=hparams)  # + hparams.yaml, an experiment tracker, loss.png
     throughput = Throughput(state["step"], max_steps)
+    # warm-up and cosine decay over max_steps, or over the --max_time budget (lora_lab/training.py)
+    schedule = LRSchedule(learning_rate, warmup_steps, min_lr, max_steps, max_time, state,
+                          sync=fabric.broadcast if fabric.world_size > 1 else None)
     earlier_seconds = state.get("seconds", 0.0)  # a resumed run's time before the interruption
     flops = FlopsMeter.for_fabric(gpt, fabric, hparams["peak_flops"])  # model FLOPs, for MFU (lora_lab/flops.py)
     reset_peak_memory(fabric.device)
@@ -282,7 +298,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, save_as, hparams
     val_loss = None
 
     while state["step"] < max_steps:
-        lr = lr_at(state["step"], max_steps, learning_rate, warmup_steps, min_lr)
+        lr = schedule.lr(state["step"])
         set_lr(optimizer, lr)
         loss_sum = 0.0
         for i in range(grad_accum):
@@ -304,6 +320,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, save_as, hparams
                 raise not_finite("gradient norm", norm.item(), state["step"] + 1, out_dir)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        schedule.step_done()
         state["step"] += 1
         state["seconds"] = earlier_seconds + throughput.elapsed()
         step, train_loss = state["step"], loss_sum / grad_accum
@@ -316,7 +333,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, save_as, hparams
                          f"ETA {format_seconds(throughput.eta(step))}")
         row = {"step": step, "train_loss": train_loss, "lr": lr, "tokens": state["tokens"],
                "tokens_per_sec": throughput.tokens_per_sec()}
-        out_of_time = max_time is not None and throughput.elapsed() > max_time
+        out_of_time = schedule.out_of_time()
         stop_requested = stop.requested
         if fabric.world_size > 1:
             # every device must take the same branch below (validate, save, break): a device that trained on
@@ -388,16 +405,19 @@ def save(fabric, gpt, optimizer, train_dl, state, save_as, hparams, out_dir) -> 
 
     The resume state holds the weights too, at full precision (with bf16-mixed: the float32 master weights, which
     model.safetensors rounds to the base's dtype): one file, so weights, optimizer state and data position always
-    come from the same step. Under FSDP each device holds a shard of everything: all take part in gathering them,
-    rank 0 writes."""
+    come from the same step. Under --strategy fsdp each rank writes its own shard of the weights and optimizer state
+    instead (lora_lab/distributed.py), and all take part in gathering the weights that rank 0 writes."""
+    sharded = is_sharded(gpt)
+    if sharded:
+        save_sharded_state(fabric, gpt, optimizer, out_dir / SHARDS_DIR)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0, in CPU memory
     weights = get_model_state_dict(gpt, options=options)
-    optimizer_state = get_optimizer_state_dict(gpt, unwrap(optimizer), options=options)
+    optimizer_state = None if sharded else get_optimizer_state_dict(gpt, unwrap(optimizer), options=options)
     if fabric.is_global_zero:
         save_checkpoint(out_dir, save_as.config, {k: v.to(save_as.dtype) for k, v in weights.items()},
                         tokenizer_dir=save_as.tokenizer_dir)
         save_train_state(out_dir / TRAIN_STATE_FILE, {
-            "model": weights,
+            "model": None if sharded else weights,
             "optimizer": optimizer_state,
             "sampler": train_dl.batch_sampler.state_dict(),
             "rng": rng_state(),
@@ -431,16 +451,6 @@ def make_optimizer(name: str, param_groups: list[dict], learning_rate: float,
     if name == "sgd":
         return torch.optim.SGD(param_groups, lr=learning_rate, momentum=0.9, weight_decay=weight_decay)
     return torch.optim.Adafactor(param_groups, lr=learning_rate, weight_decay=weight_decay)
-
-
-def fabric_strategy(strategy: str):
-    """Fabric's strategy; fsdp shards each transformer block as a unit and gathers full state dicts for saving."""
-    if strategy == "fsdp":
-        if not torch.cuda.is_available():
-            raise LoraLabError("--strategy fsdp shards the model over GPUs and there is none here (Fabric's FSDP "
-                               "runs on CUDA only): use --strategy auto")
-        return FSDPStrategy(auto_wrap_policy={Block}, sharding_strategy="FULL_SHARD", state_dict_type="full")
-    return strategy
 
 
 def unwrap(optimizer) -> torch.optim.Optimizer:

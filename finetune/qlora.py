@@ -11,6 +11,8 @@ the compute dtype, and only A and B (kept in that dtype) train. The adapter is s
 the quantization recorded in its lora_config.json, and loads onto the float base as well (generate/lora.py,
 `python -m lora_lab.merge_lora`, `python -m lora_lab.export_peft`). The QLoRA paper puts LoRA on every linear
 layer of the blocks (--lora_targets query,key,value,projection,mlp) to match 16-bit fine-tuning.
+--lora_init loftq or pissa starts the adapter from the quantization error or from W's principal directions instead
+of from zero (lora_lab/lora_init.py; tutorials/qlora.md compares them).
 
 --data is a built-in name (json_extraction: offline and synthetic; alpaca, alpaca-cleaned, alpaca-finance, dolly,
 lima: downloaded once) or a local .json / .jsonl / .csv file with instruction, input (optional) and output fields.
@@ -23,6 +25,7 @@ step in progress; run the same command with --resume to continue exactly where i
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -35,16 +38,21 @@ from lora_lab.checkpoint import load_config
 from lora_lab.compile import compile_blocks
 from lora_lab.data import get_dataloaders
 from lora_lab.data.json_extraction import evaluate_extractions
+from lora_lab.data.mix import write_mix_record
+from lora_lab.distributed import (SHARDS_DIR, gathered, is_sharded, load_sharded_state, make_fabric,
+                                  optimizer_state, report_shards, save_sharded_state)
 from lora_lab.formats.download import ensure_checkpoint
 from lora_lab.flops import FlopsMeter
 from lora_lab.generate import peak_memory_bytes, reset_peak_memory
 from lora_lab.lora import (LoRAConfig, count_parameters, inject_lora, load_lora_state_dict, lora_plus_param_groups,
-                           lora_state_dict, mark_only_lora_trainable, normalize_targets, save_lora)
-from lora_lab.nf4 import model_size_report, quantize_nf4
+                           lora_state_dict, mark_only_lora_trainable, normalize_targets)
+from lora_lab.lora_init import init_config, init_lora, save_trained_lora
+from lora_lab.nf4 import model_size_report, nf4_settings, quantize_nf4
+from lora_lab.plan import plan_script
 from lora_lab.prompts import PromptStyle
-from lora_lab.training import (TRAIN_STATE_FILE, MetricsLog, StopRequest, Throughput, format_seconds,
-                               generate_answers, iter_keeping_rng, load_train_state, lr_at, micro_batches,
-                               parse_duration, rng_state, save_train_state, set_lr, set_rng_state)
+from lora_lab.training import (TRAIN_STATE_FILE, LRSchedule, MetricsLog, StopRequest, Throughput, format_seconds,
+                               generate_answers, iter_keeping_rng, load_train_state, micro_batches, parse_duration,
+                               rng_state, save_train_state, set_lr, set_rng_state)
 from lora_lab.utils import LoraLabError, cli
 
 
@@ -67,6 +75,8 @@ def setup(
     use_rslora: bool = False,
     use_dora: bool = False,
     lora_plus_ratio: Optional[float] = None,
+    lora_init: str = "kaiming",
+    loftq_iter: int = 1,
     # data
     prompt_style: Optional[str] = None,
     max_seq_length: int = 512,
@@ -103,6 +113,7 @@ def setup(
     devices: int = 1,
     num_nodes: int = 1,
     strategy: Literal["auto", "ddp", "fsdp"] = "auto",
+    plan: bool = False,
 ) -> None:
     """Fine-tune with QLoRA: LoRA on a 4-bit (NF4) base.
 
@@ -125,6 +136,12 @@ def setup(
         use_rslora: scale by alpha / sqrt(r) instead of alpha / r.
         use_dora: DoRA (weight-decomposed LoRA).
         lora_plus_ratio: LoRA+: B learns this many times faster than A (e.g. 16).
+        lora_init: where A, B (and the base) start (lora_lab/lora_init.py): kaiming (A Kaiming-uniform, B = 0),
+            gaussian (A ~ N(0, 1/r^2)), pissa / pissa_niter_N (the adapter holds W's r principal singular directions,
+            the base the rest; N: randomized SVD's power iterations), olora (QR), loftq (a quantized base only:
+            alternate NF4 and SVD so that base + adapter is closest to W). pissa / olora / loftq save the adapter
+            converted to rank 2r against the untouched base.
+        loftq_iter: --lora_init loftq: alternating quantize / SVD steps.
         prompt_style: how prompts are wrapped (default: the base model's own).
         max_seq_length: longer samples are cut (and counted).
         mask_prompt: learn only the answer tokens, not the prompt.
@@ -146,7 +163,9 @@ def setup(
         neftune_alpha: NEFTune noise on the embeddings while training (5 is the paper's usual value; 0 = off).
         activation_checkpointing: recompute activations in the backward pass: less memory, slower.
         compile: torch.compile each transformer block for training (minutes to compile; fastest with --packing).
-        max_time: time budget (3600, 90m, 1.5h, 23:30:00): stop, evaluate and save when it is spent.
+        max_time: time budget (3600, 90m, 1.5h, 23:30:00): the warm-up and cosine decay are laid over it (re-estimated
+            from the step time) and the run stops, at min_lr, evaluated and saved, when the next step would not
+            fit. The run also ends at max_steps / epochs if that comes first.
         eval_interval: validate every this many optimizer steps.
         eval_iters: at most this many validation batches per validation.
         eval_samples: json_extraction only: greedy generations scored for JSON validity/accuracy before and after.
@@ -160,12 +179,15 @@ def setup(
         devices: devices per node (data parallel over them).
         num_nodes: nodes, as Fabric launches them.
         strategy: auto, ddp, or fsdp to shard the model over GPUs.
+        plan: print the memory this run needs per device (python -m lora_lab.plan) and exit.
     """
     check_args(locals())  # every argument that can be judged without data or a model, before anything slow
+    if plan:  # the memory plan of these arguments, and nothing else (lora_lab/plan.py)
+        return plan_script(locals(), __file__)
     checkpoint_dir = ensure_checkpoint(checkpoint_dir)  # the default model is fetched once if missing
     if precision is None:
         precision = "bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision)
+    fabric = make_fabric(devices, num_nodes, strategy, precision)  # fsdp: FSDP2 units (lora_lab/distributed.py)
     fabric.launch()
     args = dict(locals())
     del args["fabric"]
@@ -176,14 +198,16 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
          blank_line_docs: bool, resume: bool,
          quantize: str, nf4_blocksize: int, double_quant: bool,
          lora_r: int, lora_alpha: float, lora_dropout: float, lora_targets: Union[tuple[str, ...], str],
-         use_rslora: bool, use_dora: bool, lora_plus_ratio: Optional[float], prompt_style: Optional[str],
+         use_rslora: bool, use_dora: bool, lora_plus_ratio: Optional[float], lora_init: str,
+         loftq_iter: int, prompt_style: Optional[str],
          max_seq_length: int, mask_prompt: bool, packing: bool, n_train: Optional[int], n_val: Optional[int],
          columns: Optional[dict],
          max_steps: Optional[int], epochs: float, batch_size: int, micro_batch_size: int, learning_rate: float,
          weight_decay: float, warmup_steps: int, min_lr: float, grad_clip: float, neftune_alpha: float,
          activation_checkpointing: bool, compile: bool, max_time: Optional[str], eval_interval: int,
          eval_iters: int, eval_samples: int, save_interval: int, log_interval: int, logger_name: str, seed: int,
-         precision: str, peak_flops: Optional[float], devices: int, num_nodes: int, strategy: str) -> None:
+         precision: str, peak_flops: Optional[float], devices: int, num_nodes: int, strategy: str,
+         plan: bool) -> None:
     hparams = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "fabric"}
     out_dir = Path(out_dir)
     # cheap checks of the arguments first, so that a mistake is reported before minutes of data and model loading
@@ -211,12 +235,23 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
         val_data=val_data, n_train=n_train, n_val=n_val, columns=columns, mask_prompt=mask_prompt,
         bucket_by_length=True, pad_id=tokenizer.eos_id or 0, verbose=fabric.is_global_zero, packing=packing,
         blank_line_docs=blank_line_docs)
+    if fabric.is_global_zero:
+        write_mix_record(out_dir, data_stats)  # --data mix.yaml: its per-source counts, OUT_DIR/data_mix.json
     if max_steps is None:
         max_steps = max(1, math.ceil(epochs * data_stats["n_train"] / batch_size))
 
-    # ---- the model: load the base, quantize it, add LoRA, freeze everything else -----------------------------
+    # ---- the model: load the base, add LoRA, initialise it, quantize, freeze everything else ----------------
     model = GPT.from_checkpoint(checkpoint_dir)
-    quantize_nf4(model, blocksize=nf4_blocksize, double_quant=double_quant)  # every nn.Linear but lm_head -> NF4
+    # LoRA first, on the float weights: the init reads W (and, for pissa / olora / loftq, changes it) and stores each
+    # LoRA layer's base in NF4 (pissa / olora: the residual W - s B A; loftq: Q_T); quantize_nf4 does the others
+    inject_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets,
+                use_rslora=use_rslora, use_dora=use_dora)
+    started = time.perf_counter()
+    init_lora(model, lora_init, nf4=nf4_settings(nf4_blocksize, double_quant), loftq_iter=loftq_iter,
+              device=fabric.device)  # the SVD / QR / quantization on the GPU if any, a layer at a time
+    if lora_init != "kaiming":
+        fabric.print(f"--lora_init {lora_init}: {time.perf_counter() - started:.2f} s")
+    quantize_nf4(model, blocksize=nf4_blocksize, double_quant=double_quant)  # every other nn.Linear but lm_head -> NF4
     size = model_size_report(model)
     fabric.print(f"NF4 base: {size['quantized_layers']} linear layers, {size['quantized_params']:,} weights in "
                  f"{size['quantized_bytes'] / 2**20:.1f} MiB ({size['bits_per_quantized_param']:.3f} bits each); "
@@ -224,30 +259,34 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     lora_config = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=list(lora_targets),
                              use_rslora=use_rslora, use_dora=use_dora, lora_plus_ratio=lora_plus_ratio,
                              base_model=str(checkpoint_dir), base_config=model.config.to_dict(),
-                             prompt_style=style.name, base_quantization=model.base_quantization)  # quantize_nf4's
-    inject_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets,
-                use_rslora=use_rslora, use_dora=use_dora)
+                             prompt_style=style.name, base_quantization=model.base_quantization,  # quantize_nf4's
+                             init=init_config(lora_init, loftq_iter))
     mark_only_lora_trainable(model)
     model.activation_checkpointing = activation_checkpointing
     trainable, total = count_parameters(model)
     fabric.print(f"QLoRA r={lora_r} alpha={lora_alpha} on {', '.join(lora_config.targets)}: {trainable:,} trainable "
                  f"parameters of {total:,} ({100 * trainable / total:.2f}%)")
 
+    gpt = model  # the plain module, for generation and saving
+    model = fabric.setup_module(model)  # fsdp shards it here, so the optimizer is made after, for the shards
+    report_shards(fabric, gpt)  # fsdp: the parameter bytes each rank holds
     if lora_plus_ratio:
         param_groups = lora_plus_param_groups(model, learning_rate, ratio=lora_plus_ratio, weight_decay=weight_decay)
     else:
         param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    optimizer = torch.optim.AdamW(param_groups, lr=learning_rate, weight_decay=weight_decay, betas=(0.9, 0.95))
-    gpt = model  # the plain module, for generation and saving
-    model, optimizer = fabric.setup(model, optimizer)
+    optimizer = fabric.setup_optimizers(torch.optim.AdamW(param_groups, lr=learning_rate,
+                                                           weight_decay=weight_decay, betas=(0.9, 0.95)))
 
     state = {"step": 0, "micro_batches": 0, "tokens": 0}
     if compile:  # torch.compile each block for training (lora_lab/compile.py)
         compile_blocks(gpt)
     if resume:
         saved = load_train_state(out_dir / TRAIN_STATE_FILE)
-        load_lora_state_dict(gpt, saved["lora"], source=out_dir / TRAIN_STATE_FILE)
-        optimizer.load_state_dict(saved["optimizer"])
+        if is_sharded(gpt):  # fsdp: every rank reads its own shard back
+            load_sharded_state(fabric, gpt, optimizer, out_dir / SHARDS_DIR)
+        else:
+            load_lora_state_dict(gpt, saved["lora"], source=out_dir / TRAIN_STATE_FILE)
+            optimizer.load_state_dict(saved["optimizer"])
         train_dl.batch_sampler.load_state_dict(saved["sampler"])
         set_rng_state(saved["rng"])
         state.update(saved["counters"])
@@ -278,6 +317,9 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
     metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"], logger_name=hparams["logger_name"],
                          hparams=hparams)  # + hparams.yaml, an experiment tracker, loss.png
     throughput = Throughput(state["step"], max_steps)
+    # warm-up and cosine decay over max_steps, or over the --max_time budget (lora_lab/training.py)
+    schedule = LRSchedule(learning_rate, warmup_steps, min_lr, max_steps, max_time, state,
+                          sync=fabric.broadcast if fabric.world_size > 1 else None)
     earlier_seconds = state.get("seconds", 0.0)  # a resumed run's time before the interruption
     flops = FlopsMeter.for_fabric(gpt, fabric, hparams["peak_flops"])  # model FLOPs, for MFU (lora_lab/flops.py)
     reset_peak_memory(fabric.device)
@@ -285,7 +327,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
     val_loss = None
 
     while state["step"] < max_steps:
-        lr = lr_at(state["step"], max_steps, learning_rate, warmup_steps, min_lr)
+        lr = schedule.lr(state["step"])
         set_lr(optimizer, lr)
         loss_sum = 0.0
         for i in range(grad_accum):
@@ -307,6 +349,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
                 raise not_finite("gradient norm", norm.item(), state["step"] + 1, out_dir)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        schedule.step_done()
         state["step"] += 1
         state["seconds"] = earlier_seconds + throughput.elapsed()
         step, train_loss = state["step"], loss_sum / grad_accum
@@ -319,7 +362,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
                          f"ETA {format_seconds(throughput.eta(step))}")
         row = {"step": step, "train_loss": train_loss, "lr": lr, "tokens": state["tokens"],
                "tokens_per_sec": throughput.tokens_per_sec()}
-        out_of_time = max_time is not None and throughput.elapsed() > max_time
+        out_of_time = schedule.out_of_time()
         stop_requested = stop.requested
         if fabric.world_size > 1:
             # every device must take the same branch below (validate, save, break): a device that trained on
@@ -387,16 +430,19 @@ def evaluate_json(fabric, gpt, tokenizer, style, rows) -> dict:
 
 def save(fabric, gpt, optimizer, train_dl, state, lora_config, hparams, out_dir) -> None:
     """The adapter (for generate/merge/export) and the resume state, each written atomically."""
-    if fabric.is_global_zero:
-        save_lora(out_dir, gpt, lora_config)
-        save_train_state(out_dir / TRAIN_STATE_FILE, {
-            "lora": {k: v.detach().cpu() for k, v in lora_state_dict(gpt).items()},
-            "optimizer": optimizer.state_dict(),
-            "sampler": train_dl.batch_sampler.state_dict(),
-            "rng": rng_state(),
-            "counters": {k: v for k, v in state.items() if k != "stopped"},
-            "hparams": hparams,
-        })
+    if is_sharded(gpt):  # fsdp: each rank writes its shard of the resume state
+        save_sharded_state(fabric, gpt, optimizer, out_dir / SHARDS_DIR)
+    with gathered(fabric, gpt):  # fsdp: the whole trainable part on rank 0, for the one file
+        if fabric.is_global_zero:
+            save_trained_lora(out_dir, gpt, lora_config)  # pissa / olora / loftq: converted to rank 2r against the base
+            save_train_state(out_dir / TRAIN_STATE_FILE, {
+                "lora": {k: v.detach().cpu() for k, v in lora_state_dict(gpt).items()},
+                "optimizer": optimizer_state(gpt, optimizer),  # None under fsdp: it is in the shards
+                "sampler": train_dl.batch_sampler.state_dict(),
+                "rng": rng_state(),
+                "counters": {k: v for k, v in state.items() if k != "stopped"},
+                "hparams": hparams,
+            })
     fabric.barrier()
 
 

@@ -27,7 +27,7 @@ tests/test_finetune_full_adapter.py (generate/adapter.py), tests/test_evaluate.p
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -36,6 +36,7 @@ from lora_lab.adapter import (ADAPTER_WEIGHTS_FILE as LLAMA_ADAPTER_WEIGHTS_FILE
 from lora_lab.checkpoint import load_config
 from lora_lab.lora import (ADAPTER_WEIGHTS_FILE, LoRAConfig, base_checkpoint_dir, check_adapter_fits, inject_lora,
                            load_lora, load_lora_state_dict, merge_lora, merge_lora_into_dequantized)
+from lora_lab.lora_init import residual_base, trained_adapter
 from lora_lab.model import GPT
 from lora_lab.nf4 import nf4_settings, quantize_nf4
 from lora_lab.utils import LoraLabError, PathLike
@@ -49,15 +50,18 @@ def check_quantize(quantize: Optional[str]) -> None:
 
 
 def load_base(checkpoint_dir: PathLike, nf4: Optional[dict] = None, device=None,
-              dtype: Optional[torch.dtype] = None) -> GPT:
+              dtype: Optional[torch.dtype] = None, before_quantize: Optional[Callable[[GPT], None]] = None) -> GPT:
     """The base model in eval mode: THE NF4 recipe of every loader (generate/, evaluate, merge, the server).
     nf4: None for float weights in `dtype` (None: as stored); else the settings a quantized model records
     (nf4.nf4_settings(); {} for the defaults; a QLoRA adapter's base_quantization): every nn.Linear but lm_head
     quantized from the weights *as stored*, as finetune/qlora.py does (same bits whatever `dtype` is), then the
-    rest cast. Quantizing after a cast to bf16 would give other codes (tests/test_nf4_recipe.py)."""
+    rest cast. Quantizing after a cast to bf16 would give other codes (tests/test_nf4_recipe.py).
+    before_quantize(model) changes the float weights first (lora_init.residual_base: PiSSA / OLoRA / LoftQ)."""
     if nf4 is None:
         return GPT.from_checkpoint(checkpoint_dir, device=device, dtype=dtype).eval()
     model = GPT.from_checkpoint(checkpoint_dir, device=device).eval()
+    if before_quantize is not None:
+        before_quantize(model)
     quantize_nf4(model, **{k: v for k, v in {**nf4_settings(), **nf4}.items() if k != "method"})  # -> NF4Linear
     if dtype is not None:
         model.to(dtype)  # embeddings, norms, lm_head; NF4 codes stay, and dequantize to the input's dtype
@@ -87,7 +91,13 @@ def load_lora_model(checkpoint_dir: Optional[PathLike], adapter_dir: PathLike, q
     check_adapter_fits(lora_config, load_config(checkpoint_dir), adapter_dir, checkpoint_dir)
     q = lora_config.base_quantization  # set for a QLoRA adapter: the NF4 base it learned to correct
     nf4 = q if q else ({} if quantize == "nf4" else None)
-    model = load_base(checkpoint_dir, nf4=nf4, device=device, dtype=dtype)
+    residual = None
+    if q and (lora_config.init or {}).get("trained_r"):
+        # PiSSA / OLoRA / LoftQ on NF4 (saved converted, lora_init.py): rebuild the NF4 residual base they trained
+        # on and put the rank-r adapter as trained on it: the trained model bit for bit, not only to NF4 rounding
+        residual = residual_base(adapter_dir, lora_config)
+        lora_config, tensors = trained_adapter(lora_config, tensors)
+    model = load_base(checkpoint_dir, nf4=nf4, device=device, dtype=dtype, before_quantize=residual)
     add_lora(model, lora_config, tensors, source=Path(adapter_dir) / ADAPTER_WEIGHTS_FILE).eval()
     if not merge or quantize == "nf4":
         return model  # 4-bit weights cannot absorb W + (alpha/r) B A: the adapter runs beside them

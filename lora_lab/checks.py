@@ -52,6 +52,11 @@ def check_args(args: Mapping[str, Any]) -> None:
 
         targets = args["lora_targets"]
         normalize_targets(targets.split(",") if isinstance(targets, str) else targets)
+    if args.get("lora_init") is not None:  # a quantized base: qlora.py's --quantize nf4
+        from lora_lab.lora_init import check_lora_init
+
+        quantized = args.get("quantize") == "nf4" or args.get("method") == "qlora"
+        check_lora_init(args["lora_init"], quantized, bool(args.get("use_dora")), args.get("loftq_iter", 1))
     if args.get("precision") is not None:
         check_precision(args["precision"], training="max_steps" in args)
     if "logger_name" in args:
@@ -101,9 +106,13 @@ def check_precision(precision: str, training: bool = True) -> None:
 
 def check_data(data: str, flag: str = "data") -> None:
     from lora_lab.data.instructions import BUILTIN_DATASETS, LOCAL_FILE_HELP, NAMED_DATASETS
+    from lora_lab.data.mix import is_mix_file, read_mix_file
 
     name = str(data)
     path = Path(name).expanduser()
+    if path.is_file() and is_mix_file(path):
+        read_mix_file(path)  # a mix file's mistakes in one line now, before any data or model is loaded
+        return
     if name in BUILTIN_DATASETS or name in NAMED_DATASETS or path.is_file() or path.is_dir():
         return  # (a folder: .txt documents for continued pre-training, read by lora_lab/data/text.py)
     choices = ", ".join((*BUILTIN_DATASETS, *NAMED_DATASETS))

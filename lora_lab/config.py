@@ -46,6 +46,27 @@ class Config:
     tie_embeddings: bool = False  # lm_head shares the embedding matrix
     scale_embeddings: bool = False  # Gemma multiplies embeddings by sqrt(n_embd)
     sliding_window: Optional[int] = None  # Mistral v0.1: attend to the last N positions only
+    # per-layer switches (None: every layer alike). Layer i slides unless i is in global_layers; it rotates with
+    # rope_local_base (no scaling) if it slides and that is set, and not at all if i is in nope_layers.
+    global_layers: Optional[list[int]] = None  # with sliding_window: layers that see everything (Gemma 2 / 3)
+    rope_local_base: Optional[float] = None  # the sliding layers' RoPE base (Gemma 3: 10k local, 1M global)
+    nope_layers: Optional[list[int]] = None  # layers without RoPE (SmolLM3: every 4th)
+    # attention details of the 2024-25 families
+    qk_norm: Optional[Literal["head", "all"]] = None  # RMSNorm on q and k before RoPE: per head (Qwen3, Gemma 3)
+    #                                                 or over the whole projection (OLMo 2)
+    attn_scale_base: Optional[float] = None  # scores scaled by attn_scale_base**-0.5, not head_size**-0.5 (Gemma 2/3)
+    attn_softcap: Optional[float] = None  # scores -> cap * tanh(scores / cap) before the softmax (Gemma 2)
+    final_softcap: Optional[float] = None  # the same on the output logits (Gemma 2)
+    # where the norms sit: before each sub-block (pre_norms), on its output before the residual add (post_norms)
+    pre_norms: bool = True  # OLMo 2 has none
+    post_norms: bool = False  # Gemma 2 / 3 (with pre_norms), OLMo 2
+    # mixture of experts (n_expert > 0): the MLP of the layers in moe_layers (default all) is a router that sends
+    # each token to its n_expert_per_token best experts, each a gated MLP of moe_intermediate_size
+    n_expert: int = 0
+    n_expert_per_token: int = 0
+    moe_intermediate_size: Optional[int] = None
+    norm_topk_prob: bool = False  # renormalise the chosen experts' weights to sum to 1 (Qwen3-MoE: yes)
+    moe_layers: Optional[list[int]] = None
     # what generation and fine-tuning need to know about the model
     prompt_style: str = "plain"
     extra: dict = field(default_factory=dict)  # anything else a converter wants to remember
@@ -63,6 +84,33 @@ class Config:
             self.intermediate_size = 4 * self.n_embd
         if self.attn_qkv_bias is None:
             self.attn_qkv_bias = self.bias
+        if self.n_expert and not 0 < self.n_expert_per_token <= self.n_expert:
+            raise ValueError(f"n_expert_per_token={self.n_expert_per_token} must be in 1..n_expert={self.n_expert}")
+        if self.n_expert and self.moe_intermediate_size is None:
+            self.moe_intermediate_size = self.intermediate_size
+
+    # ---- per-layer switches ----------------------------------------------------------------------------------
+    def window_at(self, i: int) -> Optional[int]:
+        """Layer i's sliding window (None: it attends to every earlier position)."""
+        if self.sliding_window is None or (self.global_layers is not None and i in self.global_layers):
+            return None
+        return self.sliding_window
+
+    def rope_at(self, i: int) -> Optional[str]:
+        """Which rotary table layer i uses: "global", "local" (Gemma 3's sliding layers) or None (NoPE)."""
+        if self.nope_layers is not None and i in self.nope_layers:
+            return None
+        if self.rope_local_base is not None and self.window_at(i) is not None:
+            return "local"
+        return "global"
+
+    def moe_at(self, i: int) -> bool:
+        return self.n_expert > 0 and (self.moe_layers is None or i in self.moe_layers)
+
+    @property
+    def uniform_layers(self) -> bool:
+        """Every layer has the same window and the same rotary table (the common, fast case)."""
+        return len({(self.window_at(i), self.rope_at(i)) for i in range(self.n_layer)}) <= 1
 
     @property
     def rope_n_elem(self) -> int:
@@ -249,5 +297,95 @@ for size, (n_embd, n_layer, n_head, n_kv, inter, vocab, block) in {
     _llama(f"stories{size}", "karpathy/tinyllamas", block_size=block, vocab_size=vocab, n_embd=n_embd,
            n_layer=n_layer, n_head=n_head, n_query_groups=n_kv, intermediate_size=inter, tie_embeddings=True,
            norm_eps=1e-5)
+
+name_to_config = {c["name"]: c for c in configs}
+
+# ---- the 2024-25 families. A checkpoint's own config.json is the authority (`lora_lab.convert` reads it); these
+# ---- are its published values for building models by name.
+
+# Qwen3: per-head q/k RMSNorm, head_size 128 whatever n_embd is; small ones tie their embeddings
+for size, (n_embd, n_layer, n_head, inter, tied) in {
+    "0.6B": (1024, 28, 16, 3072, True),
+    "1.7B": (2048, 28, 16, 6144, True),
+    "4B": (2560, 36, 32, 9728, True),
+    "8B": (4096, 36, 32, 12288, False),
+    "14B": (5120, 40, 40, 17408, False),
+    "32B": (5120, 64, 64, 25600, False),
+}.items():
+    for base in ("", "-Base"):
+        _llama(f"Qwen3-{size}{base}", f"Qwen/Qwen3-{size}{base}", block_size=40960, vocab_size=151936,
+               n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_query_groups=8, head_size=128,
+               intermediate_size=inter, rope_base=1000000.0, tie_embeddings=tied, norm_eps=1e-6, qk_norm="head",
+               prompt_style="plain" if base else "chatml")
+
+# Qwen3-MoE: every layer a mixture of experts, top-8 of 128 experts, renormalised
+for name, (n_embd, n_layer, n_head, n_kv) in {"Qwen3-30B-A3B": (2048, 48, 32, 4),
+                                             "Qwen3-235B-A22B": (4096, 94, 64, 4)}.items():
+    for base in ("", "-Base"):
+        _llama(f"{name}{base}", f"Qwen/{name}{base}", block_size=40960, vocab_size=151936, n_embd=n_embd,
+               n_layer=n_layer, n_head=n_head, n_query_groups=n_kv, head_size=128,
+               intermediate_size=6144 if n_embd == 2048 else 12288, rope_base=1000000.0, norm_eps=1e-6,
+               qk_norm="head", n_expert=128, n_expert_per_token=8, norm_topk_prob=True,
+               moe_intermediate_size=768 if n_embd == 2048 else 1536, prompt_style="plain" if base else "chatml")
+
+
+def _gemma2(name, hf_repo, **kw):
+    base = dict(name=name, hf_repo=hf_repo, norm_class="RMSNorm", norm_eps=1e-6, norm_unit_offset=True,
+                mlp_class="geglu", gelu_approximate="tanh", tie_embeddings=True, scale_embeddings=True,
+                post_norms=True)
+    base.update(kw)
+    configs.append(base)
+
+
+# Gemma 2: sliding (4096) and global layers alternate, soft-capped scores (50) and logits (30), 4 norms per block
+for size, (n_embd, n_layer, n_head, n_kv, hs, inter, scale_base) in {
+    "2b": (2304, 26, 8, 4, 256, 9216, 256),
+    "9b": (3584, 42, 16, 8, 256, 14336, 256),
+    "27b": (4608, 46, 32, 16, 128, 36864, 144),  # queries scaled by 1/sqrt(n_embd / n_head), not 1/sqrt(head_size)
+}.items():
+    for it in ("", "-it"):
+        _gemma2(f"gemma-2-{size}{it}", f"google/gemma-2-{size}{it}", block_size=8192, vocab_size=256000,
+                n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_query_groups=n_kv, head_size=hs,
+                intermediate_size=inter, sliding_window=4096, global_layers=list(range(1, n_layer, 2)),
+                attn_scale_base=float(scale_base), attn_softcap=50.0, final_softcap=30.0,
+                prompt_style="gemma" if it else "plain")
+
+# Gemma 3 (the text decoder; 4b and larger are image + text models whose text part this is): 5 sliding layers
+# for every global one, the sliding ones with RoPE base 10k, the global ones 1M (4b+: linear scaling x8), q/k norms
+for size, (n_embd, n_layer, n_head, n_kv, hs, inter, window, block, scale_base) in {
+    "270m": (640, 18, 4, 1, 256, 2048, 512, 32768, 256),
+    "1b": (1152, 26, 4, 1, 256, 6912, 512, 32768, 256),
+    "4b": (2560, 34, 8, 4, 256, 10240, 1024, 131072, 256),
+    "12b": (3840, 48, 16, 8, 256, 15360, 1024, 131072, 256),
+    "27b": (5376, 62, 32, 16, 128, 21504, 1024, 131072, 168),
+}.items():
+    for kind in ("-pt", "-it"):
+        _gemma2(f"gemma-3-{size}{kind}", f"google/gemma-3-{size}{kind}", block_size=block, vocab_size=262144,
+                n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_query_groups=n_kv, head_size=hs,
+                intermediate_size=inter, sliding_window=window, global_layers=list(range(5, n_layer, 6)),
+                attn_scale_base=float(scale_base), rope_base=1000000.0, rope_local_base=10000.0,
+                rope_scaling=dict(rope_type="linear", factor=8.0) if block > 32768 else None, qk_norm="head",
+                prompt_style="gemma" if kind == "-it" else "plain")
+
+# Phi-3-mini-4k: Llama-like (fused qkv and gate_up in its files), a 2047-token sliding window. The 128k and
+# Phi-4-mini releases use LongRoPE factors: convert them from their config.json.
+_llama("Phi-3-mini-4k-instruct", "microsoft/Phi-3-mini-4k-instruct", block_size=4096, vocab_size=32064,
+       n_embd=3072, n_layer=32, n_head=32, n_query_groups=32, intermediate_size=8192, sliding_window=2047,
+       norm_eps=1e-5, prompt_style="phi3")
+
+# OLMo 2: norms after attention and MLP only, q/k norms over the whole projection
+for size, (n_embd, n_layer, n_head, inter) in {"7B": (4096, 32, 32, 11008), "13B": (5120, 40, 40, 13824)}.items():
+    for kind in ("", "-SFT", "-DPO", "-Instruct"):
+        _llama(f"OLMo-2-1124-{size}{kind}", f"allenai/OLMo-2-1124-{size}{kind}", block_size=4096,
+               vocab_size=100352, n_embd=n_embd, n_layer=n_layer, n_head=n_head, intermediate_size=inter,
+               rope_base=500000.0, norm_eps=1e-6, pre_norms=False, post_norms=True, qk_norm="all",
+               prompt_style="tulu" if kind else "plain")
+
+# SmolLM3: Llama-like with RoPE skipped on every 4th layer
+for kind in ("", "-Base"):
+    _llama(f"SmolLM3-3B{kind}", f"HuggingFaceTB/SmolLM3-3B{kind}", block_size=65536, vocab_size=128256,
+           n_embd=2048, n_layer=36, n_head=16, n_query_groups=4, intermediate_size=11008, rope_base=5000000.0,
+           tie_embeddings=True, norm_eps=1e-6, nope_layers=list(range(3, 36, 4)),
+           prompt_style="plain" if kind else "chatml")
 
 name_to_config = {c["name"]: c for c in configs}

@@ -117,15 +117,17 @@ def training_flops(model: nn.Module) -> TrainingFlops:
     per_token = 0.0
     for i, block in enumerate(blocks):
         grad_flows = i >= first
-        for module in block.modules():
+        for module_name, module in block.named_modules():
             n = _matmul_shape(module)
             if n is None:
                 continue
-            per_token += 2 * n * (1 + grad_flows + _weight_trains(module))  # forward, input grad, weight grad
+            # a mixture of experts runs n_expert_per_token of its n_expert experts on each token
+            share = config.n_expert_per_token / config.n_expert if ".experts." in f".{module_name}" else 1.0
+            per_token += share * 2 * n * (1 + grad_flows + _weight_trains(module))  # forward, input grad, weight grad
             for name in ("lora_A", "lora_B"):  # LoRA's own matrices: trainable, 6 per parameter
                 p = getattr(module, name, None)
                 if isinstance(p, torch.Tensor):
-                    per_token += 2 * p.numel() * (1 + grad_flows + p.requires_grad)
+                    per_token += share * 2 * p.numel() * (1 + grad_flows + p.requires_grad)
     any_trains = first < len(blocks) or head_trains
     n_head = _matmul_shape(model.lm_head) or config.n_embd * config.vocab_size
     # the head's input gradient is needed only if something below it trains (a classifier's head-only method)

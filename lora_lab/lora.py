@@ -28,6 +28,8 @@ constant in the backward pass, which saves the memory of its graph.
 LoRA+ (Hayou et al. 2024, `lora_plus_param_groups`, off by default): B learns with a learning rate `ratio` times
 the one of A.
 
+Other starting points (PiSSA, OLoRA, LoftQ, Gaussian A; `--lora_init`) live in lora_lab/lora_init.py.
+
 QLoRA (Dettmers et al. 2023): quantize the base first (lora_lab.nf4.quantize_nf4(model): every nn.Linear but
 lm_head becomes an NF4Linear), then inject_lora as usual. A LoRA layer made from an NF4Linear keeps the 4-bit
 weight (same buffers, same names) and dequantizes it on the fly in base_forward; the adapters, their keys and
@@ -80,14 +82,16 @@ ROLE_LAYERS: dict[str, tuple[str, ...]] = {
     "projection": ("o_proj",),
     "mlp": ("gate_proj", "up_proj", "down_proj"),
     "lm_head": ("lm_head",),
+    "experts": ("gate_proj", "up_proj", "down_proj"),  # of each expert of a mixture of experts (blocks.*.mlp.experts.*)
 }
 ROLES = tuple(ROLE_LAYERS)
 ROLE_WORDS = {"query": "query projections", "key": "key projections", "value": "value projections",
-              "projection": "attention output projections", "mlp": "MLP projections", "lm_head": "lm_head"}
+              "projection": "attention output projections", "mlp": "MLP projections", "lm_head": "lm_head",
+              "experts": "experts' MLP projections"}
 LORA_PARAMS = ("lora_A", "lora_B", "lora_magnitude")
 # the Config fields that decide the shapes of the layers an adapter can hold weights for
 SHAPE_FIELDS = ("vocab_size", "n_layer", "n_embd", "n_head", "head_size", "n_query_groups", "intermediate_size",
-                "mlp_class")
+                "mlp_class", "n_expert", "moe_intermediate_size")
 
 
 class LoRALinear(nn.Module):
@@ -322,6 +326,8 @@ def role_of(module_name: str) -> Optional[str]:
     last = module_name.rsplit(".", 1)[-1]
     if last == "lm_head" and module_name != "lm_head":
         return None
+    if ".experts." in module_name:  # an expert's projection is "experts", not "mlp" (the router is no target)
+        return "experts" if last in ROLE_LAYERS["experts"] else None
     return next((role for role, layers in ROLE_LAYERS.items() if last in layers), None)
 
 
@@ -559,6 +565,10 @@ class LoRAConfig:
     # how the adapter was trained, when not by plain fine-tuning on answers: finetune/dpo.py writes {"method": "dpo",
     # "loss", "beta", "reference", ...}; tools that use the adapter need nothing from it
     trained_with: Optional[dict] = None
+    # how A, B (and the base) started when not by the default Kaiming A, zero B (lora_lab/lora_init.py), e.g.
+    # {"method": "pissa", "niter": 4}; after pissa / olora / loftq the saved adapter is converted to rank 2r against
+    # the untouched base and this also holds "trained_r", "trained_alpha" (and "base_offset", a file name)
+    init: Optional[dict] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -573,6 +583,8 @@ class LoRAConfig:
         q = self.base_quantization
         if q is not None and (not isinstance(q, dict) or q.get("method") != "nf4"):
             raise LoraLabError(f"base_quantization must be None or {{'method': 'nf4', ...}}, got {q!r}")
+        if self.init is not None and not (isinstance(self.init, dict) and isinstance(self.init.get("method"), str)):
+            raise LoraLabError(f"init must be None or {{'method': ..., ...}}, got {self.init!r}")
 
     @property
     def scaling(self) -> float:
@@ -605,7 +617,8 @@ def save_lora(path_dir: Union[str, Path], model: nn.Module, lora_config: LoRACon
         raise LoraLabError(f"the LoRA config (r={lora_config.r}, use_dora={lora_config.use_dora}) does not describe "
                            f"the model (r={m.r}, use_dora={m.use_dora} on {name})")
     roles = [role for role in ROLES if any(role_of(n) == role for n in layers)]
-    if roles != lora_config.targets:
+    present = {role_of(n) for n, _ in model.named_modules()}  # ("all" on a dense model has no experts, on a MoE no mlp)
+    if roles != [r for r in lora_config.targets if r in present]:
         raise LoraLabError(f"the LoRA config has targets {lora_config.targets} but the model has LoRA on {roles}")
     return save_adapter_files(path_dir, lora_state_dict(model), lora_config.to_dict(), ADAPTER_WEIGHTS_FILE,
                               ADAPTER_CONFIG_FILE)

@@ -1,12 +1,18 @@
-"""One decoder-only transformer that covers Llama, Mistral, Falcon, Pythia, Phi, Qwen, Gemma, StableLM and SmolLM.
+"""One decoder-only transformer that covers Llama, Mistral, Falcon, Pythia, Phi, Qwen, Gemma, StableLM and SmolLM,
+and the 2024-25 families: Qwen3 (and Qwen3-MoE), Gemma 2 / 3, Phi-3 / 4, OLMo 2 and SmolLM3.
 
 The families differ in a handful of switches, all in `Config`:
-  - attention: multi-head, grouped-query or multi-query (n_query_groups), RoPE on all or part of each head,
-    an optional sliding window, bias on q/k/v;
-  - block: sequential (x + attn, then + mlp) or parallel residual (x + attn(n1(x)) + mlp(n2(x)));
+  - attention: multi-head, grouped-query or multi-query (n_query_groups), RoPE on all or part of each head
+    (Llama 3 / linear / LongRoPE frequency scaling), an optional sliding window, bias on q/k/v, RMSNorm on q and k
+    (per head: Qwen3, Gemma 3; over the projection: OLMo 2), Gemma 2's score scale and tanh soft-capping;
+  - per layer: sliding or global (Gemma 2 alternates, Gemma 3 has 5 : 1 with its own RoPE base for each kind),
+    with or without RoPE (SmolLM3 skips it on every 4th layer);
+  - block: sequential (x + attn, then + mlp) or parallel residual (x + attn(n1(x)) + mlp(n2(x))), norms before
+    each sub-block, after it (before the residual add), or both (Gemma 2 / 3: both, OLMo 2: after only);
   - norms: LayerNorm or RMSNorm (Gemma's scales by 1 + weight);
-  - MLP: GELU (fc -> gelu -> proj), SwiGLU (silu(gate) * up -> down) or GeGLU (gelu(gate) * up -> down);
-  - embeddings: tied or not, scaled by sqrt(n_embd) (Gemma).
+  - MLP: GELU (fc -> gelu -> proj), SwiGLU (silu(gate) * up -> down) or GeGLU (gelu(gate) * up -> down), or a
+    mixture of experts: a router picks each token's top-k SwiGLU experts and mixes their outputs (Qwen3-MoE);
+  - embeddings: tied or not, scaled by sqrt(n_embd) (Gemma); output logits soft-capped (Gemma 2).
 
 Shapes: B batch, T sequence length, C n_embd, nh heads, ng key/value heads, hs head size.
 """
@@ -14,6 +20,7 @@ Shapes: B batch, T sequence length, C n_embd, nh heads, ng key/value heads, hs h
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Union
 
@@ -30,12 +37,15 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.rope = RoPE(config)
+        # Gemma 3's sliding layers rotate with a base of their own (and no scaling)
+        self.rope_local = RoPE(config, local=True) if config.rope_local_base is not None else None
+        self.uniform_layers = config.uniform_layers  # False: each layer gets its own (cos, sin, mask), see forward
         # recompute each block's activations in the backward pass instead of storing them (less memory, ~30% slower)
         self.activation_checkpointing = False
 
@@ -98,7 +108,7 @@ class GPT(nn.Module):
         if segment_ids is not None:
             if isinstance(input_pos, torch.Tensor) or input_pos:  # a cache read from an earlier step would not be in the (T, T) mask
                 raise ValueError("segment_ids go with a whole sequence (input_pos None or 0), not a KV-cache step")
-            positions, mask = segment_positions_and_mask(segment_ids, self.config.sliding_window)
+            positions, mask = segment_positions_and_mask(segment_ids, self.config.window_at(0))
         elif isinstance(input_pos, torch.Tensor):
             positions = input_pos.view(B, 1) + torch.arange(T, device=idx.device)  # (B, T)
         else:
@@ -109,6 +119,9 @@ class GPT(nn.Module):
         else:
             end = (input_pos or 0) + T
             cos, sin = self.rope(input_pos or 0, T, idx.device)  # (T, rope_n_elem) each
+        layer_inputs = None  # every layer reads (cos, sin, mask); per layer where layers differ (Gemma 2 / 3, SmolLM3)
+        if not self.uniform_layers:
+            layer_inputs = self.per_layer_inputs(idx, input_pos, positions, segment_ids, cos, sin, mask)
         if end > self.config.block_size:
             raise ValueError(f"Sequence of {end} tokens is longer than the model's block_size {self.config.block_size}")
         x = self.wte(idx)  # (B, T, C)
@@ -117,7 +130,9 @@ class GPT(nn.Module):
             x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
         if neftune_alpha and self.training:
             x = x + torch.empty_like(x).uniform_(-1, 1) * (neftune_alpha / math.sqrt(T * x.size(-1)))
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            if layer_inputs is not None:
+                cos, sin, mask = layer_inputs[i]
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, input_pos, mask, use_reentrant=False)
             else:
@@ -125,18 +140,60 @@ class GPT(nn.Module):
         x = self.norm_f(x)  # (B, T, C)
         if return_hidden:
             return x
+        head = self.lm_head if self.config.final_softcap is None else SoftCapped(self.lm_head, self.config.final_softcap)
         if labels is not None:
-            return next_token_loss(self.lm_head, x, labels, loss_chunk_size)
+            return next_token_loss(head, x, labels, loss_chunk_size)
         if logits_at is not None:
-            return self.lm_head(x[logits_at])  # (n, vocab_size)
-        return self.lm_head(x)  # (B, T, vocab_size)
+            return head(x[logits_at])  # (n, vocab_size)
+        return head(x)  # (B, T, vocab_size)
 
+    def per_layer_inputs(self, idx: torch.Tensor, input_pos, positions: Optional[torch.Tensor],
+                         segment_ids: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
+                         mask: Optional[torch.Tensor]) -> list[tuple]:
+        """(cos, sin, mask) for each layer when layers differ: the rotary table of its kind (None, None for a
+        layer without RoPE) and, with segment_ids, the mask with or without its sliding window."""
+        tables = {"global": (cos, sin), None: (None, None)}
+        if self.rope_local is not None:
+            if positions is not None:
+                tables["local"] = self.rope_local.at(positions)
+            else:
+                tables["local"] = self.rope_local(input_pos or 0, idx.size(1), idx.device)
+        masks = {self.config.window_at(0): mask}
+        out = []
+        for i in range(self.config.n_layer):
+            window = self.config.window_at(i)
+            if segment_ids is not None and window not in masks:
+                masks[window] = segment_positions_and_mask(segment_ids, window)[1]
+            out.append((*tables[self.config.rope_at(i)], masks.get(window)))
+        return out
 
     def hidden_states(self, idx: torch.Tensor, input_pos: Union[int, torch.Tensor, None] = None,
                       segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The final normed hidden states (B, T, C), lm_head not run: what a classifier's head pools, what a
         server's prefill needs at each prompt's last position only (arguments as `forward`)."""
         return self.forward(idx, input_pos=input_pos, segment_ids=segment_ids, return_hidden=True)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """lm_head on hidden states from `hidden_states` (..., C) -> (..., vocab_size), soft-capped where the
+        model caps its logits (Gemma 2): use this rather than lm_head itself."""
+        if self.config.final_softcap is None:
+            return self.lm_head(hidden)
+        return soft_cap(self.lm_head(hidden), self.config.final_softcap)
+
+
+class SoftCapped:
+    """lm_head followed by Gemma 2's logit soft-capping, cap * tanh(logits / cap): logits stay within +-cap.
+    Not an affine map, so next_token_loss takes its generic (recomputing) path for it."""
+
+    def __init__(self, head: nn.Module, cap: float) -> None:
+        self.head, self.cap = head, cap
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return soft_cap(self.head(x), self.cap)
+
+
+def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    return torch.tanh(x / cap) * cap
 
 
 IGNORE_INDEX = -100
@@ -252,27 +309,37 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 class Block(nn.Module):
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, layer: int = 0) -> None:
         super().__init__()
-        self.norm_1 = make_norm(config)
-        self.attn = CausalSelfAttention(config)
+        # OLMo 2 has no norms before the sub-blocks (only after them): identities keep one forward for all
+        self.norm_1 = make_norm(config) if config.pre_norms else nn.Identity()
+        self.attn = CausalSelfAttention(config, layer)
         # Falcon-7B and Phi feed the MLP with the attention's norm: they have no second norm
-        self.norm_2 = None if config.parallel_residual and config.shared_attention_norm else make_norm(config)
-        self.mlp = make_mlp(config)
+        self.norm_2 = None if config.parallel_residual and config.shared_attention_norm else (
+            make_norm(config) if config.pre_norms else nn.Identity())
+        self.mlp = MoE(config) if config.moe_at(layer) else make_mlp(config)
+        # Gemma 2 / 3 and OLMo 2 norm each sub-block's output before adding it to the residual stream
+        self.post_attn_norm = make_norm(config) if config.post_norms else None
+        self.post_mlp_norm = make_norm(config) if config.post_norms else None
         self.parallel_residual = config.parallel_residual
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Union[int, torch.Tensor, None],
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+                input_pos: Union[int, torch.Tensor, None], mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         h = self.norm_1(x)
         a = self.attn(h, cos, sin, input_pos, mask)
         if self.parallel_residual:
             return x + a + self.mlp(h if self.norm_2 is None else self.norm_2(x))
+        if self.post_attn_norm is not None:
+            a = self.post_attn_norm(a)
         x = x + a
-        return x + self.mlp(self.norm_2(x))
+        m = self.mlp(self.norm_2(x))
+        if self.post_mlp_norm is not None:
+            m = self.post_mlp_norm(m)
+        return x + m
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, layer: int = 0) -> None:
         super().__init__()
         hs, nh, ng = config.head_size, config.n_head, config.n_query_groups
         self.q_proj = nn.Linear(config.n_embd, nh * hs, bias=config.attn_qkv_bias)
@@ -280,7 +347,15 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(config.n_embd, ng * hs, bias=config.attn_qkv_bias)
         self.o_proj = nn.Linear(nh * hs, config.n_embd, bias=config.bias)
         self.n_head, self.n_query_groups, self.head_size = nh, ng, hs
-        self.sliding_window = config.sliding_window
+        self.sliding_window = config.window_at(layer)
+        # RMSNorm on queries and keys: over each head's hs dims (Qwen3, Gemma 3) or the whole projection (OLMo 2)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm is not None:
+            q_size, k_size = (hs, hs) if config.qk_norm == "head" else (nh * hs, ng * hs)
+            self.q_norm = RMSNorm(q_size, eps=config.norm_eps, unit_offset=config.norm_unit_offset)
+            self.k_norm = RMSNorm(k_size, eps=config.norm_eps, unit_offset=config.norm_unit_offset)
+        self.scale = None if config.attn_scale_base is None else config.attn_scale_base**-0.5  # None: 1/sqrt(hs)
+        self.softcap = config.attn_softcap
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Union[int, torch.Tensor, None],
@@ -299,19 +374,46 @@ class CausalSelfAttention(nn.Module):
         (with the sliding window) of the positions the KV cache holds."""
         B, T, _ = x.shape
         nh, ng, hs = self.n_head, self.n_query_groups, self.head_size
-        q = self.q_proj(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, ng, hs).transpose(1, 2)  # (B, ng, T, hs)
+        q, k = self.q_proj(x), self.k_proj(x)  # (B, T, nh * hs), (B, T, ng * hs)
+        if self.qk_norm == "all":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.view(B, T, nh, hs), k.view(B, T, ng, hs)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hs), (B, ng, T, hs)
         v = self.v_proj(x).view(B, T, ng, hs).transpose(1, 2)  # (B, ng, T, hs)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cos is not None:  # None: a layer without positions (SmolLM3's NoPE layers)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         start = 0 if input_pos is None else input_pos
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(start, k, v)  # (B, ng, S, hs): S = start + T, or the whole cache per row
         if mask is None:
             mask = attention_mask(T, k.size(2), start, self.sliding_window, q.device)
+        if self.softcap is not None:
+            return q, softcapped_attention(q, k, v, mask, self.scale, self.softcap)
         # grouped-query attention without copying k and v to nh heads: SDPA broadcasts each group itself
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=ng != nh)  # (B, nh, T, hs)
+                                           enable_gqa=ng != nh, scale=self.scale)  # (B, nh, T, hs)
         return q, y
+
+
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                         scale: Optional[float], cap: float) -> torch.Tensor:
+    """Attention with Gemma 2's soft-capped scores, cap * tanh(q k^T * scale / cap), which SDPA cannot do.
+
+    q (B, nh, T, hs), k and v (B, ng, S, hs); mask as for SDPA (True = may attend) or None for the plain causal
+    mask (T == S) or none (T == 1). Returns (B, nh, T, hs). The softmax runs in float32, as transformers' does."""
+    T, S = q.size(2), k.size(2)
+    if k.size(1) != q.size(1):  # grouped-query: each key/value head serves nh / ng query heads
+        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+        v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
+    scores = q @ k.transpose(-2, -1) * (q.size(-1) ** -0.5 if scale is None else scale)  # (B, nh, T, S)
+    scores = soft_cap(scores, cap)
+    if mask is None and T > 1:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
 
 def attention_mask(T: int, S: int, start: Union[int, torch.Tensor], window: Optional[int],
@@ -364,32 +466,61 @@ class RoPE:
     positions in use: nothing of size block_size is stored (Llama 3.1's block_size is 131072) and nothing
     needs moving between devices."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, local: bool = False) -> None:
         n = config.rope_n_elem
-        inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, n, 2, dtype=torch.int64, device="cpu").float() / n))
-        if config.rope_scaling is not None:
-            inv_freq = llama3_scale(inv_freq, **config.rope_scaling)
+        base = config.rope_local_base if local else config.rope_base
+        exponents = torch.arange(0, n, 2, dtype=torch.int64, device="cpu").float() / n  # (n/2,)
+        inv_freq = 1.0 / (base**exponents)
+        scaling = None if local else config.rope_scaling
+        kind = None if scaling is None else scaling.get("rope_type", "llama3")
+        # LongRoPE (Phi-3 / 4): per-frequency divisors, a "short" set up to original_max_seq_len positions and a
+        # "long" set beyond, and cos / sin scaled by attention_factor. As in transformers, a forward pass uses the
+        # long set when its last position is past original_max_seq_len.
+        self.long_inv_freq, self.long_after, self.attention_factor = None, None, 1.0
+        if kind == "llama3":
+            inv_freq = llama3_scale(inv_freq, **{k: v for k, v in scaling.items() if k != "rope_type"})
+        elif kind == "linear":  # Gemma 3's global layers: positions / factor
+            inv_freq = inv_freq / scaling["factor"]
+        elif kind == "yarn":  # OLMo 3, Qwen3 long context: interpolate slow frequencies, keep fast ones
+            inv_freq = yarn_scale(base, exponents, n, **{k: v for k, v in scaling.items()
+                                                         if k not in ("rope_type", "attention_factor")})
+            self.attention_factor = scaling["attention_factor"]
+        elif kind == "longrope":
+            self.long_inv_freq = 1.0 / (torch.tensor(scaling["long_factor"], dtype=torch.float32, device="cpu") * base**exponents)
+            inv_freq = 1.0 / (torch.tensor(scaling["short_factor"], dtype=torch.float32, device="cpu") * base**exponents)
+            self.long_after, self.attention_factor = scaling["original_max_seq_len"], scaling["attention_factor"]
+        elif kind is not None:
+            raise ValueError(f"rope_scaling type {kind!r} is not supported (llama3, linear, longrope, yarn)")
         self.inv_freq = inv_freq  # (n/2,)
         self._cache: dict = {}
 
-    def __call__(self, start: int, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = self._cache.get(device)
+    def _inv_freq(self, device, end: int) -> torch.Tensor:
+        long = self.long_inv_freq is not None and end > self.long_after
+        inv_freq = self._cache.get((device, long))
         if inv_freq is None:
-            inv_freq = self._cache[device] = self.inv_freq.to(device)
+            inv_freq = self._cache[(device, long)] = (self.long_inv_freq if long else self.inv_freq).to(device)
+        return inv_freq
+
+    def _cos_sin(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.attention_factor != 1.0:
+            return emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
+        return emb.cos(), emb.sin()
+
+    def __call__(self, start: int, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self._inv_freq(device, start + T)
         pos = torch.arange(start, start + T, device=device, dtype=torch.float32)  # (T,)
         freqs = torch.outer(pos, inv_freq)  # (T, n/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, n)
-        return emb.cos(), emb.sin()
+        return self._cos_sin(emb)
 
     def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (B, 1, T, n) for per-row positions (B, T) (packed samples, padding, per-row KV caches); they
         broadcast over the heads of q and k (B, nh, T, hs)."""
-        inv_freq = self._cache.get(positions.device)
-        if inv_freq is None:
-            inv_freq = self._cache[positions.device] = self.inv_freq.to(positions.device)
+        end = int(positions.max()) + 1 if self.long_inv_freq is not None else 0
+        inv_freq = self._inv_freq(positions.device, end)
         freqs = positions.float()[..., None] * inv_freq  # (B, T, n/2): the same products as torch.outer
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, n)
-        return emb.cos(), emb.sin()
+        return self._cos_sin(emb)
 
 
 def llama3_scale(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
@@ -404,6 +535,26 @@ def llama3_scale(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, 
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
     return torch.where(is_medium, smoothed, scaled)
+
+
+def yarn_scale(base: float, exponents: torch.Tensor, n: int, factor: float, original_max_seq_len: int,
+               beta_fast: float = 32.0, beta_slow: float = 1.0, truncate: bool = True) -> torch.Tensor:
+    """YaRN (Peng et al. 2023): frequencies that turn fewer than beta_slow times over the original context are
+    divided by `factor` (interpolated), those that turn more than beta_fast times are kept, with a linear ramp
+    between (over the dims whose rotation counts fall between). cos / sin are then scaled by attention_factor."""
+    def dim_of(rotations: float) -> float:  # the dim whose frequency turns `rotations` times in the original context
+        return n * math.log(original_max_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(beta_fast), dim_of(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, n - 1)
+    if low == high:
+        high += 0.001  # (as transformers: no division by zero)
+    ramp = ((torch.arange(n // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate (divide it by factor)
+    pos_freqs = base**exponents
+    return (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -505,3 +656,78 @@ class GatedMLP(nn.Module):
 
 def make_mlp(config: Config) -> nn.Module:
     return GeluMLP(config) if config.mlp_class == "gelu" else GatedMLP(config)
+
+
+class Router(nn.Module):
+    """x -> router logits x W^T (N, n_expert). Not an nn.Linear on purpose: NF4 and LoRA adapt nn.Linear layers,
+    and the router stays as it is (a few thousand weights that decide where every token goes)."""
+
+    def __init__(self, n_embd: int, n_expert: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_expert, n_embd))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's init
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class MoE(nn.Module):
+    """Mixture of experts (Qwen3-MoE): a router scores the experts for each token, the token goes to its top k,
+    and their outputs are summed weighted by the router's softmax probabilities (renormalised over the chosen k
+    with norm_topk_prob):
+
+        p = softmax(x W_router^T)                 (N, E) in float32
+        (w, e) = topk(p, k)                       (N, k) weights and expert indices
+        y = sum_j w_j · expert_{e_j}(x)           each expert a SwiGLU MLP of moe_intermediate_size
+
+    Each expert is a GatedMLP of its own (`experts.{e}.gate_proj` ...), so LoRA (the "experts" target) and NF4
+    reach every expert's projections as they reach any linear layer. The router's logits of the last forward
+    are kept (`router_logits`) for the load-balancing loss (`load_balancing_loss`)."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.router = Router(config.n_embd, config.n_expert)
+        expert_config = replace(config, intermediate_size=config.moe_intermediate_size, mlp_class="swiglu", bias=False)
+        self.experts = nn.ModuleList(GatedMLP(expert_config) for _ in range(config.n_expert))
+        self.top_k, self.norm_topk_prob = config.n_expert_per_token, config.norm_topk_prob
+        self.router_logits: Optional[torch.Tensor] = None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, C) -> router logits (N, E), the top-k weights (N, k) in x's dtype and expert indices (N, k)."""
+        logits = self.router(x)  # (N, E)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # (N, k) each
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, weights.to(x.dtype), chosen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, C)
+        logits, weights, chosen = self.route(x)
+        self.router_logits = logits
+        out = torch.zeros_like(x)  # (N, C)
+        # loop over the experts that got tokens: each runs once on all of its tokens
+        for e in chosen.unique().tolist():
+            token, slot = torch.where(chosen == e)  # which tokens chose e, and as their slot-th choice
+            y = self.experts[e](x[token]) * weights[token, slot, None]  # (n_e, C)
+            out.index_add_(0, token, y.to(out.dtype))
+        return out.view(shape)
+
+
+def load_balancing_loss(model: nn.Module) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss over the MoE layers of the last forward pass (as transformers'
+    load_balancing_loss_func): E * sum_e f_e * P_e, with f_e the share of (token, choice) slots routed to expert
+    e and P_e its mean router probability, both over all tokens of all MoE layers. It is 1 when the load is
+    even, larger when it is not; full fine-tuning adds coef * this to the loss (Qwen3-MoE: coef 0.001) so that
+    the router keeps using every expert. Every token of the batch counts (padding too, as in transformers
+    without an attention mask)."""
+    layers = [m for m in model.modules() if isinstance(m, MoE) and m.router_logits is not None]
+    if not layers:
+        raise ValueError("no MoE layer has router logits: run a forward pass of a mixture-of-experts model first")
+    logits = torch.cat([m.router_logits for m in layers])  # (layers * N, E)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    E, k = logits.size(-1), layers[0].top_k
+    _, chosen = torch.topk(probs, k, dim=-1)  # (layers * N, k)
+    routed = F.one_hot(chosen, E).float().mean(dim=0)  # (k, E): share of tokens whose j-th choice is e
+    return E * (routed * probs.mean(dim=0)).sum()

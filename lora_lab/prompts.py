@@ -245,8 +245,59 @@ class Zephyr(PromptStyle):
         return text + f"<|user|>\n{_join(prompt, input)}</s>\n<|assistant|>\n"
 
 
+class Phi3(PromptStyle):
+    """Phi-3 instruct: <|role|> lines, each turn closed by <|end|>."""
+
+    name = "phi3"
+    stop_token_names = ("<|end|>", "<|endoftext|>")
+    turn_end = "<|end|>\n"
+    jinja = ("{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+             "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+    ollama = ("{{ if .System }}<|system|>\n{{ .System }}<|end|>\n{{ end }}<|user|>\n{{ .Prompt }}<|end|>\n"
+              "<|assistant|>\n")
+
+    def apply(self, prompt: str, input: str = "", system: Optional[str] = None) -> str:
+        system = self._system(system)
+        text = "" if system is None else f"<|system|>\n{system}<|end|>\n"
+        return text + f"<|user|>\n{_join(prompt, input)}<|end|>\n<|assistant|>\n"
+
+
+class Phi4(PromptStyle):
+    """Phi-4-mini instruct: Phi-3's turns without the newlines."""
+
+    name = "phi4"
+    stop_token_names = ("<|end|>", "<|endoftext|>")
+    turn_end = "<|end|>"
+    jinja = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+             "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    ollama = "{{ if .System }}<|system|>{{ .System }}<|end|>{{ end }}<|user|>{{ .Prompt }}<|end|><|assistant|>"
+
+    def apply(self, prompt: str, input: str = "", system: Optional[str] = None) -> str:
+        system = self._system(system)
+        text = "" if system is None else f"<|system|>{system}<|end|>"
+        return text + f"<|user|>{_join(prompt, input)}<|end|><|assistant|>"
+
+
+class Tulu(PromptStyle):
+    """Tulu 3 format, used by OLMo 2 Instruct: <|role|> lines, a turn ends with a newline (the answer with EOS)."""
+
+    name = "tulu"
+    stop_token_names = ("<|endoftext|>",)
+    turn_end = "<|endoftext|>\n"
+    jinja = ("{% for message in messages %}{% if message['role'] == 'assistant' %}{{ '<|assistant|>\\n' + "
+             "message['content'] + eos_token + '\\n' }}{% else %}{{ '<|' + message['role'] + '|>\\n' + "
+             "message['content'] + '\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}"
+             "{{ '<|assistant|>\\n' }}{% endif %}")
+    ollama = "{{ if .System }}<|system|>\n{{ .System }}\n{{ end }}<|user|>\n{{ .Prompt }}\n<|assistant|>\n"
+
+    def apply(self, prompt: str, input: str = "", system: Optional[str] = None) -> str:
+        system = self._system(system)
+        text = "" if system is None else f"<|system|>\n{system}\n"
+        return text + f"<|user|>\n{_join(prompt, input)}\n<|assistant|>\n"
+
+
 prompt_styles: dict[str, type[PromptStyle]] = {
-    cls.name: cls for cls in (Plain, Alpaca, ChatML, Llama2Chat, Llama3, Mistral, Gemma, Zephyr)
+    cls.name: cls for cls in (Plain, Alpaca, ChatML, Llama2Chat, Llama3, Mistral, Gemma, Zephyr, Phi3, Phi4, Tulu)
 }
 
 
@@ -309,6 +360,11 @@ def prompt_style_from_chat_template(template: Optional[str]) -> str:
         return "llama2-chat" if "<<SYS>>" in template else "mistral"
     if "<start_of_turn>" in template:
         return "gemma"
+    # the newline after a role tag is a real one or the escape "\n", as in the ChatML default-system pattern
+    if "<|end|>" in template:  # Phi-3 puts a newline after <|user|>, Phi-4-mini does not
+        return "phi3" if re.search(r"<\|user\|>(?:\n|\\n)", template) else "phi4"
+    if re.search(r"'<\|user\|>(?:\n|\\n)' \+ message\['content'\] \+ '(?:\n|\\n)'", template):
+        return "tulu"  # OLMo 2: a user turn ends with a newline, not EOS
     if "<|user|>" in template:
         return "zephyr"
     return "plain"

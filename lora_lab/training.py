@@ -35,6 +35,107 @@ def lr_at(step: int, max_steps: int, learning_rate: float, warmup_steps: int, mi
     return min_lr + 0.5 * (learning_rate - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+class LRSchedule:
+    """The learning rate of each optimizer step, and whether the time budget is spent.
+
+        schedule = LRSchedule(learning_rate, warmup_steps, min_lr, max_steps, max_time, state)
+        while state["step"] < max_steps:
+            lr = schedule.lr(state["step"])     # also: the step starts now
+            ...                                 # forward, backward, optimizer step
+            schedule.step_done()
+            out_of_time = schedule.out_of_time()
+
+    Without a budget (max_time None) it is `lr_at`: warm-up, then cosine decay to min_lr over max_steps.
+
+    With a budget the same warm-up and cosine are laid over the time the run has: the cosine's end is the last
+    step that still fits, re-estimated at every step from the measured step time,
+
+        steps_left = floor((max_time - elapsed - reserve) / step_time)       (this step included)
+        last       = min(step + steps_left, max_steps) - 1
+        lr         = min_lr + (learning_rate - min_lr) (1 + cos(pi (step - warmup_steps) / (last - warmup_steps))) / 2
+
+    so the run's last step (steps_left 1) is at the floor, and the run stops when the next step would not fit:
+    it ends within one step of the budget, at min_lr. step_time is the mean of the last 20 steps' durations;
+    reserve is the longest time spent between two steps (a validation and a save), kept back for the final ones.
+    `elapsed` counts the training time of every process of the run: the schedule keeps it, the step times and
+    the reserve in `state["lr_schedule"]`, which the scripts save with their counters, so a run resumed after a
+    crash or Ctrl-C carries on along the same schedule with the time it has left (the time it was down is not
+    counted). A budget that runs out during the warm-up ends at the warm-up's rate (the warm-up is in steps).
+    tests/test_budget_schedule.py checks each claim.
+    """
+
+    WINDOW = 20
+
+    def __init__(self, learning_rate: float, warmup_steps: int, min_lr: float, max_steps: int,
+                 max_time: Optional[float] = None, state: Optional[dict] = None, sync=None,
+                 clock=time.perf_counter) -> None:
+        self.learning_rate, self.warmup_steps, self.min_lr = learning_rate, warmup_steps, min_lr
+        self.max_steps, self.max_time, self.clock = max_steps, max_time, clock
+        self.sync = sync  # several devices: every one takes rank 0's rate (their clocks differ a little)
+        state = state if state is not None else {}
+        self.saved = state.setdefault("lr_schedule", {"elapsed": 0.0, "step_times": [], "reserve": 0.0})
+        self.last_tick = clock()
+        self.step_start: Optional[float] = None
+        self.step_end: Optional[float] = None
+
+    def _tick(self) -> float:
+        now = self.clock()
+        self.saved["elapsed"] += now - self.last_tick
+        self.last_tick = now
+        return now
+
+    def elapsed(self) -> float:
+        """Training seconds of the whole run so far (earlier processes of a resumed run included)."""
+        return self.saved["elapsed"] + self.clock() - self.last_tick
+
+    def step_time(self) -> Optional[float]:
+        times = self.saved["step_times"]
+        return sum(times) / len(times) if times else None
+
+    def steps_left(self) -> Optional[int]:
+        """Steps that still fit in the budget, the next one included (None: no budget, or no step timed yet)."""
+        tau = self.step_time()
+        if self.max_time is None or tau is None:
+            return None
+        return math.floor((self.max_time - self.elapsed() - self.saved["reserve"]) / max(tau, 1e-9) + 1e-6)
+
+    def lr(self, step: int) -> float:
+        """The learning rate of optimizer step `step` (0-based), which starts now."""
+        start = self._tick()
+        if self.step_end is not None:  # the time between the last step's end and now: validation, saving
+            self.saved["reserve"] = max(self.saved["reserve"], start - self.step_end)
+        self.step_start = start
+        if self.max_time is None:
+            return lr_at(step, self.max_steps, self.learning_rate, self.warmup_steps, self.min_lr)
+        lr = self._budget_lr(step)
+        return self.sync(lr) if self.sync is not None else lr
+
+    def _budget_lr(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.learning_rate * (step + 1) / self.warmup_steps
+        left = self.steps_left()
+        if left is None:  # the first step of the run after warm-up: nothing measured yet
+            return self.learning_rate
+        last = min(step + max(left, 1), self.max_steps) - 1
+        if last <= step:
+            return self.min_lr
+        progress = (step - self.warmup_steps) / (last - self.warmup_steps)
+        return self.min_lr + 0.5 * (self.learning_rate - self.min_lr) * (1 + math.cos(math.pi * progress))
+
+    def step_done(self) -> None:
+        self.step_end = self._tick()
+        times = self.saved["step_times"]
+        times.append(self.step_end - self.step_start)
+        del times[:-self.WINDOW]
+
+    def out_of_time(self) -> bool:
+        """With a budget: the next step would not fit in it."""
+        if self.max_time is None:
+            return False
+        left = self.steps_left()
+        return self.elapsed() > self.max_time if left is None else left < 1
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every param group's lr; groups with an `lr_ratio` (LoRA+'s B matrices) get lr times that."""
     for group in optimizer.param_groups:

@@ -72,6 +72,59 @@ TINY_HF: dict[str, tuple[str, dict]] = {
                                                                 partial_rotary_factor=0.5))),
 }
 
+# The 2024-25 families: odd sizes (head_dim != hidden / heads where the family allows it), GQA, and enough layers
+# that each per-layer pattern shows (sliding / global, NoPE, dense / MoE layers) within SEQ tokens.
+_odd = dict(vocab_size=VOCAB, hidden_size=40, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+            intermediate_size=72, max_position_embeddings=64)
+_ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # the families' defaults are outside the tiny vocab
+_long = [1.0, 1.5, 2.0, 3.0, 4.0, 6.0]  # LongRoPE divisors per frequency (6 = 12 rotary dims / 2)
+TINY_HF.update({
+    # Qwen3: per-head q/k RMSNorm, untied, YaRN (its long-context setting) over an original 8 positions
+    "qwen3": ("qwen3", dict(_odd, num_hidden_layers=3, tie_word_embeddings=False,
+                            rope_parameters=dict(rope_type="yarn", rope_theta=1e6, factor=4.0,
+                                                 original_max_position_embeddings=8))),
+    # Qwen3 with sliding windows on the layers from max_window_layers on (a window of 5 in 16 tokens)
+    "qwen3_sliding": ("qwen3", dict(_odd, num_hidden_layers=4, use_sliding_window=True, sliding_window=5,
+                                    max_window_layers=2, tie_word_embeddings=True)),
+    # Gemma 2: sliding / global alternating, four norms per block, query scale, small soft-caps so that they bite
+    "gemma2": ("gemma2", dict(_odd, num_hidden_layers=4, sliding_window=5, query_pre_attn_scalar=20,
+                              attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
+    # Gemma 3 text: 5 sliding : 1 global with their own RoPE bases (global: linear scaling x4), q/k norms
+    "gemma3": ("gemma3_text", dict(_odd, num_hidden_layers=7, sliding_window=5, query_pre_attn_scalar=12,
+                                   rope_parameters={"full_attention": dict(rope_type="linear", factor=4.0,
+                                                                           rope_theta=1e6),
+                                                    "sliding_attention": dict(rope_type="default",
+                                                                              rope_theta=1e4)})),
+    # Phi-4-mini: fused qkv / gate_up, 3/4 of each head rotates, LongRoPE (16 tokens > original 8: long factors),
+    # tied embeddings
+    "phi4mini": ("phi3", dict(_ids, vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                              intermediate_size=72, num_hidden_layers=2, max_position_embeddings=64,
+                              original_max_position_embeddings=8, tie_word_embeddings=True,
+                              rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
+                                                   partial_rotary_factor=0.75, short_factor=_long[::-1],
+                                                   long_factor=_long, original_max_position_embeddings=8))),
+    # Phi-3-mini-4k: fused layers, full rotary, a sliding window on every layer
+    "phi3": ("phi3", dict(_ids, vocab_size=VOCAB, hidden_size=48, num_attention_heads=4, num_key_value_heads=4,
+                          intermediate_size=72, num_hidden_layers=2, max_position_embeddings=64, sliding_window=6)),
+    # OLMo 2: norms after attention and MLP only, q/k norms over the whole projection
+    "olmo2": ("olmo2", dict(_ids, vocab_size=VOCAB, hidden_size=40, num_attention_heads=4, num_key_value_heads=2,
+                            intermediate_size=72, num_hidden_layers=3, max_position_embeddings=64)),
+    # OLMo 3: OLMo 2 with 3 sliding : 1 global layers, YaRN on the global ones
+    "olmo3": ("olmo3", dict(_ids, vocab_size=VOCAB, hidden_size=40, num_attention_heads=4, num_key_value_heads=2,
+                            intermediate_size=72, num_hidden_layers=4, max_position_embeddings=64, sliding_window=5,
+                            rope_parameters={"full_attention": dict(rope_type="yarn", rope_theta=5e5, factor=4.0,
+                                                                    original_max_position_embeddings=8,
+                                                                    beta_fast=16, beta_slow=2),
+                                             "sliding_attention": dict(rope_type="default", rope_theta=5e5)})),
+    # SmolLM3: no RoPE on every 4th layer (layer 3 of 5), GQA, tied
+    "smollm3": ("smollm3", dict(_ids, vocab_size=VOCAB, hidden_size=40, num_attention_heads=4, num_key_value_heads=2,
+                                intermediate_size=72, num_hidden_layers=5, max_position_embeddings=64)),
+    # Qwen3-MoE: 5 experts, top 2 renormalised, the middle layer a dense MLP (mlp_only_layers)
+    "qwen3_moe": ("qwen3_moe", dict(_odd, num_hidden_layers=3, num_experts=5, num_experts_per_tok=2,
+                                    moe_intermediate_size=24, norm_topk_prob=True, mlp_only_layers=[1])),
+})
+NEW_FAMILIES = ["qwen3", "qwen3_sliding", "gemma2", "gemma3", "phi4mini", "phi3", "olmo2", "olmo3", "smollm3", "qwen3_moe"]
+
 
 def tiny_hf_config(name: str):
     from transformers import AutoConfig

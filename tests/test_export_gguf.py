@@ -56,6 +56,8 @@ FAMILIES = {
                        "llama", 2e-4),
     "qwen2": (dict(_base, n_head=4, n_query_groups=2, intermediate_size=96, attn_qkv_bias=True, tie_embeddings=True,
                    rope_base=1e6, norm_eps=1e-6), SMOL, "qwen2", 2e-4),
+    "qwen3": (dict(_base, n_head=4, n_query_groups=2, head_size=24, intermediate_size=96, qk_norm="head",
+                   tie_embeddings=True, rope_base=1e6, norm_eps=1e-6, prompt_style="chatml"), SMOL, "qwen3", 2e-4),
     "gemma": (dict(_base, n_head=4, n_query_groups=1, head_size=32, intermediate_size=96, norm_unit_offset=True,
                    mlp_class="geglu", gelu_approximate="tanh", tie_embeddings=True, scale_embeddings=True,
                    norm_eps=1e-6), SMOL, "gemma", 5e-3),

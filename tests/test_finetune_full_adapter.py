@@ -214,10 +214,6 @@ def test_full_errors(tiny_ckpt, tmp_path, monkeypatch, capsys):
                    "--optimizer", "adafactor", "--resume", "--max_steps", "2")
     assert line == (f"error: {out / TRAIN_STATE_FILE} does not fit this model or --optimizer (KeyError): resume "
                     f"with the settings the run started with")
-    if not torch.cuda.is_available():
-        line = run_cli(monkeypatch, capsys, ff.setup, "--checkpoint_dir", str(tiny_ckpt), "--strategy", "fsdp")
-        assert line == ("error: --strategy fsdp shards the model over GPUs and there is none here (Fabric's FSDP runs "
-                        "on CUDA only): use --strategy auto")
 
 
 @pytest.mark.slow

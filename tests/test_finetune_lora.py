@@ -377,10 +377,11 @@ def test_error_no_sample_has_trainable_tokens(tiny_ckpt, monkeypatch, capsys, tm
 def test_error_unknown_lora_target(tiny_ckpt, monkeypatch, capsys, tmp_path, targets):
     line = run_cli(monkeypatch, capsys, *cli_args(tiny_ckpt, tmp_path / "out"), "--lora_targets", targets)
     assert line == ("error: unknown LoRA target 'bogus'; valid targets: query, key, value, projection, mlp, "
-                    "lm_head, all")
+                    "lm_head, experts, all")
 
 
-@pytest.mark.parametrize("targets, expected", [("all", ["query", "key", "value", "projection", "mlp", "lm_head"]),
+@pytest.mark.parametrize("targets, expected", [("all", ["query", "key", "value", "projection", "mlp", "lm_head",
+                                                        "experts"]),
                                                ("mlp", ["mlp"]), ("value,query", ["query", "value"]),
                                                ("[key,projection]", ["key", "projection"])])
 def test_lora_targets_flag_forms(tiny_ckpt, monkeypatch, tmp_path, targets, expected):

@@ -419,7 +419,7 @@ def test_lora_state_dict_has_only_adapter_tensors():
 def test_lora_config_round_trip_and_validation():
     cfg = LoRAConfig(r=4, alpha=8, targets="all", use_dora=True, lora_plus_ratio=16, base_model="tiny",
                      base_config=CONFIGS["llama-gqa"].to_dict(), prompt_style="chatml")
-    assert cfg.targets == ["query", "key", "value", "projection", "mlp", "lm_head"]
+    assert cfg.targets == ["query", "key", "value", "projection", "mlp", "lm_head", "experts"]
     assert LoRAConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert LoRAConfig(targets=("value", "query")).targets == ["query", "value"]
     with pytest.raises(LoraLabError, match="unknown LoRA config keys"):

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -27,7 +28,8 @@ QWEN_TEMPLATE = (
 
 
 def test_registry_and_unknown_name():
-    assert set(prompt_styles) == {"plain", "alpaca", "chatml", "llama2-chat", "llama3", "mistral", "gemma", "zephyr"}
+    assert set(prompt_styles) == {"plain", "alpaca", "chatml", "llama2-chat", "llama3", "mistral", "gemma", "zephyr",
+                                  "phi3", "phi4", "tulu"}
     for name in prompt_styles:
         assert PromptStyle.from_name(name).name == name
     with pytest.raises(LoraLabError, match="Unknown prompt style 'chat-ml'.*chatml.*zephyr"):
@@ -73,6 +75,12 @@ def test_chat_styles_exact():
     assert PromptStyle.from_name("zephyr").apply(p) == "<|user|>\nHi</s>\n<|assistant|>\n"
     assert PromptStyle.from_name("zephyr").apply(p, system="Be brief.") == (
         "<|system|>\nBe brief.</s>\n<|user|>\nHi</s>\n<|assistant|>\n")
+    assert PromptStyle.from_name("phi3").apply(p, system="Be brief.") == (
+        "<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n")
+    assert PromptStyle.from_name("phi4").apply(p, system="Be brief.") == (
+        "<|system|>Be brief.<|end|><|user|>Hi<|end|><|assistant|>")
+    assert PromptStyle.from_name("tulu").apply(p, system="Be brief.") == (
+        "<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\n")
     # an input joins the instruction in the one user message
     assert PromptStyle.from_name("chatml").apply("Translate.", input="cat") == (
         "<|im_start|>user\nTranslate.\n\ncat<|im_end|>\n<|im_start|>assistant\n")
@@ -153,3 +161,22 @@ def test_stop_tokens(assets):
     llama2 = Tokenizer(assets("tokenizers/llama2"))  # SentencePiece tokenizer.model
     assert PromptStyle.from_name("llama2-chat").stop_tokens(llama2) == [2]  # </s>
     assert PromptStyle.from_name("chatml").stop_tokens(llama2) == []
+
+
+@pytest.mark.parametrize("name", ["phi3", "phi4", "tulu"])
+def test_new_styles_jinja_and_ollama_render_apply(name):
+    """The chat template (as transformers renders it) and the Ollama template give exactly `apply`'s text."""
+    jinja2 = pytest.importorskip("jinja2")
+    style = PromptStyle.from_name(name)
+    for system in (None, "Be brief."):
+        messages = ([] if system is None else [{"role": "system", "content": system}]) + [
+            {"role": "user", "content": "Hi"}]
+        rendered = jinja2.Environment().from_string(style.jinja).render(
+            messages=messages, add_generation_prompt=True, eos_token="<|endoftext|>")
+        assert rendered == style.apply("Hi", system=system)
+        ollama = style.ollama.replace("{{ .Prompt }}", "Hi")
+        if system is None:
+            ollama = re.sub(r"\{\{ if \.System \}\}.*?\{\{ end \}\}", "", ollama, flags=re.S)
+        else:
+            ollama = ollama.replace("{{ if .System }}", "").replace("{{ end }}", "").replace("{{ .System }}", system)
+        assert ollama == style.apply("Hi", system=system)

@@ -24,7 +24,7 @@ from test_serve import ADAPTERS, LLAMA, N_NEW, PROMPTS, LiveServer, engine_answe
 
 from lora_lab.config import Config  # noqa: E402
 from lora_lab.serve import adapters as adapters_module  # noqa: E402
-from lora_lab.serve.adapters import AdapterLimits, PathRefused, confine, read_adapter  # noqa: E402
+from lora_lab.serve.adapters import AdapterLimits, PathRefused, confine, open_below, read_adapter  # noqa: E402
 from lora_lab.serve.app import ServeOptions  # noqa: E402
 from lora_lab.serve.server import ModelServer  # noqa: E402
 from lora_lab.utils import LoraLabError  # noqa: E402
@@ -204,6 +204,22 @@ def test_confine_resolves_before_reading(tmp_path):
     for bad in ["..", "../out", str(tmp_path / "out"), "link", "link/x", "a/../../out", "", "loop", "a\0b"]:
         with pytest.raises(PathRefused, match="below the server's --adapters_root"):
             confine(root, bad)
+    # what confine passed is then opened without following symlinks: one swapped in after the check cannot lead out
+    (root / "a" / "w.safetensors").write_text("inside")
+    (tmp_path / "out" / "secret").write_text("outside")
+    checked = confine(root, "a/w.safetensors")
+    with open_below(root, checked) as readable:
+        assert readable.read_text() == "inside"
+    (root / "a" / "w.safetensors").unlink()
+    (root / "a" / "w.safetensors").symlink_to(tmp_path / "out" / "secret")  # the swap
+    with pytest.raises(PathRefused):
+        with open_below(root, checked):
+            pass
+    shutil.rmtree(root / "a")
+    (root / "a").symlink_to(tmp_path / "out")  # a directory swapped for a link
+    with pytest.raises(PathRefused):
+        with open_below(root, checked):
+            pass
 
 
 def test_adapter_limits_and_another_base_refused_before_the_tensors_are_read(netdir, reads, tmp_path):
@@ -400,9 +416,10 @@ def test_metrics_move_with_requests(netdir):
         assert moved("lora_lab_requests_total", model="all8", status="200") == 1
         assert moved("lora_lab_requests_total", model="tiny", status="200") == 1
         assert moved("lora_lab_requests_total", model="none", status="404") == 1  # unknown names are no label
-        assert moved("lora_lab_generated_tokens_total") >= tokens + 1
+        generated = moved("lora_lab_generated_tokens_total")
+        assert generated >= tokens + 1
         assert moved("lora_lab_time_to_first_token_seconds_count") == 4
-        assert moved("lora_lab_time_per_output_token_seconds_count") == 4
+        assert moved("lora_lab_time_per_output_token_seconds_count") == generated - 4  # every token but the first
         assert moved("lora_lab_request_duration_seconds_count", finish_reason="length") == 4
         assert moved("lora_lab_adapters_loaded_total") == 3 and moved("lora_lab_adapters_evicted_total") == 2
         assert after[("lora_lab_queue_length", ())] == 0 and after[("lora_lab_running_rows", ())] == 0

@@ -98,6 +98,7 @@ class InstructionData:
     source: str  # where the rows came from: a file path, a URL, or "json_extraction"
     n_rows: int = 0  # rows read, the skipped ones included
     bad_rows: list[str] = field(default_factory=list)
+    mix: Optional[dict] = None  # a mix file's report (lora_lab/data/mix.py): per source, what was read, dropped, taken
 
     @property
     def n_skipped(self) -> int:
@@ -145,7 +146,7 @@ def _iter_records(path: Path) -> Iterator[tuple[str, object]]:
             for i, record in enumerate(data):
                 yield f"index {i}", record
             return
-    for i, line in enumerate(text.splitlines(), start=1):
+    for i, line in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 may sit inside a string
         if not line.strip():
             continue
         try:
@@ -394,6 +395,14 @@ def load_instructions(data: Union[str, Path, Sequence[dict]] = "json_extraction"
         return InstructionData(train, val, "json_extraction", len(train) + len(val))
 
     rows, bad, source, n_rows = _read_source(data, data_dir, columns, on_bad_row)
+    return finish_split(rows, bad, source, n_rows, val_data, data_dir, columns, val_split_fraction, seed, on_bad_row,
+                        n_train, n_val, verbose)
+
+
+def finish_split(rows, bad, source, n_rows, val_data, data_dir, columns, val_split_fraction, seed, on_bad_row,
+                 n_train, n_val, verbose, mix: Optional[dict] = None) -> InstructionData:
+    """The train / validation split of rows read (with the validation rows of `val_data` when given), cut to
+    n_train / n_val, the bad rows reported: what load_instructions and a mix (mix.py) return."""
     if val_data is not None:
         val, val_bad, val_source, val_n = _read_source(val_data, data_dir, columns, on_bad_row)
         train, bad, n_rows = rows, bad + val_bad, n_rows + val_n
@@ -410,4 +419,4 @@ def load_instructions(data: Union[str, Path, Sequence[dict]] = "json_extraction"
         if len(bad) > MAX_REPORTED_BAD_ROWS:
             print(f"... and {len(bad) - MAX_REPORTED_BAD_ROWS} more", file=sys.stderr)
         print(f"Skipped {len(bad)} malformed row(s) of {n_rows} in {source}", file=sys.stderr)
-    return InstructionData(train, val, source, n_rows, bad)
+    return InstructionData(train, val, source, n_rows, bad, mix)

@@ -159,7 +159,11 @@ def get_dataloaders(data: Union[str, Path, Sequence[dict]], tokenizer, prompt_st
         prompt_style = PromptStyle.from_name(prompt_style)
     if max_seq_length < 2:
         raise LoraLabError(f"max_seq_length={max_seq_length}: a sample needs at least 2 tokens (a prompt and a target)")
-    rows = load_instructions(data, val_data, data_dir=data_dir, columns=columns,
+    from lora_lab.data.mix import is_mix_file, load_mix_instructions
+
+    # a mix file: several sources in chosen shares, deduplicated and decontaminated (mix.py)
+    load = load_mix_instructions if is_mix_file(data) else load_instructions
+    rows = load(data, val_data, data_dir=data_dir, columns=columns,
                              val_split_fraction=val_split_fraction, seed=seed, on_bad_row=on_bad_row,
                              n_train=n_train, n_val=n_val, verbose=verbose)
     make = partial(SFTDataset, tokenizer=tokenizer, prompt_style=prompt_style, max_seq_length=max_seq_length,
@@ -200,6 +204,8 @@ def get_dataloaders(data: Union[str, Path, Sequence[dict]], tokenizer, prompt_st
         "max_length": max(samples.lengths), "mean_length": sum(samples.lengths) / len(samples),
         "padding_fraction": padding_fraction(train_ds.lengths, sampler.batches(0)),
     }
+    if rows.mix is not None:
+        stats["mix"] = rows.mix
     if verbose:
         print(f"Data: {stats['n_samples']} training and {stats['n_val']} validation samples from {rows.source}; "
               f"{stats['n_truncated']} cut to max_seq_length={max_seq_length}, {stats['n_no_trainable']} dropped "

@@ -4,11 +4,14 @@
         --tasks arc_easy,hellaswag,mmlu --limit 100 --out_file results.json
     python -m lora_lab.evaluate --adapter_dir out/finetune/lora --compare --tasks arc_easy,json --data json_extraction
     python -m lora_lab.evaluate --checkpoint_dir DIR --tasks perplexity --data notes.txt --stride 512
+    python -m lora_lab.evaluate --checkpoint_dir DIR --tasks challenge --limit 50
 
 --tasks mixes lm-evaluation-harness tasks (run by lm-eval with our GPT as the model: lm_eval_model.py; offline on
 the local copies of local_tasks.py) with lora_lab's own `perplexity` (perplexity.py: --data is a .txt file, a
 folder of them, or instruction rows, whose answers are scored) and `json` (json_task.py: --data holds rows whose
-output is a JSON object; --json_schema adds schema validation).
+output is a JSON object; --json_schema adds schema validation), `gsm8k` (gsm8k.py: 8-shot chain of thought, exact
+match on the final number) and `challenge` (challenge.py: the efficiency challenge's tasks we hold, with its settings,
+and one combined score).
 
 The model: --checkpoint_dir alone, or with --adapter_dir (a LoRA / QLoRA adapter, a LLaMA-Adapter, or the checkpoint
 of a full fine-tune: load.py), --quantize nf4 for a 4-bit base. --compare evaluates the base and then base +
@@ -64,7 +67,8 @@ def main(
         adapter_dir: what fine-tuning wrote (LoRA / QLoRA / LLaMA-Adapter / full checkpoint); give it several times
             to compare models (the value `base` is the base model alone).
         compare: evaluate the base model too and print both side by side with the change.
-        tasks: comma-separated lm-eval task or group names (arc_easy, hellaswag, mmlu, ...), perplexity, json.
+        tasks: comma-separated lm-eval task or group names (arc_easy, hellaswag, mmlu, ...), perplexity, json,
+            gsm8k (8-shot chain of thought), challenge (the efficiency challenge's tasks we hold, one combined score).
         num_fewshot: examples in each lm-eval prompt (default: the task's own, usually 0).
         limit: lm-eval: at most this many documents per task (a float < 1: that share); json: rows; perplexity:
             tokens of raw text, or rows of instruction data.
@@ -90,6 +94,12 @@ def main(
         raise LoraLabError("--tasks is empty: name lm-eval tasks (arc_easy, hellaswag, mmlu, ...), perplexity or json")
     ours = [t for t in names if t in OUR_TASKS]
     lm_eval_tasks = [t for t in names if t not in OUR_TASKS]
+    challenge_tasks = []  # --tasks challenge: its lm-eval tasks, run with the challenge's shots; gsm8k runs as ours
+    if "challenge" in ours:
+        from lora_lab.evaluate import challenge
+
+        challenge_tasks = [t for t in challenge.lm_eval_tasks() if t not in lm_eval_tasks]
+        ours += [] if "gsm8k" in ours else ["gsm8k"]
     if "perplexity" in ours and data is None:
         raise LoraLabError("--tasks perplexity needs --data: a .txt file, a folder of .txt files or instruction rows")
     schema = None
@@ -109,6 +119,14 @@ def main(
         except ImportError:
             raise LoraLabError("lm-eval tasks need the lm-eval package: pip install 'lora_lab[eval]'") from None
         task_manager, lm_eval_tasks = task_manager_for(lm_eval_tasks)
+    if challenge_tasks:
+        from lora_lab.evaluate.local_tasks import task_manager_for
+
+        task_manager, _ = task_manager_for(lm_eval_tasks + challenge_tasks)
+    if "gsm8k" in ours:
+        from lora_lab.evaluate.gsm8k import load_rows
+
+        load_rows(limit=1)  # the data is there (one line if not), before any model is loaded
 
     device = select_device(device)
     dtype = select_dtype(precision, device)
@@ -132,6 +150,29 @@ def main(
             print(speed["line"], file=sys.stderr)
             entry["lm_eval"], entry["lm_eval_speed"] = results, speed
             scores.update(flatten_lm_eval(results))
+        if challenge_tasks:
+            results, speed = run_lm_eval(loaded, challenge_tasks, task_manager, challenge.LM_EVAL_SHOTS, limit,
+                                         batch_size, seed)
+            from lm_eval.utils import make_table
+
+            print(make_table(results, "groups") if "groups" in results else make_table(results))
+            print(speed["line"], file=sys.stderr)
+            entry["challenge_lm_eval"], entry["challenge_lm_eval_speed"] = results, speed
+            scores.update(flatten_lm_eval(results))
+        if "gsm8k" in ours:
+            from lora_lab.evaluate.gsm8k import gsm8k_task
+
+            result = gsm8k_task(loaded.model, loaded.tokenizer, limit)
+            print("gsm8k (8-shot chain of thought) on {n} questions: exact match {exact_match:.1%}".format(
+                **result["summary"]))
+            entry["gsm8k"] = result
+            scores[("gsm8k", "exact_match")] = (result["summary"]["exact_match"], True)
+        if "challenge" in ours:
+            runs = [entry.get("lm_eval", {}), entry.get("challenge_lm_eval", {})]
+            lm_results = {k: {t: v for r in runs for t, v in r.get(k, {}).items()} for k in ("results", "groups")}
+            entry["challenge"] = challenge.combined(challenge.scores(lm_results, entry["gsm8k"]["summary"]))
+            print("\nThe efficiency challenge's tasks (offline):\n" + challenge.table(entry["challenge"]))
+            scores[("challenge", "combined")] = (entry["challenge"]["score"], True)
         if "perplexity" in ours:
             from lora_lab.evaluate.perplexity import perplexity
 

@@ -36,7 +36,8 @@ from lora_lab.utils import LoraLabError, atomic_write_text
 
 EVAL_DATA_ENV = "LORA_LAB_EVAL_DATA"
 LOCAL_DATA_TABLE = Path(__file__).parent / "tasks" / "local_data.yaml"
-OUR_TASKS = ("perplexity", "json")  # lora_lab's own, run without lm-eval (perplexity.py, json_task.py)
+OUR_TASKS = ("perplexity", "json", "gsm8k", "challenge")  # lora_lab's own, without lm-eval's task definitions
+# (perplexity.py, json_task.py, gsm8k.py; challenge.py: a suite of lm-eval tasks and gsm8k, one combined score)
 SPLIT_KEYS = {"train": "training_split", "validation": "validation_split", "test": "test_split"}
 
 

@@ -139,6 +139,8 @@ def config_from_gguf(meta: _Meta, tensors: dict, path: Path) -> Config:
     )
     if arch == "gemma":
         kw.update(norm_unit_offset=True, mlp_class="geglu", gelu_approximate="tanh", scale_embeddings=True)
+    if arch == "qwen3":
+        kw.update(qk_norm="head")
     if ARCHS[arch].layer_norm:
         kw.update(norm_class="LayerNorm", norm_eps=float(meta.need(f"{arch}.attention.layer_norm_epsilon")),
                   mlp_class="gelu", parallel_residual=True, attn_qkv_bias=None,

@@ -9,6 +9,7 @@ the tensors' layout:
     `interleaved_to_halves` on the way in; llama2.c uses the interleaved layout too). q·k is unchanged because q
     and k are permuted alike. Qwen2, Gemma, Phi-2, GPT-NeoX and Falcon use rotate-half RoPE there: no permutation.
   - gemma: its RMSNorm scales by (1 + w); llama.cpp stores 1 + w.
+  - qwen3: Llama's block with per-head q/k RMSNorm (attn_q_norm, attn_k_norm), rotate-half RoPE.
   - gptneox, falcon: one attn_qkv matrix, [Q; K; V] rows.
   - Falcon-40B: llama.cpp's attn_norm feeds the MLP and attn_norm_2 the attention.
 Tested both ways in tests/test_convert_gguf.py and tests/test_export_gguf.py (against llama.cpp itself).
@@ -40,17 +41,18 @@ class Arch:
 ARCHS = {a.name: a for a in (
     Arch("llama", permute_qk=True),
     Arch("qwen2"),
+    Arch("qwen3"),  # Qwen3: Llama's block with RMSNorm on each head of q and k (attn_q_norm, attn_k_norm)
     Arch("gemma", norm_plus_one=True),
     Arch("phi2", layer_norm=True, output_required=True, output_bias_required=True),
     Arch("gptneox", fused_qkv=True, layer_norm=True, output_required=True),
     Arch("falcon", fused_qkv=True, layer_norm=True),
 )}
-FAMILIES = "Llama 2/3, SmolLM2, Mistral, Qwen2, Gemma, Phi-2, Pythia/GPT-NeoX, Falcon"
+FAMILIES = "Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3, Gemma, Phi-2, Pythia/GPT-NeoX, Falcon"
 
 # our module name inside a block -> llama.cpp's; global modules; the suffix (.weight / .bias) carries over
 LAYER_NAMES = {"attn.q_proj": "attn_q", "attn.k_proj": "attn_k", "attn.v_proj": "attn_v", "attn.o_proj": "attn_output",
                "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-               "norm_1": "attn_norm", "norm_2": "ffn_norm"}
+               "norm_1": "attn_norm", "norm_2": "ffn_norm", "attn.q_norm": "attn_q_norm", "attn.k_norm": "attn_k_norm"}
 GLOBAL_NAMES = {"wte": "token_embd", "norm_f": "output_norm", "lm_head": "output"}
 QKV = ("q_proj", "k_proj", "v_proj")
 FUSED_QKV = "attn_qkv"  # read back as our attn.qkv, then split into QKV
@@ -116,6 +118,19 @@ def gguf_architecture(config: Config) -> Arch:
         return LoraLabError(f"{c.name or 'this model'} cannot be exported to GGUF: {why} (llama.cpp export "
                             f"supports {FAMILIES})")
 
+    # the 2024-25 families' switches (Qwen3's q/k norms, Gemma 2's soft-caps, MoE, ...) are not in these
+    # architectures: refuse rather than write a file that llama.cpp runs as another model
+    qwen3 = c.qk_norm == "head" and not c.norm_unit_offset  # Qwen3's per-head q/k norms: llama.cpp's qwen3
+    newer = {"q/k norms": c.qk_norm is not None and not qwen3, "norms after the sub-blocks": c.post_norms or not c.pre_norms,
+             "attention or logit soft-capping": c.attn_softcap is not None or c.final_softcap is not None,
+             "a query scale": c.attn_scale_base is not None, "sliding and global layers": c.global_layers is not None,
+             "a local RoPE base": c.rope_local_base is not None, "layers without RoPE": c.nope_layers is not None,
+             "a mixture of experts": c.n_expert > 0,
+             "linear, LongRoPE or YaRN RoPE scaling": "rope_type" in (c.rope_scaling or {})}
+    present = [what for what, on in newer.items() if on]
+    if present:
+        raise refuse(f"{present[0]} (Gemma 2 / 3, Phi-4, OLMo 2 / 3, SmolLM3 and MoE GGUF export is not written "
+                     f"yet)")
     if c.norm_class == "RMSNorm":
         if c.parallel_residual or c.bias or c.lm_head_bias or not full_rope:
             raise refuse("an RMSNorm model with a parallel residual, biases or partial RoPE has no llama.cpp "
@@ -128,6 +143,10 @@ def gguf_architecture(config: Config) -> Arch:
             raise refuse(f"an RMSNorm model with a {c.mlp_class} MLP or scaled embeddings that is not Gemma")
         if c.rope_scaling is not None and c.attn_qkv_bias:
             raise refuse("Llama 3 RoPE scaling together with q/k/v biases")
+        if qwen3:
+            if c.attn_qkv_bias or c.rope_scaling is not None:
+                raise refuse("Qwen3 with q/k/v biases or RoPE scaling")
+            return ARCHS["qwen3"]
         return ARCHS["qwen2" if c.attn_qkv_bias else "llama"]
     if c.mlp_class != "gelu":
         raise refuse(f"a LayerNorm model with a {c.mlp_class} MLP (StableLM) is not exported")

@@ -9,10 +9,15 @@ directions), the `transformers` defaults of the config.json fields we read (a co
 two small functions that translate config.json <-> `Config`. The fields and layouts were checked against the
 transformers 5 modeling code of each class.
 
-Two families fuse q, k and v into one `query_key_value` matrix (GPT-NeoX, Falcon). Both use the same row layout:
-the key/value groups one after another, each holding its queries, then its key, then its value head:
+Some families fuse q, k and v into one matrix. GPT-NeoX and Falcon (`query_key_value`) interleave them by
+key/value group, each group holding its queries, then its key, then its value head:
     (ng, nh / ng + 2, hs) rows
 GPT-NeoX is the case ng = nh ([q, k, v] per head), Falcon-7B's multi-query the case ng = 1 ([all q, k, v]).
+Phi-3 / 4 (`qkv_proj`) simply stack them, [all q; all k; all v], and fuse the MLP's gate and up projections the
+same way (`gate_up_proj` = [gate; up]): the family's `fused_layout` says which ("grouped" or "stacked").
+
+Mixture-of-experts checkpoints (Qwen3-MoE) store each expert's projections as tensors of their own
+(`mlp.experts.{e}.gate_proj.weight`), as our model holds them; transformers 5 stacks them in memory only.
 
 Weights are only read with safetensors or `torch.load(weights_only=True)`, one tensor at a time, so converting
 holds the model in memory once.
@@ -21,10 +26,11 @@ holds the model in memory once.
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
@@ -49,7 +55,7 @@ TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # Name tables: our module -> Hugging Face module ({i} is the layer index). A parameter keeps its suffix
 # (.weight / .bias). "blocks.{i}.attn.qkv" stands for q_proj, k_proj and v_proj fused into one matrix.
 # ------------------------------------------------------------------------------------------------------------
-LLAMA_NAMES = {  # also Mistral, Qwen2, Gemma and StableLM
+LLAMA_NAMES = {  # also Mistral, Qwen2, Gemma, StableLM and SmolLM3
     "wte": "model.embed_tokens",
     "blocks.{i}.norm_1": "model.layers.{i}.input_layernorm",
     "blocks.{i}.attn.q_proj": "model.layers.{i}.self_attn.q_proj",
@@ -59,6 +65,43 @@ LLAMA_NAMES = {  # also Mistral, Qwen2, Gemma and StableLM
     "blocks.{i}.norm_2": "model.layers.{i}.post_attention_layernorm",
     "blocks.{i}.mlp.gate_proj": "model.layers.{i}.mlp.gate_proj",
     "blocks.{i}.mlp.up_proj": "model.layers.{i}.mlp.up_proj",
+    "blocks.{i}.mlp.down_proj": "model.layers.{i}.mlp.down_proj",
+    "norm_f": "model.norm",
+    "lm_head": "lm_head",
+}
+
+QK_NORM_NAMES = {
+    "blocks.{i}.attn.q_norm": "model.layers.{i}.self_attn.q_norm",
+    "blocks.{i}.attn.k_norm": "model.layers.{i}.self_attn.k_norm",
+}
+QWEN3_NAMES = {**LLAMA_NAMES, **QK_NORM_NAMES}
+QWEN3_MOE_NAMES = {
+    **QWEN3_NAMES,  # (gate_proj, up_proj, down_proj of the dense layers a MoE model may have: mlp_only_layers)
+    "blocks.{i}.mlp.router": "model.layers.{i}.mlp.gate",
+    "blocks.{i}.mlp.experts.{e}.gate_proj": "model.layers.{i}.mlp.experts.{e}.gate_proj",
+    "blocks.{i}.mlp.experts.{e}.up_proj": "model.layers.{i}.mlp.experts.{e}.up_proj",
+    "blocks.{i}.mlp.experts.{e}.down_proj": "model.layers.{i}.mlp.experts.{e}.down_proj",
+}
+# Gemma 2 / 3: four norms per block; their "post_attention_layernorm" is a post-norm, not Llama's pre-MLP norm
+GEMMA2_NAMES = {
+    **LLAMA_NAMES,
+    "blocks.{i}.norm_2": "model.layers.{i}.pre_feedforward_layernorm",
+    "blocks.{i}.post_attn_norm": "model.layers.{i}.post_attention_layernorm",
+    "blocks.{i}.post_mlp_norm": "model.layers.{i}.post_feedforward_layernorm",
+}
+GEMMA3_NAMES = {**GEMMA2_NAMES, **QK_NORM_NAMES}
+# OLMo 2: only post-norms
+OLMO2_NAMES = {k: v for k, v in QWEN3_NAMES.items() if k not in ("blocks.{i}.norm_1", "blocks.{i}.norm_2")}
+OLMO2_NAMES.update({"blocks.{i}.post_attn_norm": "model.layers.{i}.post_attention_layernorm",
+                    "blocks.{i}.post_mlp_norm": "model.layers.{i}.post_feedforward_layernorm"})
+# Phi-3 / 4: q, k, v stacked in qkv_proj, gate and up stacked in gate_up_proj
+PHI3_NAMES = {
+    "wte": "model.embed_tokens",
+    "blocks.{i}.norm_1": "model.layers.{i}.input_layernorm",
+    "blocks.{i}.attn.qkv": "model.layers.{i}.self_attn.qkv_proj",
+    "blocks.{i}.attn.o_proj": "model.layers.{i}.self_attn.o_proj",
+    "blocks.{i}.norm_2": "model.layers.{i}.post_attention_layernorm",
+    "blocks.{i}.mlp.gate_up": "model.layers.{i}.mlp.gate_up_proj",
     "blocks.{i}.mlp.down_proj": "model.layers.{i}.mlp.down_proj",
     "norm_f": "model.norm",
     "lm_head": "lm_head",
@@ -117,6 +160,7 @@ class Family:
     read: Callable[[dict], dict]  # config.json (defaults filled in) -> Config keyword arguments
     write: Callable[[Config], dict]  # Config -> config.json fields; LoraLabError when the family cannot express it
     aliases: dict = field(default_factory=dict)  # other names a file may use for a tensor -> our table's name
+    fused_layout: str = "grouped"  # how a fused qkv matrix orders its rows: "grouped" (NeoX, Falcon) or "stacked"
 
     def names_for(self, config: Config) -> dict[str, str]:
         if self.architecture == "FalconForCausalLM" and config.parallel_residual and not config.shared_attention_norm:
@@ -151,23 +195,70 @@ def _act_name(config: Config, tanh_name: str = "gelu_pytorch_tanh") -> str:
     return tanh_name if config.gelu_approximate == "tanh" else "gelu"
 
 
-def _rope_from_hf(hf: dict, default_partial: float = 1.0) -> dict:
+def _rope_from_hf(hf: dict, default_partial: float = 1.0, params: Optional[dict] = None,
+                  default_theta: float = 10000.0) -> dict:
     """rope_base, rope_scaling and rotary_percentage from either transformers 5 `rope_parameters` (rope_theta
-    inside) or the older top-level `rope_theta` + `rope_scaling` (+ GPT-NeoX's `rotary_emb_base`, `rotary_pct`)."""
-    params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-    theta = params.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
+    inside) or the older top-level `rope_theta` + `rope_scaling` (+ GPT-NeoX's `rotary_emb_base`, `rotary_pct`).
+    `params`: one layer type's entry of a per-layer-type rope_parameters (Gemma 3)."""
+    if params is None:
+        params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    theta = params.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", default_theta)))
     partial = params.get("partial_rotary_factor",
                          hf.get("partial_rotary_factor", hf.get("rotary_pct", default_partial)))
     rope_type = params.get("rope_type", params.get("type", "default"))
+    original = params.get("original_max_position_embeddings",
+                          hf.get("original_max_position_embeddings", hf["max_position_embeddings"]))
     scaling = None
     if rope_type == "llama3":
-        original = params.get("original_max_position_embeddings",
-                              hf.get("original_max_position_embeddings", hf["max_position_embeddings"]))
         scaling = dict(factor=float(params["factor"]), low_freq_factor=float(params["low_freq_factor"]),
                        high_freq_factor=float(params["high_freq_factor"]), original_max_seq_len=int(original))
+    elif rope_type == "linear":
+        scaling = dict(rope_type="linear", factor=float(params["factor"]))
+    elif rope_type in ("longrope", "su"):  # Phi-3 / 4 ("su" is its first name)
+        # transformers: factor = max_position_embeddings / original when not given, and the attention factor
+        # sqrt(1 + ln(factor) / ln(original)) when not given (1 without scaling)
+        factor = params.get("factor") or hf["max_position_embeddings"] / original
+        attention_factor = params.get("attention_factor")
+        if attention_factor is None:
+            attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        scaling = dict(rope_type="longrope", short_factor=[float(f) for f in params["short_factor"]],
+                       long_factor=[float(f) for f in params["long_factor"]], original_max_seq_len=int(original),
+                       attention_factor=float(attention_factor))
+    elif rope_type == "yarn":
+        factor = float(params.get("factor") or hf["max_position_embeddings"] / original)
+        attention_factor = params.get("attention_factor")
+        if attention_factor is None:  # transformers' default: yarn_get_mscale
+            def mscale(scale, m=1.0):
+                return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+            m, m_all = params.get("mscale"), params.get("mscale_all_dim")
+            attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+        scaling = dict(rope_type="yarn", factor=factor, original_max_seq_len=int(original),
+                       beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
+                       truncate=bool(params.get("truncate", True)), attention_factor=float(attention_factor))
     elif rope_type != "default":
-        raise LoraLabError(f"rope type {rope_type!r} is not supported (supported: default, llama3)")
+        raise LoraLabError(f"rope type {rope_type!r} is not supported (supported: default, llama3, linear, "
+                           f"longrope, yarn)")
     return dict(rope_base=float(theta), rope_scaling=scaling, rotary_percentage=float(partial))
+
+
+def _layer_windows(hf: dict, window: Optional[int], types: Optional[list] = None) -> dict:
+    """sliding_window and global_layers from transformers' per-layer `layer_types` ("sliding_attention" /
+    "full_attention"); `window` None: no layer slides."""
+    n = hf["num_hidden_layers"]
+    types = types if types is not None else hf.get("layer_types")
+    if window is None:
+        return dict(sliding_window=None, global_layers=None)
+    if not types:  # every layer slides
+        return dict(sliding_window=int(window), global_layers=None)
+    if len(types) != n:
+        raise LoraLabError(f"layer_types has {len(types)} entries for {n} layers")
+    unknown = set(types) - {"sliding_attention", "full_attention"}
+    if unknown:
+        raise LoraLabError(f"layer types {sorted(unknown)} are not supported (sliding_attention, full_attention)")
+    global_layers = [i for i, t in enumerate(types) if t == "full_attention"]
+    if len(global_layers) == n:
+        return dict(sliding_window=None, global_layers=None)
+    return dict(sliding_window=int(window), global_layers=global_layers or None)
 
 
 def _biases(qkv: bool, o: bool, mlp: bool) -> dict:
@@ -205,24 +296,128 @@ def _read_mistral(hf: dict) -> dict:
     return kw
 
 
-def _read_qwen2(hf: dict) -> dict:
-    kw = _read_llama_like(hf)
-    kw.update(_mlp_from_act(hf["hidden_act"], gated=True), attn_qkv_bias=True, bias=False)  # Qwen2 hard-codes these
+def _qwen_windows(hf: dict) -> dict:
     # transformers: layer i slides when use_sliding_window and i >= max_window_layers (or as layer_types says)
     window = hf["sliding_window"] if hf["use_sliding_window"] else None
     types = hf.get("layer_types") or ["sliding_attention" if window is not None and i >= hf["max_window_layers"]
                                       else "full_attention" for i in range(hf["num_hidden_layers"])]
-    if len(set(types)) > 1:
-        raise LoraLabError("Qwen2 with sliding-window attention on some layers only is not supported")
-    kw["sliding_window"] = window if types and types[0] == "sliding_attention" else None
+    return _layer_windows(hf, window, types)
+
+
+def _read_qwen2(hf: dict) -> dict:
+    kw = _read_llama_like(hf)
+    kw.update(_mlp_from_act(hf["hidden_act"], gated=True), attn_qkv_bias=True, bias=False)  # Qwen2 hard-codes these
+    kw.update(_qwen_windows(hf))
+    return kw
+
+
+def _attention_bias(hf: dict) -> dict:
+    """Qwen3, Gemma 2 / 3, OLMo 2, SmolLM3: attention_bias on q, k, v and o; no bias in the MLP (SmolLM3: mlp_bias)."""
+    return _biases(qkv=hf["attention_bias"], o=hf["attention_bias"], mlp=hf.get("mlp_bias", False))
+
+
+def _read_qwen3(hf: dict) -> dict:
+    kw = _read_llama_like(hf)
+    kw.update(_mlp_from_act(hf["hidden_act"], gated=True), **_attention_bias(hf), **_qwen_windows(hf),
+              qk_norm="head")
+    return kw
+
+
+def _read_qwen3_moe(hf: dict) -> dict:
+    kw = _read_qwen3(hf)
+    n = hf["num_hidden_layers"]
+    # the Hub's files say num_experts; transformers 5 writes its alias num_local_experts
+    n_expert = hf["num_experts"] if "num_experts" in hf else hf.get("num_local_experts", 128)
+    # transformers: layer i is sparse unless in mlp_only_layers, when (i + 1) % decoder_sparse_step == 0
+    moe = [i for i in range(n) if i not in (hf["mlp_only_layers"] or []) and n_expert > 0
+           and (i + 1) % hf["decoder_sparse_step"] == 0]
+    kw.update(n_expert=n_expert, n_expert_per_token=hf["num_experts_per_tok"],
+              moe_intermediate_size=hf["moe_intermediate_size"], norm_topk_prob=bool(hf["norm_topk_prob"]),
+              moe_layers=None if len(moe) == n else moe)
+    if not moe:
+        kw.update(n_expert=0, n_expert_per_token=0, moe_intermediate_size=None, moe_layers=None)
+    return kw
+
+
+def _gemma_mlp(hf: dict) -> dict:
+    # transformers 5 reads Gemma's legacy hidden_act "gelu" as the tanh approximation, as Gemma was trained
+    act = hf.get("hidden_activation") or hf["hidden_act"]
+    return _mlp_from_act("gelu_pytorch_tanh" if act == "gelu" else act, gated=True)
+
+
+def _read_gemma2(hf: dict) -> dict:
+    if hf.get("use_bidirectional_attention"):
+        raise LoraLabError("Gemma with use_bidirectional_attention (an embedding model) is not supported")
+    kw = _read_llama_like(hf)
+    types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % hf["sliding_window_pattern"] else
+                                      "full_attention" for i in range(hf["num_hidden_layers"])]
+    kw.update(_gemma_mlp(hf), **_attention_bias(hf), **_layer_windows(hf, hf["sliding_window"], types))
+    kw.update(norm_unit_offset=True, scale_embeddings=True, post_norms=True,
+              attn_scale_base=float(hf["query_pre_attn_scalar"]), attn_softcap=hf["attn_logit_softcapping"],
+              final_softcap=hf["final_logit_softcapping"])
+    return kw
+
+
+def _rope_per_layer_type(hf: dict, global_theta: float, local_theta: float) -> dict:
+    """Gemma 3, OLMo 3: rope_parameters per layer type (transformers 5), or rope_theta + rope_scaling for the
+    global layers and rope_local_base_freq for the sliding ones -> our rope_* fields."""
+    params = hf.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        full = _rope_from_hf(hf, params=params.get("full_attention") or {}, default_theta=global_theta)
+        local = _rope_from_hf(hf, params=params.get("sliding_attention") or {}, default_theta=local_theta)
+    else:
+        full = _rope_from_hf({**hf, "rope_theta": hf.get("rope_theta", global_theta)})
+        local = _rope_from_hf(hf, params={"rope_theta": hf.get("rope_local_base_freq", hf.get("rope_theta",
+                                                                                               local_theta))})
+    if local["rope_scaling"] is not None:
+        raise LoraLabError("rope scaling on the sliding-window layers is not supported")
+    return dict(full, rope_local_base=local["rope_base"])
+
+
+def _read_gemma3(hf: dict) -> dict:
+    kw = _read_gemma2(hf)
+    kw.update(_rope_per_layer_type(hf, 1e6, 1e4), qk_norm="head")
+    return kw
+
+
+def _read_olmo3(hf: dict) -> dict:
+    kw = _read_olmo2(hf)
+    n = hf["num_hidden_layers"]
+    types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(n)]
+    kw.update(_layer_windows(hf, hf["sliding_window"], types), **_rope_per_layer_type(hf, 10000.0, 10000.0))
+    return kw
+
+
+def _read_phi3(hf: dict) -> dict:
+    kw = _read_llama_like(hf)
+    kw.update(_mlp_from_act(hf["hidden_act"], gated=True), sliding_window=hf["sliding_window"])
+    return kw
+
+
+def _read_olmo2(hf: dict) -> dict:
+    kw = _read_llama_like(hf)
+    kw.update(_mlp_from_act(hf["hidden_act"], gated=True), **_attention_bias(hf), pre_norms=False, post_norms=True,
+              qk_norm="all")
+    return kw
+
+
+def _read_smollm3(hf: dict) -> dict:
+    kw = _read_llama_like(hf)
+    n = hf["num_hidden_layers"]
+    # no_rope_layers[i] == 1: layer i uses RoPE (sic); default: all but every no_rope_layer_interval-th
+    uses_rope = hf.get("no_rope_layers") or [int((i + 1) % hf["no_rope_layer_interval"] != 0) for i in range(n)]
+    nope = [i for i in range(n) if not uses_rope[i]]
+    window = hf["sliding_window"] if hf["use_sliding_window"] else None
+    types = hf.get("layer_types") or ["sliding_attention" if window is not None and not uses_rope[i]
+                                      else "full_attention" for i in range(n)]
+    kw.update(_mlp_from_act(hf["hidden_act"], gated=True), **_attention_bias(hf), **_layer_windows(hf, window, types),
+              nope_layers=nope or None)
     return kw
 
 
 def _read_gemma(hf: dict) -> dict:
     kw = _read_llama_like(hf)
-    # transformers 5 reads Gemma's legacy hidden_act "gelu" as the tanh approximation, as Gemma was trained
-    act = hf.get("hidden_activation") or hf["hidden_act"]
-    kw.update(_mlp_from_act("gelu_pytorch_tanh" if act == "gelu" else act, gated=True))
+    kw.update(_gemma_mlp(hf))
     kw.update(_biases(qkv=hf["attention_bias"], o=hf["attention_bias"], mlp=False))
     kw.update(norm_unit_offset=True, scale_embeddings=True)
     return kw
@@ -282,22 +477,70 @@ def _read_stablelm(hf: dict) -> dict:
 
 
 # ---- Config -> config.json ---------------------------------------------------------------------------------
+def _rope_params(config: Config) -> dict:
+    """transformers 5 rope_parameters for our rope_base and rope_scaling."""
+    params = {"rope_type": "default", "rope_theta": config.rope_base}
+    s = config.rope_scaling
+    kind = None if s is None else s.get("rope_type", "llama3")
+    if kind == "llama3":
+        params.update(rope_type="llama3", factor=s["factor"], low_freq_factor=s["low_freq_factor"],
+                      high_freq_factor=s["high_freq_factor"], original_max_position_embeddings=s["original_max_seq_len"])
+    elif kind == "linear":
+        params.update(rope_type="linear", factor=s["factor"])
+    elif kind == "yarn":
+        params.update(rope_type="yarn", factor=s["factor"], original_max_position_embeddings=s["original_max_seq_len"],
+                      beta_fast=s["beta_fast"], beta_slow=s["beta_slow"], truncate=s["truncate"],
+                      attention_factor=s["attention_factor"])
+    elif kind == "longrope":
+        params.update(rope_type="longrope", short_factor=s["short_factor"], long_factor=s["long_factor"],
+                      original_max_position_embeddings=s["original_max_seq_len"],
+                      attention_factor=s["attention_factor"])
+    return params
+
+
 def _rope_to_hf(config: Config, partial: bool = False) -> dict:
     """transformers 5 `rope_parameters`, plus the older top-level keys so other tools (transformers 4,
     llama.cpp, vLLM) read the same values."""
-    params = {"rope_type": "default", "rope_theta": config.rope_base}
+    params = _rope_params(config)
     out = {"rope_theta": config.rope_base}
     if partial:
         params["partial_rotary_factor"] = out["partial_rotary_factor"] = config.rotary_percentage
     else:
         _need(config.rotary_percentage == 1.0, "partial rotary embeddings")
     if config.rope_scaling is not None:
-        s = config.rope_scaling
-        params.update(rope_type="llama3", factor=s["factor"], low_freq_factor=s["low_freq_factor"],
-                      high_freq_factor=s["high_freq_factor"],
-                      original_max_position_embeddings=s["original_max_seq_len"])
         out["rope_scaling"] = dict(params)
+        if params["rope_type"] == "longrope":  # Phi-3 reads it at the top level
+            out["original_max_position_embeddings"] = params["original_max_position_embeddings"]
     return dict(rope_parameters=params, **out)
+
+
+# The switches of the 2024-25 families; a family's writer names the ones its architecture has
+NEW_FEATURES = {
+    "q/k norms": lambda c: c.qk_norm is not None,
+    "norms after the sub-blocks": lambda c: c.post_norms,
+    "blocks without pre-norms": lambda c: not c.pre_norms,
+    "a query scale": lambda c: c.attn_scale_base is not None,
+    "attention soft-capping": lambda c: c.attn_softcap is not None,
+    "logit soft-capping": lambda c: c.final_softcap is not None,
+    "sliding and global layers": lambda c: c.global_layers is not None,
+    "a local RoPE base": lambda c: c.rope_local_base is not None,
+    "layers without RoPE": lambda c: c.nope_layers is not None,
+    "mixture of experts": lambda c: c.n_expert > 0,
+    "linear rope scaling": lambda c: (c.rope_scaling or {}).get("rope_type") == "linear",
+    "LongRoPE": lambda c: (c.rope_scaling or {}).get("rope_type") == "longrope",
+    "YaRN": lambda c: (c.rope_scaling or {}).get("rope_type") == "yarn",
+}
+
+
+def _only(config: Config, *allowed: str) -> None:
+    for what, present in NEW_FEATURES.items():
+        if what not in allowed:
+            _need(not present(config), what)
+
+
+def _layer_types(config: Config) -> list[str]:
+    return ["sliding_attention" if config.window_at(i) is not None else "full_attention"
+            for i in range(config.n_layer)]
 
 
 def _write_common(config: Config, eps_key: str, head_dim: bool = False, lm_head_bias: bool = False) -> dict:
@@ -312,7 +555,8 @@ def _write_common(config: Config, eps_key: str, head_dim: bool = False, lm_head_
     return out
 
 
-def _write_llama_like(config: Config) -> dict:
+def _write_llama_like(config: Config, *allowed: str) -> dict:
+    _only(config, *allowed)
     _need(config.norm_class == "RMSNorm", "LayerNorm")
     _need(config.mlp_class != "gelu", "a non-gated GELU MLP")
     _need(not config.parallel_residual, "parallel residual blocks")
@@ -352,7 +596,118 @@ def _write_gemma(config: Config) -> dict:
     return dict(_write_llama_like(config), attention_bias=False)
 
 
+def _write_qwen_windows(config: Config) -> dict:
+    window = config.sliding_window
+    return dict(use_sliding_window=window is not None, sliding_window=window,
+                max_window_layers=0 if window is not None else config.n_layer, layer_types=_layer_types(config))
+
+
+def _write_qwen3(config: Config, *more: str) -> dict:
+    _need(config.qk_norm == "head", "no per-head q/k norms")
+    _need(not config.norm_unit_offset and not config.scale_embeddings, "Gemma's norms and embedding scale")
+    _need(not config.attn_qkv_bias and not config.bias, "biases")
+    return dict(_write_llama_like(config, "q/k norms", "sliding and global layers", "YaRN", *more),
+                attention_bias=False, **_write_qwen_windows(config))
+
+
+def _write_qwen3_moe(config: Config) -> dict:
+    _need(config.n_expert > 0, "no experts")
+    out = _write_qwen3(config, "mixture of experts")
+    moe = [i for i in range(config.n_layer) if config.moe_at(i)]
+    out.update(num_experts=config.n_expert, num_experts_per_tok=config.n_expert_per_token,
+               moe_intermediate_size=config.moe_intermediate_size, norm_topk_prob=config.norm_topk_prob,
+               decoder_sparse_step=1, mlp_only_layers=[i for i in range(config.n_layer) if i not in moe])
+    return out
+
+
+def _write_gemma2(config: Config, *more: str) -> dict:
+    _need(config.norm_unit_offset and config.scale_embeddings, "plain RMSNorm or unscaled embeddings")
+    _need(config.mlp_class == "geglu" and config.gelu_approximate == "tanh", "an MLP other than tanh-GeGLU")
+    _need(config.post_norms and config.pre_norms, "a block without both pre- and post-norms")
+    _need(not config.bias and not config.attn_qkv_bias, "biases")
+    out = _write_llama_like(config, "norms after the sub-blocks", "a query scale", "attention soft-capping",
+                            "logit soft-capping", "sliding and global layers", *more)
+    out.pop("hidden_act")
+    # a sliding window of None: transformers' Gemma 2 has one on the sliding layers; make it cover the model
+    window = config.sliding_window if config.sliding_window is not None else config.block_size
+    out.update(hidden_activation="gelu_pytorch_tanh", attention_bias=False, sliding_window=window,
+               layer_types=_layer_types(config),
+               query_pre_attn_scalar=(config.attn_scale_base if config.attn_scale_base is not None
+                                      else config.head_size),
+               attn_logit_softcapping=config.attn_softcap, final_logit_softcapping=config.final_softcap)
+    if isinstance(out["query_pre_attn_scalar"], float) and out["query_pre_attn_scalar"].is_integer():
+        out["query_pre_attn_scalar"] = int(out["query_pre_attn_scalar"])
+    return out
+
+
+def _write_gemma3(config: Config) -> dict:
+    _need(config.qk_norm == "head", "no per-head q/k norms")
+    out = _write_gemma2(config, "q/k norms", "a local RoPE base", "linear rope scaling")
+    local = config.rope_local_base if config.rope_local_base is not None else config.rope_base
+    out["rope_parameters"] = {"full_attention": _rope_params(config),
+                              "sliding_attention": {"rope_type": "default", "rope_theta": local}}
+    out["rope_local_base_freq"] = local
+    return out
+
+
+def _write_phi3(config: Config) -> dict:
+    _need(not config.norm_unit_offset and not config.scale_embeddings, "Gemma's norms and embedding scale")
+    _need(not config.bias and not config.attn_qkv_bias, "biases")
+    _need(config.mlp_class == "swiglu", f"a {config.mlp_class} MLP")
+    _need(config.rotary_percentage == 1.0 or int(config.head_size * config.rotary_percentage) == config.rope_n_elem,
+          "an odd number of rotary dims")
+    # Phi-4-mini rotates 3/4 of each head: Phi-3's config takes partial_rotary_factor
+    rotary = config.rotary_percentage
+    config = replace(config, rotary_percentage=1.0)
+    out = _write_llama_like(config, "LongRoPE")
+    if rotary != 1.0:
+        out["rope_parameters"]["partial_rotary_factor"] = out["partial_rotary_factor"] = rotary
+    # transformers' default pad_token_id (32000) is an embedding row: None unless the source said (extra)
+    out.update(sliding_window=config.sliding_window, pad_token_id=None)
+    if config.rope_scaling is None:
+        out["original_max_position_embeddings"] = config.block_size
+    return out
+
+
+def _write_olmo2(config: Config) -> dict:
+    _need(config.qk_norm == "all", "no q/k norms over the whole projection")
+    _need(not config.pre_norms and config.post_norms, "norms before the sub-blocks")
+    _need(not config.norm_unit_offset and not config.scale_embeddings, "Gemma's norms and embedding scale")
+    _need(not config.bias and not config.attn_qkv_bias, "biases")
+    _need(config.sliding_window is None, "a sliding window")
+    return dict(_write_llama_like(config, "q/k norms", "norms after the sub-blocks", "blocks without pre-norms"),
+                attention_bias=False)
+
+
+def _write_olmo3(config: Config) -> dict:
+    _need(config.qk_norm == "all", "no q/k norms over the whole projection")
+    _need(not config.pre_norms and config.post_norms, "norms before the sub-blocks")
+    _need(not config.norm_unit_offset and not config.scale_embeddings, "Gemma's norms and embedding scale")
+    _need(not config.bias and not config.attn_qkv_bias, "biases")
+    out = _write_llama_like(config, "q/k norms", "norms after the sub-blocks", "blocks without pre-norms",
+                            "sliding and global layers", "a local RoPE base", "YaRN", "linear rope scaling")
+    local = config.rope_local_base if config.rope_local_base is not None else config.rope_base
+    out.update(attention_bias=False, layer_types=_layer_types(config),
+               sliding_window=config.sliding_window if config.sliding_window is not None else config.block_size,
+               rope_parameters={"full_attention": _rope_params(config),
+                                "sliding_attention": {"rope_type": "default", "rope_theta": local}})
+    return out
+
+
+def _write_smollm3(config: Config) -> dict:
+    _need(not config.norm_unit_offset and not config.scale_embeddings, "Gemma's norms and embedding scale")
+    _need(config.attn_qkv_bias == config.bias, "a q/k/v bias without one on o_proj and the MLP")
+    nope = set(config.nope_layers or [])
+    out = dict(_write_llama_like(config, "layers without RoPE", "sliding and global layers"),
+               attention_bias=config.bias, mlp_bias=config.bias,
+               no_rope_layers=[int(i not in nope) for i in range(config.n_layer)],
+               use_sliding_window=config.sliding_window is not None, sliding_window=config.sliding_window,
+               layer_types=_layer_types(config), pad_token_id=None)  # (the default, 128004, is an embedding row)
+    return out
+
+
 def _write_layernorm_family(config: Config, mlp_class: str) -> None:
+    _only(config)
     _need(config.norm_class == "LayerNorm", "RMSNorm")
     _need(config.mlp_class == mlp_class, f"a {config.mlp_class} MLP")
     _need(config.sliding_window is None, "a sliding window")
@@ -422,6 +777,12 @@ def _write_stablelm(config: Config) -> dict:
 # transformers' class defaults of the fields each `read` uses (a config.json may omit a field at its default)
 _LLAMA_DEFAULTS = dict(max_position_embeddings=2048, rms_norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=False,
                        attention_bias=False, mlp_bias=False, intermediate_size=11008, num_key_value_heads=None)
+_QWEN3_DEFAULTS = dict(_LLAMA_DEFAULTS, max_position_embeddings=32768, intermediate_size=22016,
+                       num_key_value_heads=32, head_dim=128, use_sliding_window=False, sliding_window=4096,
+                       max_window_layers=28, layer_types=None)
+_GEMMA2_DEFAULTS = dict(_LLAMA_DEFAULTS, vocab_size=256000, max_position_embeddings=8192, intermediate_size=9216,
+                        num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh",
+                        tie_word_embeddings=True, query_pre_attn_scalar=256, sliding_window=4096)
 FAMILIES: dict[str, Family] = {f.architecture: f for f in [
     Family("LlamaForCausalLM", "llama", LLAMA_NAMES, _LLAMA_DEFAULTS, _read_llama, _write_llama),
     Family("MistralForCausalLM", "mistral", LLAMA_NAMES,
@@ -448,10 +809,35 @@ FAMILIES: dict[str, Family] = {f.architecture: f for f in [
            dict(max_position_embeddings=4096, layer_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=False,
                 intermediate_size=6912, num_key_value_heads=32, use_qkv_bias=False, qk_layernorm=False,
                 use_parallel_residual=False), _read_stablelm, _write_stablelm),
+    Family("Qwen3ForCausalLM", "qwen3", QWEN3_NAMES, _QWEN3_DEFAULTS, _read_qwen3, _write_qwen3),
+    Family("Qwen3MoeForCausalLM", "qwen3_moe", QWEN3_MOE_NAMES,
+           dict(_QWEN3_DEFAULTS, hidden_size=2048, intermediate_size=6144, num_hidden_layers=24,
+                num_attention_heads=32, num_key_value_heads=4, head_dim=None, decoder_sparse_step=1,
+                moe_intermediate_size=768, num_experts_per_tok=8, norm_topk_prob=False,
+                mlp_only_layers=None), _read_qwen3_moe, _write_qwen3_moe),
+    Family("Gemma2ForCausalLM", "gemma2", GEMMA2_NAMES,
+           dict(_GEMMA2_DEFAULTS, sliding_window_pattern=2, attn_logit_softcapping=50.0,
+                final_logit_softcapping=30.0), _read_gemma2, _write_gemma2),
+    Family("Gemma3ForCausalLM", "gemma3_text", GEMMA3_NAMES,
+           dict(_GEMMA2_DEFAULTS, vocab_size=262208, max_position_embeddings=131072, sliding_window_pattern=6,
+                attn_logit_softcapping=None, final_logit_softcapping=None), _read_gemma3, _write_gemma3),
+    Family("Phi3ForCausalLM", "phi3", PHI3_NAMES,
+           dict(_LLAMA_DEFAULTS, max_position_embeddings=4096, rms_norm_eps=1e-5, intermediate_size=8192,
+                sliding_window=None), _read_phi3, _write_phi3, fused_layout="stacked"),
+    Family("Olmo2ForCausalLM", "olmo2", OLMO2_NAMES, dict(_LLAMA_DEFAULTS, rms_norm_eps=1e-5),
+           _read_olmo2, _write_olmo2),
+    Family("Olmo3ForCausalLM", "olmo3", OLMO2_NAMES,
+           dict(_LLAMA_DEFAULTS, rms_norm_eps=1e-5, sliding_window=4096, layer_types=None), _read_olmo3, _write_olmo3),
+    Family("SmolLM3ForCausalLM", "smollm3", LLAMA_NAMES,
+           dict(_LLAMA_DEFAULTS, max_position_embeddings=32768, intermediate_size=11008, tie_word_embeddings=True,
+                use_sliding_window=False, sliding_window=None, no_rope_layers=None, no_rope_layer_interval=4),
+           _read_smollm3, _write_smollm3),
 ]}
 # the order in which export tries the families for a config that does not say where it came from
 EXPORT_ORDER = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM",
-                "StableLmForCausalLM", "PhiForCausalLM", "GPTNeoXForCausalLM", "FalconForCausalLM"]
+                "StableLmForCausalLM", "PhiForCausalLM", "GPTNeoXForCausalLM", "FalconForCausalLM",
+                "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
+                "Phi3ForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM", "SmolLM3ForCausalLM"]
 _MODEL_TYPES = {f.model_type: f.architecture for f in FAMILIES.values()}
 
 
@@ -511,22 +897,70 @@ def expected_shapes(config: Config) -> dict[str, torch.Size]:
     return shapes
 
 
+# our fused-layer names in the tables -> the layers they stand for and the part each is, in row order
+FUSED_PARTS = {
+    "blocks.{i}.attn.qkv": {"blocks.{i}.attn.q_proj": "q", "blocks.{i}.attn.k_proj": "k",
+                            "blocks.{i}.attn.v_proj": "v"},
+    "blocks.{i}.mlp.gate_up": {"blocks.{i}.mlp.gate_proj": "gate", "blocks.{i}.mlp.up_proj": "up"},
+}
+
+
+def module_template(module: str) -> tuple[str, Optional[str], Optional[str]]:
+    """"blocks.3.mlp.experts.5.up_proj" -> ("blocks.{i}.mlp.experts.{e}.up_proj", "3", "5"); "lm_head" ->
+    ("lm_head", None, None)."""
+    m = re.match(r"blocks\.(\d+)\.(.+)$", module)
+    if not m:
+        return module, None, None
+    rest, e = m.group(2), None
+    x = re.match(r"(.*\bexperts)\.(\d+)\.(.+)$", rest)
+    if x:
+        rest, e = f"{x.group(1)}.{{e}}.{x.group(3)}", x.group(2)
+    return f"blocks.{{i}}.{rest}", m.group(1), e
+
+
+def fused_part(template: str, names: dict) -> tuple[str, Optional[str]]:
+    """(the table's template, part): ("blocks.{i}.attn.qkv", "q") for our q_proj when the family fuses q/k/v."""
+    if template not in names:
+        for fused, parts in FUSED_PARTS.items():
+            if template in parts and fused in names:
+                return fused, parts[template]
+    return template, None
+
+
 def name_map(config: Config, family: Family) -> dict[str, tuple[str, Optional[str]]]:
-    """Our parameter name -> (HF tensor name, part) where part is "q"/"k"/"v" of a fused query_key_value, else None."""
+    """Our parameter name -> (HF tensor name, part) where part is "q"/"k"/"v" of a fused q/k/v layer or
+    "gate"/"up" of a fused gate_up layer, else None."""
     names = family.names_for(config)
     out = {}
     for key in expected_shapes(config):
         module, suffix = key.rsplit(".", 1)  # "blocks.3.attn.q_proj", "weight"
-        m = re.match(r"blocks\.(\d+)\.(.+)$", module)
-        template, i = (f"blocks.{{i}}.{m.group(2)}", m.group(1)) if m else (module, None)
-        part = None
-        if template not in names and template.startswith("blocks.{i}.attn.") and "blocks.{i}.attn.qkv" in names:
-            part, template = template[len("blocks.{i}.attn.")], "blocks.{i}.attn.qkv"  # "q" from "q_proj"
+        template, i, e = module_template(module)
+        template, part = fused_part(template, names)
         if template not in names:
             raise LoraLabError(f"{family.architecture} has no tensor for our {key}: this config cannot be "
                                f"converted to or from it")
-        out[key] = (f"{names[template].format(i=i)}.{suffix}", part)
+        out[key] = (f"{names[template].format(i=i, e=e)}.{suffix}", part)
     return out
+
+
+def split_fused(fused: torch.Tensor, config: Config, family: Family, part: str) -> dict[str, torch.Tensor]:
+    """A fused layer's weight or bias -> its parts ({"q", "k", "v"} or {"gate", "up"}); `part` is any one of them."""
+    if part in ("gate", "up"):
+        gate, up = fused.chunk(2, dim=0)
+        return {"gate": gate, "up": up}
+    if family.fused_layout == "grouped":
+        return split_qkv(fused, config)
+    q, k, v = fused.split([config.n_head * config.head_size] + [config.n_query_groups * config.head_size] * 2)
+    return {"q": q, "k": k, "v": v}
+
+
+def fuse(parts: dict[str, torch.Tensor], config: Config, family: Family) -> torch.Tensor:
+    """The inverse of `split_fused`."""
+    if "gate" in parts:
+        return torch.cat((parts["gate"], parts["up"]))
+    if family.fused_layout == "grouped":
+        return fuse_qkv(parts["q"], parts["k"], parts["v"], config)
+    return torch.cat((parts["q"], parts["k"], parts["v"]))
 
 
 def split_qkv(fused: torch.Tensor, config: Config) -> dict[str, torch.Tensor]:
@@ -693,7 +1127,8 @@ def convert_hf_checkpoint(hf_dir: PathLike, out_dir: PathLike, dtype: Union[str,
                                    f"{tuple(tensor.shape)} but config.json implies {expected}; fix config.json "
                                    f"or download the model again")
             # q, k, v as tensors of their own, so the fused one is freed (and never saved as shared memory)
-            pieces = {k: v.clone() for k, v in split_qkv(tensor, config).items()} if parts[0][1] else None
+            pieces = ({k: v.clone() for k, v in split_fused(tensor, config, family, parts[0][1]).items()}
+                      if parts[0][1] else None)
             for ours, part in parts:
                 state_dict[ours] = _cast(pieces[part] if part else tensor, dtype)
     missing = [plan[k][0] for k in shapes if k not in state_dict]
@@ -759,8 +1194,8 @@ def export_hf_state_dict(config: Config, state_dict: dict[str, torch.Tensor]) ->
             hf_state_dict[hf_name] = state_dict[ours]
         else:
             fused.setdefault(hf_name, {})[part] = state_dict[ours]
-    for hf_name, qkv in fused.items():
-        hf_state_dict[hf_name] = fuse_qkv(qkv["q"], qkv["k"], qkv["v"], config)
+    for hf_name, parts in fused.items():
+        hf_state_dict[hf_name] = fuse(parts, config, family)
     dtype = state_dict["wte.weight"].dtype
     hf_config = {"architectures": [family.architecture], "model_type": family.model_type, **fields_,
                  **{k: config.extra[k] for k in TOKEN_ID_KEYS if k in config.extra},

@@ -63,6 +63,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "The KV cache holds max_batch_size x max_seq_length tokens, allocated at start")
     p.add_argument("--shutdown_grace", type=float, default=5.0,
                    help="on Ctrl-C, seconds running requests may take to finish before they are aborted")
+    p.add_argument("--challenge_api", action="store_true",
+                   help="also serve the NeurIPS 2023 LLM Efficiency Challenge's /process, /tokenize and /decode "
+                        "(lora_lab/serve/challenge.py)")
+    p.add_argument("--challenge_model", default=None,
+                   help="the model /process answers with; default: the first --adapters adapter, else the base")
     p.add_argument("--precision", default=None, help="bf16-true, 16-true or 32-true; default bf16 on a GPU, else 32")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     return p.parse_args(argv)
@@ -131,8 +136,13 @@ def main(argv=None) -> None:
                 server.engine.drain(grace)
                 super().handle_exit(sig, frame)
 
+        app = create_app(server, options)
+        if args.challenge_api:
+            from lora_lab.serve.challenge import challenge_router
+
+            app.include_router(challenge_router(server, args.challenge_model or next(iter(adapters), None)))
         try:
-            Server(uvicorn.Config(create_app(server, options), host=args.host, port=args.port, log_level="warning",
+            Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                   timeout_graceful_shutdown=grace + 10)).run()
         except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: stopping is what was asked for
             pass

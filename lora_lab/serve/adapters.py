@@ -23,7 +23,9 @@ Where adapters may come from (a server on a network must not read what a client 
                              --allow_runtime_loading, and only below --adapters_root. `confine` resolves the path
                              (symlinks and `..`) before anything is read, and so is every file read from the
                              adapter directory; a path outside gets one 403 line that is the same whether or not
-                             it exists (`PathRefused`).
+                             it exists (`PathRefused`); each file is then opened from the root one component at
+                             a time without following symlinks (`open_below`), so a symlink swapped in after the
+                             check cannot lead out either.
 
 LRU: at most `max_loaded` adapters sit in slots 1..max_loaded (slot 0 is "no adapter"). Asking for one that is
 not loaded loads it from disk into a free slot, or into the slot of the least recently used adapter that no
@@ -38,6 +40,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -109,21 +112,56 @@ class AdapterWeights:
         return [r for r in ROLES if any(role_of(m) == r for m in self.modules)]
 
 
+@contextmanager
+def open_below(root: Path, path: Path):
+    """`path` (confined already) opened from `root` one component at a time, following no symlink (O_NOFOLLOW): a
+    symlink swapped in after `confine` checked the path cannot lead out. Yields a path that reads the open file
+    (/proc/self/fd/N); without /proc (not Linux) `path` itself, and confine's check is what there is."""
+    if not hasattr(os, "O_NOFOLLOW") or not os.path.isdir("/proc/self/fd"):
+        yield path
+        return
+    rel = path.relative_to(Path(root).resolve())
+    fd = os.open(Path(root).resolve(), os.O_RDONLY | os.O_DIRECTORY)
+    last = None
+    try:
+        for part in rel.parts[:-1]:
+            below = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = below
+        last = os.open(rel.parts[-1], os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
+    except FileNotFoundError:
+        pass  # not there: the caller says it is missing
+    except OSError:  # a symlink (ELOOP, ENOTDIR) where confine saw none
+        raise PathRefused(REFUSED) from None
+    finally:
+        os.close(fd)
+    try:
+        yield path if last is None else Path(f"/proc/self/fd/{last}")
+    finally:
+        if last is not None:
+            os.close(last)
+
+
 def read_adapter(name: str, path, config: Config, limits: AdapterLimits = AdapterLimits(),
                  root: Optional[Path] = None) -> AdapterWeights:
     """Read the adapter directory `path` (lora_lab or PEFT) for a base model `config`; one line if it does not fit.
-    root: every file read must resolve below it (run-time loading)."""
-    t0 = time.perf_counter()
+    root: every file read must resolve below it (run-time loading), and is opened without following symlinks."""
     path = Path(path)
+    with ExitStack() as opened:
+        def file(fname: str) -> Path:
+            f = path / fname
+            return f if root is None else opened.enter_context(open_below(root, confine(root, f)))
 
-    def file(fname: str) -> Path:
-        f = path / fname
-        return confine(root, f) if root is not None else f
+        return _read_adapter(name, path, config, limits, file)
 
+
+def _read_adapter(name: str, path: Path, config: Config, limits: AdapterLimits, file) -> AdapterWeights:
+    t0 = time.perf_counter()
     kind = adapter_kind(path)
     if kind == "lora":
         config_file, weights_file = file(ADAPTER_CONFIG_FILE), file(ADAPTER_WEIGHTS_FILE)
-        lora_config = _read_config(name, config_file, LoRAConfig.from_dict)
+        weights_name = ADAPTER_WEIGHTS_FILE
+        lora_config = _read_config(name, config_file, ADAPTER_CONFIG_FILE, LoRAConfig.from_dict)
         diffs = base_shape_diffs(lora_config, config)
         if diffs:
             raise LoraLabError(f"adapter {name!r} does not fit the served base model: it was trained on "
@@ -134,6 +172,7 @@ def read_adapter(name: str, path, config: Config, limits: AdapterLimits = Adapte
         names = _split_lora_names
     elif kind == "peft":
         config_file, weights_file = file(PEFT_CONFIG_FILE), file(PEFT_WEIGHTS_FILE)
+        weights_name = PEFT_WEIGHTS_FILE
         adapter, names = _read_peft_config(name, path, config_file, config)
     elif not path.is_dir():
         raise LoraLabError(f"adapter {name!r}: directory {path} does not exist")
@@ -141,7 +180,7 @@ def read_adapter(name: str, path, config: Config, limits: AdapterLimits = Adapte
         raise LoraLabError(f"adapter {name!r}: {path} holds neither {ADAPTER_CONFIG_FILE} (lora_lab) nor "
                            f"{PEFT_CONFIG_FILE} (PEFT)")
     if not weights_file.is_file():
-        raise LoraLabError(f"adapter {name!r}: {weights_file} is missing")
+        raise LoraLabError(f"adapter {name!r}: {path / weights_name} is missing")
     mb = weights_file.stat().st_size / 2**20
     if limits.max_adapter_mb is not None and mb > limits.max_adapter_mb:
         raise LoraLabError(f"adapter {name!r} is {mb:.1f} MB, more than this server's --max_adapter_mb "
@@ -154,7 +193,7 @@ def read_adapter(name: str, path, config: Config, limits: AdapterLimits = Adapte
         with safe_open(str(weights_file), "pt") as f:
             shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise LoraLabError(f"adapter {name!r}: {weights_file.name} is not a valid safetensors file ({e})") from None
+        raise LoraLabError(f"adapter {name!r}: {weights_name} is not a valid safetensors file ({e})") from None
     layout = {}
     for key, shape in shapes.items():
         module, param = names(name, key)
@@ -163,7 +202,7 @@ def read_adapter(name: str, path, config: Config, limits: AdapterLimits = Adapte
     try:
         tensors = load_file(str(weights_file))
     except (SafetensorError, OSError, ValueError) as e:
-        raise LoraLabError(f"adapter {name!r}: {weights_file.name} is truncated or corrupt ({e})") from None
+        raise LoraLabError(f"adapter {name!r}: {weights_name} is truncated or corrupt ({e})") from None
     for key, t in tensors.items():
         module, param = names(name, key)
         adapter.modules.setdefault(module, {})[param] = t
@@ -171,13 +210,13 @@ def read_adapter(name: str, path, config: Config, limits: AdapterLimits = Adapte
     return adapter
 
 
-def _read_config(name: str, config_file: Path, from_dict):
+def _read_config(name: str, config_file: Path, shown: str, from_dict):
     try:
         return from_dict(json.loads(config_file.read_text()))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LoraLabError(f"adapter {name!r}: {config_file.name} is not valid JSON ({e})") from None
+        raise LoraLabError(f"adapter {name!r}: {shown} is not valid JSON ({e})") from None
     except (LoraLabError, TypeError, AttributeError) as e:
-        raise LoraLabError(f"adapter {name!r}: {config_file.name} is not a valid adapter config ({e})") from None
+        raise LoraLabError(f"adapter {name!r}: {shown} is not a valid adapter config ({e})") from None
 
 
 def _split_lora_names(name: str, key: str) -> tuple[str, str]:
@@ -192,9 +231,9 @@ def _read_peft_config(name: str, path: Path, config_file: Path, config: Config):
     from lora_lab.formats.hf import hf_family_for
     from lora_lab.formats.peft import PEFT_PARAM_NAMES, PEFT_PREFIX, hf_module_names
 
-    pc = _read_config(name, config_file, lambda d: d if isinstance(d, dict) else None)
+    pc = _read_config(name, config_file, PEFT_CONFIG_FILE, lambda d: d if isinstance(d, dict) else None)
     if not isinstance(pc, dict):
-        raise LoraLabError(f"adapter {name!r}: {config_file.name} is not a JSON object")
+        raise LoraLabError(f"adapter {name!r}: {PEFT_CONFIG_FILE} is not a JSON object")
     if pc.get("peft_type", "LORA") != "LORA":
         raise LoraLabError(f"adapter {name!r}: PEFT type {pc.get('peft_type')} is not served; only LORA adapters are")
     if pc.get("rank_pattern") or pc.get("alpha_pattern"):
@@ -204,9 +243,9 @@ def _read_peft_config(name: str, path: Path, config_file: Path, config: Config):
     try:
         r, alpha = int(pc.get("r", 8)), float(pc.get("lora_alpha", 8))
     except (TypeError, ValueError):
-        raise LoraLabError(f"adapter {name!r}: {config_file.name} has an invalid r or lora_alpha") from None
+        raise LoraLabError(f"adapter {name!r}: {PEFT_CONFIG_FILE} has an invalid r or lora_alpha") from None
     if r < 1:
-        raise LoraLabError(f"adapter {name!r}: {config_file.name} has rank r {r}")
+        raise LoraLabError(f"adapter {name!r}: {PEFT_CONFIG_FILE} has rank r {r}")
     scaling = alpha / r ** 0.5 if pc.get("use_rslora") else alpha / r
     family, _ = hf_family_for(config)
     hf_to_ours = {}

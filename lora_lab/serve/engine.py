@@ -24,7 +24,8 @@ Events go back to the caller through `Request.on_event(kind, payload)`, called f
 Bounds, so that a burst cannot make every client wait: `max_queue` requests may wait beyond the running batch
 (`submit` raises QueueFull past it: the server answers 429), and a request not finished `timeout` seconds after it
 arrived ends with an error and frees its row. Counters for /metrics and the tests: `tokens_generated`, `finished`
-{finish_reason: count}; `listeners` are called with each finished request (from the engine thread).
+{finish_reason: count}; `listeners` are called with each finished request, `gap_listeners` once a step with the
+time since each decoded row's previous token (both from the engine thread).
 Sampling: each request has its own torch.Generator (seeded with its `seed`, else from the OS), so requests never
 touch the global RNG or each other's.
 """
@@ -82,18 +83,22 @@ class Request:
     on_event: Callable[[str, object], None]
     temperature: float = 0.0
     top_p: Optional[float] = None
+    top_k: Optional[int] = None
     seed: Optional[int] = None
     stop_ids: Sequence[int] = ()
     stop: Sequence[str] = ()  # stop strings: the text ends before the first one
     slot: int = 0  # the adapter's slot (0: the base model)
     adapter: Optional[str] = None
     cancelled: bool = False  # set by the caller (client gone): the engine drops the request at its next step
+    logprobs: Optional[int] = None  # record each token's log-probability and this many top alternatives
     # filled in by the engine
     generated: list[int] = field(default_factory=list)
     finish_reason: Optional[str] = None
     text: str = ""  # all the text so far (stop strings cut off)
+    token_logprobs: list = field(default_factory=list)  # with logprobs: per token (logprob, top ids, top logprobs)
     sent: int = 0  # how much of `text` went out in ("text", ...) events
     first_token_time: Optional[float] = None
+    last_token_time: Optional[float] = None
     finish_time: Optional[float] = None
     submit_time: float = field(default_factory=time.perf_counter)
 
@@ -115,6 +120,7 @@ class Engine:
         self.max_queue = max_queue  # None: no bound on the waiting requests
         self.timeout = timeout  # None: requests may take as long as they take
         self.listeners: list[Callable[[Request], None]] = []
+        self.gap_listeners: list[Callable[[list[float]], None]] = []
         self.tokens_generated = 0
         self.finished: dict[str, int] = {}  # finish_reason -> requests
         self.device = model.wte.weight.device
@@ -250,7 +256,7 @@ class Engine:
         input_pos = torch.zeros(m, dtype=torch.long, device=self.device)  # (m,)
         hidden = final_hidden(self.model, idx.to(self.device), input_pos)  # (m, T, C)
         last = torch.tensor([len(r.prompt_ids) - 1 for r in reqs], device=self.device)  # (m,)
-        logits = self.model.lm_head(hidden[torch.arange(m, device=self.device), last][:, None])[:, -1]  # (m, vocab)
+        logits = self.model.logits(hidden[torch.arange(m, device=self.device), last][:, None])[:, -1]  # (m, vocab)
         for cache in self.caches:
             cache.row_offset = 0
         for r in reqs:
@@ -277,17 +283,30 @@ class Engine:
     def _sample_and_emit(self, rows: list[int], logits: torch.Tensor) -> None:
         greedy = logits.argmax(dim=-1).tolist()  # (B,)
         now = time.perf_counter()
+        gaps = []  # seconds since each row's previous token (rows past their first)
         for j, i in enumerate(rows):
             r = self.rows[i]
             if r.temperature == 0.0:
                 token = greedy[j]
             else:
-                token = int(sample(logits[j:j + 1], r.temperature, None, r.top_p, r.generator))
+                token = int(sample(logits[j:j + 1], r.temperature, r.top_k, r.top_p, r.generator))
             r.generated.append(token)
             self.tokens_generated += 1
+            if r.logprobs is not None:  # under the model itself: the raw logits, whatever the sampling settings
+                lp = logits[j].float().log_softmax(dim=-1)  # (vocab,)
+                top = lp.topk(max(r.logprobs, 1))
+                r.token_logprobs.append((float(lp[token]), top.indices.tolist(), top.values.tolist()))
             if r.first_token_time is None:
                 r.first_token_time = now
+            else:
+                gaps.append(now - r.last_token_time)
+            r.last_token_time = now
             self._advance(r, token, self.lengths[i])
+        for listener in self.gap_listeners if gaps else ():
+            try:
+                listener(gaps)
+            except Exception:  # a metric must never take the engine down
+                traceback.print_exc()
         finished = [i for i, r in enumerate(self.rows) if r.finish_reason is not None]
         self._remove_rows(finished)
 

@@ -6,14 +6,15 @@
     lora_lab_running_rows                               requests being decoded (rows of the KV cache in use)
     lora_lab_generated_tokens_total                     tokens sampled
     lora_lab_time_to_first_token_seconds                histogram: arrival -> first token
-    lora_lab_time_per_output_token_seconds              histogram: per request, (finish - first token) / (tokens - 1)
+    lora_lab_time_per_output_token_seconds              histogram: each token after a request's first, the time since
+                                                         its previous one
     lora_lab_request_duration_seconds{finish_reason}    histogram: arrival -> last event
     lora_lab_adapters_loaded_total, _evicted_total      adapters read into a slot / dropped from one
     lora_lab_adapters_in_memory                         adapters in slots now
 
 Each app has its own registry (not prometheus_client's global one), so several servers in one process (the tests)
 do not mix. The gauges and the engine's counters are read when scraped (a custom collector), the histograms are
-filled by an engine listener as requests finish.
+filled by engine listeners, as tokens come and as requests finish.
 """
 
 from __future__ import annotations
@@ -39,19 +40,23 @@ class Metrics:
                                 registry=self.registry)
         self.ttft = Histogram("lora_lab_time_to_first_token_seconds", "arrival to first token",
                               buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.tpot = Histogram("lora_lab_time_per_output_token_seconds", "per request: time per token after the first",
+        self.tpot = Histogram("lora_lab_time_per_output_token_seconds", "time from a token to the request's next",
                               buckets=TOKEN_BUCKETS, registry=self.registry)
         self.duration = Histogram("lora_lab_request_duration_seconds", "arrival to the last event",
                                   ["finish_reason"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(_EngineCollector(server))
         server.engine.listeners.append(self.observe)
+        server.engine.gap_listeners.append(self.observe_gaps)
+
+    def observe_gaps(self, gaps: list[float]) -> None:
+        """An engine listener: one decode step's time since each row's previous token."""
+        for gap in gaps:
+            self.tpot.observe(gap)
 
     def observe(self, req) -> None:
         """An engine listener: a request finished (called from the engine thread)."""
         if req.first_token_time is not None:
             self.ttft.observe(req.first_token_time - req.submit_time)
-            if len(req.generated) > 1:
-                self.tpot.observe((req.finish_time - req.first_token_time) / (len(req.generated) - 1))
         self.duration.labels(req.finish_reason).observe(req.finish_time - req.submit_time)
 
     def count(self, model: str, status: int) -> None:

@@ -1,6 +1,7 @@
 """The OpenAI API (and vLLM's adapter endpoints) over the ModelServer in `app.state.server`, as one APIRouter.
 
-    POST /v1/completions          {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream"}
+    POST /v1/completions          {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream",
+                                   "logprobs"}
     POST /v1/chat/completions     {"model", "messages", ...}: messages in the adapter's prompt style
     GET  /v1/models               the base model and every adapter (with "parent": the base)
     POST /v1/load_lora_adapter    {"lora_name", "lora_path"}   (vLLM's run-time adapter loading; off by default)
@@ -31,6 +32,7 @@ from starlette.concurrency import run_in_threadpool
 
 from lora_lab.serve.engine import QueueFull, Request
 from lora_lab.serve.errors import APIError, not_found, rate_limited
+from lora_lab.serve.logprobs import openai_logprobs, requested
 from lora_lab.serve.server import ModelServer
 from lora_lab.utils import LoraLabError
 
@@ -59,6 +61,7 @@ class Sampling(BaseModel):
 class CompletionBody(Sampling):
     prompt: Union[str, list[str]]
     max_tokens: Optional[int] = Field(default=16, ge=1)  # OpenAI's default for completions
+    logprobs: Optional[int] = Field(default=None, ge=0, le=20)  # per token: its logprob and this many alternatives
 
 
 class ChatMessage(BaseModel):
@@ -69,6 +72,8 @@ class ChatMessage(BaseModel):
 class ChatBody(Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
 
 
 class LoadAdapterBody(BaseModel):
@@ -183,9 +188,10 @@ async def respond(req: Request, queue: asyncio.Queue, http: HTTPRequest, body: S
         finally:
             if reason is None:
                 req.cancelled = True
+        logprobs = openai_logprobs(model_server(http).tokenizer, req, body, chat)  # lora_lab/serve/logprobs.py
         choice = ({"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                   "logprobs": None, "finish_reason": reason} if chat else
-                  {"index": 0, "text": "".join(text), "logprobs": None, "finish_reason": reason})
+                   "logprobs": logprobs, "finish_reason": reason} if chat else
+                  {"index": 0, "text": "".join(text), "logprobs": logprobs, "finish_reason": reason})
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": body.model, "choices": [choice], "usage": usage(req)}
 
@@ -231,7 +237,10 @@ async def respond(req: Request, queue: asyncio.Queue, http: HTTPRequest, body: S
 
 def _sampling(body: Sampling) -> dict:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    return dict(temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop, ignore_eos=body.ignore_eos)
+    if body.stream and requested(body) is not None:
+        raise APIError(400, "logprobs: not supported with stream=true (ask without streaming)", "logprobs")
+    return dict(temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop, ignore_eos=body.ignore_eos,
+                logprobs=requested(body))
 
 
 # ---- the routes ----------------------------------------------------------------------------------------------------
