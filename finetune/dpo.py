@@ -13,7 +13,9 @@ was before this run: with --adapter_dir, the base plus that (SFT) adapter, which
 without it, the bare base (a fresh LoRA adds exactly nothing at the start: B = 0). log pi(y|x) sums the log-probs
 of the answer's tokens only (the prompt is context). pi_ref is scored once, before the first step, on every
 pair: the one line `reference_logps(...)` below. No second copy of the model is kept and no adapter is switched
-off later; the scores go into the resume state, so --resume continues exactly. --loss ipo or hinge swaps the
+off later; the scores go into the resume state, so --resume continues exactly. Dropout is off by default (as
+TRL's disable_dropout=True): the reference pass runs without it, so a policy pass with it would score another
+function (started from an SFT adapter, step 1's loss would be 0.69299, not ln 2); --lora_dropout still sets it. --loss ipo or hinge swaps the
 loss for IPO's or SLiC's; --quantize nf4 keeps the frozen base in 4 bits (QLoRA-DPO, as finetune/qlora.py).
 
 --packing lays the chosen and rejected sequences of a micro-batch's pairs end to end in rows of max_seq_length
@@ -85,7 +87,7 @@ def setup(
     # LoRA: which layers get an update, its rank and scale (with --adapter_dir: the adapter's own)
     lora_r: int = 8,
     lora_alpha: float = 16.0,
-    lora_dropout: float = 0.05,
+    lora_dropout: float = 0.0,
     lora_targets: Union[tuple[str, ...], str] = ("query", "value"),
     use_rslora: bool = False,
     use_dora: bool = False,
@@ -146,7 +148,8 @@ def setup(
         double_quant: with --quantize nf4: quantize the scales too (8 bits, blocks of 256).
         lora_r: rank of the update B A (a fresh adapter only).
         lora_alpha: the update is scaled by lora_alpha / lora_r (a fresh adapter only).
-        lora_dropout: dropout on the LoRA branch's input.
+        lora_dropout: dropout on the LoRA branch's input (default 0, as TRL's disable_dropout: the policy pass
+            then computes the function the reference was scored with, so step 1 from an SFT adapter is ln 2).
         lora_targets: layers to adapt (a fresh adapter only): query, key, value, projection, mlp, lm_head, or all.
         use_rslora: scale by alpha / sqrt(r) instead of alpha / r (a fresh adapter only).
         use_dora: DoRA (weight-decomposed LoRA) (a fresh adapter only).

@@ -9,7 +9,8 @@ has no lora_r), and raises a one-line LoraLabError naming the flag. A method's o
 tests/test_early_checks.py calls every script with each mistake and asserts that no model was loaded.
 Names it does not know are left alone (each script checks its own in main). One exception: a script with --beta
 is finetune/dpo.py, whose --data / --val_data are preference-pair files (not dataset names), whose --adapter_dir
-is a LoRA adapter to continue, and whose --beta / --loss are judged here too.
+is a LoRA adapter to continue, and whose --beta / --loss are judged here too. A script with --num_generations is
+finetune/grpo.py: instruction data, a LoRA adapter to continue, and its GRPO settings and --reward names judged here.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def check_args(args: Mapping[str, Any]) -> None:
         from lora_lab.training import parse_duration
 
         parse_duration(args["max_time"])
-    preference = "beta" in args  # finetune/dpo.py: pairs of answers, not instruction data
+    grpo = "num_generations" in args  # finetune/grpo.py: instruction rows as prompts, rewards, a KL beta
+    preference = "beta" in args and not grpo  # finetune/dpo.py: pairs of answers, not instruction data
     if "label_column" in args:  # finetune/classify.py: labelled texts in a file, not an instruction data set
         check_classification_args(args)
         if args.get("columns") is not None:
@@ -78,6 +80,20 @@ def check_args(args: Mapping[str, Any]) -> None:
                 (check_preference_data if preference else check_data)(args[name], name)
         if args.get("columns") is not None:
             check_columns(args["columns"], args.get("data"), preference)
+    if grpo:
+        from lora_lab.grpo import check_grpo_settings
+        from lora_lab.rewards import check_reward_spec, check_reward_weights, split_list
+
+        check_grpo_settings(args["num_generations"], args["beta"], args["epsilon"], args["epsilon_high"],
+                            args["loss_type"], args["scale_rewards"], args["num_iterations"],
+                            args["max_completion_length"], args["batch_size"], args["micro_batch_size"],
+                            args["temperature"])
+        specs = split_list(args["reward"])
+        for spec in specs:
+            check_reward_spec(spec)
+        check_reward_weights(args["reward_weights"], len(specs))
+        if args.get("adapter_dir") is not None:
+            check_lora_adapter_dir(Path(args["adapter_dir"]))
     if preference:
         from lora_lab.dpo import check_dpo_settings
 

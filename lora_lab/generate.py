@@ -79,6 +79,49 @@ def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, temperature:
             model.clear_kv_cache()
 
 
+@torch.inference_mode()
+def generate_batch(model: GPT, prompts: Sequence[torch.Tensor], max_new_tokens: int, temperature: float = 1.0,
+                   top_k: Optional[int] = None, top_p: Optional[float] = None, eos_ids: Sequence[int] = (),
+                   generator: Optional[torch.Generator] = None, pad_id: int = 0) -> list[list[int]]:
+    """A completion (token ids, up to and including the first EOS id) for each prompt, all rows decoded together
+    with one KV cache (GRPO's num_generations samples of a prompt and of several prompts in one batch).
+
+    The prompts are right-padded and prefilled at once (per-row start 0: a row's padding comes after its prompt,
+    so causal attention never reads it); then each step feeds every row its newest token at its own position
+    (input_pos a (B,) tensor), which overwrites the padding's cache entries before any query can see them. A
+    finished row keeps decoding (its tokens are dropped) so that the batch stays rectangular."""
+    B, device = len(prompts), model.wte.weight.device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)  # (B,)
+    T = int(lengths.max())
+    max_new_tokens = min(max_new_tokens, model.config.block_size - T)
+    if max_new_tokens < 1:
+        raise ValueError(f"A prompt has {T} tokens; the model's block_size is {model.config.block_size}")
+    idx = torch.full((B, T), pad_id, dtype=torch.long, device=device)  # (B, T)
+    for b, p in enumerate(prompts):
+        idx[b, :len(p)] = p.to(device)
+    last = torch.arange(T, device=device) == (lengths - 1)[:, None]  # (B, T): each row's last prompt token
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    stop = set(int(i) for i in eos_ids)
+    model.set_kv_cache(batch_size=B, max_seq_length=T + max_new_tokens)
+    try:
+        logits = model(idx, input_pos=torch.zeros(B, dtype=torch.long, device=device), logits_at=last)  # (B, V)
+        pos = lengths.clone()  # (B,) where each row's next token goes
+        for step in range(max_new_tokens):
+            next_ids = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+            for b, token in enumerate(next_ids.tolist()):
+                if not done[b]:
+                    out[b].append(token)
+                    done[b] = token in stop
+            if all(done) or step + 1 == max_new_tokens:
+                break
+            logits = model(next_ids.view(B, 1), input_pos=pos)[:, -1]  # (B, V)
+            pos = pos + 1
+    finally:
+        model.clear_kv_cache()
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Streaming text out as tokens arrive
 # ------------------------------------------------------------------------------------------------------------

@@ -134,6 +134,7 @@ class LoRALinear(nn.Module):
             self.register_parameter("lora_magnitude", None)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.disabled = False  # lora_lab.grpo.lora_disabled: the base alone (GRPO's reference pass)
         # True while `weight` is also the embedding matrix (tied lm_head): merging in place would change the
         # embedding, so only merge_lora(model), which gives lm_head its own copy first, may merge this layer
         self.shares_weight = False
@@ -226,7 +227,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_forward(x)  # (..., out)
-        if self.merged:  # the update is already inside the weight
+        if self.merged or self.disabled:  # the update is already inside the weight, or switched off
             return out
         if self.lora_A.is_meta and not x.is_meta:
             raise LoraLabError("LoRA parameters are still on the meta device: load an adapter with "

@@ -7,7 +7,8 @@ against the optimizer step, raw (thin) and smoothed (an exponential moving avera
 moments so that it starts at the first value instead of at zero), the validation loss (dots), and the learning
 rate on a second axis. The title names the run (its folder) and its key hyperparameters, read from
 OUT_DIR/hparams.yaml. A DPO run (finetune/dpo.py) logs its loss as `loss` and adds a panel below: the reward
-accuracy (the share of pairs whose chosen answer gets the larger implicit reward), training and held-out. With several runs (e.g. LoRA vs QLoRA, r 8 vs r 64) each gets a colour and the default
+accuracy (the share of pairs whose chosen answer gets the larger implicit reward), training and held-out. A GRPO run
+(finetune/grpo.py) draws its mean reward there, training and held-out. With several runs (e.g. LoRA vs QLoRA, r 8 vs r 64) each gets a colour and the default
 output is loss_comparison.png in the working directory. matplotlib draws with its Agg backend: no display needed.
 tests/test_run_record.py checks the files (test_loss_png_*).
 """
@@ -26,7 +27,8 @@ METRICS_FILE, HPARAMS_FILE, PLOT_FILE = "metrics.csv", "hparams.yaml", "loss.png
 FIGSIZE, DPI = (10, 5.5), 100  # 1000 x 550 pixels
 # the hyperparameters worth a place in a title, in this order, with short names
 KEY_HPARAMS = {"lora_r": "r", "lora_alpha": "alpha", "adapter_version": "adapter v", "learning_rate": "lr",
-               "batch_size": "batch", "max_steps": "steps", "max_seq_length": "seq", "data": "data", "beta": "beta"}
+               "batch_size": "batch", "max_steps": "steps", "max_seq_length": "seq", "data": "data", "beta": "beta",
+               "reward": "reward"}
 
 
 def read_metrics(out_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -86,7 +88,9 @@ def plot_runs(out_dirs: Sequence[Path], out: Path, title: Optional[str] = None) 
     import matplotlib.pyplot as plt
 
     runs = [(Path(d), read_metrics(Path(d))) for d in out_dirs]
-    accuracy = any("rewards/accuracies" in s for _, s in runs)  # DPO runs: their reward accuracy in a panel below
+    # a panel below: DPO runs' reward accuracy, GRPO runs' reward (training, and held-out greedy answers)
+    panel_key = next((k for k in ("rewards/accuracies", "reward") if any(k in s for _, s in runs)), None)
+    accuracy = panel_key is not None
     if accuracy:
         fig, (ax, ax_acc) = plt.subplots(2, 1, figsize=(FIGSIZE[0], FIGSIZE[1] * 1.5), dpi=DPI, sharex=True,
                                          gridspec_kw={"height_ratios": [2, 1]})
@@ -111,12 +115,12 @@ def plot_runs(out_dirs: Sequence[Path], out: Path, title: Optional[str] = None) 
         if lr:
             steps, rates = zip(*lr)
             ax_lr.plot(steps, rates, ":", color=color, linewidth=1, label=f"{prefix}learning rate")
-        if accuracy and series.get("rewards/accuracies"):
-            steps, values = zip(*series["rewards/accuracies"])
+        if accuracy and series.get(panel_key):
+            steps, values = zip(*series[panel_key])
             ax_acc.plot(steps, values, color=color, alpha=0.3, linewidth=0.8)
             ax_acc.plot(steps, smooth(values), color=color, linewidth=2, label=f"{prefix}train (smoothed)")
-        if accuracy and series.get("val_rewards/accuracies"):
-            steps, values = zip(*series["val_rewards/accuracies"])
+        if accuracy and series.get(f"val_{panel_key}"):
+            steps, values = zip(*series[f"val_{panel_key}"])
             ax_acc.plot(steps, values, "o--", color=color, markersize=5, label=f"{prefix}held-out")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
@@ -124,7 +128,7 @@ def plot_runs(out_dirs: Sequence[Path], out: Path, title: Optional[str] = None) 
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     losses = [v for _, s in runs for key in ("train_loss", "loss", "val_loss") for _, v in s.get(key, [])
               if math.isfinite(v)]
-    if losses and max(losses) > 20 * max(min(losses), 1e-6):
+    if losses and min(losses) > 0 and max(losses) > 20 * max(min(losses), 1e-6):  # (a GRPO loss can be <= 0)
         ax.set_yscale("log")  # a loss falling by orders of magnitude: linear would flatten everything after step 1
     lines = ax.get_legend_handles_labels()
     lines_lr = ax_lr.get_legend_handles_labels()
@@ -133,8 +137,9 @@ def plot_runs(out_dirs: Sequence[Path], out: Path, title: Optional[str] = None) 
     if accuracy:
         ax.set_xlabel("")  # (the panel below carries it)
         ax_acc.set_xlabel("optimizer step")
-        ax_acc.set_ylabel("reward accuracy")
-        ax_acc.set_ylim(-0.02, 1.02)
+        ax_acc.set_ylabel("reward accuracy" if panel_key == "rewards/accuracies" else "reward")
+        if panel_key == "rewards/accuracies":
+            ax_acc.set_ylim(-0.02, 1.02)
         ax_acc.legend(loc="lower right", fontsize="small")
         ax_acc.grid(alpha=0.3)
     ax.set_title(title or (describe(runs[0][0]) if len(runs) == 1 else f"{len(runs)} runs"), fontsize="medium")

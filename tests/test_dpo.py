@@ -230,6 +230,20 @@ def test_script_reference_is_base_plus_sft_adapter(tiny_ckpt, pairs_file, tmp_pa
     assert config["trained_with"]["sft_adapter"] == str(adapter)
 
 
+def test_dropout_is_off_by_default_so_step_one_from_an_sft_adapter_is_ln2(tiny_ckpt, pairs_file, tmp_path):
+    """As TRL's disable_dropout=True: with the default --lora_dropout (0) the policy pass computes what the
+    reference pass scored, so from an SFT adapter step 1's loss is ln 2 (to float precision); --lora_dropout still
+    turns dropout on, and then the first policy pass differs from the reference (the old 0.69299)."""
+    adapter = sft_adapter(tiny_ckpt, tmp_path / "sft")
+    args = {k: v for k, v in RUN.items() if k != "lora_dropout"}
+    dpo_script.setup(checkpoint_dir=tiny_ckpt, data=str(pairs_file), out_dir=tmp_path / "off", adapter_dir=adapter,
+                     val_data=str(pairs_file.parent / "val.json"), **{**args, "max_steps": 1})
+    assert load_lora(tmp_path / "off")[0].dropout == 0.0
+    assert abs(float(metrics(tmp_path / "off")[0]["loss"]) - LN2) < 1e-6
+    run(tiny_ckpt, pairs_file, tmp_path / "on", adapter_dir=adapter, lora_dropout=0.3, max_steps=1)
+    assert abs(float(metrics(tmp_path / "on")[0]["loss"]) - LN2) > 1e-5
+
+
 # ------------------------------------------------------------------------------------------------------------
 # 4. against TRL's DPOTrainer (PEFT model, ref_model=None)
 # ------------------------------------------------------------------------------------------------------------

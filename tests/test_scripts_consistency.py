@@ -419,3 +419,141 @@ def test_dpo_compiles_and_checks_as_lora_does():
     compile_line = "if compile:  # torch.compile each block for training (lora_lab/compile.py)"
     assert any(s.startswith(compile_line) for s in lines(REFERENCE, "main"))
     assert any(s.startswith(compile_line) and "compile_blocks(gpt)" in s for s in lines(DPO, "main"))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# finetune/grpo.py: the same shape and plumbing, another objective (sampled completions scored by programs)
+# ------------------------------------------------------------------------------------------------------------
+GRPO = "grpo"
+RENAMES[GRPO] = []
+METHOD_STATEMENTS[GRPO] = []
+GRPO_ARGUMENTS = ["adapter_dir", "reward", "reward_weights", "num_generations", "max_completion_length",
+                  "temperature", "top_p", "top_k", "beta", "epsilon", "epsilon_high", "loss_type", "scale_rewards",
+                  "num_iterations", "quantize", "nf4_blocksize", "double_quant",
+                  *[a for a in METHOD_ARGUMENTS["lora"] if a not in ("lora_init", "loftq_iter")]]
+# lora.py's options that mean nothing here (every other one, compile, MFU, trackers, max_time included, grpo.py
+# takes as lora.py does):
+GRPO_DROPPED = {"mask_prompt",  # only the completion tokens are ever scored: the prompt is always context
+                "blank_line_docs",  # raw text has no prompts to answer
+                "packing",  # a step's completions are scored in right-padded micro-batches, each trimmed to its
+                            # longest row; packing them is not implemented (no flag that does nothing)
+                "neftune_alpha",  # noise on the policy pass only would make it score another function than the
+                                  # sampling, old-policy and reference passes (TRL's GRPOTrainer has no NEFTune)
+                "lora_init", "loftq_iter"}  # pissa / olora / loftq move W's principal part into A, B: the base with
+                # the LoRA switched off is then not the starting model, so GRPO's reference would need the swap path
+                # for every start; not wired yet (a fresh adapter starts as lora.py's default, kaiming)
+# shared options with another default here: eval_samples (each answer is printed with its reward: 3, as dpo.py)
+GRPO_OWN_DEFAULTS = OWN_DEFAULTS | {"eval_samples"}
+
+# Lines of lora.py's main() and fit() that grpo.py does not have (each replaced by the method's own), matched by
+# their start; every OTHER line of lora.py's main() and fit() is in grpo.py's, word for word.
+GRPO_REPLACES = {
+    "main": [
+        # the signature (GRPO's own arguments; no blank_line_docs, mask_prompt, packing, neftune_alpha)
+        "blank_line_docs: bool", "lora_r: int, lora_alpha", "use_rslora: bool, use_dora", "max_seq_length: int, mask",
+        "max_steps: Optional[int], epochs", "weight_decay: float, warmup", "columns: Optional[dict],", "activation_checkpointing: bool, compile",
+        "eval_iters: int, eval_samples", "precision: str, peak_flops", "loftq_iter: int, prompt_style",
+        # no data mix to record: the prompts come from one source
+        "if fabric.is_global_zero:", "write_mix_record(out_dir, data_stats)",
+        # no --lora_init (GRPO_DROPPED): a fresh adapter starts as lora.py's default
+        "prompt_style=style.name, init=init_config(", "started = time.perf_counter()", "init_lora(model, lora_init",
+        'if lora_init != "kaiming":', 'fabric.print(f"--lora_init {lora_init}',
+        # a step is batch_size completions, num_generations per prompt: check_grpo_settings, no grad_accum
+        "if fabric.world_size > 1 and batch_size %", 'raise LoraLabError(f"batch_size={batch_size} is not',
+        'f"{micro_batch_size * fabric.world_size}")', "grad_accum = max(1,",
+        # prompts, not tokenized answers: load_instructions + prompt_rows, no data loader (step_prompts picks them)
+        "style = PromptStyle.from_checkpoint(checkpoint_dir, prompt_style)", "train_dl, val_dl, data_stats =",
+        "data, tokenizer, style, max_seq_length", "val_data=val_data, n_train", "bucket_by_length=True, pad_id=",
+        "blank_line_docs=blank_line_docs)", "max_steps = max(1, math.ceil(epochs * data_stats",
+        # the model section: an SFT adapter may be continued (as dpo.py), its LoRAConfig says trained_with grpo
+        "inject_lora(model, r=lora_r", "use_rslora=use_rslora, use_dora=use_dora)",
+        'fabric.print(f"LoRA r={lora_r}', 'f"parameters of {total:,}',
+        # no sampler state to resume (the prompt order is a function of the step)
+        'state = {"step": 0, "micro_batches": 0', 'train_dl.batch_sampler.load_state_dict(',
+        # before / after: the held-out reward of greedy answers (validate), not evaluate_json
+        "eval_rows = val_dl.dataset.rows", "if eval_rows and not resume:", 'state["json_before"] = {k: v for k',
+        'if k in ("valid_json", "exact_keys", "all_correct")}', 'before = state.get("json_before")', "if before:",
+        "fit(fabric, model, gpt, optimizer, train_dl", "learning_rate, warmup_steps, min_lr, grad_clip, neftune",
+        "eval_iters, save_interval, log_interval)", "if eval_rows and not state.get(", "after = evaluate_json(",
+        'fabric.print(f"JSON before -> after', "f\"{after['valid_json']", "f\"exact keys {before", "f\"all values right"],
+    "fit": [
+        "learning_rate, warmup_steps, min_lr, grad_clip, neftune_alpha", "save_interval, log_interval) -> None:",
+        "hparams=hparams)",  # MetricsLog(..., fields=columns): TRL's names
+        # each step samples (rollout), then its micro-batches are split_batch(rollout) instead of a data stream
+        "batches = micro_batches(", "val_loss = None", "loss_sum = 0.0", "for i in range(grad_accum):",
+        "batch = next(batches)", "with fabric.no_backward_sync(model, enabled=i < grad_accum - 1):",
+        # the GRPO loss in place of the next-token loss; its metric sums in place of loss_sum
+        'loss = model(batch["input_ids"], labels=', 'segment_ids=batch.get("segment_ids"))',
+        "fabric.backward(loss / grad_accum)", "loss_sum += loss.item()",
+        'state["tokens"] += batch["input_ids"]', 'throughput.update(batch["input_ids"]', "flops.update(batch)",
+        "step, train_loss = ", "train_loss = fabric.all_reduce(", 'fabric.print(f"step {step}/{max_steps} | loss',
+        'row = {"step": step, "train_loss"', '"tokens_per_sec": throughput.tokens_per_sec()}',
+        # validation: the held-out reward of greedy answers
+        "if val_dl is not None and (step % eval_interval", "val_loss = validate(", "row.update(val_loss=",
+        'fabric.print(f"step {step}: val loss', "metrics.log(row)",
+        "save(fabric, gpt, optimizer, train_dl, state",  # no data loader to save the position of
+        # the final line adds the sampling time and speed, and the held-out reward
+        'f"{format_seconds(state.get(\'seconds\', 0.0))} | "',
+        '+ (f" | final val loss'],
+}
+
+
+def code_lines(name: str, function: str) -> list[str]:
+    source = script_source(name)
+    segment = ast.get_source_segment(source, functions(ast.parse(source))[function])
+    lines = [line.split("  #")[0].strip() for line in segment.splitlines()[1:]]
+    return [line for line in lines if line and not line.startswith(("#", '"""'))]
+
+
+def test_grpo_setup_shares_every_option_but_its_own():
+    def shared(script_name, own):
+        params = inspect.signature(function_object(script_name, "setup")).parameters.values()
+        return [(p.name, p.annotation if p.name not in GRPO_OWN_DEFAULTS else None,
+                 p.default if p.name not in GRPO_OWN_DEFAULTS else None)
+                for p in params if p.name not in own and p.name not in GRPO_DROPPED]
+
+    assert shared(GRPO, GRPO_ARGUMENTS) == shared(REFERENCE, METHOD_ARGUMENTS[REFERENCE])
+    names = list(inspect.signature(function_object(GRPO, "setup")).parameters)
+    i = names.index("resume") + 1
+    assert names[i:i + len(GRPO_ARGUMENTS)] == GRPO_ARGUMENTS
+    # dropout off by default (TRL's disable_dropout): the sampling, old and reference passes see the same function
+    assert inspect.signature(function_object(GRPO, "setup")).parameters["lora_dropout"].default == 0.0
+    test_setup_documents_every_option_and_main_takes_them_all(GRPO)
+
+    def body(name):  # setup() checks, fetches the default model, starts Fabric and calls main, as lora.py's
+        return "\n".join(ast.dump(stmt) for stmt in functions(script(name)[1])["setup"].body[1:])
+
+    assert body(GRPO) == body(REFERENCE)
+
+
+@pytest.mark.parametrize("function", ["main", "fit"])
+def test_grpo_has_every_line_of_loras_but_the_methods(function):
+    """Every line of lora.py's main() / fit() is in grpo.py's, but those GRPO_REPLACES lists (with the reason)."""
+    ours = set(code_lines(GRPO, function))
+    missing = [line for line in code_lines(REFERENCE, function) if line not in ours]
+    stated = GRPO_REPLACES[function]
+    unexplained = [line for line in missing if not any(line.startswith(p) for p in stated)]
+    assert not unexplained, f"finetune/grpo.py {function}() lacks lora.py's lines: {unexplained}"
+    stale = [p for p in stated if not any(line.startswith(p) for line in missing)]
+    assert not stale, f"GRPO_REPLACES[{function!r}] lists lines grpo.py now has (or lora.py no longer): {stale}"
+
+
+def test_grpo_same_functions_order_and_shared_plumbing():
+    order = [f for f in functions(script(GRPO)[1]) if f in ORDER]
+    assert order == [f for f in ORDER if f != "evaluate_json"]  # its before/after is validate's held-out reward
+    assert_same(normalised(GRPO, "not_finite"), normalised(REFERENCE, "not_finite"), "finetune/grpo.py not_finite()")
+    # save(): lora.py's without the data loader's position (no train_dl: the prompt order is a function of the step)
+    ours = code_lines(GRPO, "save")
+    assert [line for line in code_lines(REFERENCE, "save") if "train_dl" not in line] == ours
+    assert list(inspect.signature(function_object(GRPO, "save")).parameters) == \
+        [p for p in inspect.signature(function_object(REFERENCE, "save")).parameters if p != "train_dl"]
+
+    def training_imports(script_name):
+        return {a.name for node in script(script_name)[1].body if isinstance(node, ast.ImportFrom)
+                and node.module == "lora_lab.training" for a in node.names}
+
+    # no data loader (micro_batches, iter_keeping_rng): prompts come from step_prompts, sampling has its own
+    # seeded generator; greedy answers come from generate_batch (not generate_answers)
+    assert training_imports(REFERENCE) - training_imports(GRPO) == {"micro_batches", "iter_keeping_rng",
+                                                                    "generate_answers"}
+    assert training_imports(GRPO) <= training_imports(REFERENCE)

@@ -22,6 +22,8 @@ Columns. A row needs an instruction and an output; the input (Alpaca's extra con
 columns are "instruction", "input" and "output" unless `columns` renames them, e.g. {"instruction": "question",
 "output": "answer"}. Without `columns` a few published layouts are recognised, so their files load as they are:
   - Dolly: "context" -> input, "response" -> output.
+  - GSM8K (the Hub's and lm-eval's: exactly the columns question and answer): "question" -> instruction,
+    "answer" -> output.
   - LIMA on the Hub: {"conversations": [user, assistant, user, ...]}.
   - LIMA exported by LLaMA-Factory (lima_1029.json): {"instruction", "input", "output", "history"}.
   LIMA's multi-turn rows keep their FIRST exchange only (the opening user message and its answer): a later
@@ -170,6 +172,8 @@ def _column_map(records: list, columns: Optional[dict], where: str) -> dict:
         mapping["layout"] = "columns"
     elif "instruction" not in keys and "conversations" in keys:
         return {"layout": "conversations"}
+    elif keys == {"question", "answer"}:  # exactly GSM8K's layout on the Hub (and lm-eval's copy)
+        mapping = {"instruction": "question", "input": "input", "output": "answer", "layout": "columns"}
     else:
         mapping = {"instruction": "instruction",
                    "input": "input" if "input" in keys or "context" not in keys else "context",  # Dolly
