@@ -9,7 +9,6 @@ import csv
 import json
 import math
 from collections import defaultdict
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
