@@ -311,8 +311,7 @@ def test_classify_shares_loras_options_and_shape():
                                                                "blank_line_docs",
                                                                # PiSSA / OLoRA / LoftQ change the base, which
                                                                # load_classifier does not rebuild (not wired yet)
-                                                               "lora_init", "loftq_iter",
-                "plan"}  # the memory planner (lora_lab/plan.py) has no model of GRPO's sampling batch and KV cache yet
+                                                               "lora_init", "loftq_iter"}
     assert [p.name for p in shared] == [n for n in ours if n in {p.name for p in shared}]  # same order
     for p in shared:
         if p.name not in CLASSIFY_OWN_DEFAULTS:
@@ -440,10 +439,10 @@ GRPO_DROPPED = {"mask_prompt",  # only the completion tokens are ever scored: th
                             # longest row; packing them is not implemented (no flag that does nothing)
                 "neftune_alpha",  # noise on the policy pass only would make it score another function than the
                                   # sampling, old-policy and reference passes (TRL's GRPOTrainer has no NEFTune)
-                "lora_init", "loftq_iter",
-                "plan"}  # the memory planner (lora_lab/plan.py) has no model of GRPO's sampling batch and KV cache yet  # pissa / olora / loftq move W's principal part into A, B: the base with
-                # the LoRA switched off is then not the starting model, so GRPO's reference would need the swap path
-                # for every start; not wired yet (a fresh adapter starts as lora.py's default, kaiming)
+                "lora_init", "loftq_iter",  # pissa / olora / loftq move W's principal part into A, B: the base
+                # with the LoRA switched off is then not the starting model, so GRPO's reference would need the swap
+                # path for every start; not wired yet (a fresh adapter starts as lora.py's default, kaiming)
+                "plan"}  # the memory planner (lora_lab/plan.py) has no model of GRPO's sampling batch and KV cache
 # shared options with another default here: eval_samples (each answer is printed with its reward: 3, as dpo.py)
 GRPO_OWN_DEFAULTS = OWN_DEFAULTS | {"eval_samples"}
 
