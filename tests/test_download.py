@@ -216,7 +216,7 @@ def fake_hub(online):
 
     converted = []
 
-    def fake_convert(hf_dir, out_dir):
+    def fake_convert(hf_dir, out_dir, **kwargs):  # kwargs: hf_repo, the Hub id recorded
         assert (Path(hf_dir) / "model-00001-of-00002.safetensors").is_file()  # the weights are still there
         converted.append((Path(hf_dir), Path(out_dir)))
         _tiny_checkpoint(out_dir)
