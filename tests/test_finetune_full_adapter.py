@@ -130,7 +130,8 @@ def test_full_run_writes_a_checkpoint_that_loads_everywhere(tiny_ckpt, full_refe
     state = torch.load(out / TRAIN_STATE_FILE, weights_only=True)
     assert_tensors_equal({k: v for k, v in state["model"].items() if k != "lm_head.weight"}, tuned)
     assert state["counters"] == {"step": 8, "micro_batches": 16, "tokens": state["counters"]["tokens"],
-                                 "seconds": state["counters"]["seconds"]}
+                                 "seconds": state["counters"]["seconds"],
+                                 "lr_schedule": state["counters"]["lr_schedule"]}  # the budget schedule's state
     assert len(state["optimizer"]["state"]) == len(tuned)  # AdamW moments for every parameter, by name
     rows = metrics(out)
     assert [int(r["step"]) for r in rows] == list(range(1, 9))
