@@ -517,14 +517,15 @@ def test_bare_boolean_flags_mean_true():
 
 
 def test_columns_flag_renames_the_columns_of_a_csv(tiny_ckpt, monkeypatch, capsys, tmp_path):
-    """`--columns '{"instruction": "question", "output": "answer"}'` (prepare_dataset.md) on the command line: the
-    rows of a CSV with other column names train; without it the loader's one-line error names the flag."""
+    """`--columns '{"instruction": "prompt_text", "output": "reply"}'` (prepare_dataset.md) on the command line: the
+    rows of a CSV with other column names train; without it the loader's one-line error names the flag. (Not
+    question/answer: that is GSM8K's layout, which the loader now reads by itself.)"""
     data = tmp_path / "qa.csv"
     with data.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["question", "answer"])
+        w.writerow(["prompt_text", "reply"])
         w.writerows([[f"What is {i} plus {i}?", str(2 * i)] for i in range(12)])
-    columns = ["--columns", '{"instruction": "question", "output": "answer"}']
+    columns = ["--columns", '{"instruction": "prompt_text", "output": "reply"}']
     monkeypatch.setattr(sys, "argv", [str(SCRIPT), *cli_args(tiny_ckpt, tmp_path / "out", data=data, max_steps=1),
                                       *columns])
     cli(ft.setup)
