@@ -1,6 +1,7 @@
 """GGUF export (lora_lab/formats/gguf_export.py, gguf_adapter.py), checked by llama.cpp itself through llama-cpp-python, and by our importer.
 
-- For a tiny random model of each exported family (with a real tokenizer: SmolLM2's byte-level BPE, or Llama 2's
+- For a tiny random model of each exported family (Gemma 2 / 3, Phi-4-mini, OLMo 2, SmolLM3 and Qwen3-MoE too; with
+  a real tokenizer: SmolLM2's byte-level BPE, or Llama 2's
   SentencePiece model) llama.cpp loads our F32 file and gives our logits (per-family tolerance below), the same
   greedy tokens, and the same token ids as our tokenizer; the same for SmolLM2-135M-Instruct, whose Q8_0 file
   also gives our first 32 greedy tokens on the "capital of France" prompt.

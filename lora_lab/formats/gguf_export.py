@@ -10,11 +10,15 @@ A GGUF file is key/value metadata (`llama.block_count`, `tokenizer.ggml.tokens`,
 and named tensors (`token_embd.weight`, `blk.0.attn_q.weight`, ...) in a ggml type. GGUF lists a tensor's dims
 innermost first, so a PyTorch (out, in) weight is written as it is and llama.cpp reads it as ne = [in, out].
 This file is the inverse of lora_lab/formats/gguf_import.py. The names, the architecture a Config maps to and the
-layouts llama.cpp wants (Q/K rows interleaved for llama, Gemma's 1 + w norms, fused attn_qkv for GPT-NeoX and
-Falcon, Falcon-40B's norms) are lora_lab/formats/gguf_names.py's; Llama 3.1 RoPE scaling adds the `rope_freqs`
-tensor, the factor each frequency's wavelength is multiplied by.
+layouts llama.cpp wants (Q/K rows interleaved for llama and smollm3, Gemma's 1 + w norms, fused attn_qkv for
+GPT-NeoX, Falcon and Phi-3, Phi-3's fused [gate; up], Qwen3-MoE's experts stacked per layer, Falcon-40B's norms)
+are lora_lab/formats/gguf_names.py's; Llama 3.1 RoPE scaling adds the `rope_freqs` tensor, the factor each
+frequency's wavelength is multiplied by, and Phi-3's LongRoPE the `rope_factors_short` / `rope_factors_long`
+divisors. Per-architecture keys: soft-caps and window (gemma2), window and linear RoPE scaling (gemma3), LongRoPE's
+attention factor and original context (phi3), expert counts and width (qwen3moe).
 
-Weight types (--outtype): norms, biases and rope_freqs stay F32 (as in llama.cpp's converter); matrices are
+Weight types (--outtype): norms, biases, RoPE factors and the MoE router stay F32 (as in llama.cpp's converter);
+matrices (and stacked experts) are
 F32, F16, BF16 or, block-quantized in numpy by `gguf.quants`, Q8_0 (32 int8 + one f16 scale per block) or
 Q4_0 (32 4-bit + one scale). With q4_0 the embedding and output matrices are Q8_0 (they suffer most from 4 bits,
 which is why llama-quantize keeps them wider too). A matrix whose rows are not a multiple of 32 falls back to F16.
