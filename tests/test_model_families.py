@@ -303,3 +303,30 @@ def test_gguf_architecture_of_each_family_or_one_line_why_not(name):
         with pytest.raises(LoraLabError, match=f"cannot be exported to GGUF: .*{GGUF_ARCH[name]}") as e:
             gguf_architecture(config)
         assert "\n" not in str(e.value)
+
+
+def test_gemma3_image_text_folder_converts_to_its_text_model(tmp_path, capsys):
+    """Gemma 3 4b and larger are Gemma3ForConditionalGeneration: text_config nested, the decoder under
+    language_model.*, a vision tower beside it. convert takes the text model (one line says the rest is dropped) and
+    our logits equal transformers' for a text-only prompt."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from hf_tiny import TINY_HF, perturb_
+
+    text = TINY_HF["gemma3"][1]
+    hf_config = Gemma3Config(text_config=dict(text), vision_config=dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+        patch_size=14), mm_tokens_per_image=4, boi_token_index=VOCAB - 8, eoi_token_index=VOCAB - 7,
+        image_token_index=VOCAB - 6)
+    torch.manual_seed(0)
+    hf_model = perturb_(Gemma3ForConditionalGeneration(hf_config)).eval()
+    hf_model.save_pretrained(tmp_path / "hf")
+    config = convert_hf_checkpoint(tmp_path / "hf", tmp_path / "ours")
+    note = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(note) == 1 and "Gemma3ForConditionalGeneration" in note[0] and "vision tower" in note[0]
+    assert config.extra["hf_architecture"] == "Gemma3ForCausalLM" and config.global_layers == [5]
+    idx = tokens()
+    with torch.no_grad():
+        theirs = hf_model(input_ids=idx).logits
+        ours = GPT.from_checkpoint(tmp_path / "ours").eval()(idx)
+    close(ours, theirs)
