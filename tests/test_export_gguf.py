@@ -80,6 +80,16 @@ FAMILIES = {
                                                              attention_factor=1.19)), SMOL, "phi3", 2e-4),
     "olmo2": (dict(_base, n_layer=3, n_head=4, n_query_groups=2, intermediate_size=96, pre_norms=False,
                    post_norms=True, qk_norm="all", norm_eps=1e-6, rope_base=5e5), SMOL, "olmo2", 2e-4),
+    # OLMo 3: 3 sliding : 1 global layers, YaRN on the global one; Qwen3 with YaRN (its long-context setting)
+    "olmo3": (dict(_base, n_layer=4, n_head=4, n_query_groups=2, intermediate_size=96, pre_norms=False,
+                   post_norms=True, qk_norm="all", norm_eps=1e-6, rope_base=5e5, rope_local_base=5e5, sliding_window=5,
+                   global_layers=[3], rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_seq_len=8,
+                                                        beta_fast=16.0, beta_slow=2.0, truncate=True,
+                                                        attention_factor=1.1386)), SMOL, "olmo2", 2e-4),
+    "qwen3_yarn": (dict(_base, n_head=4, n_query_groups=2, head_size=24, intermediate_size=96, qk_norm="head",
+                        rope_base=1e6, norm_eps=1e-6, rope_scaling=dict(
+                            rope_type="yarn", factor=4.0, original_max_seq_len=8, beta_fast=32.0, beta_slow=1.0,
+                            truncate=True, attention_factor=1.1386)), SMOL, "qwen3", 2e-4),
     "smollm3": (dict(_base, n_layer=4, n_head=4, n_query_groups=2, intermediate_size=96, tie_embeddings=True,
                      nope_layers=[3], rope_base=5e6), SMOL, "smollm3", 2e-4),
     "qwen3moe": (dict(_base, n_head=4, n_query_groups=2, head_size=24, intermediate_size=96, qk_norm="head",

@@ -284,15 +284,15 @@ def test_moe_flops_count_the_chosen_experts_only():
 # tiny HF config -> the llama.cpp architecture it exports as, or why it is refused (tests/test_export_gguf.py runs
 # each exported architecture in llama.cpp)
 GGUF_ARCH = {"gemma3": "gemma3", "phi4mini": "phi3", "phi3": "llama", "olmo2": "olmo2", "smollm3": "smollm3",
-             "qwen3": "YaRN RoPE scaling", "olmo3": "YaRN RoPE scaling", "qwen3_sliding": "sliding and global layers",
+             "qwen3": "qwen3", "olmo3": "olmo2", "qwen3_sliding": "sliding and global layers",
              "gemma2": "gemma2 scales queries by 12\\*\\*-0.5 for 4 layers, not by 20",
              "qwen3_moe": "qwen3moe has experts on every layer"}
 
 
 @pytest.mark.parametrize("name", NEW_FAMILIES)
 def test_gguf_architecture_of_each_family_or_one_line_why_not(name):
-    """What llama.cpp would run as another model is refused in one line: Qwen3 / OLMo 3 with YaRN, Qwen3's per-layer
-    windows, a Gemma 2 query scale llama.cpp does not derive, a Qwen3-MoE with dense layers."""
+    """What llama.cpp would run as another model is refused in one line: Qwen3's per-layer windows (llama.cpp's
+    qwen3 has none), a Gemma 2 query scale llama.cpp does not derive, a Qwen3-MoE with dense layers."""
     from lora_lab.formats.gguf_names import ARCHS, gguf_architecture
     from lora_lab.utils import LoraLabError
 

@@ -347,7 +347,7 @@ def write_gguf_model(config: Config, weights: Union[PathLike, Mapping[str, torch
     vocab = tokenizer_metadata(tokenizer_dir, config.vocab_size)  # checked before the slow part
     template = gguf_chat_template(tokenizer_dir, config.prompt_style)
     plans = tensor_plan(config, arch, weights)
-    if config.sliding_window is not None and arch.name not in ("gemma2", "gemma3"):
+    if config.sliding_window is not None and arch.name not in ("gemma2", "gemma3", "olmo2"):
         print(f"note: llama.cpp's {arch.name} architecture has no sliding window: the exported model attends to "
               f"the whole context, so it matches ours for the first {config.sliding_window} tokens",
               file=sys.stderr)
@@ -381,8 +381,18 @@ def write_gguf_model(config: Config, weights: Union[PathLike, Mapping[str, torch
         if rope_type == "linear":  # Gemma 3's global layers
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             w.add_rope_scaling_factor(float(scaling["factor"]))
+        if rope_type == "yarn":  # Qwen3's long context, OLMo 3's global layers
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(float(scaling["factor"]))
+            w.add_rope_scaling_orig_ctx_len(int(scaling["original_max_seq_len"]))
+            w.add_rope_scaling_yarn_attn_factor(float(scaling["attention_factor"]))
+            w.add_rope_scaling_yarn_beta_fast(float(scaling.get("beta_fast", 32.0)))
+            w.add_rope_scaling_yarn_beta_slow(float(scaling.get("beta_slow", 1.0)))
         if arch.name in ("gemma2", "gemma3", "phi3"):  # phi3: 0 is "none" (llama.cpp ignores Phi's window anyway)
             w.add_sliding_window(c.sliding_window or 0)
+        if arch.name == "olmo2" and c.sliding_window is not None:  # OLMo 3: which layers slide
+            w.add_sliding_window(c.sliding_window)
+            w.add_sliding_window_pattern([c.window_at(i) is not None for i in range(c.n_layer)])
         if arch.name == "gemma2":
             w.add_attn_logit_softcapping(float(c.attn_softcap))
             w.add_final_logit_softcapping(float(c.final_softcap))

@@ -161,6 +161,10 @@ def config_from_gguf(meta: _Meta, tensors: dict, path: Path) -> Config:
             kw.update(qk_norm="head", rope_local_base=10000.0)
     if arch == "olmo2":
         kw.update(pre_norms=False, post_norms=True, qk_norm="all")
+        pattern = meta.get(f"{arch}.attention.sliding_window_pattern")
+        if kw["sliding_window"] and isinstance(pattern, list):  # OLMo 3: these slide, with the base unscaled
+            kw.update(global_layers=[i for i, slides in enumerate(pattern) if not slides],
+                      rope_local_base=kw["rope_base"])
     if arch == "smollm3":
         kw.update(nope_layers=[i for i in range(n_layer) if (i + 1) % 4 == 0])
     if arch == "phi3":
@@ -178,9 +182,17 @@ def config_from_gguf(meta: _Meta, tensors: dict, path: Path) -> Config:
     scaling = meta.get(f"{arch}.rope.scaling.type")
     if scaling == "linear" and arch == "gemma3":  # the global layers' positions / factor
         kw["rope_scaling"] = dict(rope_type="linear", factor=float(meta.need(f"{arch}.rope.scaling.factor")))
+    elif scaling == "yarn" and arch in ("qwen3", "olmo2"):  # Qwen3's long context, OLMo 3
+        key = f"{arch}.rope.scaling"
+        kw["rope_scaling"] = dict(
+            rope_type="yarn", factor=float(meta.need(f"{key}.factor")),
+            original_max_seq_len=int(meta.need(f"{key}.original_context_length")),
+            beta_fast=float(meta.get(f"{key}.yarn_beta_fast", 32.0)), beta_slow=float(meta.get(f"{key}.yarn_beta_slow", 1.0)),
+            truncate=True, attention_factor=float(meta.get(f"{key}.yarn_attn_factor", 1.0)))
     elif scaling not in (None, "none"):
         raise LoraLabError(f"{path}: RoPE scaling {scaling!r} is not supported (only Llama 3's, stored as the "
-                           f"rope_freqs tensor, LongRoPE's factor tensors and Gemma 3's linear)")
+                           f"rope_freqs tensor, LongRoPE's factor tensors, Gemma 3's linear and Qwen3 / OLMo 3's "
+                           f"YaRN)")
     if "rope_factors_long.weight" in tensors:  # Phi-3 / 4's LongRoPE
         kw["rope_scaling"] = dict(
             rope_type="longrope", short_factor=dequantize(tensors["rope_factors_short.weight"], path).tolist(),

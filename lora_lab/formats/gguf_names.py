@@ -147,8 +147,9 @@ def gguf_architecture(config: Config) -> Arch:
                             f"supports {FAMILIES})")
 
     rope_type = (c.rope_scaling or {}).get("rope_type")  # None: none, or Llama 3's (no rope_type key)
-    if rope_type == "yarn":
-        raise refuse("YaRN RoPE scaling (Qwen3's long context, OLMo 3) is not written for llama.cpp yet")
+    if rope_type == "yarn" and (c.qk_norm is None or not c.rope_scaling.get("truncate", True)):
+        raise refuse("YaRN RoPE scaling is written for Qwen3 and OLMo 3 only (with transformers' truncated "
+                     "correction range)")
     newer = _newer_family(c, refuse)
     if newer is not None:
         return ARCHS[newer]
@@ -170,8 +171,8 @@ def gguf_architecture(config: Config) -> Arch:
         if c.rope_scaling is not None and c.attn_qkv_bias:
             raise refuse("Llama 3 RoPE scaling together with q/k/v biases")
         if c.qk_norm == "head":  # Qwen3's per-head q/k norms
-            if c.attn_qkv_bias or c.rope_scaling is not None:
-                raise refuse("Qwen3 with q/k/v biases or RoPE scaling")
+            if c.attn_qkv_bias or (c.rope_scaling is not None and rope_type != "yarn"):
+                raise refuse("Qwen3 with q/k/v biases or RoPE scaling other than YaRN")
             return ARCHS["qwen3"]
         return ARCHS["qwen2" if c.attn_qkv_bias else "llama"]
     if c.mlp_class != "gelu":
@@ -204,7 +205,7 @@ def _new_switches(c: Config) -> dict[str, bool]:
             "a query scale": c.attn_scale_base not in (None, c.head_size),
             "sliding and global layers": c.global_layers is not None, "a local RoPE base": c.rope_local_base is not None,
             "layers without RoPE": c.nope_layers is not None, "a mixture of experts": c.n_expert > 0,
-            "linear or LongRoPE RoPE scaling": "rope_type" in (c.rope_scaling or {})}
+            "linear or LongRoPE RoPE scaling": (c.rope_scaling or {}).get("rope_type") in ("linear", "longrope")}
 
 
 def _newer_family(c: Config, refuse) -> Optional[str]:
@@ -250,13 +251,17 @@ def _newer_family(c: Config, refuse) -> Optional[str]:
                  and c.rope_local_base == 10000.0 and ropes == ["local" if s else "global" for s in sliding], arch,
                  "has no soft-caps, RoPE base 10000 on the sliding layers and at most linear scaling on the others")
         return arch
-    if c.post_norms or not c.pre_norms:  # OLMo 2
+    if c.post_norms or not c.pre_norms:  # OLMo 2 / 3
         need(plain and full_rope and c.mlp_class == "swiglu" and not c.norm_unit_offset and not c.scale_embeddings
              and not c.pre_norms and c.qk_norm == "all", "olmo2",
              "is OLMo 2's block (norms after the sub-blocks only, q/k norms over the whole projection)")
-        need(set(windows) == {None} and set(ropes) == {"global"} and rope_type is None and c.attn_softcap is None
-             and c.final_softcap is None and c.attn_scale_base in (None, c.head_size), "olmo2",
-             "export is written for OLMo 2 only (no sliding layers: OLMo 3 waits)")
+        need(c.attn_softcap is None and c.final_softcap is None and c.attn_scale_base in (None, c.head_size)
+             and rope_type in (None, "yarn"), "olmo2", "has no soft-caps, query scale, or RoPE scaling but YaRN")
+        # OLMo 3: llama.cpp reads which layers slide from the file, and rotates them with the global base unscaled
+        need(c.rope_local_base in (None, c.rope_base) and all(
+            r == ("local" if c.rope_local_base is not None and w is not None else "global")
+            for r, w in zip(ropes, windows)), "olmo2",
+             "rotates the sliding layers with the global RoPE base, without scaling")
         return "olmo2"
     if c.nope_layers is not None:  # SmolLM3
         need(plain and full_rope and c.mlp_class == "swiglu" and not c.norm_unit_offset and not c.scale_embeddings
