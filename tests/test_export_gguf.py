@@ -350,6 +350,10 @@ ADAPTERS = {  # name -> (family, LoRAConfig kwargs)
     "qwen2_qkv": ("qwen2", dict(r=4, alpha=8.0, targets=["query", "key", "value", "projection"])),
     "pythia_fused_qv": ("pythia", dict(r=4, alpha=8.0, targets=["query", "value", "mlp"])),
     "falcon_fused_all": ("falcon40b", dict(r=2, alpha=4.0, targets=["all"], use_rslora=True)),
+    # the 2024-25 families: Phi-3's fused qkv and [gate; up], Qwen3-MoE's stacked experts, Gemma 3's block
+    "phi4mini_all": ("phi4mini", dict(r=4, alpha=8.0, targets=["all"])),  # tied lm_head: phi3 writes output
+    "qwen3moe_experts": ("qwen3moe", dict(r=4, alpha=8.0, targets=["query", "value", "experts"])),
+    "gemma3_blocks": ("gemma3", dict(r=4, alpha=8.0, targets=["query", "key", "value", "projection", "mlp"])),
 }
 
 
