@@ -16,7 +16,8 @@ the tensors' layout:
     apart by their layer count): `gguf_architecture` refuses a config that differs.
   - phi3: attn_qkv [Q; K; V] and ffn_up [gate; up] fused; LongRoPE as rope_factors_short / rope_factors_long.
   - olmo2: no norm before the sub-blocks, post_attention_norm / post_ffw_norm after, q/k norms over the whole
-    projection.
+    projection; OLMo 3 too (which layers slide: attention.sliding_window_pattern; llama.cpp rotates those with the
+    global base, unscaled). YaRN (Qwen3, OLMo 3) is rope.scaling.* keys.
   - smollm3: Llama's layout (interleaved Q/K rows); llama.cpp skips RoPE on every 4th layer.
   - qwen3moe: the router is ffn_gate_inp (n_expert, C); each layer's experts are stacked into one 3-d tensor per
     projection, ffn_{gate,up,down}_exps (n_expert, out, in), expert e at index e.
