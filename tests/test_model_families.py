@@ -330,3 +330,19 @@ def test_gemma3_image_text_folder_converts_to_its_text_model(tmp_path, capsys):
         theirs = hf_model(input_ids=idx).logits
         ours = GPT.from_checkpoint(tmp_path / "ours").eval()(idx)
     close(ours, theirs)
+
+
+def test_every_released_size_of_the_new_families_has_a_gguf_architecture():
+    """The named configs (the published config.json values) fit what llama.cpp fixes: Gemma 2 / 3's window
+    patterns and query scales (27B: n_embd / n_head), SmolLM3's NoPE layers, Qwen3-MoE's all-MoE layers."""
+    from lora_lab.config import name_to_config
+    from lora_lab.formats.gguf_names import gguf_architecture
+
+    expected = {"Qwen3-8B": "qwen3", "Qwen3-30B-A3B": "qwen3moe", "Qwen3-235B-A22B-Base": "qwen3moe",
+                "gemma-2-2b": "gemma2", "gemma-2-27b-it": "gemma2", "gemma-3-270m-it": "gemma3",
+                "gemma-3-4b-pt": "gemma3", "gemma-3-27b-it": "gemma3", "Phi-3-mini-4k-instruct": "llama",
+                "OLMo-2-1124-13B-Instruct": "olmo2", "SmolLM3-3B": "smollm3"}
+    assert {n: gguf_architecture(Config.from_name(n)).name for n in expected} == expected
+    families = ("Qwen3", "gemma-2-", "gemma-3-", "OLMo-2", "SmolLM3")
+    for name in (n for n in name_to_config if n.startswith(families)):
+        gguf_architecture(Config.from_name(name))  # none refused
