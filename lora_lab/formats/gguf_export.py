@@ -347,6 +347,11 @@ def write_gguf_model(config: Config, weights: Union[PathLike, Mapping[str, torch
     vocab = tokenizer_metadata(tokenizer_dir, config.vocab_size)  # checked before the slow part
     template = gguf_chat_template(tokenizer_dir, config.prompt_style)
     plans = tensor_plan(config, arch, weights)
+    if (config.rope_scaling or {}).get("rope_type") == "longrope":
+        print(f"note: llama.cpp takes LongRoPE's long factors when its context (n_ctx) exceeds "
+              f"{config.rope_scaling['original_max_seq_len']} tokens, we (as transformers) when the sequence does: "
+              f"run it with n_ctx <= {config.rope_scaling['original_max_seq_len']} for short prompts' exact outputs",
+              file=sys.stderr)
     if config.sliding_window is not None and arch.name not in ("gemma2", "gemma3", "olmo2"):
         print(f"note: llama.cpp's {arch.name} architecture has no sliding window: the exported model attends to "
               f"the whole context, so it matches ours for the first {config.sliding_window} tokens",
