@@ -16,6 +16,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # finetune/ and generate/ scripts import as modules in tests
 
+# `pytest -n N` (pytest-xdist; the README's test command runs two workers): the N workers share the cores, so each
+# one, and every process it starts, computes on cores / N threads, not on all of them each (oversubscribed OpenMP
+# threads wait on one another and slow every test down)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 def assets_dir() -> Path:
     return Path(os.environ.get("LORA_LAB_ASSETS", ROOT.parent / "shared" / "assets"))
