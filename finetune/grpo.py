@@ -135,6 +135,9 @@ def setup(
         lora.rslora: [--use_rslora] scale by alpha / sqrt(r) instead of alpha / r (a fresh adapter only).
         lora.dora: [--use_dora] DoRA (weight-decomposed LoRA) (a fresh adapter only).
         lora.lora_plus_ratio: [--lora_plus_ratio] LoRA+: B learns this many times faster than A (e.g. 16).
+        lora.init: [--lora_init] kaiming only (a fresh adapter: A Kaiming-uniform, B = 0): GRPO's reference is the
+            base with the LoRA off, which pissa / olora / loftq would change (refused in one line).
+        lora.loftq_iter: [--loftq_iter] --lora_init loftq only, which GRPO refuses.
         data: the training data.
         data.source: [--data] a built-in dataset name or a local .json/.jsonl/.csv file of instruction/input/output rows
             (the output is the expected answer the rewards check).
@@ -158,6 +161,8 @@ def setup(
         train.warmup_steps: [--warmup_steps] optimizer steps of linear warm-up.
         train.min_lr: [--min_lr] learning rate at the end of the cosine decay.
         train.grad_clip: [--grad_clip] clip the gradient norm to this (0 to disable).
+        train.neftune_alpha: [--neftune_alpha] 0 only: GRPO has no NEFTune (noise on the policy pass only would
+            score another function than the sampling, old-policy and reference passes; refused in one line).
         train.activation_checkpointing: [--activation_checkpointing] recompute activations in the backward pass: less
             memory, slower.
         train.compile: [--compile] torch.compile each transformer block for training (sampling runs eager).
