@@ -112,13 +112,13 @@ def setup(
         data.val_split: [--val_split] share of `data` held out for validation when there is no --val_data.
         data.test_split: [--test_split] share of `data` held out for testing when there is no --test_data.
         data.max_seq_length: [--max_seq_length] longer texts are cut to their first max_seq_length tokens (and counted).
-        data.packing: [--packing] put several training texts in each row of max_seq_length (no padding; each attends
-            only to itself and is read at its own last token); batch_size and micro_batch_size then count rows.
         data.n_train: [--n_train] use only the first n_train training texts.
         data.n_val: [--n_val] likewise for validation texts.
         data.n_test: [--n_test] likewise for test texts (scored once at the end: fewer is faster).
         data.columns: [--columns] your file's column names as '{"text": "review", "label": "sentiment"}' (the same as
             --text_column review --label_column sentiment).
+        data.packing: [--packing] put several training texts in each row of max_seq_length (no padding; each attends
+            only to itself and is read at its own last token); batch_size and micro_batch_size then count rows.
         train: optimisation.
         train.max_steps: [--max_steps] optimizer steps (default: `epochs` passes over the data).
         train.epochs: [--epochs] passes over the training data when max_steps is not given.

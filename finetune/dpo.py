@@ -129,12 +129,12 @@ def setup(
         data.val_data: [--val_data] a separate file of held-out pairs (default: a held-out share of `data`).
         data.prompt_style: [--prompt_style] how prompts are wrapped (default: the base model's own).
         data.max_seq_length: [--max_seq_length] pairs whose prompt + longer answer exceed it are left out (and counted).
-        data.packing: [--packing] lay the 2 x micro_batch_size sequences of each micro-batch end to end in rows of
-            max_seq_length (each attends only to itself: the same loss, less padding); batch sizes still count pairs.
         data.n_train: [--n_train] use only the first n_train training pairs.
         data.n_val: [--n_val] likewise for validation pairs.
         data.columns: [--columns] your file's column names, e.g. '{"instruction": "question", "chosen": "good"}' (keys:
             instruction, input, chosen, rejected).
+        data.packing: [--packing] lay the 2 x micro_batch_size sequences of each micro-batch end to end in rows of
+            max_seq_length (each attends only to itself: the same loss, less padding); batch sizes still count pairs.
         train: optimisation.
         train.max_steps: [--max_steps] optimizer steps (default: `epochs` passes over the data).
         train.epochs: [--epochs] passes over the training pairs when max_steps is not given.

@@ -101,17 +101,17 @@ def setup(
         data.source: [--data] a built-in dataset name or a local .json/.jsonl/.csv file of instruction/input/output
             rows.
         data.val_data: [--val_data] a separate validation file (default: a held-out share of `data`).
-        data.blank_line_docs: [--blank_line_docs] raw text (continued pre-training): documents are separated by blank
-            lines, not one per .txt file.
         data.prompt_style: [--prompt_style] how prompts are wrapped (default: the base model's own).
         data.max_seq_length: [--max_seq_length] longer samples are cut (and counted).
-        data.mask_prompt: [--mask_prompt] learn only the answer tokens, not the prompt.
-        data.packing: [--packing] put several samples in each row of max_seq_length (no padding; each attends only to
-            itself); batch_size and micro_batch_size then count rows.
         data.n_train: [--n_train] use only the first n_train training rows (json_extraction: how many to generate).
         data.n_val: [--n_val] likewise for validation rows.
         data.columns: [--columns] your file's column names, e.g. '{"instruction": "question", "output": "answer"}'
             (keys: instruction, input, output).
+        data.packing: [--packing] put several samples in each row of max_seq_length (no padding; each attends only to
+            itself); batch_size and micro_batch_size then count rows.
+        data.blank_line_docs: [--blank_line_docs] raw text (continued pre-training): documents are separated by blank
+            lines, not one per .txt file.
+        data.mask_prompt: [--mask_prompt] learn only the answer tokens, not the prompt.
         train: optimisation.
         train.max_steps: [--max_steps] optimizer steps (default: `epochs` passes over the data).
         train.epochs: [--epochs] passes over the training data when max_steps is not given.

@@ -49,36 +49,6 @@ class LoRAArgs(LoRALayers):
 
 
 @dataclass(frozen=True)
-class DataArgs:
-    """Instruction data (or raw text): what is read and how it becomes token rows."""
-    source: str = "json_extraction"
-    val_data: Optional[str] = None
-    blank_line_docs: bool = False
-    prompt_style: Optional[str] = None
-    max_seq_length: int = 512
-    mask_prompt: bool = True
-    packing: bool = False
-    n_train: Optional[int] = None
-    n_val: Optional[int] = None
-    columns: Optional[dict[str, str]] = None
-    FLAT: ClassVar[dict[str, str]] = {"source": "data"}
-
-
-@dataclass(frozen=True)
-class PairDataArgs:
-    """Preference pairs (finetune/dpo.py): a prompt, a chosen and a rejected answer."""
-    source: str = "pairs.json"
-    val_data: Optional[str] = None
-    prompt_style: Optional[str] = None
-    max_seq_length: int = 512
-    packing: bool = False
-    n_train: Optional[int] = None
-    n_val: Optional[int] = None
-    columns: Optional[dict[str, str]] = None
-    FLAT: ClassVar[dict[str, str]] = {"source": "data"}
-
-
-@dataclass(frozen=True)
 class PromptDataArgs:
     """Prompts to answer (finetune/grpo.py): instruction rows whose outputs only the reward functions read."""
     source: str = "json_extraction"
@@ -89,6 +59,21 @@ class PromptDataArgs:
     n_val: Optional[int] = None
     columns: Optional[dict[str, str]] = None
     FLAT: ClassVar[dict[str, str]] = {"source": "data"}
+
+
+@dataclass(frozen=True)
+class PairDataArgs(PromptDataArgs):
+    """Preference pairs (finetune/dpo.py): a prompt, a chosen and a rejected answer; packed or padded."""
+    source: str = "pairs.json"
+    packing: bool = False
+
+
+@dataclass(frozen=True)
+class DataArgs(PairDataArgs):
+    """Instruction data (or raw text): what is read and how it becomes token rows."""
+    source: str = "json_extraction"
+    blank_line_docs: bool = False
+    mask_prompt: bool = True
 
 
 @dataclass(frozen=True)
@@ -103,11 +88,11 @@ class LabelledDataArgs:
     val_split: float = 0.1
     test_split: float = 0.1
     max_seq_length: int = 256
-    packing: bool = False
     n_train: Optional[int] = None
     n_val: Optional[int] = None
     n_test: Optional[int] = None
     columns: Optional[dict[str, str]] = None
+    packing: bool = False
     FLAT: ClassVar[dict[str, str]] = {"source": "data"}
 
 
