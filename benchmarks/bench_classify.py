@@ -144,7 +144,9 @@ def cached_rows(model, cache: dict, num_labels: int, epochs: float, seed: int, l
     from lora_lab.classifier import classification_scores, logistic_regression, pool
     from lora_lab.training import lr_at, set_lr
 
-    defaults = {k: v.default for k, v in __import__("inspect").signature(ft.setup).parameters.items()}
+    from lora_lab.args import flat_defaults
+
+    defaults = flat_defaults(ft.setup)  # under their flat names (lora_lab/args.py): learning_rate, batch_size, ...
     top = [model.blocks[i] for i in range(model.config.n_layer - TOP, model.config.n_layer)]
 
     def run_top(blocks, norm, head, batch, pooling="last"):

@@ -103,6 +103,7 @@ def main(checkpoint_dir: Path, inits: str = "kaiming,loftq,pissa", max_steps: in
     if step0:
         return step0_table(checkpoint_dir, inits.split(","), lora_r, lora_targets, loftq_iter)
     import finetune.qlora as qlora
+    from lora_lab.args import call_flat
 
     names = inits.split(",")
     costs = {}
@@ -118,12 +119,12 @@ def main(checkpoint_dir: Path, inits: str = "kaiming,loftq,pissa", max_steps: in
             printed = io.StringIO()
             started = time.perf_counter()
             with contextlib.redirect_stdout(printed):
-                qlora.setup(checkpoint_dir=checkpoint_dir, out_dir=Path(tmp) / init, data="json_extraction",
-                            lora_init=init, loftq_iter=loftq_iter, lora_r=lora_r, lora_alpha=2.0 * lora_r,
-                            lora_targets=lora_targets, max_steps=max_steps, eval_interval=eval_interval,
-                            batch_size=batch_size, micro_batch_size=batch_size, n_train=n_train, n_val=n_val,
-                            eval_samples=eval_samples, learning_rate=learning_rate, warmup_steps=2,
-                            max_seq_length=256, seed=seed, eval_iters=100)
+                call_flat(qlora.setup, checkpoint_dir=checkpoint_dir, out_dir=Path(tmp) / init,
+                          data="json_extraction", lora_init=init, loftq_iter=loftq_iter, lora_r=lora_r,
+                          lora_alpha=2.0 * lora_r, lora_targets=lora_targets, max_steps=max_steps,
+                          eval_interval=eval_interval, batch_size=batch_size, micro_batch_size=batch_size,
+                          n_train=n_train, n_val=n_val, eval_samples=eval_samples, learning_rate=learning_rate,
+                          warmup_steps=2, max_seq_length=256, seed=seed, eval_iters=100)
             with open(Path(tmp) / init / "metrics.csv") as f:
                 losses = {int(r["step"]): float(r["val_loss"]) for r in csv.DictReader(f) if r.get("val_loss")}
             json_line = re.search(r"all values right (\d+)% -> (\d+)%", printed.getvalue())

@@ -31,7 +31,6 @@ gradients, optimizer state, activations, allocator slack), and the peak of live 
 from __future__ import annotations
 
 import importlib
-import inspect
 import json
 import statistics
 import subprocess
@@ -65,9 +64,10 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_atte
 
 
 def script_defaults(method: str) -> dict:
-    """The default arguments of the method's finetune/<script>.py setup()."""
-    module = importlib.import_module(f"finetune.{SCRIPT[method]}")
-    return {name: p.default for name, p in inspect.signature(module.setup).parameters.items()}
+    """The default arguments of the method's finetune/<script>.py setup(), under their flat names (lora_r, ...)."""
+    from lora_lab.args import flat_defaults
+
+    return flat_defaults(importlib.import_module(f"finetune.{SCRIPT[method]}").setup)
 
 
 def build(method: str, dirs: dict) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

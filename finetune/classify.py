@@ -26,16 +26,18 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Literal, Optional
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
 from lora_lab import GPT, Tokenizer
+from lora_lab.args import (HardwareArgs, LabelledDataArgs, LoRALayers, LogArgs, TrainArgs, ValidateArgs, run_record,
+                           with_precision)
 from lora_lab.checks import check_args
-from lora_lab.checkpoint import load_config
 from lora_lab.classifier import (METHODS, POOLINGS, ClassifierConfig, add_classification_head, classification_scores,
                                  classify, extract_features, format_scores, load_trained_state_dict,
                                  logistic_regression, save_classifier, trained_state_dict)
@@ -48,7 +50,8 @@ from lora_lab.generate import peak_memory_bytes, reset_peak_memory
 from lora_lab.lora import count_parameters, inject_lora, mark_only_lora_trainable, normalize_targets
 from lora_lab.nf4 import quantize_nf4
 from lora_lab.plan import plan_script
-from lora_lab.training import (TRAIN_STATE_FILE, LRSchedule, MetricsLog, StopRequest, Throughput, format_seconds,
+from lora_lab.training import (TRAIN_STATE_FILE, LRSchedule, MetricsLog, StopRequest, Throughput, check_run,
+                               format_seconds,
                                iter_keeping_rng, load_train_state, micro_batches, parse_duration, rng_state,
                                save_train_state, set_lr, set_rng_state)
 from lora_lab.utils import LoraLabError, atomic_write_text, cli
@@ -58,186 +61,144 @@ SCORES_FILE = "scores.json"
 
 def setup(
     checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"),
-    data: str = "data.csv",
     out_dir: Path = Path("out/classify"),
-    val_data: Optional[str] = None,
     resume: bool = False,
-    # classification: the method, how a text becomes one vector, which columns and labels
     method: Literal["features", "head", "blocks", "lora", "qlora", "full"] = "head",
     trainable_blocks: int = 2,
     pool: Literal["last", "mean"] = "last",
-    text_column: str = "text",
-    label_column: str = "label",
-    labels: Optional[Union[tuple[str, ...], str]] = None,
-    test_data: Optional[str] = None,
-    val_split: float = 0.1,
-    test_split: float = 0.1,
     features_l2: float = 1e-2,
     head_learning_rate: Optional[float] = None,
-    lora_r: int = 8,
-    lora_alpha: float = 16.0,
-    lora_dropout: float = 0.05,
-    lora_targets: Union[tuple[str, ...], str] = ("query", "key", "value", "projection", "mlp"),
-    # data
-    max_seq_length: int = 256,
-    packing: bool = False,
-    n_train: Optional[int] = None,
-    n_val: Optional[int] = None,
-    n_test: Optional[int] = None,
-    columns: Optional[dict[str, str]] = None,
-    # optimisation
-    max_steps: Optional[int] = None,
-    epochs: float = 1.0,
-    batch_size: int = 16,
-    micro_batch_size: int = 8,
-    learning_rate: Optional[float] = None,
-    weight_decay: float = 0.0,
-    warmup_steps: int = 10,
-    min_lr: float = 0.0,
-    grad_clip: float = 1.0,
-    neftune_alpha: float = 0.0,
-    activation_checkpointing: bool = False,
-    compile: bool = False,
-    max_time: Optional[str] = None,
-    # evaluation, checkpoints, logging
-    eval_interval: int = 25,
-    eval_iters: int = 100,
-    save_interval: int = 100,
-    log_interval: int = 1,
-    logger_name: Literal["csv", "tensorboard", "mlflow", "wandb"] = "csv",
+    lora: LoRALayers = LoRALayers(r=8, alpha=16.0, dropout=0.05,
+                                  targets=("query", "key", "value", "projection", "mlp")),
+    data: LabelledDataArgs = LabelledDataArgs(source="data.csv", text_column="text", label_column="label",
+                                              max_seq_length=256),
+    train: TrainArgs = TrainArgs(batch_size=16, micro_batch_size=8, learning_rate=None, weight_decay=0.0),
+    eval: ValidateArgs = ValidateArgs(interval=25, iters=100),
+    log: LogArgs = LogArgs(save_interval=100, interval=1, logger_name="csv"),
+    hardware: HardwareArgs = HardwareArgs(),
     seed: int = 42,
-    # hardware
-    precision: Optional[str] = None,
-    peak_flops: Optional[float] = None,
-    devices: int = 1,
-    num_nodes: int = 1,
-    strategy: Literal["auto", "ddp"] = "auto",
     plan: bool = False,
 ) -> None:
     """Fine-tune a classifier.
 
+    Each group's fields are nested flags (`--lora.r 16`, `--train.learning_rate 1e-3`); the flat flags in brackets
+    (`--lora_r 16`, `--learning_rate 1e-3`) work as well, in a --config YAML file too.
+
     Args:
         checkpoint_dir: the base model (a lora_lab checkpoint: see `python -m lora_lab.download`).
-        data: a .csv / .json / .jsonl file of labelled texts.
         out_dir: where the classifier, its config, scores.json, metrics.csv and the resume state go.
-        val_data: a separate validation file (default: a held-out share of `data`, --val_split).
         resume: continue the interrupted run in out_dir exactly where it stopped.
-        method: features (logistic regression on frozen features), head, blocks (the last --trainable_blocks),
-            lora, qlora (LoRA on an NF4 base) or full.
+        method: features (logistic regression on frozen features), head, blocks (the last --trainable_blocks), lora,
+            qlora (LoRA on an NF4 base) or full.
         trainable_blocks: --method blocks: how many transformer blocks, counted from the output, train.
         pool: read each text at its last real token (as Hugging Face does) or average over its tokens.
-        text_column: the column holding the texts.
-        label_column: the column holding the labels.
-        labels: the classes, in order (fresh,rotten); rows with other labels are left out. Default: every label
-            of the training rows, sorted.
-        test_data: a separate test file (default: a held-out share of `data`, --test_split).
-        val_split: share of `data` held out for validation when there is no --val_data.
-        test_split: share of `data` held out for testing when there is no --test_data.
         features_l2: --method features: the logistic regression's L2 penalty (on standardised features).
         head_learning_rate: the new head's peak learning rate, when pretrained weights train with it (blocks, lora,
             qlora, full): a freshly initialised head needs a larger one than they do (default 2e-3, head's).
-        lora_r: lora / qlora: rank of the update B A.
-        lora_alpha: the update is scaled by lora_alpha / lora_r.
-        lora_dropout: dropout on the LoRA branch's input.
-        lora_targets: layers to adapt (default every linear layer of the blocks): query, key, value, projection,
-            mlp.
-        max_seq_length: longer texts are cut to their first max_seq_length tokens (and counted).
-        packing: put several training texts in each row of max_seq_length (no padding; each attends only to
-            itself and is read at its own last token); batch_size and micro_batch_size then count rows.
-        n_train: use only the first n_train training texts.
-        n_val: likewise for validation texts.
-        n_test: likewise for test texts (scored once at the end: fewer is faster).
-        columns: your file's column names as '{"text": "review", "label": "sentiment"}' (the same as
+        lora: --method lora / qlora: which layers get an update, its rank and scale.
+        lora.r: [--lora_r] lora / qlora: rank of the update B A.
+        lora.alpha: [--lora_alpha] the update is scaled by lora_alpha / lora_r.
+        lora.dropout: [--lora_dropout] dropout on the LoRA branch's input.
+        lora.targets: [--lora_targets] layers to adapt (default every linear layer of the blocks): query, key, value,
+            projection, mlp.
+        data: the labelled texts: the file, its columns and classes, the held-out splits.
+        data.source: [--data] a .csv / .json / .jsonl file of labelled texts.
+        data.val_data: [--val_data] a separate validation file (default: a held-out share of `data`, --val_split).
+        data.text_column: [--text_column] the column holding the texts.
+        data.label_column: [--label_column] the column holding the labels.
+        data.labels: [--labels] the classes, in order (fresh,rotten); rows with other labels are left out. Default:
+            every label of the training rows, sorted.
+        data.test_data: [--test_data] a separate test file (default: a held-out share of `data`, --test_split).
+        data.val_split: [--val_split] share of `data` held out for validation when there is no --val_data.
+        data.test_split: [--test_split] share of `data` held out for testing when there is no --test_data.
+        data.max_seq_length: [--max_seq_length] longer texts are cut to their first max_seq_length tokens (and counted).
+        data.n_train: [--n_train] use only the first n_train training texts.
+        data.n_val: [--n_val] likewise for validation texts.
+        data.n_test: [--n_test] likewise for test texts (scored once at the end: fewer is faster).
+        data.columns: [--columns] your file's column names as '{"text": "review", "label": "sentiment"}' (the same as
             --text_column review --label_column sentiment).
-        max_steps: optimizer steps (default: `epochs` passes over the data).
-        epochs: passes over the training data when max_steps is not given.
-        batch_size: global batch size in texts per optimizer step (over all devices).
-        micro_batch_size: texts per forward/backward pass on one device; gradients accumulate to batch_size.
-        learning_rate: peak learning rate, after a linear warm-up, decayed to min_lr by a cosine (default per
-            method: head 2e-3, blocks 1e-4, lora / qlora 1e-3, full 5e-5).
-        weight_decay: AdamW weight decay on the trainable parameters.
-        warmup_steps: optimizer steps of linear warm-up.
-        min_lr: learning rate at the end of the cosine decay.
-        grad_clip: clip the gradient norm to this (0 to disable).
-        neftune_alpha: NEFTune noise on the embeddings while training (0 = off).
-        activation_checkpointing: recompute activations in the backward pass: less memory, slower.
-        compile: torch.compile each transformer block for training (minutes to compile; fastest with --packing;
-            --method features trains nothing and runs eagerly).
-        max_time: time budget (3600, 90m, 1.5h, 23:30:00): the warm-up and cosine decay are laid over it (re-estimated
-            from the step time) and the run stops, at min_lr, evaluated and saved, when the next step would not
-            fit. The run also ends at max_steps / epochs if that comes first.
-        eval_interval: validate every this many optimizer steps.
-        eval_iters: at most this many validation batches per validation (the final scores use all).
-        save_interval: save the classifier and resume state every this many optimizer steps.
-        log_interval: print progress every this many optimizer steps.
-        logger_name: where metrics and hyperparameters go besides metrics.csv and hparams.yaml: csv (nowhere
-            else), tensorboard, mlflow or wandb (lora_lab/loggers.py). loss.png is drawn at every save.
+        data.packing: [--packing] put several training texts in each row of max_seq_length (no padding; each attends
+            only to itself and is read at its own last token); batch_size and micro_batch_size then count rows.
+        train: optimisation.
+        train.max_steps: [--max_steps] optimizer steps (default: `epochs` passes over the data).
+        train.epochs: [--epochs] passes over the training data when max_steps is not given.
+        train.batch_size: [--batch_size] global batch size in texts per optimizer step (over all devices).
+        train.micro_batch_size: [--micro_batch_size] texts per forward/backward pass on one device; gradients accumulate
+            to batch_size.
+        train.learning_rate: [--learning_rate] peak learning rate, after a linear warm-up, decayed to min_lr by a cosine
+            (default per method: head 2e-3, blocks 1e-4, lora / qlora 1e-3, full 5e-5).
+        train.weight_decay: [--weight_decay] AdamW weight decay on the trainable parameters.
+        train.warmup_steps: [--warmup_steps] optimizer steps of linear warm-up.
+        train.min_lr: [--min_lr] learning rate at the end of the cosine decay.
+        train.grad_clip: [--grad_clip] clip the gradient norm to this (0 to disable).
+        train.neftune_alpha: [--neftune_alpha] NEFTune noise on the embeddings while training (0 = off).
+        train.activation_checkpointing: [--activation_checkpointing] recompute activations in the backward pass: less
+            memory, slower.
+        train.compile: [--compile] torch.compile each transformer block for training (minutes to compile; fastest with
+            --packing; --method features trains nothing and runs eagerly).
+        train.max_time: [--max_time] time budget (3600, 90m, 1.5h, 23:30:00): the warm-up and cosine decay are laid over
+            it (re-estimated from the step time) and the run stops, at min_lr, evaluated and saved, when the next step
+            would not fit. The run also ends at max_steps / epochs if that comes first.
+        eval: evaluation.
+        eval.interval: [--eval_interval] validate every this many optimizer steps.
+        eval.iters: [--eval_iters] at most this many validation batches per validation (the final scores use all).
+        log: checkpoints and logging.
+        log.save_interval: [--save_interval] save the classifier and resume state every this many optimizer steps.
+        log.interval: [--log_interval] print progress every this many optimizer steps.
+        log.logger_name: [--logger_name] where metrics and hyperparameters go besides metrics.csv and hparams.yaml: csv
+            (nowhere else), tensorboard, mlflow or wandb (lora_lab/loggers.py). loss.png is drawn at every save.
+        hardware: devices and number format.
+        hardware.precision: [--precision] 32-true, bf16-true, bf16-mixed, 16-mixed (default: bf16-true on GPU, 32-true
+            on CPU).
+        hardware.peak_flops: [--peak_flops] the device's peak FLOP/s for the MFU figure (default: the GPU's datasheet,
+            or a CPU probe).
+        hardware.devices: [--devices] devices per node (data parallel over them).
+        hardware.num_nodes: [--num_nodes] nodes, as Fabric launches them.
+        hardware.strategy: [--strategy] auto or ddp.
         seed: seeds the held-out split, data order, initialisation and dropout.
-        precision: 32-true, bf16-true, bf16-mixed, 16-mixed (default: bf16-true on GPU, 32-true on CPU).
-        peak_flops: the device's peak FLOP/s for the MFU figure (default: the GPU's datasheet, or a CPU probe).
-        devices: devices per node (data parallel over them).
-        num_nodes: nodes, as Fabric launches them.
-        strategy: auto or ddp.
         plan: print the memory this run needs per device (python -m lora_lab.plan) and exit.
     """
     check_args(locals())  # every argument that can be judged without data or a model, before anything slow
     if plan:  # the memory plan of these arguments, and nothing else (lora_lab/plan.py)
         return plan_script(locals(), __file__)
     checkpoint_dir = ensure_checkpoint(checkpoint_dir)  # the default model is fetched once if missing
-    if precision is None:
-        precision = "bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-    fabric = make_fabric(devices, num_nodes, strategy, precision)  # fsdp: FSDP2 units (lora_lab/distributed.py)
+    hardware = with_precision(hardware)  # default: bf16-true on a GPU that has it, else 32-true
+    fabric = make_fabric(hardware.devices, hardware.num_nodes, hardware.strategy, hardware.precision)  # fsdp: FSDP2
     fabric.launch()
-    args = dict(locals())
-    del args["fabric"]
-    main(fabric, **args)
+    main(fabric, checkpoint_dir, out_dir, resume, method, trainable_blocks, pool, features_l2, head_learning_rate, lora,
+         data, train, eval, log, hardware, seed)
 
 
-def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_data: Optional[str], resume: bool,
-         method: str, trainable_blocks: int, pool: str, text_column: str, label_column: str,
-         labels: Optional[Union[tuple[str, ...], str]], test_data: Optional[str], val_split: float, test_split: float,
-         features_l2: float, head_learning_rate: Optional[float], lora_r: int, lora_alpha: float, lora_dropout: float,
-         lora_targets: Union[tuple[str, ...], str], max_seq_length: int, packing: bool, n_train: Optional[int],
-         n_val: Optional[int], n_test: Optional[int], columns: Optional[dict], max_steps: Optional[int],
-         epochs: float, batch_size: int, micro_batch_size: int,
-         learning_rate: Optional[float], weight_decay: float, warmup_steps: int, min_lr: float, grad_clip: float,
-         neftune_alpha: float, activation_checkpointing: bool, compile: bool, max_time: Optional[str],
-         eval_interval: int, eval_iters: int, save_interval: int, log_interval: int, logger_name: str, seed: int,
-         precision: str, peak_flops: Optional[float], devices: int, num_nodes: int, strategy: str,
-         plan: bool) -> None:
-    hparams = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "fabric"}
+def main(fabric: L.Fabric, checkpoint_dir: Path, out_dir: Path, resume: bool, method: str, trainable_blocks: int,
+         pool: str, features_l2: float, head_learning_rate: Optional[float], lora: LoRALayers, data: LabelledDataArgs,
+         train: TrainArgs, eval: ValidateArgs, log: LogArgs, hardware: HardwareArgs, seed: int) -> None:
+    hparams = run_record(locals())  # the flat arguments, for hparams.yaml and the resume state
     out_dir = Path(out_dir)
-    # cheap checks of the arguments first, so that a mistake is reported before minutes of data and model loading
-    base_config = load_config(checkpoint_dir)  # one line if checkpoint_dir is not a lora_lab checkpoint
+    # cheap checks first, so that a mistake is reported before minutes of data and model loading
+    base_config = check_run(fabric, checkpoint_dir, out_dir, resume, train.batch_size, train.micro_batch_size)
     check_classify_settings(method, pool, trainable_blocks, base_config.n_layer)
-    lora_targets = normalize_targets(lora_targets.split(",") if isinstance(lora_targets, str) else lora_targets)
-    labels = labels.split(",") if isinstance(labels, str) else labels
-    learning_rate = DEFAULT_LEARNING_RATES[method] if learning_rate is None else learning_rate
-    head_learning_rate = head_learning_rate or (learning_rate if method == "head" else DEFAULT_LEARNING_RATES["head"])
-    if fabric.world_size > 1 and batch_size % (micro_batch_size * fabric.world_size):
-        raise LoraLabError(f"batch_size={batch_size} is not a multiple of micro_batch_size x devices = "
-                           f"{micro_batch_size * fabric.world_size}")
-    grad_accum = max(1, batch_size // (micro_batch_size * fabric.world_size))
-    if resume and not (out_dir / TRAIN_STATE_FILE).is_file():
-        raise LoraLabError(f"--resume: {out_dir / TRAIN_STATE_FILE} does not exist: there is no interrupted run in "
-                           f"{out_dir} to resume (start without --resume)")
-    if not resume and (out_dir / TRAIN_STATE_FILE).is_file():
-        raise LoraLabError(f"{out_dir} already holds a run: add --resume to continue it, or choose another "
-                           "--out_dir")
+    lora_targets = normalize_targets(lora.targets.split(",") if isinstance(lora.targets, str) else lora.targets)
+    labels = data.labels.split(",") if isinstance(data.labels, str) else data.labels
+    if train.learning_rate is None:
+        train = replace(train, learning_rate=DEFAULT_LEARNING_RATES[method])
+    head_learning_rate = head_learning_rate or (train.learning_rate if method == "head" else
+                                                DEFAULT_LEARNING_RATES["head"])
     fabric.seed_everything(seed)
 
     # ---- data --------------------------------------------------------------------------------------------------
     tokenizer = Tokenizer(checkpoint_dir)
-    if columns:
-        text_column, label_column = columns.get("text", text_column), columns.get("label", label_column)
-    rows = load_classification(data, text_column, label_column, labels, val_data, test_data, val_split, test_split,
-                               seed=seed, n_train=n_train, n_val=n_val, n_test=n_test)
+    text_column, label_column = data.text_column, data.label_column
+    if data.columns:
+        text_column, label_column = data.columns.get("text", text_column), data.columns.get("label", label_column)
+    rows = load_classification(data.source, text_column, label_column, labels, data.val_data, data.test_data,
+                               data.val_split, data.test_split, seed=seed, n_train=data.n_train, n_val=data.n_val,
+                               n_test=data.n_test)
     pad_id = tokenizer.eos_id or 0  # any id will do: the attention mask, not the id, tells the model what is padding
     train_dl, val_dl, test_dl, data_stats = classification_dataloaders(
-        rows, tokenizer, max_seq_length=max_seq_length, micro_batch_size=micro_batch_size, seed=seed, pad_id=pad_id,
-        verbose=fabric.is_global_zero, packing=packing)
-    if max_steps is None:
-        max_steps = max(1, math.ceil(epochs * data_stats["n_train"] / batch_size))
+        rows, tokenizer, max_seq_length=data.max_seq_length, micro_batch_size=train.micro_batch_size, seed=seed,
+        pad_id=pad_id, verbose=fabric.is_global_zero, packing=data.packing)
+    if train.max_steps is None:
+        train = replace(train, max_steps=max(1, math.ceil(train.epochs * data_stats["n_train"] / train.batch_size)))
 
     # ---- the model: load the base, swap lm_head for a classification head, decide what trains ----------------
     model = GPT.from_checkpoint(checkpoint_dir)
@@ -245,7 +206,7 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
         quantize_nf4(model)  # every nn.Linear of the blocks -> NF4 (4-bit, frozen); the new head below stays float
     add_classification_head(model, len(rows.labels), bias=method == "features")  # lm_head -> score (n_embd -> labels)
     if method in ("lora", "qlora"):
-        inject_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets)
+        inject_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, targets=lora_targets)
     # what trains, one line per method; every other parameter stays frozen, bit for bit
     model.requires_grad_(False)
     if method == "head":
@@ -259,12 +220,12 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     elif method == "full":
         model.requires_grad_(True)
     # (features: nothing in the model trains; the head is fitted as a logistic regression below)
-    model.activation_checkpointing = activation_checkpointing
+    model.activation_checkpointing = train.activation_checkpointing
     classifier_config = ClassifierConfig(
         labels=rows.labels, pooling=pool, method=method,
         trainable_blocks=trainable_blocks if method == "blocks" else None, base_model=str(checkpoint_dir),
-        base_config=base_config.to_dict(), max_seq_length=max_seq_length, head_bias=method == "features",
-        lora=dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=list(lora_targets))
+        base_config=base_config.to_dict(), max_seq_length=data.max_seq_length, head_bias=method == "features",
+        lora=dict(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, targets=list(lora_targets))
         if method in ("lora", "qlora") else None,
         base_quantization=getattr(model, "base_quantization", None),  # what quantize_nf4 used (qlora), else None
         pad_id=pad_id, text_column=text_column, label_column=label_column)
@@ -281,13 +242,14 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
         # the new head learns at head_learning_rate, the pretrained weights that train at learning_rate
         pretrained = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("lm_head.")]
         param_groups = ([{"params": pretrained}] if pretrained else []) + [
-            {"params": list(model.lm_head.parameters()), "lr_ratio": head_learning_rate / learning_rate}]
-        optimizer = torch.optim.AdamW(param_groups, lr=learning_rate, weight_decay=weight_decay, betas=(0.9, 0.95))
+            {"params": list(model.lm_head.parameters()), "lr_ratio": head_learning_rate / train.learning_rate}]
+        optimizer = torch.optim.AdamW(param_groups, lr=train.learning_rate, weight_decay=train.weight_decay,
+                                      betas=(0.9, 0.95))
         gpt = model  # the plain module, for evaluation and saving
         model, optimizer = fabric.setup(model, optimizer)
 
         state = {"step": 0, "micro_batches": 0, "tokens": 0}
-        if compile:  # torch.compile each block for training (lora_lab/compile.py)
+        if train.compile:  # torch.compile each block for training (lora_lab/compile.py)
             compile_blocks(gpt)
         if resume:
             saved = load_train_state(out_dir / TRAIN_STATE_FILE)
@@ -296,10 +258,9 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
             train_dl.batch_sampler.load_state_dict(saved["sampler"])
             set_rng_state(saved["rng"])
             state.update(saved["counters"])
-            fabric.print(f"Resuming from step {state['step']} of {max_steps}")
-        fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, classifier_config, hparams, out_dir, max_steps,
-            grad_accum, learning_rate, warmup_steps, min_lr, grad_clip, neftune_alpha, parse_duration(max_time),
-            eval_interval, eval_iters, save_interval, log_interval)
+            fabric.print(f"Resuming from step {state['step']} of {train.max_steps}")
+        fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, classifier_config, hparams, out_dir, train, eval,
+            log)
     train_seconds, peak = time.perf_counter() - t0, peak_memory_bytes(fabric.device)
     if method == "features":  # (the training methods' fit() ends with this line's figures, MFU included)
         fabric.print(f"Features of {data_stats['n_samples']:,} texts and the logistic regression in "
@@ -344,15 +305,16 @@ def fit_features(fabric, gpt, train_dl, classifier_config, l2: float, out_dir: P
     fabric.print(f"Classifier saved to {out_dir}")
 
 
-def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, classifier_config, hparams, out_dir, max_steps,
-        grad_accum, learning_rate, warmup_steps, min_lr, grad_clip, neftune_alpha, max_time, eval_interval,
-        eval_iters, save_interval, log_interval) -> None:
+def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, classifier_config, hparams, out_dir, train: TrainArgs,
+        eval: ValidateArgs, log: LogArgs) -> None:
     stop = StopRequest()
-    metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"], logger_name=hparams["logger_name"],
+    metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"], logger_name=log.logger_name,
                          hparams=hparams)  # + hparams.yaml, an experiment tracker, loss.png
+    max_steps, max_time = train.max_steps, parse_duration(train.max_time)
+    grad_accum = train.grad_accum(fabric.world_size)  # micro-batches per optimizer step
     throughput = Throughput(state["step"], max_steps)
     # warm-up and cosine decay over max_steps, or over the --max_time budget (lora_lab/training.py)
-    schedule = LRSchedule(learning_rate, warmup_steps, min_lr, max_steps, max_time, state,
+    schedule = LRSchedule(train.learning_rate, train.warmup_steps, train.min_lr, max_steps, max_time, state,
                           sync=fabric.broadcast if fabric.world_size > 1 else None)
     earlier_seconds = state.get("seconds", 0.0)  # a resumed run's time before the interruption
     flops = FlopsMeter.for_fabric(gpt, fabric, hparams["peak_flops"])  # model FLOPs, for MFU (lora_lab/flops.py)
@@ -369,7 +331,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, classifier_confi
             # gradients are averaged over devices only at the last micro-batch of the step
             with fabric.no_backward_sync(model, enabled=i < grad_accum - 1):
                 logits = classify(model, batch["input_ids"], batch["attention_mask"], classifier_config.pooling,
-                                  neftune_alpha, segment_ids=batch.get("segment_ids"))  # (texts, num_labels)
+                                  train.neftune_alpha, segment_ids=batch.get("segment_ids"))  # (texts, num_labels)
                 loss = F.cross_entropy(logits.float(), batch["labels"].to(logits.device))
                 fabric.backward(loss / grad_accum)
             if not torch.isfinite(loss):
@@ -378,8 +340,8 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, classifier_confi
             state["tokens"] += batch["input_ids"].numel() * fabric.world_size
             throughput.update(batch["input_ids"].numel() * fabric.world_size)
             flops.update(batch)
-        if grad_clip:
-            norm = fabric.clip_gradients(model, optimizer, max_norm=grad_clip, error_if_nonfinite=False)
+        if train.grad_clip:
+            norm = fabric.clip_gradients(model, optimizer, max_norm=train.grad_clip, error_if_nonfinite=False)
             if not torch.isfinite(norm):  # a finite loss whose gradient overflowed
                 raise not_finite("gradient norm", norm.item(), state["step"] + 1, out_dir)
         optimizer.step()
@@ -391,7 +353,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, classifier_confi
         if fabric.world_size > 1:  # the loss of the global batch, not only of this device's share
             train_loss = fabric.all_reduce(torch.tensor(train_loss, device=fabric.device), reduce_op="mean").item()
 
-        if step % log_interval == 0 or step == max_steps:
+        if step % log.interval == 0 or step == max_steps:
             fabric.print(f"step {step}/{max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
                          f"{throughput.tokens_per_sec():,.0f} tok/s | {flops.format(throughput.elapsed())} | "
                          f"ETA {format_seconds(throughput.eta(step))}")
@@ -405,12 +367,12 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, classifier_confi
             # clock and Ctrl-C reaches them at slightly different times, so agree: stop if any device says so
             flags = torch.tensor([out_of_time, stop_requested], dtype=torch.float32, device=fabric.device)
             out_of_time, stop_requested = (bool(f) for f in fabric.all_reduce(flags, reduce_op="sum").tolist())
-        if val_dl is not None and (step % eval_interval == 0 or step == max_steps or out_of_time):
-            val_loss, val_accuracy = validate(fabric, model, val_dl, eval_iters, classifier_config.pooling)
+        if val_dl is not None and (step % eval.interval == 0 or step == max_steps or out_of_time):
+            val_loss, val_accuracy = validate(fabric, model, val_dl, eval.iters, classifier_config.pooling)
             row.update(val_loss=val_loss)
             fabric.print(f"step {step}: val loss {val_loss:.4f}, val accuracy {val_accuracy:.2%}")
         metrics.log(row)
-        if step % save_interval == 0 or step == max_steps or out_of_time or stop_requested:
+        if step % log.save_interval == 0 or step == max_steps or out_of_time or stop_requested:
             save(fabric, gpt, optimizer, train_dl, state, classifier_config, hparams, out_dir)
             metrics.plot()  # OUT_DIR/loss.png, up to date with what is saved
         if out_of_time:

@@ -36,13 +36,16 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Literal, Optional
 
 import lightning as L
 import torch
 
 from lora_lab import GPT, Tokenizer
+from lora_lab.args import (EvalArgs, HardwareArgs, LoRAArgs, LogArgs, PairDataArgs, TrainArgs, run_record,
+                           with_precision)
 from lora_lab.checks import check_args
 from lora_lab.checkpoint import load_config
 from lora_lab.compile import compile_blocks
@@ -61,9 +64,9 @@ from lora_lab.lora_init import init_config, init_lora, save_trained_lora
 from lora_lab.nf4 import nf4_settings, quantize_nf4
 from lora_lab.plan import plan_script
 from lora_lab.prompts import PromptStyle
-from lora_lab.training import (TRAIN_STATE_FILE, LRSchedule, MetricsLog, StopRequest, Throughput, format_seconds,
-                               generate_answers, iter_keeping_rng, load_train_state, micro_batches, parse_duration,
-                               rng_state, save_train_state, set_lr, set_rng_state)
+from lora_lab.training import (TRAIN_STATE_FILE, LRSchedule, MetricsLog, StopRequest, Throughput, check_run,
+                               format_seconds, generate_answers, iter_keeping_rng, load_train_state, micro_batches,
+                               parse_duration, rng_state, save_train_state, set_lr, set_rng_state)
 from lora_lab.utils import LoraLabError, cli
 
 # metrics.csv: TRL's / torchtune's names for the training step, the same with val_ for the held-out pairs
@@ -73,190 +76,145 @@ COLUMNS = (["step", *METRICS] + ["val_" + m for m in METRICS] + ["val_prefers_ch
 
 def setup(
     checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"),
-    data: str = "pairs.json",
     out_dir: Path = Path("out/finetune/dpo"),
-    val_data: Optional[str] = None,
     resume: bool = False,
-    # DPO: where the policy starts (and so the reference), the loss and its beta, the base's storage
     adapter_dir: Optional[Path] = None,
     beta: float = 0.1,
     loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid",
     quantize: Optional[Literal["nf4"]] = None,
     nf4_blocksize: int = 64,
     double_quant: bool = True,
-    # LoRA: which layers get an update, its rank and scale (with --adapter_dir: the adapter's own)
-    lora_r: int = 8,
-    lora_alpha: float = 16.0,
-    lora_dropout: float = 0.0,
-    lora_targets: Union[tuple[str, ...], str] = ("query", "value"),
-    use_rslora: bool = False,
-    use_dora: bool = False,
-    lora_plus_ratio: Optional[float] = None,
-    lora_init: str = "kaiming",
-    loftq_iter: int = 1,
-    # data
-    prompt_style: Optional[str] = None,
-    max_seq_length: int = 512,
-    packing: bool = False,
-    n_train: Optional[int] = None,
-    n_val: Optional[int] = None,
-    columns: Optional[dict[str, str]] = None,
-    # optimisation
-    max_steps: Optional[int] = None,
-    epochs: float = 1.0,
-    batch_size: int = 16,
-    micro_batch_size: int = 4,
-    learning_rate: float = 5e-4,
-    weight_decay: float = 0.0,
-    warmup_steps: int = 10,
-    min_lr: float = 0.0,
-    grad_clip: float = 1.0,
-    neftune_alpha: float = 0.0,
-    activation_checkpointing: bool = False,
-    compile: bool = False,
-    max_time: Optional[str] = None,
-    # evaluation, checkpoints, logging
-    eval_interval: int = 25,
-    eval_iters: int = 100,
-    eval_samples: int = 3,
-    save_interval: int = 100,
-    log_interval: int = 1,
-    logger_name: Literal["csv", "tensorboard", "mlflow", "wandb"] = "csv",
+    lora: LoRAArgs = LoRAArgs(r=8, alpha=16.0, dropout=0.0, targets=("query", "value"), init="kaiming"),
+    data: PairDataArgs = PairDataArgs(source="pairs.json", max_seq_length=512),
+    train: TrainArgs = TrainArgs(batch_size=16, micro_batch_size=4, learning_rate=5e-4, weight_decay=0.0),
+    eval: EvalArgs = EvalArgs(interval=25, iters=100, samples=3),
+    log: LogArgs = LogArgs(save_interval=100, interval=1, logger_name="csv"),
+    hardware: HardwareArgs = HardwareArgs(),
     seed: int = 42,
-    # hardware
-    precision: Optional[str] = None,
-    peak_flops: Optional[float] = None,
-    devices: int = 1,
-    num_nodes: int = 1,
-    strategy: Literal["auto", "ddp", "fsdp"] = "auto",
     plan: bool = False,
 ) -> None:
     """Preference fine-tuning with DPO on LoRA.
 
+    Each group's fields are nested flags (`--lora.r 16`, `--train.learning_rate 1e-3`); the flat flags in brackets
+    (`--lora_r 16`, `--learning_rate 1e-3`) work as well, in a --config YAML file too.
+
     Args:
         checkpoint_dir: the base model (a lora_lab checkpoint: see `python -m lora_lab.download`).
-        data: a local .json/.jsonl/.csv file of preference pairs (instruction, input, chosen, rejected).
         out_dir: where the adapter, its config, metrics.csv and the resume state go.
-        val_data: a separate file of held-out pairs (default: a held-out share of `data`).
         resume: continue the interrupted run in out_dir exactly where it stopped.
-        adapter_dir: an SFT LoRA adapter to start from: the policy continues it and the reference is base + it as
-            it is now. Default: a fresh LoRA, and the bare base as reference.
+        adapter_dir: an SFT LoRA adapter to start from: the policy continues it and the reference is base + it as it is
+            now. Default: a fresh LoRA, and the bare base as reference.
         beta: the KL leash to the reference: larger keeps the policy closer (0.1 is usual).
         loss: sigmoid (DPO), ipo (IPO, on per-token mean log-probs) or hinge (SLiC).
         quantize: nf4 stores the frozen base's linear layers (but lm_head) in 4-bit NF4 (QLoRA-DPO).
         nf4_blocksize: with --quantize nf4: weights per absmax scale (64 as in QLoRA).
         double_quant: with --quantize nf4: quantize the scales too (8 bits, blocks of 256).
-        lora_r: rank of the update B A (a fresh adapter only).
-        lora_alpha: the update is scaled by lora_alpha / lora_r (a fresh adapter only).
-        lora_dropout: dropout on the LoRA branch's input (default 0, as TRL's disable_dropout: the policy pass
-            then computes the function the reference was scored with, so step 1 from an SFT adapter is ln 2).
-        lora_targets: layers to adapt (a fresh adapter only): query, key, value, projection, mlp, lm_head, or all.
-        use_rslora: scale by alpha / sqrt(r) instead of alpha / r (a fresh adapter only).
-        use_dora: DoRA (weight-decomposed LoRA) (a fresh adapter only).
-        lora_plus_ratio: LoRA+: B learns this many times faster than A (e.g. 16).
-        lora_init: where a new adapter's A, B (and the base) start (lora_lab/lora_init.py): kaiming, gaussian, pissa,
-            pissa_niter_N, olora, loftq (with --quantize nf4 only); pissa / olora / loftq save the adapter converted
-            to rank 2r against the untouched base.
-        loftq_iter: --lora_init loftq: alternating quantize / SVD steps.
-        prompt_style: how prompts are wrapped (default: the base model's own).
-        max_seq_length: pairs whose prompt + longer answer exceed it are left out (and counted).
-        packing: lay the 2 x micro_batch_size sequences of each micro-batch end to end in rows of max_seq_length
-            (each attends only to itself: the same loss, less padding); batch sizes still count pairs.
-        n_train: use only the first n_train training pairs.
-        n_val: likewise for validation pairs.
-        columns: your file's column names, e.g. '{"instruction": "question", "chosen": "good"}' (keys:
+        lora: LoRA: which layers get an update, its rank and scale.
+        lora.r: [--lora_r] rank of the update B A (a fresh adapter only).
+        lora.alpha: [--lora_alpha] the update is scaled by lora_alpha / lora_r (a fresh adapter only).
+        lora.dropout: [--lora_dropout] dropout on the LoRA branch's input (default 0, as TRL's disable_dropout: the
+            policy pass then computes the function the reference was scored with, so step 1 from an SFT adapter is ln
+            2).
+        lora.targets: [--lora_targets] layers to adapt (a fresh adapter only): query, key, value, projection, mlp,
+            lm_head, or all.
+        lora.rslora: [--use_rslora] scale by alpha / sqrt(r) instead of alpha / r (a fresh adapter only).
+        lora.dora: [--use_dora] DoRA (weight-decomposed LoRA) (a fresh adapter only).
+        lora.lora_plus_ratio: [--lora_plus_ratio] LoRA+: B learns this many times faster than A (e.g. 16).
+        lora.init: [--lora_init] where a new adapter's A, B (and the base) start (lora_lab/lora_init.py): kaiming,
+            gaussian, pissa, pissa_niter_N, olora, loftq (with --quantize nf4 only); pissa / olora / loftq save the
+            adapter converted to rank 2r against the untouched base.
+        lora.loftq_iter: [--loftq_iter] --lora_init loftq: alternating quantize / SVD steps.
+        data: the training data.
+        data.source: [--data] a local .json/.jsonl/.csv file of preference pairs (instruction, input, chosen, rejected).
+        data.val_data: [--val_data] a separate file of held-out pairs (default: a held-out share of `data`).
+        data.prompt_style: [--prompt_style] how prompts are wrapped (default: the base model's own).
+        data.max_seq_length: [--max_seq_length] pairs whose prompt + longer answer exceed it are left out (and counted).
+        data.n_train: [--n_train] use only the first n_train training pairs.
+        data.n_val: [--n_val] likewise for validation pairs.
+        data.columns: [--columns] your file's column names, e.g. '{"instruction": "question", "chosen": "good"}' (keys:
             instruction, input, chosen, rejected).
-        max_steps: optimizer steps (default: `epochs` passes over the data).
-        epochs: passes over the training pairs when max_steps is not given.
-        batch_size: global batch size in PAIRS per optimizer step (over all devices).
-        micro_batch_size: pairs per forward/backward pass on one device (2x as many sequences).
-        learning_rate: peak learning rate, after a linear warm-up, decayed to min_lr by a cosine.
-        weight_decay: AdamW weight decay on the trainable parameters.
-        warmup_steps: optimizer steps of linear warm-up.
-        min_lr: learning rate at the end of the cosine decay.
-        grad_clip: clip the gradient norm to this (0 to disable).
-        neftune_alpha: NEFTune noise on the policy's embeddings while training (0 = off; TRL's DPOTrainer takes
-            it too); the reference is scored without it.
-        activation_checkpointing: recompute activations in the backward pass: less memory, slower.
-        compile: torch.compile each transformer block for training (minutes to compile; batch shapes vary, packed
-            or not, so torch compiles again until it marks the lengths dynamic).
-        max_time: time budget (3600, 90m, 1.5h, 23:30:00): the warm-up and cosine decay are laid over it (re-estimated
-            from the step time) and the run stops, at min_lr, evaluated and saved, when the next step would not
-            fit. The run also ends at max_steps / epochs if that comes first.
-        eval_interval: validate every this many optimizer steps.
-        eval_iters: at most this many validation batches per validation.
-        eval_samples: greedy answers to this many held-out prompts, shown before and after training.
-        save_interval: save the adapter and resume state every this many optimizer steps.
-        log_interval: print progress every this many optimizer steps.
-        logger_name: where metrics and hyperparameters go besides metrics.csv and hparams.yaml: csv (nowhere
-            else), tensorboard, mlflow or wandb (lora_lab/loggers.py). loss.png is drawn at every save.
+        data.packing: [--packing] lay the 2 x micro_batch_size sequences of each micro-batch end to end in rows of
+            max_seq_length (each attends only to itself: the same loss, less padding); batch sizes still count pairs.
+        train: optimisation.
+        train.max_steps: [--max_steps] optimizer steps (default: `epochs` passes over the data).
+        train.epochs: [--epochs] passes over the training pairs when max_steps is not given.
+        train.batch_size: [--batch_size] global batch size in PAIRS per optimizer step (over all devices).
+        train.micro_batch_size: [--micro_batch_size] pairs per forward/backward pass on one device (2x as many
+            sequences).
+        train.learning_rate: [--learning_rate] peak learning rate, after a linear warm-up, decayed to min_lr by a
+            cosine.
+        train.weight_decay: [--weight_decay] AdamW weight decay on the trainable parameters.
+        train.warmup_steps: [--warmup_steps] optimizer steps of linear warm-up.
+        train.min_lr: [--min_lr] learning rate at the end of the cosine decay.
+        train.grad_clip: [--grad_clip] clip the gradient norm to this (0 to disable).
+        train.neftune_alpha: [--neftune_alpha] NEFTune noise on the policy's embeddings while training (0 = off; TRL's
+            DPOTrainer takes it too); the reference is scored without it.
+        train.activation_checkpointing: [--activation_checkpointing] recompute activations in the backward pass: less
+            memory, slower.
+        train.compile: [--compile] torch.compile each transformer block for training (minutes to compile; batch shapes
+            vary, packed or not, so torch compiles again until it marks the lengths dynamic).
+        train.max_time: [--max_time] time budget (3600, 90m, 1.5h, 23:30:00): the warm-up and cosine decay are laid over
+            it (re-estimated from the step time) and the run stops, at min_lr, evaluated and saved, when the next step
+            would not fit. The run also ends at max_steps / epochs if that comes first.
+        eval: evaluation.
+        eval.interval: [--eval_interval] validate every this many optimizer steps.
+        eval.iters: [--eval_iters] at most this many validation batches per validation.
+        eval.samples: [--eval_samples] greedy answers to this many held-out prompts, shown before and after training.
+        log: checkpoints and logging.
+        log.save_interval: [--save_interval] save the adapter and resume state every this many optimizer steps.
+        log.interval: [--log_interval] print progress every this many optimizer steps.
+        log.logger_name: [--logger_name] where metrics and hyperparameters go besides metrics.csv and hparams.yaml: csv
+            (nowhere else), tensorboard, mlflow or wandb (lora_lab/loggers.py). loss.png is drawn at every save.
+        hardware: devices and number format.
+        hardware.precision: [--precision] 32-true, bf16-true, bf16-mixed, 16-mixed (default: bf16-true on GPU, 32-true
+            on CPU).
+        hardware.peak_flops: [--peak_flops] the device's peak FLOP/s for the MFU figure (default: the GPU's datasheet,
+            or a CPU probe).
+        hardware.devices: [--devices] devices per node (data parallel over them).
+        hardware.num_nodes: [--num_nodes] nodes, as Fabric launches them.
+        hardware.strategy: [--strategy] auto, ddp, or fsdp to shard the model over GPUs.
         seed: seeds data order, initialisation and dropout.
-        precision: 32-true, bf16-true, bf16-mixed, 16-mixed (default: bf16-true on GPU, 32-true on CPU).
-        peak_flops: the device's peak FLOP/s for the MFU figure (default: the GPU's datasheet, or a CPU probe).
-        devices: devices per node (data parallel over them).
-        num_nodes: nodes, as Fabric launches them.
-        strategy: auto, ddp, or fsdp to shard the model over GPUs.
         plan: print the memory this run needs per device (python -m lora_lab.plan) and exit.
     """
     check_args(locals())  # every argument that can be judged without data or a model, before anything slow
     if plan:  # the memory plan of these arguments, and nothing else (lora_lab/plan.py)
         return plan_script(locals(), __file__)
     checkpoint_dir = ensure_checkpoint(checkpoint_dir)  # the default model is fetched once if missing
-    if precision is None:
-        precision = "bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-    fabric = make_fabric(devices, num_nodes, strategy, precision)  # fsdp: FSDP2 units (lora_lab/distributed.py)
+    hardware = with_precision(hardware)  # default: bf16-true on a GPU that has it, else 32-true
+    fabric = make_fabric(hardware.devices, hardware.num_nodes, hardware.strategy, hardware.precision)  # fsdp: FSDP2
     fabric.launch()
-    args = dict(locals())
-    del args["fabric"]
-    main(fabric, **args)
+    main(fabric, checkpoint_dir, out_dir, resume, adapter_dir, beta, loss, quantize, nf4_blocksize, double_quant, lora,
+         data, train, eval, log, hardware, seed)
 
 
-def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_data: Optional[str], resume: bool,
-         adapter_dir: Optional[Path], beta: float, loss: str, quantize: Optional[str], nf4_blocksize: int,
-         double_quant: bool, lora_r: int, lora_alpha: float, lora_dropout: float,
-         lora_targets: Union[tuple[str, ...], str], use_rslora: bool, use_dora: bool,
-         lora_plus_ratio: Optional[float], lora_init: str, loftq_iter: int, prompt_style: Optional[str],
-         max_seq_length: int, packing: bool, n_train: Optional[int], n_val: Optional[int], columns: Optional[dict],
-         max_steps: Optional[int], epochs: float, batch_size: int, micro_batch_size: int, learning_rate: float,
-         weight_decay: float, warmup_steps: int, min_lr: float, grad_clip: float, neftune_alpha: float,
-         activation_checkpointing: bool, compile: bool,
-         max_time: Optional[str], eval_interval: int, eval_iters: int, eval_samples: int, save_interval: int,
-         log_interval: int, logger_name: str, seed: int, precision: str, peak_flops: Optional[float], devices: int,
-         num_nodes: int, strategy: str, plan: bool) -> None:
-    hparams = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "fabric"}
+def main(fabric: L.Fabric, checkpoint_dir: Path, out_dir: Path, resume: bool, adapter_dir: Optional[Path], beta: float,
+         loss: str, quantize: Optional[str], nf4_blocksize: int, double_quant: bool, lora: LoRAArgs, data: PairDataArgs,
+         train: TrainArgs, eval: EvalArgs, log: LogArgs, hardware: HardwareArgs, seed: int) -> None:
+    hparams = run_record(locals())  # the flat arguments, for hparams.yaml and the resume state
     out_dir = Path(out_dir)
-    # cheap checks of the arguments first, so that a mistake is reported before minutes of data and model loading
-    load_config(checkpoint_dir)  # one line if checkpoint_dir is not a lora_lab checkpoint
+    # cheap checks first, so that a mistake is reported before minutes of data and model loading
+    check_run(fabric, checkpoint_dir, out_dir, resume, train.batch_size, train.micro_batch_size)
     check_dpo_settings(beta, loss)
     # the SFT adapter to continue (one line if adapter_dir is not one, or was trained on another base)
     sft_config, sft_weights = load_lora(adapter_dir) if adapter_dir is not None else (None, None)
     if sft_config is not None:
         check_adapter_fits(sft_config, load_config(checkpoint_dir), adapter_dir, checkpoint_dir)
-    lora_targets = normalize_targets(lora_targets.split(",") if isinstance(lora_targets, str) else lora_targets)
-    if sft_config is not None and lora_init != "kaiming":
-        raise LoraLabError(f"--lora_init {lora_init} starts a new adapter, but --adapter_dir continues one: leave "
+    lora_targets = normalize_targets(lora.targets.split(",") if isinstance(lora.targets, str) else lora.targets)
+    if sft_config is not None and lora.init != "kaiming":
+        raise LoraLabError(f"--lora_init {lora.init} starts a new adapter, but --adapter_dir continues one: leave "
                            f"one of them out")
-    if fabric.world_size > 1 and batch_size % (micro_batch_size * fabric.world_size):
-        raise LoraLabError(f"batch_size={batch_size} is not a multiple of micro_batch_size x devices = "
-                           f"{micro_batch_size * fabric.world_size}")
-    grad_accum = max(1, batch_size // (micro_batch_size * fabric.world_size))
-    if resume and not (out_dir / TRAIN_STATE_FILE).is_file():
-        raise LoraLabError(f"--resume: {out_dir / TRAIN_STATE_FILE} does not exist: there is no interrupted run in "
-                           f"{out_dir} to resume (start without --resume)")
-    if not resume and (out_dir / TRAIN_STATE_FILE).is_file():
-        raise LoraLabError(f"{out_dir} already holds a run: add --resume to continue it, or choose another "
-                           "--out_dir")
     fabric.seed_everything(seed)
 
     # ---- data: pairs, the two answers of each in one batch, only answer tokens scored ------------------------
     tokenizer = Tokenizer(checkpoint_dir)
-    style = PromptStyle.from_checkpoint(checkpoint_dir, prompt_style or (sft_config and sft_config.prompt_style))
+    style = PromptStyle.from_checkpoint(checkpoint_dir, data.prompt_style or (sft_config and sft_config.prompt_style))
     train_dl, val_dl, data_stats = get_preference_dataloaders(
-        data, tokenizer, style, max_seq_length=max_seq_length, micro_batch_size=micro_batch_size, seed=seed,
-        val_data=val_data, n_train=n_train, n_val=n_val, columns=columns, pad_id=tokenizer.eos_id or 0,
-        verbose=fabric.is_global_zero, packing=packing)  # packed: each micro-batch's sequences end to end in rows
-    if max_steps is None:
-        max_steps = max(1, math.ceil(epochs * data_stats["n_train"] / batch_size))
+        data.source, tokenizer, style, max_seq_length=data.max_seq_length, micro_batch_size=train.micro_batch_size,
+        seed=seed, val_data=data.val_data, n_train=data.n_train, n_val=data.n_val, columns=data.columns,
+        pad_id=tokenizer.eos_id or 0, verbose=fabric.is_global_zero,
+        packing=data.packing)  # packed: each micro-batch's sequences end to end in rows
+    if train.max_steps is None:
+        train = replace(train, max_steps=max(1, math.ceil(train.epochs * data_stats["n_train"] / train.batch_size)))
 
     # ---- the model: load the base, add LoRA (initialise it, quantize) or the SFT adapter, freeze the rest ------
     model = GPT.from_checkpoint(checkpoint_dir)
@@ -265,29 +223,30 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     trained_with = {"method": "dpo", "loss": loss, "beta": beta,
                     "reference": f"base + {adapter_dir} (the starting adapter)" if sft_config else "the base model"}
     if sft_config is not None:  # continue the SFT adapter: its shape and settings, its weights
-        lora_config = LoRAConfig(**{**sft_config.to_dict(), "dropout": lora_dropout, "lora_plus_ratio": lora_plus_ratio,
+        lora_config = LoRAConfig(**{**sft_config.to_dict(), "dropout": lora.dropout,
+                                    "lora_plus_ratio": lora.lora_plus_ratio,
                                     "base_model": str(checkpoint_dir), "base_config": model.config.to_dict(),
                                     "prompt_style": style.name, "base_quantization": base_quantization,
                                     "trained_with": {**trained_with, "sft_adapter": str(adapter_dir)},
                                     "init": None})  # (a converted PiSSA / LoftQ adapter continues as plain LoRA)
     else:
-        lora_config = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=list(lora_targets),
-                                 use_rslora=use_rslora, use_dora=use_dora, lora_plus_ratio=lora_plus_ratio,
+        lora_config = LoRAConfig(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, targets=list(lora_targets),
+                                 use_rslora=lora.rslora, use_dora=lora.dora, lora_plus_ratio=lora.lora_plus_ratio,
                                  base_model=str(checkpoint_dir), base_config=model.config.to_dict(),
                                  prompt_style=style.name, base_quantization=base_quantization,
-                                 trained_with=trained_with, init=init_config(lora_init, loftq_iter))
+                                 trained_with=trained_with, init=init_config(lora.init, lora.loftq_iter))
     # LoRA on the float weights first: the init reads W (pissa / olora / loftq change it; lora_lab/lora_init.py)
     # and, with --quantize nf4, stores each LoRA layer's base in NF4; quantize_nf4 does the other layers. The
     # reference is the policy at step 0: for pissa / olora that is still exactly the base model
     inject_lora(model, r=lora_config.r, alpha=lora_config.alpha, dropout=lora_config.dropout,
                 targets=lora_config.targets, use_rslora=lora_config.use_rslora, use_dora=lora_config.use_dora)
-    init_lora(model, lora_init, nf4=base_quantization, loftq_iter=loftq_iter, device=fabric.device)
+    init_lora(model, lora.init, nf4=base_quantization, loftq_iter=lora.loftq_iter, device=fabric.device)
     if quantize == "nf4":
         quantize_nf4(model, blocksize=nf4_blocksize, double_quant=double_quant)  # every other nn.Linear but lm_head
     if sft_weights is not None:
         load_lora_state_dict(model, sft_weights, source=adapter_dir)
     mark_only_lora_trainable(model)
-    model.activation_checkpointing = activation_checkpointing
+    model.activation_checkpointing = train.activation_checkpointing
     trainable, total = count_parameters(model)
     fabric.print(f"DPO ({loss}, beta={beta}) on LoRA r={lora_config.r} alpha={lora_config.alpha} on "
                  f"{', '.join(lora_config.targets)}" + (f" continuing {adapter_dir}" if sft_config else "") +
@@ -297,15 +256,16 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     gpt = model  # the plain module, for generation and saving
     model = fabric.setup_module(model)  # fsdp shards it here, so the optimizer is made after, for the shards
     report_shards(fabric, gpt)  # fsdp: the parameter bytes each rank holds
-    if lora_plus_ratio:
-        param_groups = lora_plus_param_groups(model, learning_rate, ratio=lora_plus_ratio, weight_decay=weight_decay)
+    if lora.lora_plus_ratio:
+        param_groups = lora_plus_param_groups(model, train.learning_rate, ratio=lora.lora_plus_ratio,
+                                              weight_decay=train.weight_decay)
     else:
         param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    optimizer = fabric.setup_optimizers(torch.optim.AdamW(param_groups, lr=learning_rate,
-                                                           weight_decay=weight_decay, betas=(0.9, 0.95)))
+    optimizer = fabric.setup_optimizers(torch.optim.AdamW(param_groups, lr=train.learning_rate,
+                                                           weight_decay=train.weight_decay, betas=(0.9, 0.95)))
 
     state = {"step": 0, "micro_batches": 0, "tokens": 0}
-    if compile:  # torch.compile each block for training (lora_lab/compile.py); the reference pass runs eager
+    if train.compile:  # torch.compile each block for training (lora_lab/compile.py); the reference pass runs eager
         compile_blocks(gpt)
     datasets = [dl.dataset for dl in (train_dl, val_dl) if dl is not None]
     if resume:
@@ -320,27 +280,26 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
         state.update(saved["counters"])
         for ds, ref in zip(datasets, state["reference"]):  # pi_ref as scored when the run started
             ds.ref_logps = ref
-        fabric.print(f"Resuming from step {state['step']} of {max_steps}")
+        fabric.print(f"Resuming from step {state['step']} of {train.max_steps}")
     else:
         # THE REFERENCE: pi_ref is the model as it is now, before any step: score every pair's answers with it once
         # (each device scores all pairs: a device may meet any pair in a later epoch)
         t0 = time.perf_counter()
         for ds in datasets:
-            ds.ref_logps = reference_logps(model, ds, micro_batch_size, verbose=fabric.is_global_zero)  # (N, 2)
+            ds.ref_logps = reference_logps(model, ds, train.micro_batch_size, verbose=fabric.is_global_zero)  # (N, 2)
         state["reference"] = [ds.ref_logps for ds in datasets]  # saved with the counters: --resume reuses them
         # forward only, once: timed here, not counted in the training steps' throughput and MFU
         fabric.print(f"Reference log-probs of {sum(len(ds) for ds in datasets):,} pairs scored in "
                      f"{format_seconds(time.perf_counter() - t0)} (forward only, before the first step)")
 
-    eval_rows = val_dl.dataset.rows[:eval_samples] if val_dl is not None else []
+    eval_rows = val_dl.dataset.rows[:eval.samples] if val_dl is not None else []
     if val_dl is not None and not resume:
-        before = validate(fabric, model, val_dl, eval_iters, beta, loss)
+        before = validate(fabric, model, val_dl, eval.iters, beta, loss)
         before_answers = generate_samples(gpt, tokenizer, style, eval_rows)
-    fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hparams, out_dir, max_steps, grad_accum,
-        learning_rate, warmup_steps, min_lr, grad_clip, neftune_alpha, beta, loss, parse_duration(max_time),
-        eval_interval, eval_iters, save_interval, log_interval)
+    fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hparams, out_dir, train, eval, log, beta,
+        loss)
     if val_dl is not None and not resume and not state.get("stopped"):
-        after = validate(fabric, model, val_dl, eval_iters, beta, loss)
+        after = validate(fabric, model, val_dl, eval.iters, beta, loss)
         fabric.print(f"Held-out pairs before -> after DPO: reward accuracy {before['rewards/accuracies']:.1%} -> "
                      f"{after['rewards/accuracies']:.1%}, reward margin {before['rewards/margins']:.3f} -> "
                      f"{after['rewards/margins']:.3f}, chosen answer more likely than the rejected one "
@@ -350,15 +309,16 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
                          f"\n  before: {old}\n  after:  {new}")
 
 
-def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hparams, out_dir, max_steps, grad_accum,
-        learning_rate, warmup_steps, min_lr, grad_clip, neftune_alpha, beta, loss, max_time, eval_interval,
-        eval_iters, save_interval, log_interval) -> None:
+def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hparams, out_dir, train: TrainArgs,
+        eval: EvalArgs, log: LogArgs, beta: float, loss: str) -> None:
     stop = StopRequest()
-    metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"], logger_name=hparams["logger_name"],
+    metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"], logger_name=log.logger_name,
                          hparams=hparams, fields=COLUMNS)  # + hparams.yaml, an experiment tracker, loss.png
+    max_steps, max_time = train.max_steps, parse_duration(train.max_time)
+    grad_accum = train.grad_accum(fabric.world_size)  # micro-batches per optimizer step
     throughput = Throughput(state["step"], max_steps)
     # warm-up and cosine decay over max_steps, or over the --max_time budget (lora_lab/training.py)
-    schedule = LRSchedule(learning_rate, warmup_steps, min_lr, max_steps, max_time, state,
+    schedule = LRSchedule(train.learning_rate, train.warmup_steps, train.min_lr, max_steps, max_time, state,
                           sync=fabric.broadcast if fabric.world_size > 1 else None)
     earlier_seconds = state.get("seconds", 0.0)  # a resumed run's time before the interruption
     flops = FlopsMeter.for_fabric(gpt, fabric, hparams["peak_flops"])  # model FLOPs, for MFU (lora_lab/flops.py)
@@ -375,7 +335,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
             # gradients are averaged over devices only at the last micro-batch of the step
             with fabric.no_backward_sync(model, enabled=i < grad_accum - 1):
                 logps, n_tokens = answer_logps(model, batch["input_ids"], batch["labels"], batch.get("segment_ids"),
-                                               neftune_alpha)  # (2b,) each; packed rows: one segment per sequence
+                                               train.neftune_alpha)  # (2b,) each; packed rows: a segment per sequence
                 chosen, rejected = logps.chunk(2)  # the batch is [b chosen; b rejected]
                 out = preference_loss(chosen, rejected, batch["ref_chosen_logps"].to(logps),
                                       batch["ref_rejected_logps"].to(logps), beta, loss, *n_tokens.chunk(2))
@@ -387,8 +347,8 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
             state["tokens"] += batch["input_ids"].numel() * fabric.world_size
             throughput.update(batch["input_ids"].numel() * fabric.world_size)
             flops.update(batch)  # the policy's forward + backward over both sequences of every pair
-        if grad_clip:
-            norm = fabric.clip_gradients(model, optimizer, max_norm=grad_clip, error_if_nonfinite=False)
+        if train.grad_clip:
+            norm = fabric.clip_gradients(model, optimizer, max_norm=train.grad_clip, error_if_nonfinite=False)
             if not torch.isfinite(norm):  # a finite loss whose gradient overflowed
                 raise not_finite("gradient norm", norm.item(), state["step"] + 1, out_dir)
         optimizer.step()
@@ -396,14 +356,14 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
         schedule.step_done()
         state["step"] += 1
         state["seconds"] = earlier_seconds + throughput.elapsed()
-        step, train = state["step"], mean_metrics(all_reduce_sums(fabric, sums))
+        step, means = state["step"], mean_metrics(all_reduce_sums(fabric, sums))
 
-        if step % log_interval == 0 or step == max_steps:
-            fabric.print(f"step {step}/{max_steps} | loss {train['loss']:.4f} | reward acc "
-                         f"{train['rewards/accuracies']:.2f} | margin {train['rewards/margins']:.3f} | lr {lr:.2e} | "
+        if step % log.interval == 0 or step == max_steps:
+            fabric.print(f"step {step}/{max_steps} | loss {means['loss']:.4f} | reward acc "
+                         f"{means['rewards/accuracies']:.2f} | margin {means['rewards/margins']:.3f} | lr {lr:.2e} | "
                          f"{throughput.tokens_per_sec():,.0f} tok/s | {flops.format(throughput.elapsed())} | "
                          f"ETA {format_seconds(throughput.eta(step))}")
-        row = {"step": step, **train, "lr": lr, "tokens": state["tokens"],
+        row = {"step": step, **means, "lr": lr, "tokens": state["tokens"],
                "tokens_per_sec": throughput.tokens_per_sec()}
         out_of_time = schedule.out_of_time()
         stop_requested = stop.requested
@@ -413,13 +373,13 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, lora_config, hpa
             # clock and Ctrl-C reaches them at slightly different times, so agree: stop if any device says so
             flags = torch.tensor([out_of_time, stop_requested], dtype=torch.float32, device=fabric.device)
             out_of_time, stop_requested = (bool(f) for f in fabric.all_reduce(flags, reduce_op="sum").tolist())
-        if val_dl is not None and (step % eval_interval == 0 or step == max_steps or out_of_time):
-            val = validate(fabric, model, val_dl, eval_iters, beta, loss)
+        if val_dl is not None and (step % eval.interval == 0 or step == max_steps or out_of_time):
+            val = validate(fabric, model, val_dl, eval.iters, beta, loss)
             row.update({f"val_{k}": v for k, v in val.items()})
             fabric.print(f"step {step}: held-out loss {val['loss']:.4f}, reward accuracy "
                          f"{val['rewards/accuracies']:.1%}, margin {val['rewards/margins']:.3f}")
         metrics.log(row)
-        if step % save_interval == 0 or step == max_steps or out_of_time or stop_requested:
+        if step % log.save_interval == 0 or step == max_steps or out_of_time or stop_requested:
             save(fabric, gpt, optimizer, train_dl, state, lora_config, hparams, out_dir)
             metrics.plot()  # OUT_DIR/loss.png, up to date with what is saved
         if out_of_time:

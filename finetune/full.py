@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import lightning as L
 import torch
@@ -52,8 +52,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from lora_lab import GPT, Config, Tokenizer
+from lora_lab.args import DataArgs, EvalArgs, HardwareArgs, LogArgs, TrainArgs, run_record, with_precision
 from lora_lab.checks import check_args
-from lora_lab.checkpoint import load_config, save_checkpoint
+from lora_lab.checkpoint import save_checkpoint
 from lora_lab.compile import compile_blocks
 from lora_lab.data import get_dataloaders
 from lora_lab.data.json_extraction import evaluate_extractions
@@ -66,168 +67,120 @@ from lora_lab.generate import peak_memory_bytes, reset_peak_memory
 from lora_lab.lora import count_parameters
 from lora_lab.plan import plan_script
 from lora_lab.prompts import PromptStyle
-from lora_lab.training import (TRAIN_STATE_FILE, LRSchedule, MetricsLog, StopRequest, Throughput, format_seconds,
-                               generate_answers, iter_keeping_rng, load_train_state, micro_batches, parse_duration,
-                               rng_state, save_train_state, set_lr, set_rng_state)
+from lora_lab.training import (TRAIN_STATE_FILE, LRSchedule, MetricsLog, StopRequest, Throughput, check_run,
+                               format_seconds, generate_answers, iter_keeping_rng, load_train_state, micro_batches,
+                               parse_duration, rng_state, save_train_state, set_lr, set_rng_state)
 from lora_lab.utils import LoraLabError, cli
 
 
 def setup(
     checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"),
-    data: str = "json_extraction",
     out_dir: Path = Path("out/finetune/full"),
-    val_data: Optional[str] = None,
-    blank_line_docs: bool = False,
     resume: bool = False,
-    # full fine-tuning: every weight trains; the optimizer decides how much state each one carries
     optimizer: Literal["adamw", "adafactor", "sgd"] = "adamw",
-    # data
-    prompt_style: Optional[str] = None,
-    max_seq_length: int = 512,
-    mask_prompt: bool = True,
-    packing: bool = False,
-    n_train: Optional[int] = None,
-    n_val: Optional[int] = None,
-    columns: Optional[dict[str, str]] = None,
-    # optimisation
-    max_steps: Optional[int] = None,
-    epochs: float = 1.0,
-    batch_size: int = 16,
-    micro_batch_size: int = 4,
-    learning_rate: Optional[float] = None,
-    weight_decay: float = 0.0,
-    warmup_steps: int = 10,
-    min_lr: float = 0.0,
-    grad_clip: float = 1.0,
-    neftune_alpha: float = 0.0,
-    activation_checkpointing: bool = False,
-    compile: bool = False,
-    max_time: Optional[str] = None,
-    # evaluation, checkpoints, logging
-    eval_interval: int = 25,
-    eval_iters: int = 100,
-    eval_samples: int = 10,
-    save_interval: int = 100,
-    log_interval: int = 1,
-    logger_name: Literal["csv", "tensorboard", "mlflow", "wandb"] = "csv",
+    data: DataArgs = DataArgs(source="json_extraction", max_seq_length=512, mask_prompt=True),
+    train: TrainArgs = TrainArgs(batch_size=16, micro_batch_size=4, learning_rate=None, weight_decay=0.0),
+    eval: EvalArgs = EvalArgs(interval=25, iters=100, samples=10),
+    log: LogArgs = LogArgs(save_interval=100, interval=1, logger_name="csv"),
+    hardware: HardwareArgs = HardwareArgs(),
     seed: int = 42,
-    # hardware
-    precision: Optional[str] = None,
-    peak_flops: Optional[float] = None,
-    devices: int = 1,
-    num_nodes: int = 1,
-    strategy: Literal["auto", "ddp", "fsdp"] = "auto",
     plan: bool = False,
 ) -> None:
     """Fine-tune all the weights.
 
+    Each group's fields are nested flags (`--lora.r 16`, `--train.learning_rate 1e-3`); the flat flags in brackets
+    (`--lora_r 16`, `--learning_rate 1e-3`) work as well, in a --config YAML file too.
+
     Args:
         checkpoint_dir: the base model (a lora_lab checkpoint: see `python -m lora_lab.download`).
-        data: a built-in dataset name or a local .json/.jsonl/.csv file of instruction/input/output rows.
         out_dir: where the fine-tuned checkpoint, metrics.csv and the resume state go.
-        val_data: a separate validation file (default: a held-out share of `data`).
-        blank_line_docs: raw text (continued pre-training): documents are separated by blank lines, not one per
-            .txt file.
         resume: continue the interrupted run in out_dir exactly where it stopped.
-        optimizer: adamw (two moments per weight), sgd (with momentum 0.9: one) or adafactor (factored second
-            moment, no first: almost no state; torch.optim.Adafactor). The module docstring has the memory table.
-        prompt_style: how prompts are wrapped (default: the base model's own).
-        max_seq_length: longer samples are cut (and counted).
-        mask_prompt: learn only the answer tokens, not the prompt.
-        packing: put several samples in each row of max_seq_length (no padding; each attends only to itself);
-            batch_size and micro_batch_size then count rows.
-        n_train: use only the first n_train training rows (json_extraction: how many to generate).
-        n_val: likewise for validation rows.
-        columns: your file's column names, e.g. '{"instruction": "question", "output": "answer"}' (keys:
-            instruction, input, output).
-        max_steps: optimizer steps (default: `epochs` passes over the data).
-        epochs: passes over the training data when max_steps is not given.
-        batch_size: global batch size in samples per optimizer step (over all devices).
-        micro_batch_size: samples per forward/backward pass on one device; gradients accumulate to batch_size.
-        learning_rate: peak learning rate, after a linear warm-up, decayed to min_lr by a cosine (default:
-            2e-5 for adamw, 1e-3 for sgd, 1e-2 for adafactor, whose rate is relative to each weight's size).
-        weight_decay: weight decay on all parameters (decoupled for adamw and adafactor).
-        warmup_steps: optimizer steps of linear warm-up.
-        min_lr: learning rate at the end of the cosine decay.
-        grad_clip: clip the gradient norm to this (0 to disable).
-        neftune_alpha: NEFTune noise on the embeddings while training (5 is the paper's usual value; 0 = off).
-        activation_checkpointing: recompute activations in the backward pass: less memory, slower.
-        compile: torch.compile each transformer block for training (minutes to compile; fastest with --packing).
-        max_time: time budget (3600, 90m, 1.5h, 23:30:00): the warm-up and cosine decay are laid over it (re-estimated
-            from the step time) and the run stops, at min_lr, evaluated and saved, when the next step would not
-            fit. The run also ends at max_steps / epochs if that comes first.
-        eval_interval: validate every this many optimizer steps.
-        eval_iters: at most this many validation batches per validation.
-        eval_samples: json_extraction only: greedy generations scored for JSON validity/accuracy before and after.
-        save_interval: save the adapter and resume state every this many optimizer steps.
-        log_interval: print progress every this many optimizer steps.
-        logger_name: where metrics and hyperparameters go besides metrics.csv and hparams.yaml: csv (nowhere
-            else), tensorboard, mlflow or wandb (lora_lab/loggers.py). loss.png is drawn at every save.
+        optimizer: adamw (two moments per weight), sgd (with momentum 0.9: one) or adafactor (factored second moment, no
+            first: almost no state; torch.optim.Adafactor). The module docstring has the memory table.
+        data: the training data.
+        data.source: [--data] a built-in dataset name or a local .json/.jsonl/.csv file of instruction/input/output
+            rows.
+        data.val_data: [--val_data] a separate validation file (default: a held-out share of `data`).
+        data.prompt_style: [--prompt_style] how prompts are wrapped (default: the base model's own).
+        data.max_seq_length: [--max_seq_length] longer samples are cut (and counted).
+        data.n_train: [--n_train] use only the first n_train training rows (json_extraction: how many to generate).
+        data.n_val: [--n_val] likewise for validation rows.
+        data.columns: [--columns] your file's column names, e.g. '{"instruction": "question", "output": "answer"}'
+            (keys: instruction, input, output).
+        data.packing: [--packing] put several samples in each row of max_seq_length (no padding; each attends only to
+            itself); batch_size and micro_batch_size then count rows.
+        data.blank_line_docs: [--blank_line_docs] raw text (continued pre-training): documents are separated by blank
+            lines, not one per .txt file.
+        data.mask_prompt: [--mask_prompt] learn only the answer tokens, not the prompt.
+        train: optimisation.
+        train.max_steps: [--max_steps] optimizer steps (default: `epochs` passes over the data).
+        train.epochs: [--epochs] passes over the training data when max_steps is not given.
+        train.batch_size: [--batch_size] global batch size in samples per optimizer step (over all devices).
+        train.micro_batch_size: [--micro_batch_size] samples per forward/backward pass on one device; gradients
+            accumulate to batch_size.
+        train.learning_rate: [--learning_rate] peak learning rate, after a linear warm-up, decayed to min_lr by a cosine
+            (default: 2e-5 for adamw, 1e-3 for sgd, 1e-2 for adafactor, whose rate is relative to each weight's size).
+        train.weight_decay: [--weight_decay] weight decay on all parameters (decoupled for adamw and adafactor).
+        train.warmup_steps: [--warmup_steps] optimizer steps of linear warm-up.
+        train.min_lr: [--min_lr] learning rate at the end of the cosine decay.
+        train.grad_clip: [--grad_clip] clip the gradient norm to this (0 to disable).
+        train.neftune_alpha: [--neftune_alpha] NEFTune noise on the embeddings while training (5 is the paper's usual
+            value; 0 = off).
+        train.activation_checkpointing: [--activation_checkpointing] recompute activations in the backward pass: less
+            memory, slower.
+        train.compile: [--compile] torch.compile each transformer block for training (minutes to compile; fastest with
+            --packing).
+        train.max_time: [--max_time] time budget (3600, 90m, 1.5h, 23:30:00): the warm-up and cosine decay are laid over
+            it (re-estimated from the step time) and the run stops, at min_lr, evaluated and saved, when the next step
+            would not fit. The run also ends at max_steps / epochs if that comes first.
+        eval: evaluation.
+        eval.interval: [--eval_interval] validate every this many optimizer steps.
+        eval.iters: [--eval_iters] at most this many validation batches per validation.
+        eval.samples: [--eval_samples] json_extraction only: greedy generations scored for JSON validity/accuracy before
+            and after.
+        log: checkpoints and logging.
+        log.save_interval: [--save_interval] save the adapter and resume state every this many optimizer steps.
+        log.interval: [--log_interval] print progress every this many optimizer steps.
+        log.logger_name: [--logger_name] where metrics and hyperparameters go besides metrics.csv and hparams.yaml: csv
+            (nowhere else), tensorboard, mlflow or wandb (lora_lab/loggers.py). loss.png is drawn at every save.
+        hardware: devices and number format.
+        hardware.precision: [--precision] 32-true, bf16-mixed, bf16-true, 16-mixed (default: bf16-mixed on GPU, 32-true
+            on CPU).
+        hardware.peak_flops: [--peak_flops] the device's peak FLOP/s for the MFU figure (default: the GPU's datasheet,
+            or a CPU probe).
+        hardware.devices: [--devices] devices per node (data parallel over them).
+        hardware.num_nodes: [--num_nodes] nodes, as Fabric launches them.
+        hardware.strategy: [--strategy] auto, ddp, or fsdp to shard the weights, gradients and optimizer state over
+            GPUs.
         seed: seeds data order and NEFTune noise.
-        precision: 32-true, bf16-mixed, bf16-true, 16-mixed (default: bf16-mixed on GPU, 32-true on CPU).
-        peak_flops: the device's peak FLOP/s for the MFU figure (default: the GPU's datasheet, or a CPU probe).
-        devices: devices per node (data parallel over them).
-        num_nodes: nodes, as Fabric launches them.
-        strategy: auto, ddp, or fsdp to shard the weights, gradients and optimizer state over GPUs.
         plan: print the memory this run needs per device (python -m lora_lab.plan) and exit.
     """
     check_args(locals())  # every argument that can be judged without data or a model, before anything slow
     if plan:  # the memory plan of these arguments, and nothing else (lora_lab/plan.py)
         return plan_script(locals(), __file__)
     checkpoint_dir = ensure_checkpoint(checkpoint_dir)  # the default model is fetched once if missing
-    if precision is None:
-        # float32 master weights: bf16-true would round most small updates away (see the memory table above)
-        precision = "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-    fabric = make_fabric(devices, num_nodes, strategy, precision)  # fsdp: FSDP2 units (lora_lab/distributed.py)
+    # default: bf16-mixed on a GPU that has it, else 32-true. float32 master weights: bf16-true would round most
+    # small updates away (see the memory table above)
+    hardware = with_precision(hardware, on_gpu="bf16-mixed")
+    fabric = make_fabric(hardware.devices, hardware.num_nodes, hardware.strategy, hardware.precision)  # fsdp: FSDP2
     fabric.launch()
-    args = dict(locals())
-    del args["fabric"]
-    main(fabric, **args)
+    main(fabric, checkpoint_dir, out_dir, resume, optimizer, data, train, eval, log, hardware, seed)
 
 
-def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_data: Optional[str],
-         blank_line_docs: bool, resume: bool,
-         optimizer: str, prompt_style: Optional[str],
-         max_seq_length: int, mask_prompt: bool, packing: bool, n_train: Optional[int], n_val: Optional[int],
-         columns: Optional[dict],
-         max_steps: Optional[int], epochs: float, batch_size: int, micro_batch_size: int,
-         learning_rate: Optional[float],
-         weight_decay: float, warmup_steps: int, min_lr: float, grad_clip: float, neftune_alpha: float,
-         activation_checkpointing: bool, compile: bool, max_time: Optional[str], eval_interval: int,
-         eval_iters: int, eval_samples: int, save_interval: int, log_interval: int, logger_name: str, seed: int,
-         precision: str, peak_flops: Optional[float], devices: int, num_nodes: int, strategy: str,
-         plan: bool) -> None:
-    hparams = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "fabric"}
+def main(fabric: L.Fabric, checkpoint_dir: Path, out_dir: Path, resume: bool, optimizer: str, data: DataArgs,
+         train: TrainArgs, eval: EvalArgs, log: LogArgs, hardware: HardwareArgs, seed: int) -> None:
+    hparams = run_record(locals())  # the flat arguments, for hparams.yaml and the resume state
     out_dir = Path(out_dir)
-    # cheap checks of the arguments first, so that a mistake is reported before minutes of data and model loading
-    load_config(checkpoint_dir)  # one line if checkpoint_dir is not a lora_lab checkpoint
+    # cheap checks first, so that a mistake is reported before minutes of data and model loading
+    check_run(fabric, checkpoint_dir, out_dir, resume, train.batch_size, train.micro_batch_size)
     if optimizer not in DEFAULT_LEARNING_RATES:
         raise LoraLabError(f"--optimizer {optimizer!r}: use one of {', '.join(DEFAULT_LEARNING_RATES)}")
-    learning_rate = DEFAULT_LEARNING_RATES[optimizer] if learning_rate is None else learning_rate
-    if fabric.world_size > 1 and batch_size % (micro_batch_size * fabric.world_size):
-        raise LoraLabError(f"batch_size={batch_size} is not a multiple of micro_batch_size x devices = "
-                           f"{micro_batch_size * fabric.world_size}")
-    grad_accum = max(1, batch_size // (micro_batch_size * fabric.world_size))
-    if resume and not (out_dir / TRAIN_STATE_FILE).is_file():
-        raise LoraLabError(f"--resume: {out_dir / TRAIN_STATE_FILE} does not exist: there is no interrupted run in "
-                           f"{out_dir} to resume (start without --resume)")
-    if not resume and (out_dir / TRAIN_STATE_FILE).is_file():
-        raise LoraLabError(f"{out_dir} already holds a run: add --resume to continue it, or choose another "
-                           "--out_dir")
+    if train.learning_rate is None:
+        train = replace(train, learning_rate=DEFAULT_LEARNING_RATES[optimizer])
     fabric.seed_everything(seed)
-
-    # ---- data --------------------------------------------------------------------------------------------------
-    tokenizer = Tokenizer(checkpoint_dir)
-    style = PromptStyle.from_checkpoint(checkpoint_dir, prompt_style)
-    train_dl, val_dl, data_stats = get_dataloaders(
-        data, tokenizer, style, max_seq_length=max_seq_length, micro_batch_size=micro_batch_size, seed=seed,
-        val_data=val_data, n_train=n_train, n_val=n_val, columns=columns, mask_prompt=mask_prompt,
-        bucket_by_length=True, pad_id=tokenizer.eos_id or 0, verbose=fabric.is_global_zero, packing=packing,
-        blank_line_docs=blank_line_docs)
-    if fabric.is_global_zero:
-        write_mix_record(out_dir, data_stats)  # --data mix.yaml: its per-source counts, OUT_DIR/data_mix.json
-    if max_steps is None:
-        max_steps = max(1, math.ceil(epochs * data_stats["n_train"] / batch_size))
+    tokenizer, style, train_dl, val_dl, data_stats = load_data(fabric, checkpoint_dir, out_dir, data, train, seed)
+    if train.max_steps is None:
+        train = replace(train, max_steps=max(1, math.ceil(train.epochs * data_stats["n_train"] / train.batch_size)))
 
     # ---- the model: load the base; every parameter trains ------------------------------------------------------
     model = GPT.from_checkpoint(checkpoint_dir)
@@ -235,10 +188,10 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     save_as = SaveAs(config=replace(model.config, prompt_style=style.name,
                                     extra={**model.config.extra, "finetuned_from": str(checkpoint_dir)}),
                      dtype=model.wte.weight.dtype, tokenizer_dir=Path(checkpoint_dir))
-    if precision not in ("bf16-true", "16-true"):
+    if hardware.precision not in ("bf16-true", "16-true"):
         # float32 master weights, even from a bfloat16 checkpoint: Fabric casts the weights only for *-true precisions
         model.float()
-    model.activation_checkpointing = activation_checkpointing
+    model.activation_checkpointing = train.activation_checkpointing
     trainable, total = count_parameters(model)
     fabric.print(f"Full fine-tuning with {optimizer}: {trainable:,} trainable parameters of {total:,} "
                  f"({100 * trainable / total:.2f}%)")
@@ -247,10 +200,11 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     model = fabric.setup_module(model)  # fsdp shards it here, so the optimizer is made after, for the shards
     report_shards(fabric, gpt)  # fsdp: the parameter bytes each rank holds
     param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    optimizer = fabric.setup_optimizers(make_optimizer(optimizer, param_groups, learning_rate, weight_decay))
+    optimizer = fabric.setup_optimizers(make_optimizer(optimizer, param_groups, train.learning_rate,
+                                                       train.weight_decay))
 
     state = {"step": 0, "micro_batches": 0, "tokens": 0}
-    if compile:  # torch.compile each block for training (lora_lab/compile.py)
+    if train.compile:  # torch.compile each block for training (lora_lab/compile.py)
         compile_blocks(gpt)
     if resume:
         saved = load_train_state(out_dir / TRAIN_STATE_FILE)
@@ -261,16 +215,14 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
         train_dl.batch_sampler.load_state_dict(saved["sampler"])
         set_rng_state(saved["rng"])
         state.update(saved["counters"])
-        fabric.print(f"Resuming from step {state['step']} of {max_steps}")
+        fabric.print(f"Resuming from step {state['step']} of {train.max_steps}")
 
     # the json_extraction task's real test: does the model now answer with the right JSON?
-    eval_rows = val_dl.dataset.rows[:eval_samples] if data == "json_extraction" and val_dl is not None else []
+    eval_rows = val_dl.dataset.rows[:eval.samples] if data.source == "json_extraction" and val_dl is not None else []
     if eval_rows and not resume:  # kept with the resume state: a resumed run still says before -> after
         state["json_before"] = {k: v for k, v in evaluate_json(fabric, gpt, tokenizer, style, eval_rows).items()
                                 if k in ("valid_json", "exact_keys", "all_correct")}
-    fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, save_as, hparams, out_dir, max_steps, grad_accum,
-        learning_rate, warmup_steps, min_lr, grad_clip, neftune_alpha, parse_duration(max_time), eval_interval,
-        eval_iters, save_interval, log_interval)
+    fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, save_as, hparams, out_dir, train, eval, log)
     if eval_rows and not state.get("stopped"):
         after = evaluate_json(fabric, gpt, tokenizer, style, eval_rows)
         before = state.get("json_before")
@@ -281,15 +233,30 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
                          f"all values right {before['all_correct']:.0%} -> {after['all_correct']:.0%}")
 
 
-def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, save_as, hparams, out_dir, max_steps, grad_accum,
-        learning_rate, warmup_steps, min_lr, grad_clip, neftune_alpha, max_time, eval_interval, eval_iters,
-        save_interval, log_interval) -> None:
+def load_data(fabric, checkpoint_dir: Path, out_dir: Path, data: DataArgs, train: TrainArgs, seed: int):
+    """The tokenizer, the prompt style, the training and validation loaders and the data's counts."""
+    tokenizer = Tokenizer(checkpoint_dir)
+    style = PromptStyle.from_checkpoint(checkpoint_dir, data.prompt_style)
+    train_dl, val_dl, data_stats = get_dataloaders(
+        data.source, tokenizer, style, max_seq_length=data.max_seq_length, micro_batch_size=train.micro_batch_size,
+        seed=seed, val_data=data.val_data, n_train=data.n_train, n_val=data.n_val, columns=data.columns,
+        mask_prompt=data.mask_prompt, bucket_by_length=True, pad_id=tokenizer.eos_id or 0,
+        verbose=fabric.is_global_zero, packing=data.packing, blank_line_docs=data.blank_line_docs)
+    if fabric.is_global_zero:
+        write_mix_record(out_dir, data_stats)  # --data mix.yaml: its per-source counts, OUT_DIR/data_mix.json
+    return tokenizer, style, train_dl, val_dl, data_stats
+
+
+def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, save_as, hparams, out_dir, train: TrainArgs,
+        eval: EvalArgs, log: LogArgs) -> None:
     stop = StopRequest()
-    metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"], logger_name=hparams["logger_name"],
+    metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"], logger_name=log.logger_name,
                          hparams=hparams)  # + hparams.yaml, an experiment tracker, loss.png
+    max_steps, max_time = train.max_steps, parse_duration(train.max_time)
+    grad_accum = train.grad_accum(fabric.world_size)  # micro-batches per optimizer step
     throughput = Throughput(state["step"], max_steps)
     # warm-up and cosine decay over max_steps, or over the --max_time budget (lora_lab/training.py)
-    schedule = LRSchedule(learning_rate, warmup_steps, min_lr, max_steps, max_time, state,
+    schedule = LRSchedule(train.learning_rate, train.warmup_steps, train.min_lr, max_steps, max_time, state,
                           sync=fabric.broadcast if fabric.world_size > 1 else None)
     earlier_seconds = state.get("seconds", 0.0)  # a resumed run's time before the interruption
     flops = FlopsMeter.for_fabric(gpt, fabric, hparams["peak_flops"])  # model FLOPs, for MFU (lora_lab/flops.py)
@@ -305,7 +272,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, save_as, hparams
             batch = next(batches)
             # gradients are averaged over devices only at the last micro-batch of the step
             with fabric.no_backward_sync(model, enabled=i < grad_accum - 1):
-                loss = model(batch["input_ids"], labels=batch["labels"], neftune_alpha=neftune_alpha,
+                loss = model(batch["input_ids"], labels=batch["labels"], neftune_alpha=train.neftune_alpha,
                              segment_ids=batch.get("segment_ids"))  # packed rows: one segment per sample
                 fabric.backward(loss / grad_accum)
             if not torch.isfinite(loss):
@@ -314,8 +281,8 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, save_as, hparams
             state["tokens"] += batch["input_ids"].numel() * fabric.world_size
             throughput.update(batch["input_ids"].numel() * fabric.world_size)
             flops.update(batch)
-        if grad_clip:
-            norm = fabric.clip_gradients(model, optimizer, max_norm=grad_clip, error_if_nonfinite=False)
+        if train.grad_clip:
+            norm = fabric.clip_gradients(model, optimizer, max_norm=train.grad_clip, error_if_nonfinite=False)
             if not torch.isfinite(norm):  # a finite loss whose gradient overflowed
                 raise not_finite("gradient norm", norm.item(), state["step"] + 1, out_dir)
         optimizer.step()
@@ -327,7 +294,7 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, save_as, hparams
         if fabric.world_size > 1:  # the loss of the global batch, not only of this device's share
             train_loss = fabric.all_reduce(torch.tensor(train_loss, device=fabric.device), reduce_op="mean").item()
 
-        if step % log_interval == 0 or step == max_steps:
+        if step % log.interval == 0 or step == max_steps:
             fabric.print(f"step {step}/{max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
                          f"{throughput.tokens_per_sec():,.0f} tok/s | {flops.format(throughput.elapsed())} | "
                          f"ETA {format_seconds(throughput.eta(step))}")
@@ -341,12 +308,12 @@ def fit(fabric, model, gpt, optimizer, train_dl, val_dl, state, save_as, hparams
             # clock and Ctrl-C reaches them at slightly different times, so agree: stop if any device says so
             flags = torch.tensor([out_of_time, stop_requested], dtype=torch.float32, device=fabric.device)
             out_of_time, stop_requested = (bool(f) for f in fabric.all_reduce(flags, reduce_op="sum").tolist())
-        if val_dl is not None and (step % eval_interval == 0 or step == max_steps or out_of_time):
-            val_loss = validate(fabric, model, val_dl, eval_iters)
+        if val_dl is not None and (step % eval.interval == 0 or step == max_steps or out_of_time):
+            val_loss = validate(fabric, model, val_dl, eval.iters)
             row.update(val_loss=val_loss, val_ppl=math.exp(val_loss))
             fabric.print(f"step {step}: val loss {val_loss:.4f}, val ppl {math.exp(val_loss):.2f}")
         metrics.log(row)
-        if step % save_interval == 0 or step == max_steps or out_of_time or stop_requested:
+        if step % log.save_interval == 0 or step == max_steps or out_of_time or stop_requested:
             save(fabric, gpt, optimizer, train_dl, state, save_as, hparams, out_dir)
             metrics.plot()  # OUT_DIR/loss.png, up to date with what is saved
         if out_of_time:

@@ -34,14 +34,17 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Literal, Optional
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
 from lora_lab import GPT, Tokenizer
+from lora_lab.args import (EvalArgs, GRPOArgs, HardwareArgs, LoRAArgs, LogArgs, PromptDataArgs, TrainArgs,
+                           run_record, with_precision)
 from lora_lab.checks import check_args
 from lora_lab.checkpoint import load_config
 from lora_lab.compile import compile_blocks
@@ -59,8 +62,9 @@ from lora_lab.model import IGNORE_INDEX
 from lora_lab.nf4 import quantize_nf4
 from lora_lab.prompts import PromptStyle
 from lora_lab.rewards import compute_rewards, load_rewards
-from lora_lab.training import (TRAIN_STATE_FILE, LRSchedule, MetricsLog, StopRequest, Throughput, format_seconds,
-                               load_train_state, parse_duration, rng_state, save_train_state, set_lr, set_rng_state)
+from lora_lab.training import (TRAIN_STATE_FILE, LRSchedule, MetricsLog, StopRequest, Throughput, check_run,
+                               format_seconds, load_train_state, parse_duration, rng_state, save_train_state, set_lr,
+                               set_rng_state)
 from lora_lab.utils import LoraLabError, cli
 
 # metrics.csv: TRL's names (the per-reward-function columns are added for the run's rewards: `columns`)
@@ -71,202 +75,164 @@ STEP_METRICS = ["loss", "reward", "reward_std", "frac_reward_zero_std", "complet
 
 def setup(
     checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"),
-    data: str = "json_extraction",
     out_dir: Path = Path("out/finetune/grpo"),
-    val_data: Optional[str] = None,
     resume: bool = False,
-    # GRPO: where the policy starts, the rewards, sampling, the loss, the base's storage
     adapter_dir: Optional[Path] = None,
-    reward: Union[str, tuple[str, ...]] = "json_values",
-    reward_weights: Union[str, tuple[float, ...], None] = None,
-    num_generations: int = 8,
-    max_completion_length: int = 256,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: Optional[int] = None,
-    beta: float = 0.0,
-    epsilon: float = 0.2,
-    epsilon_high: Optional[float] = None,
-    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "dapo",
-    scale_rewards: Literal["group", "batch", "none"] = "group",
-    num_iterations: int = 1,
     quantize: Optional[Literal["nf4"]] = None,
     nf4_blocksize: int = 64,
     double_quant: bool = True,
-    # LoRA: which layers get an update, its rank and scale (with --adapter_dir: the adapter's own)
-    lora_r: int = 8,
-    lora_alpha: float = 16.0,
-    lora_dropout: float = 0.0,
-    lora_targets: Union[tuple[str, ...], str] = ("query", "value"),
-    use_rslora: bool = False,
-    use_dora: bool = False,
-    lora_plus_ratio: Optional[float] = None,
-    # data
-    prompt_style: Optional[str] = None,
-    max_seq_length: int = 512,
-    n_train: Optional[int] = None,
-    n_val: Optional[int] = None,
-    columns: Optional[dict[str, str]] = None,
-    # optimisation
-    max_steps: Optional[int] = None,
-    epochs: float = 1.0,
-    batch_size: int = 16,
-    micro_batch_size: int = 4,
-    learning_rate: float = 2e-5,
-    weight_decay: float = 0.0,
-    warmup_steps: int = 10,
-    min_lr: float = 0.0,
-    grad_clip: float = 1.0,
-    activation_checkpointing: bool = False,
-    compile: bool = False,
-    max_time: Optional[str] = None,
-    # evaluation, checkpoints, logging
-    eval_interval: int = 25,
-    eval_iters: int = 100,
-    eval_samples: int = 3,
-    save_interval: int = 100,
-    log_interval: int = 1,
-    logger_name: Literal["csv", "tensorboard", "mlflow", "wandb"] = "csv",
+    grpo: GRPOArgs = GRPOArgs(reward="json_values", num_generations=8, max_completion_length=256, beta=0.0,
+                              loss_type="dapo"),
+    lora: LoRAArgs = LoRAArgs(r=8, alpha=16.0, dropout=0.0, targets=("query", "value")),
+    data: PromptDataArgs = PromptDataArgs(source="json_extraction", max_seq_length=512),
+    train: TrainArgs = TrainArgs(batch_size=16, micro_batch_size=4, learning_rate=2e-5, weight_decay=0.0),
+    eval: EvalArgs = EvalArgs(interval=25, iters=100, samples=3),
+    log: LogArgs = LogArgs(save_interval=100, interval=1, logger_name="csv"),
+    hardware: HardwareArgs = HardwareArgs(),
     seed: int = 42,
-    # hardware
-    precision: Optional[str] = None,
-    peak_flops: Optional[float] = None,
-    devices: int = 1,
-    num_nodes: int = 1,
-    strategy: Literal["auto", "ddp", "fsdp"] = "auto",
 ) -> None:
     """Reinforcement learning with verifiable rewards (GRPO) on LoRA.
 
+    Each group's fields are nested flags (`--lora.r 16`, `--train.learning_rate 1e-3`); the flat flags in brackets
+    (`--lora_r 16`, `--learning_rate 1e-3`) work as well, in a --config YAML file too.
+
     Args:
         checkpoint_dir: the base model (a lora_lab checkpoint: see `python -m lora_lab.download`).
-        data: a built-in dataset name or a local .json/.jsonl/.csv file of instruction/input/output rows (the
-            output is the expected answer the rewards check).
         out_dir: where the adapter, its config, metrics.csv and the resume state go.
-        val_data: a separate file of held-out rows (default: a held-out share of `data`).
         resume: continue the interrupted run in out_dir exactly where it stopped.
-        adapter_dir: an SFT LoRA adapter to start from: the policy continues it and the reference (beta > 0) is
-            base + it as it is now. Default: a fresh LoRA, and the bare base as reference.
-        reward: reward function(s), comma-separated: json_valid, json_keys, json_values, gsm8k, length (length:N
-            for a target of N characters), or path/to/file.py:function.
-        reward_weights: one weight per reward function, comma-separated (default 1 each); the reward is the sum.
-        num_generations: completions sampled per prompt (the group).
-        max_completion_length: at most this many new tokens per completion.
-        temperature: sampling temperature (the log-probs are those of the tempered distribution, as TRL's).
-        top_p: nucleus sampling: keep the smallest set of tokens with this much probability (1.0 = all).
-        top_k: sample among the k most likely tokens only (default: all).
-        beta: weight of the KL term against the reference (0 = none and no reference pass, TRL's default).
-        epsilon: the ratio is clipped to [1 - epsilon, 1 + epsilon_high].
-        epsilon_high: the upper clipping bound's epsilon (default: epsilon; DAPO uses 0.28).
-        loss_type: how token losses are averaged: grpo (per completion, then over completions), dr_grpo (by a
-            constant: max_completion_length), dapo (over all the step's tokens).
-        scale_rewards: divide the advantages by the std of their group (group), of the batch (batch) or not (none).
-        num_iterations: optimizer steps on each batch of completions (mu; > 1 clips against the sampling policy).
+        adapter_dir: an SFT LoRA adapter to start from: the policy continues it and the reference (beta > 0) is base +
+            it as it is now. Default: a fresh LoRA, and the bare base as reference.
         quantize: nf4 stores the frozen base's linear layers (but lm_head) in 4-bit NF4 (QLoRA-GRPO).
         nf4_blocksize: with --quantize nf4: weights per absmax scale (64 as in QLoRA).
         double_quant: with --quantize nf4: quantize the scales too (8 bits, blocks of 256).
-        lora_r: rank of the update B A (a fresh adapter only).
-        lora_alpha: the update is scaled by lora_alpha / lora_r (a fresh adapter only).
-        lora_dropout: dropout on the LoRA branch's input (0: the sampling and training passes see one function).
-        lora_targets: layers to adapt (a fresh adapter only): query, key, value, projection, mlp, lm_head, or all.
-        use_rslora: scale by alpha / sqrt(r) instead of alpha / r (a fresh adapter only).
-        use_dora: DoRA (weight-decomposed LoRA) (a fresh adapter only).
-        lora_plus_ratio: LoRA+: B learns this many times faster than A (e.g. 16).
-        prompt_style: how prompts are wrapped (default: the base model's own).
-        max_seq_length: prompts longer than max_seq_length - max_completion_length tokens are left out (counted).
-        n_train: use only the first n_train training rows.
-        n_val: likewise for held-out rows.
-        columns: your file's column names, e.g. '{"instruction": "question", "output": "answer"}' (keys:
-            instruction, input, output).
-        max_steps: optimizer steps (default: `epochs` passes over the prompts).
-        epochs: passes over the training prompts when max_steps is not given.
-        batch_size: completions per optimizer step over all devices (batch_size / num_generations prompts).
-        micro_batch_size: completions per forward/backward pass on one device.
-        learning_rate: peak learning rate, after a linear warm-up, decayed to min_lr by a cosine.
-        weight_decay: AdamW weight decay on the trainable parameters.
-        warmup_steps: optimizer steps of linear warm-up.
-        min_lr: learning rate at the end of the cosine decay.
-        grad_clip: clip the gradient norm to this (0 to disable).
-        activation_checkpointing: recompute activations in the backward pass: less memory, slower.
-        compile: torch.compile each transformer block for training (sampling runs eager).
-        max_time: time budget (3600, 90m, 1.5h, 23:30:00): stop, evaluate and save when it is spent.
-        eval_interval: validate every this many optimizer steps.
-        eval_iters: at most this many batches of micro_batch_size held-out prompts per validation.
-        eval_samples: held-out prompts whose greedy answers are printed at each validation.
-        save_interval: save the adapter and resume state every this many optimizer steps.
-        log_interval: print progress every this many optimizer steps.
-        logger_name: where metrics and hyperparameters go besides metrics.csv and hparams.yaml: csv (nowhere
-            else), tensorboard, mlflow or wandb (lora_lab/loggers.py). loss.png is drawn at every save.
+        grpo: GRPO: the rewards, the sampled completions, the loss.
+        grpo.reward: [--reward] reward function(s), comma-separated: json_valid, json_keys, json_values, gsm8k, length
+            (length:N for a target of N characters), or path/to/file.py:function.
+        grpo.reward_weights: [--reward_weights] one weight per reward function, comma-separated (default 1 each); the
+            reward is the sum.
+        grpo.num_generations: [--num_generations] completions sampled per prompt (the group).
+        grpo.max_completion_length: [--max_completion_length] at most this many new tokens per completion.
+        grpo.temperature: [--temperature] sampling temperature (the log-probs are those of the tempered distribution, as
+            TRL's).
+        grpo.top_p: [--top_p] nucleus sampling: keep the smallest set of tokens with this much probability (1.0 = all).
+        grpo.top_k: [--top_k] sample among the k most likely tokens only (default: all).
+        grpo.beta: [--beta] weight of the KL term against the reference (0 = none and no reference pass, TRL's default).
+        grpo.epsilon: [--epsilon] the ratio is clipped to [1 - epsilon, 1 + epsilon_high].
+        grpo.epsilon_high: [--epsilon_high] the upper clipping bound's epsilon (default: epsilon; DAPO uses 0.28).
+        grpo.loss_type: [--loss_type] how token losses are averaged: grpo (per completion, then over completions),
+            dr_grpo (by a constant: max_completion_length), dapo (over all the step's tokens).
+        grpo.scale_rewards: [--scale_rewards] divide the advantages by the std of their group (group), of the batch
+            (batch) or not (none).
+        grpo.num_iterations: [--num_iterations] optimizer steps on each batch of completions (mu; > 1 clips against the
+            sampling policy).
+        lora: LoRA: which layers get an update, its rank and scale.
+        lora.r: [--lora_r] rank of the update B A (a fresh adapter only).
+        lora.alpha: [--lora_alpha] the update is scaled by lora_alpha / lora_r (a fresh adapter only).
+        lora.dropout: [--lora_dropout] dropout on the LoRA branch's input (0: the sampling and training passes see one
+            function).
+        lora.targets: [--lora_targets] layers to adapt (a fresh adapter only): query, key, value, projection, mlp,
+            lm_head, or all.
+        lora.rslora: [--use_rslora] scale by alpha / sqrt(r) instead of alpha / r (a fresh adapter only).
+        lora.dora: [--use_dora] DoRA (weight-decomposed LoRA) (a fresh adapter only).
+        lora.lora_plus_ratio: [--lora_plus_ratio] LoRA+: B learns this many times faster than A (e.g. 16).
+        lora.init: [--lora_init] kaiming only (a fresh adapter: A Kaiming-uniform, B = 0): GRPO's reference is the
+            base with the LoRA off, which pissa / olora / loftq would change (refused in one line).
+        lora.loftq_iter: [--loftq_iter] --lora_init loftq only, which GRPO refuses.
+        data: the training data.
+        data.source: [--data] a built-in dataset name or a local .json/.jsonl/.csv file of instruction/input/output rows
+            (the output is the expected answer the rewards check).
+        data.val_data: [--val_data] a separate file of held-out rows (default: a held-out share of `data`).
+        data.prompt_style: [--prompt_style] how prompts are wrapped (default: the base model's own).
+        data.max_seq_length: [--max_seq_length] prompts longer than max_seq_length - max_completion_length tokens are
+            left out (counted).
+        data.n_train: [--n_train] use only the first n_train training rows.
+        data.n_val: [--n_val] likewise for held-out rows.
+        data.columns: [--columns] your file's column names, e.g. '{"instruction": "question", "output": "answer"}'
+            (keys: instruction, input, output).
+        train: optimisation.
+        train.max_steps: [--max_steps] optimizer steps (default: `epochs` passes over the prompts).
+        train.epochs: [--epochs] passes over the training prompts when max_steps is not given.
+        train.batch_size: [--batch_size] completions per optimizer step over all devices (batch_size / num_generations
+            prompts).
+        train.micro_batch_size: [--micro_batch_size] completions per forward/backward pass on one device.
+        train.learning_rate: [--learning_rate] peak learning rate, after a linear warm-up, decayed to min_lr by a
+            cosine.
+        train.weight_decay: [--weight_decay] AdamW weight decay on the trainable parameters.
+        train.warmup_steps: [--warmup_steps] optimizer steps of linear warm-up.
+        train.min_lr: [--min_lr] learning rate at the end of the cosine decay.
+        train.grad_clip: [--grad_clip] clip the gradient norm to this (0 to disable).
+        train.neftune_alpha: [--neftune_alpha] 0 only: GRPO has no NEFTune (noise on the policy pass only would
+            score another function than the sampling, old-policy and reference passes; refused in one line).
+        train.activation_checkpointing: [--activation_checkpointing] recompute activations in the backward pass: less
+            memory, slower.
+        train.compile: [--compile] torch.compile each transformer block for training (sampling runs eager).
+        train.max_time: [--max_time] time budget (3600, 90m, 1.5h, 23:30:00): stop, evaluate and save when it is spent.
+        eval: evaluation.
+        eval.interval: [--eval_interval] validate every this many optimizer steps.
+        eval.iters: [--eval_iters] at most this many batches of micro_batch_size held-out prompts per validation.
+        eval.samples: [--eval_samples] held-out prompts whose greedy answers are printed at each validation.
+        log: checkpoints and logging.
+        log.save_interval: [--save_interval] save the adapter and resume state every this many optimizer steps.
+        log.interval: [--log_interval] print progress every this many optimizer steps.
+        log.logger_name: [--logger_name] where metrics and hyperparameters go besides metrics.csv and hparams.yaml: csv
+            (nowhere else), tensorboard, mlflow or wandb (lora_lab/loggers.py). loss.png is drawn at every save.
+        hardware: devices and number format.
+        hardware.precision: [--precision] 32-true, bf16-true, bf16-mixed, 16-mixed (default: bf16-true on GPU, 32-true
+            on CPU).
+        hardware.peak_flops: [--peak_flops] the device's peak FLOP/s for the MFU figure (default: the GPU's datasheet,
+            or a CPU probe).
+        hardware.devices: [--devices] devices per node (data parallel over them).
+        hardware.num_nodes: [--num_nodes] nodes, as Fabric launches them.
+        hardware.strategy: [--strategy] auto, ddp, or fsdp to shard the model over GPUs.
         seed: seeds the prompt order, initialisation, sampling and dropout.
-        precision: 32-true, bf16-true, bf16-mixed, 16-mixed (default: bf16-true on GPU, 32-true on CPU).
-        peak_flops: the device's peak FLOP/s for the MFU figure (default: the GPU's datasheet, or a CPU probe).
-        devices: devices per node (data parallel over them).
-        num_nodes: nodes, as Fabric launches them.
-        strategy: auto, ddp, or fsdp to shard the model over GPUs.
     """
     check_args(locals())  # every argument that can be judged without data or a model, before anything slow
     checkpoint_dir = ensure_checkpoint(checkpoint_dir)  # the default model is fetched once if missing
-    if precision is None:
-        precision = "bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision)
+    hardware = with_precision(hardware)  # default: bf16-true on a GPU that has it, else 32-true
+    fabric = L.Fabric(devices=hardware.devices, num_nodes=hardware.num_nodes, strategy=hardware.strategy,
+                      precision=hardware.precision)
     fabric.launch()
-    args = dict(locals())
-    del args["fabric"]
-    main(fabric, **args)
+    main(fabric, checkpoint_dir, out_dir, resume, adapter_dir, quantize, nf4_blocksize, double_quant, grpo, lora, data,
+         train, eval, log, hardware, seed)
 
 
-def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_data: Optional[str], resume: bool,
-         adapter_dir: Optional[Path], reward: Union[str, tuple[str, ...]],
-         reward_weights: Union[str, tuple[float, ...], None], num_generations: int, max_completion_length: int,
-         temperature: float, top_p: float, top_k: Optional[int], beta: float, epsilon: float,
-         epsilon_high: Optional[float], loss_type: str, scale_rewards: str, num_iterations: int,
-         quantize: Optional[str], nf4_blocksize: int, double_quant: bool, lora_r: int, lora_alpha: float,
-         lora_dropout: float, lora_targets: Union[tuple[str, ...], str], use_rslora: bool, use_dora: bool,
-         lora_plus_ratio: Optional[float], prompt_style: Optional[str], max_seq_length: int,
-         n_train: Optional[int], n_val: Optional[int], columns: Optional[dict], max_steps: Optional[int],
-         epochs: float, batch_size: int,
-         micro_batch_size: int, learning_rate: float, weight_decay: float, warmup_steps: int, min_lr: float,
-         grad_clip: float, activation_checkpointing: bool, compile: bool, max_time: Optional[str],
-         eval_interval: int, eval_iters: int, eval_samples: int, save_interval: int, log_interval: int,
-         logger_name: str, seed: int, precision: str, peak_flops: Optional[float], devices: int, num_nodes: int,
-         strategy: str) -> None:
-    hparams = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "fabric"}
+def main(fabric: L.Fabric, checkpoint_dir: Path, out_dir: Path, resume: bool, adapter_dir: Optional[Path],
+         quantize: Optional[str], nf4_blocksize: int, double_quant: bool, grpo: GRPOArgs, lora: LoRAArgs,
+         data: PromptDataArgs, train: TrainArgs, eval: EvalArgs, log: LogArgs, hardware: HardwareArgs,
+         seed: int) -> None:
+    hparams = run_record(locals())  # the flat arguments, for hparams.yaml and the resume state
     out_dir = Path(out_dir)
-    # cheap checks of the arguments first, so that a mistake is reported before minutes of data and model loading
-    load_config(checkpoint_dir)  # one line if checkpoint_dir is not a lora_lab checkpoint
-    check_grpo_settings(num_generations, beta, epsilon, epsilon_high, loss_type, scale_rewards, num_iterations,
-                        max_completion_length, batch_size, micro_batch_size * fabric.world_size)
-    reward_names, reward_functions, weights = load_rewards(reward, reward_weights)  # one line for a bad one
+    # cheap checks first, so that a mistake is reported before minutes of data and model loading
+    check_run(fabric, checkpoint_dir, out_dir, resume)  # (the batch is checked below, in prompts per device)
+    check_grpo_settings(grpo.num_generations, grpo.beta, grpo.epsilon, grpo.epsilon_high, grpo.loss_type,
+                        grpo.scale_rewards, grpo.num_iterations, grpo.max_completion_length, train.batch_size,
+                        train.micro_batch_size * fabric.world_size)
+    reward_names, reward_functions, weights = load_rewards(grpo.reward, grpo.reward_weights)  # one line for a bad one
     # the SFT adapter to continue (one line if adapter_dir is not one, or was trained on another base)
     sft_config, sft_weights = load_lora(adapter_dir) if adapter_dir is not None else (None, None)
     if sft_config is not None:
         check_adapter_fits(sft_config, load_config(checkpoint_dir), adapter_dir, checkpoint_dir)
-    lora_targets = normalize_targets(lora_targets.split(",") if isinstance(lora_targets, str) else lora_targets)
-    if (batch_size // num_generations) % fabric.world_size:
-        raise LoraLabError(f"batch_size / num_generations = {batch_size // num_generations} prompts per step do not "
-                           f"divide over {fabric.world_size} devices")
-    if resume and not (out_dir / TRAIN_STATE_FILE).is_file():
-        raise LoraLabError(f"--resume: {out_dir / TRAIN_STATE_FILE} does not exist: there is no interrupted run in "
-                           f"{out_dir} to resume (start without --resume)")
-    if not resume and (out_dir / TRAIN_STATE_FILE).is_file():
-        raise LoraLabError(f"{out_dir} already holds a run: add --resume to continue it, or choose another "
-                           "--out_dir")
+    lora_targets = normalize_targets(lora.targets.split(",") if isinstance(lora.targets, str) else lora.targets)
+    if (train.batch_size // grpo.num_generations) % fabric.world_size:
+        raise LoraLabError(f"batch_size / num_generations = {train.batch_size // grpo.num_generations} prompts per "
+                           f"step do not divide over {fabric.world_size} devices")
     fabric.seed_everything(seed)
 
     # ---- data: prompts (instruction + input in the prompt style) and the rows the rewards read ----------------
     tokenizer = Tokenizer(checkpoint_dir)
-    style = PromptStyle.from_checkpoint(checkpoint_dir, prompt_style or (sft_config and sft_config.prompt_style))
-    rows = load_instructions(data, val_data, columns=columns, seed=seed, n_train=n_train, n_val=n_val,
-                             verbose=fabric.is_global_zero)
-    train_rows, val_rows = prompt_rows(rows.train, tokenizer, style, max_seq_length - max_completion_length,
-                                       "training", fabric), prompt_rows(rows.val, tokenizer, style,
-                                                                        max_seq_length - max_completion_length,
-                                                                        "held-out", fabric)
+    style = PromptStyle.from_checkpoint(checkpoint_dir, data.prompt_style or (sft_config and sft_config.prompt_style))
+    rows = load_instructions(data.source, data.val_data, columns=data.columns, seed=seed, n_train=data.n_train,
+                             n_val=data.n_val, verbose=fabric.is_global_zero)
+    max_prompt_tokens = data.max_seq_length - grpo.max_completion_length
+    train_rows, val_rows = (prompt_rows(rows.train, tokenizer, style, max_prompt_tokens, "training", fabric),
+                            prompt_rows(rows.val, tokenizer, style, max_prompt_tokens, "held-out", fabric))
     if not train_rows:
-        raise LoraLabError(f"--data {data}: no training prompt fits max_seq_length - max_completion_length = "
-                           f"{max_seq_length - max_completion_length} tokens: raise --max_seq_length")
-    prompts_per_step = batch_size // num_generations
-    if max_steps is None:
-        max_steps = max(1, math.ceil(epochs * len(train_rows) / prompts_per_step)) * num_iterations
+        raise LoraLabError(f"--data {data.source}: no training prompt fits max_seq_length - max_completion_length = "
+                           f"{max_prompt_tokens} tokens: raise --max_seq_length")
+    if train.max_steps is None:
+        prompts_per_step = train.batch_size // grpo.num_generations
+        train = replace(train, max_steps=max(1, math.ceil(train.epochs * len(train_rows) / prompts_per_step))
+                        * grpo.num_iterations)
     stop_ids = list(tokenizer.eos_ids) + style.stop_tokens(tokenizer)
 
     # ---- the model: load the base, (quantize it,) add LoRA or the SFT adapter, freeze everything else ----------
@@ -275,16 +241,17 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
         quantize_nf4(model, blocksize=nf4_blocksize, double_quant=double_quant)  # every nn.Linear but lm_head -> NF4
     base_quantization = getattr(model, "base_quantization", None)  # the settings quantize_nf4 recorded, or None
     trained_with = {"method": "grpo", "reward": reward_names, "reward_weights": weights.tolist(),
-                    "loss_type": loss_type, "beta": beta, "num_generations": num_generations,
+                    "loss_type": grpo.loss_type, "beta": grpo.beta, "num_generations": grpo.num_generations,
                     "reference": f"base + {adapter_dir} (the starting adapter)" if sft_config else "the base model"}
     if sft_config is not None:  # continue the SFT adapter: its shape and settings, its weights
-        lora_config = LoRAConfig(**{**sft_config.to_dict(), "dropout": lora_dropout, "lora_plus_ratio": lora_plus_ratio,
+        lora_config = LoRAConfig(**{**sft_config.to_dict(), "dropout": lora.dropout,
+                                    "lora_plus_ratio": lora.lora_plus_ratio,
                                     "base_model": str(checkpoint_dir), "base_config": model.config.to_dict(),
                                     "prompt_style": style.name, "base_quantization": base_quantization,
                                     "trained_with": {**trained_with, "sft_adapter": str(adapter_dir)}})
     else:
-        lora_config = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=list(lora_targets),
-                                 use_rslora=use_rslora, use_dora=use_dora, lora_plus_ratio=lora_plus_ratio,
+        lora_config = LoRAConfig(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, targets=list(lora_targets),
+                                 use_rslora=lora.rslora, use_dora=lora.dora, lora_plus_ratio=lora.lora_plus_ratio,
                                  base_model=str(checkpoint_dir), base_config=model.config.to_dict(),
                                  prompt_style=style.name, base_quantization=base_quantization,
                                  trained_with=trained_with)
@@ -293,28 +260,30 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     if sft_weights is not None:
         load_lora_state_dict(model, sft_weights, source=adapter_dir)
     mark_only_lora_trainable(model)
-    model.activation_checkpointing = activation_checkpointing
+    model.activation_checkpointing = train.activation_checkpointing
     # THE REFERENCE (beta > 0): a fresh LoRA is switched off for it; a continued SFT adapter's starting tensors are
     # kept (a few MB) and swapped in for the reference pass: never a second copy of the model
     start_state = ({k: v.detach().clone() for k, v in lora_state_dict(model).items()}
-                   if sft_config is not None and beta else None)
+                   if sft_config is not None and grpo.beta else None)
     trainable, total = count_parameters(model)
-    fabric.print(f"GRPO ({loss_type}, beta={beta}, {num_generations} completions per prompt, reward "
+    fabric.print(f"GRPO ({grpo.loss_type}, beta={grpo.beta}, {grpo.num_generations} completions per prompt, reward "
                  f"{' + '.join(f'{w:g} {n}' for w, n in zip(weights.tolist(), reward_names))}) on LoRA "
                  f"r={lora_config.r} alpha={lora_config.alpha} on {', '.join(lora_config.targets)}"
                  + (f" continuing {adapter_dir}" if sft_config else "") + f"{' (NF4 base)' if quantize else ''}: "
                  f"{trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)")
 
-    if lora_plus_ratio:
-        param_groups = lora_plus_param_groups(model, learning_rate, ratio=lora_plus_ratio, weight_decay=weight_decay)
+    if lora.lora_plus_ratio:
+        param_groups = lora_plus_param_groups(model, train.learning_rate, ratio=lora.lora_plus_ratio,
+                                              weight_decay=train.weight_decay)
     else:
         param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    optimizer = torch.optim.AdamW(param_groups, lr=learning_rate, weight_decay=weight_decay, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(param_groups, lr=train.learning_rate, weight_decay=train.weight_decay,
+                                  betas=(0.9, 0.95))
     gpt = model  # the plain module, for sampling and saving
     model, optimizer = fabric.setup(model, optimizer)
 
     state = {"step": 0, "tokens": 0}
-    if compile:  # torch.compile each block for training (lora_lab/compile.py); sampling runs eager
+    if train.compile:  # torch.compile each block for training (lora_lab/compile.py); sampling runs eager
         compile_blocks(gpt)
     if resume:
         saved = load_train_state(out_dir / TRAIN_STATE_FILE)
@@ -322,23 +291,20 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
         optimizer.load_state_dict(saved["optimizer"])
         set_rng_state(saved["rng"])
         state.update(saved["counters"])
-        fabric.print(f"Resuming from step {state['step']} of {max_steps}")
+        fabric.print(f"Resuming from step {state['step']} of {train.max_steps}")
 
     rewards = (reward_names, reward_functions, weights)
-    sampling = dict(max_new_tokens=max_completion_length, temperature=temperature, top_k=top_k, top_p=top_p,
-                    eos_ids=stop_ids, pad_id=tokenizer.eos_id or 0)
+    sampling = dict(max_new_tokens=grpo.max_completion_length, temperature=grpo.temperature, top_k=grpo.top_k,
+                    top_p=grpo.top_p, eos_ids=stop_ids, pad_id=tokenizer.eos_id or 0)
     if val_rows and not resume:  # kept with the resume state: a resumed run still says before -> after
-        state["val_before"] = validate(fabric, gpt, tokenizer, val_rows, rewards, stop_ids, max_completion_length,
-                                       micro_batch_size, eval_iters, eval_samples)
-    fit(fabric, model, gpt, optimizer, train_rows, val_rows, state, lora_config, hparams, out_dir, max_steps,
-        learning_rate, warmup_steps, min_lr, grad_clip, tokenizer, rewards, sampling, start_state, seed,
-        num_generations, prompts_per_step, micro_batch_size, beta, epsilon, epsilon_high, loss_type, scale_rewards,
-        num_iterations, max_completion_length, parse_duration(max_time), eval_interval, eval_iters, eval_samples,
-        save_interval, log_interval)
+        state["val_before"] = validate(fabric, gpt, tokenizer, val_rows, rewards, stop_ids,
+                                       grpo.max_completion_length, train.micro_batch_size, eval.iters, eval.samples)
+    fit(fabric, model, gpt, optimizer, train_rows, val_rows, state, lora_config, hparams, out_dir, train, eval, log,
+        grpo, tokenizer, rewards, sampling, start_state, seed)
     before = state.get("val_before")
     if before and not state.get("stopped"):
-        after = validate(fabric, gpt, tokenizer, val_rows, rewards, stop_ids, max_completion_length,
-                         micro_batch_size, eval_iters, 0)
+        after = validate(fabric, gpt, tokenizer, val_rows, rewards, stop_ids, grpo.max_completion_length,
+                         train.micro_batch_size, eval.iters, 0)
         fabric.print(f"Held-out prompts before -> after GRPO (greedy answers): reward {before['reward']:.3f} -> "
                      f"{after['reward']:.3f}, full marks {before['solved']:.1%} -> {after['solved']:.1%}")
 
@@ -416,21 +382,20 @@ def split_batch(batch: dict, size: int):
         yield mb
 
 
-def fit(fabric, model, gpt, optimizer, train_rows, val_rows, state, lora_config, hparams, out_dir, max_steps,
-        learning_rate, warmup_steps, min_lr, grad_clip, tokenizer, rewards, sampling, start_state, seed,
-        num_generations, prompts_per_step, micro_batch_size, beta, epsilon, epsilon_high, loss_type, scale_rewards,
-        num_iterations, max_completion_length, max_time, eval_interval, eval_iters, eval_samples, save_interval,
-        log_interval) -> None:
+def fit(fabric, model, gpt, optimizer, train_rows, val_rows, state, lora_config, hparams, out_dir, train: TrainArgs,
+        eval: EvalArgs, log: LogArgs, grpo: GRPOArgs, tokenizer, rewards, sampling, start_state, seed) -> None:
     stop = StopRequest()
     names = rewards[0]
     columns = (["step", *STEP_METRICS[:3]] + [f"rewards/{n}/{s}" for n in names for s in ("mean", "std")]
                + STEP_METRICS[3:] + ["val_reward", "val_solved"] + [f"val_rewards/{n}/mean" for n in names]
                + ["lr", "tokens", "tokens_per_sec", "sampling_tokens_per_sec"])
-    metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"], logger_name=hparams["logger_name"],
+    metrics = MetricsLog(out_dir / "metrics.csv", fabric, start_step=state["step"], logger_name=log.logger_name,
                          hparams=hparams, fields=columns)  # + hparams.yaml, an experiment tracker, loss.png
+    max_steps, max_time = train.max_steps, parse_duration(train.max_time)
+    prompts_per_step, micro_batch_size = train.batch_size // grpo.num_generations, train.micro_batch_size
     throughput = Throughput(state["step"], max_steps)
     # warm-up and cosine decay over max_steps, or over the --max_time budget (lora_lab/training.py)
-    schedule = LRSchedule(learning_rate, warmup_steps, min_lr, max_steps, max_time, state,
+    schedule = LRSchedule(train.learning_rate, train.warmup_steps, train.min_lr, max_steps, max_time, state,
                           sync=fabric.broadcast if fabric.world_size > 1 else None)
     earlier_seconds = state.get("seconds", 0.0)  # a resumed run's time before the interruption
     flops = FlopsMeter.for_fabric(gpt, fabric, hparams["peak_flops"])  # model FLOPs, for MFU (lora_lab/flops.py)
@@ -442,12 +407,12 @@ def fit(fabric, model, gpt, optimizer, train_rows, val_rows, state, lora_config,
     while state["step"] < max_steps:
         lr = schedule.lr(state["step"])
         set_lr(optimizer, lr)
-        generation = state["step"] // num_iterations
-        if state["step"] % num_iterations == 0 or batch is None:
+        generation = state["step"] // grpo.num_iterations
+        if state["step"] % grpo.num_iterations == 0 or batch is None:
             t0 = time.perf_counter()
             batch = rollout(fabric, gpt, tokenizer, step_prompts(train_rows, generation, prompts_per_step, seed),
-                            rewards, sampling, start_state, seed, generation, num_generations, beta, scale_rewards,
-                            num_iterations, sampling["temperature"], micro_batch_size)
+                            rewards, sampling, start_state, seed, generation, grpo.num_generations, grpo.beta,
+                            grpo.scale_rewards, grpo.num_iterations, sampling["temperature"], micro_batch_size)
             sampling_time += time.perf_counter() - t0
             sampled += int(batch["mask"].sum())
         # the token weights of the whole step (lora_lab/grpo.py token_weights): fixed before its micro-batches
@@ -462,11 +427,12 @@ def fit(fabric, model, gpt, optimizer, train_rows, val_rows, state, lora_config,
             with fabric.no_backward_sync(model, enabled=i < len(micro) - 1):
                 logps, entropy = completion_logps(model, mb, sampling["temperature"], with_entropy=True)  # (b, C)
                 mask = mb["mask"].to(logps.device)
-                weights = token_weights(mask, loss_type, batch["mask"].size(0), n_tokens, max_completion_length)
+                weights = token_weights(mask, grpo.loss_type, batch["mask"].size(0), n_tokens,
+                                        grpo.max_completion_length)
                 old = mb["old_logps"].to(logps) if "old_logps" in mb else logps.detach()  # pi_old = pi: rho = 1
                 ref = mb["ref_logps"].to(logps) if "ref_logps" in mb else None
-                loss, parts = grpo_loss(logps, old, ref, mb["advantages"].to(logps), weights, beta, epsilon,
-                                        epsilon_high)
+                loss, parts = grpo_loss(logps, old, ref, mb["advantages"].to(logps), weights, grpo.beta, grpo.epsilon,
+                                        grpo.epsilon_high)
                 fabric.backward(loss)
             if not torch.isfinite(loss):
                 raise not_finite("loss", loss.item(), state["step"] + 1, out_dir)
@@ -481,8 +447,8 @@ def fit(fabric, model, gpt, optimizer, train_rows, val_rows, state, lora_config,
             state["tokens"] += mb["input_ids"].numel() * fabric.world_size
             throughput.update(mb["input_ids"].numel() * fabric.world_size)
             flops.update({"input_ids": mb["input_ids"], "labels": labels})  # the policy's forward + backward
-        if grad_clip:
-            norm = fabric.clip_gradients(model, optimizer, max_norm=grad_clip, error_if_nonfinite=False)
+        if train.grad_clip:
+            norm = fabric.clip_gradients(model, optimizer, max_norm=train.grad_clip, error_if_nonfinite=False)
             if not torch.isfinite(norm):  # a finite loss whose gradient overflowed
                 raise not_finite("gradient norm", norm.item(), state["step"] + 1, out_dir)
         optimizer.step()
@@ -491,15 +457,15 @@ def fit(fabric, model, gpt, optimizer, train_rows, val_rows, state, lora_config,
         state["step"] += 1
         state["seconds"] = earlier_seconds + throughput.elapsed()
         step = state["step"]
-        train = {**batch["metrics"], **{k: s / n for k, (s, n) in all_reduce_sums(fabric, sums).items()}}
+        means = {**batch["metrics"], **{k: s / n for k, (s, n) in all_reduce_sums(fabric, sums).items()}}
 
-        if step % log_interval == 0 or step == max_steps:
-            fabric.print(f"step {step}/{max_steps} | loss {train['loss']:.4f} | reward {train['reward']:.3f} "
-                         f"(std {train['reward_std']:.3f}) | length {train['completions/mean_length']:.0f} | "
-                         + (f"kl {train['kl']:.4f} | " if "kl" in train else "") + f"lr {lr:.2e} | "
+        if step % log.interval == 0 or step == max_steps:
+            fabric.print(f"step {step}/{max_steps} | loss {means['loss']:.4f} | reward {means['reward']:.3f} "
+                         f"(std {means['reward_std']:.3f}) | length {means['completions/mean_length']:.0f} | "
+                         + (f"kl {means['kl']:.4f} | " if "kl" in means else "") + f"lr {lr:.2e} | "
                          f"{throughput.tokens_per_sec():,.0f} tok/s | {flops.format(throughput.elapsed())} | "
                          f"ETA {format_seconds(throughput.eta(step))}")
-        row = {"step": step, **train, "lr": lr, "tokens": state["tokens"],
+        row = {"step": step, **means, "lr": lr, "tokens": state["tokens"],
                "tokens_per_sec": throughput.tokens_per_sec(),
                "sampling_tokens_per_sec": sampled / max(sampling_time, 1e-9)}
         out_of_time = schedule.out_of_time()
@@ -510,18 +476,18 @@ def fit(fabric, model, gpt, optimizer, train_rows, val_rows, state, lora_config,
             # clock and Ctrl-C reaches them at slightly different times, so agree: stop if any device says so
             flags = torch.tensor([out_of_time, stop_requested], dtype=torch.float32, device=fabric.device)
             out_of_time, stop_requested = (bool(f) for f in fabric.all_reduce(flags, reduce_op="sum").tolist())
-        if val_rows and (step % eval_interval == 0 or step == max_steps or out_of_time):
-            val = validate(fabric, gpt, tokenizer, val_rows, rewards, sampling["eos_ids"], max_completion_length,
-                           micro_batch_size, eval_iters, eval_samples)
+        if val_rows and (step % eval.interval == 0 or step == max_steps or out_of_time):
+            val = validate(fabric, gpt, tokenizer, val_rows, rewards, sampling["eos_ids"],
+                           grpo.max_completion_length, micro_batch_size, eval.iters, eval.samples)
             row.update({f"val_{k}": v for k, v in val.items()})
             fabric.print(f"step {step}: held-out reward {val['reward']:.3f}, full marks {val['solved']:.1%}")
         metrics.log({k: v for k, v in row.items() if k in columns})
-        if step % num_iterations:  # mid-way through one batch's steps: its completions go into the resume state
+        if step % grpo.num_iterations:  # mid-way through one batch's steps: its completions go into the resume state
             state["rollout"] = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
             state["rollout"]["metrics"] = batch["metrics"]
         else:
             state.pop("rollout", None)
-        if step % save_interval == 0 or step == max_steps or out_of_time or stop_requested:
+        if step % log.save_interval == 0 or step == max_steps or out_of_time or stop_requested:
             save(fabric, gpt, optimizer, state, lora_config, hparams, out_dir)
             metrics.plot()  # OUT_DIR/loss.png, up to date with what is saved
         state.pop("rollout", None)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
+from lora_lab.args import flatten
 from lora_lab.utils import LoraLabError
 
 # integer flags that count something and must be >= 1 (or >= 0), when a script has them and they are set
@@ -30,7 +31,10 @@ NON_NEGATIVE = ("weight_decay", "min_lr", "grad_clip", "neftune_alpha", "tempera
 
 
 def check_args(args: Mapping[str, Any]) -> None:
-    """Raise a one-line LoraLabError for the first argument in `args` (a script's locals()) that is wrong."""
+    """Raise a one-line LoraLabError for the first argument in `args` (a script's locals()) that is wrong.
+
+    Grouped arguments (lora_lab/args.py: `lora: LoRAArgs`, ...) are read under their flat names (`lora_r`)."""
+    args = flatten(args)
     for name in AT_LEAST_ONE + AT_LEAST_ZERO:
         value = args.get(name)
         low = 1 if name in AT_LEAST_ONE else 0
@@ -94,6 +98,14 @@ def check_args(args: Mapping[str, Any]) -> None:
         check_reward_weights(args["reward_weights"], len(specs))
         if args.get("adapter_dir") is not None:
             check_lora_adapter_dir(Path(args["adapter_dir"]))
+        # grouped options that finetune/grpo.py shares with lora.py but does not support (test_scripts_consistency)
+        if args.get("neftune_alpha"):
+            raise LoraLabError(f"--neftune_alpha {args['neftune_alpha']!r}: GRPO has no NEFTune (noise on the "
+                               "policy pass only would score another function than the sampling, old-policy and "
+                               "reference passes): leave it at 0")
+        if args.get("lora_init", "kaiming") != "kaiming":
+            raise LoraLabError(f"--lora_init {args['lora_init']}: GRPO starts a fresh adapter as kaiming only (its "
+                               "reference is the base with the LoRA off, which pissa / olora / loftq change)")
     if preference:
         from lora_lab.dpo import check_dpo_settings
 

@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lora_lab.adapter import inject_adapter, mark_only_adapter_trainable
+from lora_lab.args import flatten
 from lora_lab.config import Config, name_to_config
 from lora_lab.flops import PEAK_FLOPS, training_flops
 from lora_lab.lora import inject_lora, mark_only_lora_trainable, normalize_targets
@@ -391,6 +392,7 @@ def plan(model: str, method: Literal["lora", "qlora", "full", "adapter"] = "lora
 def plan_script(args: dict, script_file: str) -> None:
     """`finetune/*.py --plan`: the plan of the script's own arguments (its locals()), printed; nothing trains."""
     script = Path(script_file).stem  # lora, qlora, full, adapter, classify, dpo
+    args = flatten(args)  # grouped arguments (lora: LoRAArgs, ...) under their flat names (lora_r, ...)
 
     def get(name, default):
         return default if args.get(name) is None else args[name]

@@ -18,6 +18,7 @@ from typing import Optional, Union
 
 import torch
 
+from lora_lab.checkpoint import load_config
 from lora_lab.model import IGNORE_INDEX, next_token_loss  # noqa: F401  (re-exported for the scripts)
 from lora_lab.utils import LoraLabError, atomic_path, atomic_write_text
 
@@ -233,6 +234,24 @@ def load_train_state(path: Union[str, Path]) -> dict:
 # ------------------------------------------------------------------------------------------------------------
 # Progress
 # ------------------------------------------------------------------------------------------------------------
+def check_run(fabric, checkpoint_dir: Path, out_dir: Path, resume: bool, batch_size: Optional[int] = None,
+              micro_batch_size: int = 1):
+    """A fine-tuning script's checks that need the devices and out_dir at hand, one line each, before anything
+    slow: checkpoint_dir is a lora_lab checkpoint (its Config is returned), batch_size (if given) splits evenly into
+    micro-batches over the devices, --resume has a run to continue and a new run does not overwrite one."""
+    config = load_config(checkpoint_dir)  # one line if checkpoint_dir is not a lora_lab checkpoint
+    if batch_size is not None and fabric.world_size > 1 and batch_size % (micro_batch_size * fabric.world_size):
+        raise LoraLabError(f"batch_size={batch_size} is not a multiple of micro_batch_size x devices = "
+                           f"{micro_batch_size * fabric.world_size}")
+    if resume and not (out_dir / TRAIN_STATE_FILE).is_file():
+        raise LoraLabError(f"--resume: {out_dir / TRAIN_STATE_FILE} does not exist: there is no interrupted run in "
+                           f"{out_dir} to resume (start without --resume)")
+    if not resume and (out_dir / TRAIN_STATE_FILE).is_file():
+        raise LoraLabError(f"{out_dir} already holds a run: add --resume to continue it, or choose another "
+                           "--out_dir")
+    return config
+
+
 def format_seconds(s: float) -> str:
     s = int(s)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"

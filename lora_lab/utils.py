@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 import tempfile
@@ -66,20 +65,54 @@ def one_line_errors() -> Iterator[None]:
 
 
 def cli(main: Callable, args: Optional[list[str]] = None) -> None:
-    """Run a jsonargparse CLI around `main` (its typed arguments become flags; --config FILE.yaml reads them)."""
-    from jsonargparse import CLI
+    """Run a jsonargparse CLI around `main` (its typed arguments become flags; --config FILE.yaml reads them).
 
-    args = sys.argv[1:] if args is None else list(args)
+    A grouped argument (a dataclass of lora_lab/args.py, e.g. `train: TrainArgs`) is read as nested flags
+    (`--train.learning_rate 1e-3`); the flat flags of its fields (`--learning_rate 1e-3`, `--lora_r 16`) and flat keys
+    in a --config file are translated to them first, so both spellings give the same run. A bool flag alone
+    (`--resume`) means true."""
+    from jsonargparse import ArgumentParser, CLI
+
+    from lora_lab.args import flag_help, nested_flags
+
+    args = nested_flags(main, sys.argv[1:] if args is None else list(args))
+    args = nested_config_files(main, args)
+    helps = flag_help(main)
+
+    class Parser(ArgumentParser):  # each nested flag's --help from the script's docstring (`train.learning_rate: ...`)
+        def parse_args(self, *a, **kw):
+            for action in self._actions:
+                if action.dest in helps:
+                    action.help = helps[action.dest]
+            return super().parse_args(*a, **kw)
+
     with one_line_errors():
-        CLI(main, as_positional=False, args=bare_flags_to_true(main, args))
+        CLI(main, as_positional=False, args=args, parser_class=Parser)
 
 
-def bare_flags_to_true(main: Callable, args: list[str]) -> list[str]:
-    """`--resume` alone means `--resume true` for a bool argument of `main` (jsonargparse wants a value)."""
-    flags = {f"--{name}" for name, p in inspect.signature(main).parameters.items() if p.annotation in (bool, "bool")}
-    out = []
-    for i, arg in enumerate(args):
-        out.append(arg)
-        if arg in flags and (i + 1 == len(args) or args[i + 1].startswith("--")):
-            out.append("true")
+def nested_config_files(main: Callable, args: list[str]) -> list[str]:
+    """`--config FILE` whose YAML has flat keys (`learning_rate: 1e-3`): given to jsonargparse as that YAML with
+    them nested (`train: {learning_rate: 1e-3}`). Files already nested are passed on as they are."""
+    import yaml
+
+    from lora_lab.args import nested_config
+
+    out = list(args)
+    for i, arg in enumerate(out):
+        key, eq, value = arg.partition("=")
+        if key != "--config" or (not eq and i + 1 == len(out)):
+            continue
+        path = Path(value if eq else out[i + 1])
+        if not path.is_file():
+            continue  # jsonargparse reports it (or reads the text as YAML)
+        config = yaml.safe_load(path.read_text())
+        if not isinstance(config, dict):
+            continue
+        nested = nested_config(main, config)
+        if nested != config:
+            text = yaml.safe_dump(nested, sort_keys=False)
+            if eq:
+                out[i] = f"--config={text}"
+            else:
+                out[i + 1] = text
     return out

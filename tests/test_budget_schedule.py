@@ -13,6 +13,7 @@ import torch
 
 import finetune.lora as ft
 from lora_lab.training import TRAIN_STATE_FILE, LRSchedule, lr_at
+from lora_lab.args import call_flat
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LR, WARMUP, MIN_LR = 1e-3, 5, 1e-5
@@ -131,7 +132,7 @@ def check_ends_at_budget(out):
 
 def test_a_budgeted_run_ends_within_one_step_of_it_at_the_floor(tiny_ckpt, tmp_path, capsys):
     out = tmp_path / "out"
-    ft.setup(checkpoint_dir=tiny_ckpt, out_dir=out, max_time=str(BUDGET), **RUN)
+    call_flat(ft.setup, checkpoint_dir=tiny_ckpt, out_dir=out, max_time=str(BUDGET), **RUN)
     rows = check_ends_at_budget(out)
     assert f"spent after step {rows[-1][0]}: stopping" in capsys.readouterr().out
 
@@ -141,12 +142,12 @@ def test_interrupted_and_resumed_run_lands_on_the_same_schedule(tiny_ckpt, tmp_p
 
     out = tmp_path / "out"
     monkeypatch.setattr(ft, "StopRequest", stop_after(3))
-    ft.setup(checkpoint_dir=tiny_ckpt, out_dir=out, max_time=str(BUDGET), **RUN)
+    call_flat(ft.setup, checkpoint_dir=tiny_ckpt, out_dir=out, max_time=str(BUDGET), **RUN)
     before = torch.load(out / TRAIN_STATE_FILE, weights_only=True)["counters"]["lr_schedule"]
     assert 0 < before["elapsed"] < BUDGET
     stopped = lrs_of(out)
     monkeypatch.undo()
-    ft.setup(checkpoint_dir=tiny_ckpt, out_dir=out, max_time=str(BUDGET), resume=True, **RUN)
+    call_flat(ft.setup, checkpoint_dir=tiny_ckpt, out_dir=out, max_time=str(BUDGET), resume=True, **RUN)
     rows = check_ends_at_budget(out)
     assert rows[:3] == stopped and [s for s, _ in rows] == list(range(1, len(rows) + 1))
     # the resumed steps are on the cosine (past the warm-up), and the time before the stop still counts

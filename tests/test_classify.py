@@ -2,7 +2,7 @@
 method trains, save -> load, the NF4 head, the PEFT and Hugging Face round trips (against transformers and peft),
 a real-data run and bad input.
 
-Runs are in-process (`ft.setup(...)`) on a tiny random model with SmolLM2's real tokenizer, on a synthetic task
+Runs are in-process (`call_flat(ft.setup, ...)`) on a tiny random model with SmolLM2's real tokenizer, on a synthetic task
 whose label is the text's last word (good / bad words), which even a random tiny model's last hidden state carries."""
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from lora_lab.model import GPT
 from lora_lab.nf4 import NF4Linear, quantize_nf4
 from lora_lab.tokenizer import Tokenizer
 from lora_lab.utils import LoraLabError, cli
+from lora_lab.args import call_flat
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -147,7 +148,7 @@ def capture_saves(monkeypatch) -> list:
 
 
 def run(ckpt, data, out_dir, method, **overrides):
-    ft.setup(checkpoint_dir=ckpt, data=str(data), out_dir=out_dir, method=method,
+    call_flat(ft.setup, checkpoint_dir=ckpt, data=str(data), out_dir=out_dir, method=method,
              **{**RUN, "trainable_blocks": 1, **overrides})
     return out_dir
 
@@ -377,7 +378,7 @@ def test_real_reviews_short_run_beats_the_majority_class(tmp_path):
             writer.writeheader()
             writer.writerows(part)
     torch.set_num_threads(2)
-    ft.setup(checkpoint_dir=tmp_path / "smol", data=str(tmp_path / "train.csv"), test_data=str(tmp_path / "test.csv"),
+    call_flat(ft.setup, checkpoint_dir=tmp_path / "smol", data=str(tmp_path / "train.csv"), test_data=str(tmp_path / "test.csv"),
              out_dir=tmp_path / "out", method="features", labels="fresh,rotten", max_seq_length=64, val_split=0.0)
     scores = json.loads((tmp_path / "out" / ft.SCORES_FILE).read_text())["test"]
     majority = max(sum(row) for row in scores["confusion"])  # rows: the true classes

@@ -20,6 +20,7 @@ from lora_lab.data.classification import (PackedTexts, classification_dataloader
 from lora_lab.model import GPT
 from lora_lab.tokenizer import Tokenizer
 from lora_lab.utils import LoraLabError
+from lora_lab.args import call_flat
 from test_classify import run, tiny_model, write_reviews
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -168,7 +169,7 @@ def test_arguments_are_checked_before_anything_slow(tiny_ckpt, reviews, tmp_path
     for overrides, message in cases:
         args = {"checkpoint_dir": tiny_ckpt, "out_dir": tmp_path / "out", "data": str(reviews), **overrides}
         with pytest.raises(LoraLabError, match=message):
-            ft.setup(**args)
+            call_flat(ft.setup, **args)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from lora_lab import GPT
 from lora_lab.compile import compile_blocks
 from lora_lab.lora import inject_lora, mark_only_lora_trainable
 from lora_lab.nf4 import quantize_nf4
+from lora_lab.args import call_flat
 from tiny_checkpoint import SMOL_TOKENIZER, tiny_config, write_tiny_checkpoint
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
@@ -71,9 +72,9 @@ def test_lora_script_with_compile_and_packing(tmp_path, capsys):
     common = dict(checkpoint_dir=ckpt, data="json_extraction", n_train=24, n_val=4, eval_samples=0, max_steps=3,
                   batch_size=2, micro_batch_size=2, max_seq_length=256, warmup_steps=1, eval_interval=3,
                   eval_iters=1, lora_dropout=0.0, packing=True, seed=3)
-    ft.setup(out_dir=tmp_path / "eager", **common)
+    call_flat(ft.setup, out_dir=tmp_path / "eager", **common)
     eager = capsys.readouterr().out
-    ft.setup(out_dir=tmp_path / "compiled", compile=True, **common)
+    call_flat(ft.setup, out_dir=tmp_path / "compiled", compile=True, **common)
     compiled = capsys.readouterr().out
 
     def losses(out):
@@ -108,8 +109,8 @@ def test_dpo_script_with_compile_and_packing(tmp_path):
 
     for packing in (False, True):
         eager, compiled = tmp_path / f"eager_{packing}", tmp_path / f"compiled_{packing}"
-        dpo.setup(out_dir=eager, packing=packing, **common)
-        dpo.setup(out_dir=compiled, packing=packing, compile=True, **common)
+        call_flat(dpo.setup, out_dir=eager, packing=packing, **common)
+        call_flat(dpo.setup, out_dir=compiled, packing=packing, compile=True, **common)
         ours, theirs = logged(compiled), logged(eager)
         assert len(ours) == 3 and ours[-1]["val_loss"] > 0
         for a, b in zip(ours, theirs):

@@ -26,6 +26,7 @@ from lora_lab.prompts import PromptStyle
 from lora_lab.tokenizer import Tokenizer
 from lora_lab.training import TRAIN_STATE_FILE, load_train_state
 from lora_lab.utils import LoraLabError
+from lora_lab.args import call_flat
 from test_finetune_lora import assert_adapters_equal, stop_after
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -56,7 +57,7 @@ def pairs_file(tmp_path_factory):
 
 def run(ckpt, data, out_dir, **overrides):
     val_data = str(Path(data).parent / "val.json")
-    dpo_script.setup(checkpoint_dir=ckpt, data=str(data), out_dir=out_dir, val_data=val_data, **{**RUN, **overrides})
+    call_flat(dpo_script.setup, checkpoint_dir=ckpt, data=str(data), out_dir=out_dir, val_data=val_data, **{**RUN, **overrides})
     return out_dir
 
 
@@ -236,7 +237,7 @@ def test_dropout_is_off_by_default_so_step_one_from_an_sft_adapter_is_ln2(tiny_c
     turns dropout on, and then the first policy pass differs from the reference (the old 0.69299)."""
     adapter = sft_adapter(tiny_ckpt, tmp_path / "sft")
     args = {k: v for k, v in RUN.items() if k != "lora_dropout"}
-    dpo_script.setup(checkpoint_dir=tiny_ckpt, data=str(pairs_file), out_dir=tmp_path / "off", adapter_dir=adapter,
+    call_flat(dpo_script.setup, checkpoint_dir=tiny_ckpt, data=str(pairs_file), out_dir=tmp_path / "off", adapter_dir=adapter,
                      val_data=str(pairs_file.parent / "val.json"), **{**args, "max_steps": 1})
     assert load_lora(tmp_path / "off")[0].dropout == 0.0
     assert abs(float(metrics(tmp_path / "off")[0]["loss"]) - LN2) < 1e-6
@@ -424,7 +425,7 @@ def test_bad_input_is_one_line_before_the_model_loads(tiny_ckpt, pairs_file, tmp
     monkeypatch.setattr(dpo_script, "get_preference_dataloaders", slow)
     with pytest.raises(LoraLabError, match=message.replace("(", r"\(").replace(".", r"\.")):
         if "val_data" in args:
-            dpo_script.setup(checkpoint_dir=tiny_ckpt, out_dir=tmp_path / "out", **{**RUN, **args})
+            call_flat(dpo_script.setup, checkpoint_dir=tiny_ckpt, out_dir=tmp_path / "out", **{**RUN, **args})
         else:
             run(tiny_ckpt, args.pop("data"), tmp_path / "out", **args)
     assert not (tmp_path / "out" / TRAIN_STATE_FILE).exists()
@@ -464,7 +465,7 @@ def test_real_dpo_on_polite_pairs_raises_the_held_out_reward_accuracy(tmp_path, 
     convert_gguf(require_asset("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"), ckpt)
     data = require_asset("data/preference_polite_1100.json")
     out = tmp_path / "out"
-    dpo_script.setup(checkpoint_dir=ckpt, data=str(data), out_dir=out, n_train=48, n_val=16, max_steps=6,
+    call_flat(dpo_script.setup, checkpoint_dir=ckpt, data=str(data), out_dir=out, n_train=48, n_val=16, max_steps=6,
                      batch_size=8, micro_batch_size=8, learning_rate=2e-3, warmup_steps=2, max_seq_length=160,
                      eval_interval=6, eval_samples=0, beta=0.1)
     last = metrics(out)[-1]

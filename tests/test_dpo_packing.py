@@ -20,6 +20,7 @@ from lora_lab.lora import inject_lora, lora_modules, mark_only_lora_trainable
 from lora_lab.model import IGNORE_INDEX, GPT
 from lora_lab.prompts import PromptStyle
 from lora_lab.tokenizer import Tokenizer
+from lora_lab.args import call_flat
 from test_dpo import PAIRS, RUN
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -123,7 +124,7 @@ def test_packed_run_logs_the_unpacked_runs_numbers(tiny_ckpt, tmp_path, capsys):
     runs = {}
     for packing in (False, True):
         out = tmp_path / f"packing_{packing}"
-        dpo_script.setup(checkpoint_dir=tiny_ckpt, data=str(data), val_data=str(tmp_path / "val.json"), out_dir=out,
+        call_flat(dpo_script.setup, checkpoint_dir=tiny_ckpt, data=str(data), val_data=str(tmp_path / "val.json"), out_dir=out,
                          **{**RUN, "lora_dropout": 0.0, "max_steps": 3, "eval_interval": 3, "packing": packing})
         with open(out / "metrics.csv", newline="") as f:
             runs[packing] = list(csv.DictReader(f))

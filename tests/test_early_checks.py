@@ -18,6 +18,7 @@ import pytest
 from conftest import ROOT
 from lora_lab.model import GPT
 from lora_lab.utils import LoraLabError
+from lora_lab.args import call_flat
 
 FINETUNE = ["lora", "qlora", "full", "adapter"]
 GENERATE = ["base", "full", "lora", "adapter"]
@@ -75,11 +76,11 @@ def test_finetune_scripts_check_arguments_before_anything_slow(name, tiny_ckpt, 
     for overrides, message in COMMON + SPECIFIC[name]:
         args = {"checkpoint_dir": tiny_ckpt, "out_dir": tmp_path / "out", **overrides}
         with pytest.raises(LoraLabError, match=message):
-            script.setup(**args)
+            call_flat(script.setup, **args)
     file = tmp_path / "a_file"
     file.write_text("")
     with pytest.raises(LoraLabError, match="--out_dir .*a_file is a file"):
-        script.setup(checkpoint_dir=tiny_ckpt, out_dir=file)
+        call_flat(script.setup, checkpoint_dir=tiny_ckpt, out_dir=file)
 
 
 GENERATE_CASES = [

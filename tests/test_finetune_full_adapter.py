@@ -34,6 +34,7 @@ from lora_lab.prompts import PromptStyle
 from lora_lab.tokenizer import Tokenizer
 from lora_lab.training import TRAIN_STATE_FILE
 from lora_lab.utils import LoraLabError, cli
+from lora_lab.args import call_flat
 from test_finetune_lora import deterministic, metrics, stop_after
 from tiny_checkpoint import SMOL_TOKENIZER, write_tiny_checkpoint
 
@@ -50,7 +51,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def run_full(ckpt: Path, out_dir: Path, **overrides) -> Path:
-    ff.setup(checkpoint_dir=ckpt, out_dir=out_dir, **{**FULL, **overrides})
+    call_flat(ff.setup, checkpoint_dir=ckpt, out_dir=out_dir, **{**FULL, **overrides})
     return out_dir
 
 
@@ -59,7 +60,7 @@ RUN_RECORD = ("hparams.yaml", "loss.png")
 
 
 def run_adapter(ckpt: Path, out_dir: Path, **overrides) -> Path:
-    fa.setup(checkpoint_dir=ckpt, out_dir=out_dir, **{**ADAPTER, **overrides})
+    call_flat(fa.setup, checkpoint_dir=ckpt, out_dir=out_dir, **{**ADAPTER, **overrides})
     return out_dir
 
 
@@ -468,9 +469,9 @@ def test_real_finetune_lowers_validation_loss(method, smollm2, base_val_loss, tm
     out = tmp_path / "out"
     # the scripts' own defaults besides REAL (not the tiny runs' RUN, whose NEFTune noise would come along)
     if method == "full":
-        ff.setup(checkpoint_dir=smollm2, out_dir=out, **REAL, learning_rate=5e-5)
+        call_flat(ff.setup, checkpoint_dir=smollm2, out_dir=out, **REAL, learning_rate=5e-5)
     else:
-        fa.setup(checkpoint_dir=smollm2, out_dir=out, **REAL, learning_rate=3e-2, adapter_prompt_length=10,
+        call_flat(fa.setup, checkpoint_dir=smollm2, out_dir=out, **REAL, learning_rate=3e-2, adapter_prompt_length=10,
                  adapter_start_layer=2)
     seconds = time.perf_counter() - t0
     val = [float(r["val_loss"]) for r in metrics(out) if r["val_loss"]]

@@ -1,6 +1,6 @@
 """finetune/lora.py end to end: outputs, exact resume, bad input, 2-process data parallel, and a real fine-tune.
 
-Most runs are in-process (`ft.setup(...)`) on a tiny random model with SmolLM2's real tokenizer
+Most runs are in-process (`call_flat(ft.setup, ...)`) on a tiny random model with SmolLM2's real tokenizer
 (tests/tiny_checkpoint.py); a few are subprocesses where the process boundary is what is tested (a real
 Ctrl-C, `--config FILE.yaml`, Fabric launching a second process, the exit status of an error)."""
 
@@ -19,11 +19,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import DataLoader
 
 import finetune.lora as ft
 from conftest import ROOT, require_asset
+from lora_lab.args import call_flat
 from lora_lab.checkpoint import load_config
 from lora_lab.data import ShuffledBatchSampler
 from lora_lab.data.json_extraction import json_extraction_dataset
@@ -47,7 +49,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def run(ckpt: Path, out_dir: Path, **overrides) -> Path:
-    ft.setup(checkpoint_dir=ckpt, out_dir=out_dir, **{**RUN, **overrides})
+    call_flat(ft.setup, checkpoint_dir=ckpt, out_dir=out_dir, **{**RUN, **overrides})
     return out_dir
 
 
@@ -509,11 +511,57 @@ def test_real_finetune_learns_json_extraction(smollm2, tmp_path, monkeypatch):
 
 
 def test_bare_boolean_flags_mean_true():
-    from lora_lab.utils import bare_flags_to_true
+    from lora_lab.args import nested_flags
 
-    assert bare_flags_to_true(ft.setup, ["--resume", "--out_dir", "x", "--use_dora"]) == \
-        ["--resume", "true", "--out_dir", "x", "--use_dora", "true"]
-    assert bare_flags_to_true(ft.setup, ["--resume", "false", "--data", "d"]) == ["--resume", "false", "--data", "d"]
+    assert nested_flags(ft.setup, ["--resume", "--out_dir", "x", "--use_dora"]) == \
+        ["--resume", "true", "--out_dir", "x", "--lora.dora", "true"]
+    assert nested_flags(ft.setup, ["--resume", "false", "--data", "d"]) == ["--resume", "false", "--data.source", "d"]
+    assert nested_flags(ft.setup, ["--lora.dora", "--data.packing"]) == ["--lora.dora", "true", "--data.packing", "true"]
+
+
+def printed_config(capsys, *args: str) -> dict:
+    """The run configuration jsonargparse parses from `args` (--print_config: nothing runs)."""
+    with pytest.raises(SystemExit):
+        cli(ft.setup, [*args, "--print_config"])
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_flat_flags_nested_flags_and_a_flat_config_give_the_same_run(capsys, tmp_path):
+    """Today's flat flags (--learning_rate, --lora_r, --lora_targets, bare --use_dora), their nested form
+    (--train.learning_rate, --lora.r), a --config YAML with the flat keys and one with nested keys all parse to one
+    configuration; and call_flat (Python, flat keywords) builds the same groups."""
+    flat = ["--lora_r", "4", "--lora_targets", "query,mlp", "--use_dora", "--learning_rate", "0.005",
+            "--data", "alpaca", "--max_steps=7", "--eval_interval", "3", "--log_interval", "2", "--precision",
+            "32-true", "--resume"]
+    nested = ["--lora.r", "4", "--lora.targets", "query,mlp", "--lora.dora", "true", "--train.learning_rate", "0.005",
+              "--data.source", "alpaca", "--train.max_steps=7", "--eval.interval", "3", "--log.interval", "2",
+              "--hardware.precision", "32-true", "--resume", "true"]
+    flat_yaml, nested_yaml = tmp_path / "flat.yaml", tmp_path / "nested.yaml"
+    flat_yaml.write_text("lora_r: 4\nlora_targets: query,mlp\nuse_dora: true\nlearning_rate: 0.005\ndata: alpaca\n"
+                         "max_steps: 7\neval_interval: 3\nlog_interval: 2\nprecision: 32-true\nresume: true\n")
+    nested_yaml.write_text("lora: {r: 4, targets: 'query,mlp', dora: true}\ntrain: {learning_rate: 0.005, max_steps: 7}\n"
+                           "data: {source: alpaca}\neval: {interval: 3}\nlog: {interval: 2}\n"
+                           "hardware: {precision: 32-true}\nresume: true\n")
+    configs = [printed_config(capsys, *flat), printed_config(capsys, *nested),
+               printed_config(capsys, "--config", str(flat_yaml)), printed_config(capsys, f"--config={nested_yaml}")]
+    assert all(c == configs[0] for c in configs[1:]), configs
+    c = configs[0]
+    assert (c["lora"]["r"], c["lora"]["dora"], c["train"]["learning_rate"], c["data"]["source"], c["resume"]) == \
+        (4, True, 0.005, "alpaca", True)
+    assert c["lora"]["alpha"] == 16.0 and c["train"]["batch_size"] == 16  # the script's defaults for the rest
+    # a flag given after --config wins over the file, in either spelling
+    assert printed_config(capsys, "--config", str(flat_yaml), "--lora_r", "2")["lora"]["r"] == 2
+    assert printed_config(capsys, "--config", str(flat_yaml), "--lora.r", "2")["lora"]["r"] == 2
+
+    from lora_lab.args import nest
+
+    kwargs = nest(ft.setup, dict(lora_r=4, lora_targets="query,mlp", use_dora=True, learning_rate=0.005,
+                                 data="alpaca", max_steps=7, eval_interval=3, log_interval=2, precision="32-true",
+                                 resume=True))
+    assert kwargs["lora"] == ft.LoRAArgs(r=4, alpha=16.0, dropout=0.05, targets="query,mlp", dora=True)
+    assert kwargs["train"].learning_rate == 0.005 and kwargs["train"].weight_decay == 0.0
+    with pytest.raises(TypeError, match="unexpected keyword argument 'lora_rank'"):
+        nest(ft.setup, dict(lora_rank=4))
 
 
 def test_columns_flag_renames_the_columns_of_a_csv(tiny_ckpt, monkeypatch, capsys, tmp_path):

@@ -24,6 +24,7 @@ from lora_lab.model import GPT
 from lora_lab.rewards import compute_rewards, final_number, load_rewards
 from lora_lab.training import TRAIN_STATE_FILE
 from lora_lab.utils import LoraLabError
+from lora_lab.args import call_flat
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -336,7 +337,7 @@ RUN = dict(data="json_extraction", n_train=12, n_val=4, max_steps=4, batch_size=
 
 
 def run(ckpt, out_dir, **overrides):
-    grpo_script.setup(checkpoint_dir=ckpt, out_dir=out_dir, **{**RUN, **overrides})
+    call_flat(grpo_script.setup, checkpoint_dir=ckpt, out_dir=out_dir, **{**RUN, **overrides})
     return out_dir
 
 

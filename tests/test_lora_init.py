@@ -26,6 +26,7 @@ from lora_lab.lora_init import (gaussian_init_, init_config, init_lora, loftq_fa
 from lora_lab.model import GPT
 from lora_lab.nf4 import dequantize_nf4, nf4_state_of, quantize_nf4
 from lora_lab.utils import LoraLabError
+from lora_lab.args import call_flat
 from test_use_adapter import LLAMA, assert_float32_close, idx, logits, make_base
 
 R, ALPHA = 4, 8.0
@@ -318,7 +319,7 @@ def rebuilt_from_train_state(ckpt, out_dir, init, nf4=None, loftq_iter=1):
 def test_finetune_lora_pissa_saves_the_converted_adapter(tiny_ckpt, tmp_path, capsys, one_thread):
     import finetune.lora as ft
 
-    ft.setup(checkpoint_dir=tiny_ckpt, out_dir=tmp_path / "out", lora_init="pissa", **SCRIPT_RUN)
+    call_flat(ft.setup, checkpoint_dir=tiny_ckpt, out_dir=tmp_path / "out", lora_init="pissa", **SCRIPT_RUN)
     assert "--lora_init pissa: " in capsys.readouterr().out
     config, _ = load_lora(tmp_path / "out")
     assert (config.r, config.alpha) == (8, 16.0)  # rank 2r, the same scale alpha / r
@@ -335,7 +336,7 @@ def test_finetune_lora_pissa_saves_the_converted_adapter(tiny_ckpt, tmp_path, ca
 def test_finetune_qlora_loftq_is_rebuilt_bit_for_bit(tiny_ckpt, tmp_path, capsys, one_thread):
     import finetune.qlora as ft
 
-    ft.setup(checkpoint_dir=tiny_ckpt, out_dir=tmp_path / "out", lora_init="loftq", loftq_iter=2, nf4_blocksize=32,
+    call_flat(ft.setup, checkpoint_dir=tiny_ckpt, out_dir=tmp_path / "out", lora_init="loftq", loftq_iter=2, nf4_blocksize=32,
              double_quant=False, **SCRIPT_RUN)
     assert "--lora_init loftq: " in capsys.readouterr().out
     config, _ = load_lora(tmp_path / "out")
@@ -353,15 +354,15 @@ def test_script_refusals_are_one_line_before_loading(tiny_ckpt, tmp_path):
     import finetune.qlora as qft
 
     with pytest.raises(LoraLabError, match="only helps a quantized base"):
-        ft.setup(checkpoint_dir=tmp_path / "missing", lora_init="loftq")  # checked before the checkpoint is read
+        call_flat(ft.setup, checkpoint_dir=tmp_path / "missing", lora_init="loftq")  # checked before the checkpoint is read
     with pytest.raises(LoraLabError, match="use one of kaiming, gaussian, pissa"):
-        qft.setup(checkpoint_dir=tmp_path / "missing", lora_init="eva")
+        call_flat(qft.setup, checkpoint_dir=tmp_path / "missing", lora_init="eva")
     with pytest.raises(LoraLabError, match="--loftq_iter 0"):
-        qft.setup(checkpoint_dir=tmp_path / "missing", lora_init="loftq", loftq_iter=0)
+        call_flat(qft.setup, checkpoint_dir=tmp_path / "missing", lora_init="loftq", loftq_iter=0)
     with pytest.raises(LoraLabError, match="DoRA"):
-        ft.setup(checkpoint_dir=tmp_path / "missing", lora_init="olora", use_dora=True)
+        call_flat(ft.setup, checkpoint_dir=tmp_path / "missing", lora_init="olora", use_dora=True)
     with pytest.raises(LoraLabError, match="only helps a quantized base"):
-        dpo.setup(checkpoint_dir=tmp_path / "missing", lora_init="loftq")
+        call_flat(dpo.setup, checkpoint_dir=tmp_path / "missing", lora_init="loftq")
 
 
 def test_tied_lm_head_gets_its_own_residual_and_loftq_leaves_it_float():
@@ -390,7 +391,7 @@ def test_finetune_dpo_with_pissa_saves_the_converted_adapter(tiny_ckpt, tmp_path
     from test_dpo import PAIRS
 
     (tmp_path / "pairs.json").write_text(__import__("json").dumps(PAIRS[:8]))
-    dpo.setup(checkpoint_dir=tiny_ckpt, data=str(tmp_path / "pairs.json"), out_dir=tmp_path / "out", max_steps=1,
+    call_flat(dpo.setup, checkpoint_dir=tiny_ckpt, data=str(tmp_path / "pairs.json"), out_dir=tmp_path / "out", max_steps=1,
               batch_size=4, micro_batch_size=2, max_seq_length=128, eval_samples=0, lora_r=4, lora_alpha=8.0,
               lora_init="pissa", lora_targets="query,value", lora_dropout=0.0)
     config, tensors = load_lora(tmp_path / "out")

@@ -9,6 +9,7 @@ import yaml
 
 from lora_lab.data.mix import load_mix, mix_table, normalize
 from lora_lab.utils import LoraLabError
+from lora_lab.args import call_flat
 
 EVAL_ROW = {"question": "Which planet in our solar system has the largest number of confirmed moons orbiting it today?",
             "choices": ["Saturn", "Mars"], "answer": "Saturn"}
@@ -147,7 +148,7 @@ def test_a_run_on_a_mix_records_it(tiny_ckpt, sources, monkeypatch, capsys):
     monkeypatch.delenv("LORA_LAB_EVAL_DATA", raising=False)
     path = mix_file(sources, {"sources": [{"data": "a.jsonl", "rows": 12}, {"data": "b.jsonl", "rows": 6}]})
     out = sources / "out"
-    ft.setup(checkpoint_dir=tiny_ckpt, out_dir=out, data=str(path), max_steps=1, batch_size=2, micro_batch_size=2,
+    call_flat(ft.setup, checkpoint_dir=tiny_ckpt, out_dir=out, data=str(path), max_steps=1, batch_size=2, micro_batch_size=2,
              max_seq_length=64, eval_interval=100, eval_iters=1, eval_samples=0, log_interval=1)
     record = json.loads((out / "data_mix.json").read_text())
     assert [(s["name"], s["taken"]) for s in record["sources"]] == [("a.jsonl", 12), ("b.jsonl", 6)]

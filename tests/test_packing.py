@@ -13,6 +13,7 @@ from lora_lab.data.packing import PackedDataset, pack_indices
 from lora_lab.data.sft import collate
 from lora_lab.lora import inject_lora, mark_only_lora_trainable
 from lora_lab.model import IGNORE_INDEX
+from lora_lab.args import call_flat
 from tiny_checkpoint import SMOL_TOKENIZER, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -121,7 +122,7 @@ def test_every_finetune_script_trains_packed_and_reports_mfu(script, tmp_path, c
     ckpt = write_tiny_checkpoint(tmp_path / "ckpt", require_asset(SMOL_TOKENIZER),
                                  **({"n_layer": 3} if script == "adapter" else {}))
     extra = {"adapter_start_layer": 1} if script == "adapter" else {}
-    ft.setup(checkpoint_dir=ckpt, out_dir=tmp_path / "out", data="json_extraction", n_train=24, n_val=4,
+    call_flat(ft.setup, checkpoint_dir=ckpt, out_dir=tmp_path / "out", data="json_extraction", n_train=24, n_val=4,
              eval_samples=0, max_steps=2, batch_size=2, micro_batch_size=1, max_seq_length=512, warmup_steps=1,
              eval_interval=2, eval_iters=1, packing=True, peak_flops=1e8, **extra)
     captured = capsys.readouterr()

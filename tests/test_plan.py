@@ -12,6 +12,7 @@ from conftest import ROOT
 from lora_lab.config import Config
 from lora_lab.plan import build_meta_model, plan_memory, tensor_bytes
 from lora_lab.utils import LoraLabError
+from lora_lab.args import call_flat
 
 sys.path.insert(0, str(ROOT / "tests"))
 from plan_measure import CONFIG, build  # noqa: E402
@@ -94,7 +95,7 @@ def test_finetune_plan_flag_prints_the_same_table(script, method, tiny_ckpt, cap
     module = importlib.import_module(f"finetune.{script}")
     monkeypatch.setattr(module, "main", lambda *a, **k: pytest.fail("--plan must not train"))
     extra = {"adapter_start_layer": 0} if method == "adapter" else {}
-    module.setup(checkpoint_dir=tiny_ckpt, plan=True, micro_batch_size=2, max_seq_length=64, precision="32-true",
+    call_flat(module.setup, checkpoint_dir=tiny_ckpt, plan=True, micro_batch_size=2, max_seq_length=64, precision="32-true",
                  **extra)
     printed = capsys.readouterr().out
     expected = plan_memory(tiny_ckpt, method, 2, 64, precision="32-true",

@@ -23,6 +23,7 @@ from lora_lab.model import GPT
 from lora_lab.nf4 import (NF4_BUFFERS, NF4Linear, dequantize_nf4, holds_nf4, model_size_report, nf4_state_of,
                           quantize_nf4)
 from lora_lab.utils import LoraLabError
+from lora_lab.args import call_flat
 
 
 def tiny_config(**kw) -> Config:
@@ -361,7 +362,7 @@ def test_finetune_qlora_script_smoke(tmp_path, one_thread, capsys):
 
     ckpt = write_tiny_checkpoint(tmp_path / "ckpt", require_asset(SMOL_TOKENIZER))
     out_dir = tmp_path / "out"
-    ft.setup(checkpoint_dir=ckpt, out_dir=out_dir, data="json_extraction", n_train=8, n_val=2, eval_samples=0,
+    call_flat(ft.setup, checkpoint_dir=ckpt, out_dir=out_dir, data="json_extraction", n_train=8, n_val=2, eval_samples=0,
              max_steps=2, batch_size=4, micro_batch_size=2, max_seq_length=128, learning_rate=1e-2, warmup_steps=1,
              nf4_blocksize=32, double_quant=False, lora_targets="query,mlp")
     printed = capsys.readouterr().out
@@ -383,7 +384,7 @@ def test_finetune_qlora_script_smoke(tmp_path, one_thread, capsys):
         load_lora_state_dict(model, adapter)
 
     with pytest.raises(LoraLabError, match="nf4_blocksize"):
-        ft.setup(checkpoint_dir=ckpt, out_dir=tmp_path / "bad", nf4_blocksize=63)
+        call_flat(ft.setup, checkpoint_dir=ckpt, out_dir=tmp_path / "bad", nf4_blocksize=63)
 
 
 # ---- real weights (slow): QLoRA against LoRA on SmolLM2-135M ---------------------------------------------------
@@ -438,8 +439,8 @@ def test_qlora_finetune_of_smollm2_ends_no_worse_than_lora(smollm_ckpt, tmp_path
     import finetune.qlora as ft_qlora
 
     before = base_val_loss(smollm_ckpt, quantized=True)
-    ft_lora.setup(checkpoint_dir=smollm_ckpt, out_dir=tmp_path / "lora", **REAL_RUN)
-    ft_qlora.setup(checkpoint_dir=smollm_ckpt, out_dir=tmp_path / "qlora", **REAL_RUN)
+    call_flat(ft_lora.setup, checkpoint_dir=smollm_ckpt, out_dir=tmp_path / "lora", **REAL_RUN)
+    call_flat(ft_qlora.setup, checkpoint_dir=smollm_ckpt, out_dir=tmp_path / "qlora", **REAL_RUN)
     lora, qlora = final_val_loss(tmp_path / "lora"), final_val_loss(tmp_path / "qlora")
     print(f"\nval loss: NF4 base {before:.4f} | after {REAL_RUN['max_steps']} steps: LoRA {lora:.4f}, "
           f"QLoRA {qlora:.4f} ({100 * (qlora - lora) / lora:+.2f}%)")

@@ -20,6 +20,7 @@ import yaml
 import finetune.lora as ft
 from conftest import require_asset
 from lora_lab.utils import LoraLabError
+from lora_lab.args import call_flat
 
 RUN = dict(data="json_extraction", n_train=12, n_val=4, eval_samples=0, max_steps=4, batch_size=4,
            micro_batch_size=2, max_seq_length=256, learning_rate=1e-2, warmup_steps=2, eval_interval=2, eval_iters=2,
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def run(ckpt: Path, out_dir: Path, **overrides) -> Path:
-    ft.setup(checkpoint_dir=ckpt, out_dir=out_dir, **{**RUN, **overrides})
+    call_flat(ft.setup, checkpoint_dir=ckpt, out_dir=out_dir, **{**RUN, **overrides})
     return out_dir
 
 

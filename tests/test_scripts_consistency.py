@@ -5,7 +5,13 @@ generate/lora.py does.
 
 The comparison is of syntax trees (ast.dump), so line wrapping and comments may differ but code may not. What a
 method may change is listed here, explicitly: the names of its own objects (RENAMES), its own statements
-(METHOD_STATEMENTS), the "# ---- the model" section of main() where the method is set up, and save()."""
+(METHOD_STATEMENTS), the "# ---- the model" section of main() where the method is set up, and save().
+
+Options are compared under their flat names (`lora_r`, `learning_rate`: lora_lab/args.py's `flatten`), whether a
+script takes them alone (`seed`) or in a group (`lora: LoRAArgs` -> `--lora.r`), so a group's fields, types and
+defaults are checked as single options were. Every script covered: lora, qlora, full, adapter (one script with the
+method swapped), classify, dpo and grpo (lora.py's loop and plumbing with another objective), each difference
+stated below with its reason."""
 
 from __future__ import annotations
 
@@ -15,9 +21,12 @@ import inspect
 import re
 from pathlib import Path
 
+import dataclasses
+
 import pytest
 
 from conftest import ROOT
+from lora_lab.args import flat_name, is_group
 
 REFERENCE = "lora"
 SCRIPTS = ["qlora", "full", "adapter"]
@@ -37,13 +46,14 @@ METHOD_STATEMENTS = {
              'optimizer.load_state_dict(saved["optimizer"])'],
     "qlora": ["lora_targets = normalize_targets(", "if isinstance(nf4_blocksize, bool)",
               'load_lora_state_dict(gpt, saved["lora"]', 'optimizer.load_state_dict(saved["optimizer"])'],
-    "full": ["if optimizer not in DEFAULT_LEARNING_RATES:", "learning_rate = DEFAULT_LEARNING_RATES[optimizer]",
+    "full": ["if optimizer not in DEFAULT_LEARNING_RATES:", "if train.learning_rate is None:",
              "load_full_state(gpt, optimizer, saved"],
     "adapter": ["check_adapter_settings(", 'load_adapter_state_dict(gpt, saved["adapter"]',
                 'optimizer.load_state_dict(saved["optimizer"])'],
 }
 
-# setup() arguments that configure the method (the rest are shared, in the same order, with the same types)
+# setup() options (flat names) that configure the method (the rest are shared, in the same order, with the same
+# types): LoRA's are its `lora` group
 METHOD_ARGUMENTS = {
     "lora": ["lora_r", "lora_alpha", "lora_dropout", "lora_targets", "use_rslora", "use_dora", "lora_plus_ratio",
              "lora_init", "loftq_iter"],
@@ -55,8 +65,28 @@ METHOD_ARGUMENTS = {
 # shared arguments whose default (or type) suits each method differently
 OWN_DEFAULTS = {"out_dir", "learning_rate", "weight_decay"}
 
-SHARED_FUNCTIONS = ["fit", "not_finite", "validate", "evaluate_json"]
-ORDER = ["setup", "main", "fit", "not_finite", "validate", "evaluate_json", "save"]
+SHARED_FUNCTIONS = ["load_data", "fit", "not_finite", "validate", "evaluate_json"]
+ORDER = ["setup", "main", "load_data", "fit", "not_finite", "validate", "evaluate_json", "save"]
+GROUPS = ["lora", "data", "train", "eval", "log", "hardware"]  # lora.py's groups, in its setup()'s order
+
+
+def options(name: str) -> list[tuple[str, str, object, object]]:
+    """finetune/{name}.py setup()'s options in order, a group's fields in its place: (flat name, flag, type,
+    default), e.g. ("lora_r", "lora.r", "int", 8), ("seed", "seed", "int", 42)."""
+    out = []
+    for p in inspect.signature(function_object(name, "setup")).parameters.values():
+        if is_group(p.default):
+            out += [(flat_name(p.default, f.name), f"{p.name}.{f.name}", f.type, getattr(p.default, f.name))
+                    for f in dataclasses.fields(p.default)]
+        else:
+            out.append((p.name, p.name, p.annotation, p.default))
+    return out
+
+
+def shared_options(name: str, own, own_defaults, dropped=()) -> list[tuple]:
+    """The options but `own` and `dropped`, without type and default for those in `own_defaults`."""
+    return [(flat, flag, None, None) if flat in own_defaults else (flat, flag, kind, default)
+            for flat, flag, kind, default in options(name) if flat not in own and flat not in dropped]
 
 
 def parse(path: Path) -> tuple[str, ast.Module]:
@@ -160,26 +190,38 @@ def test_main_is_identical_outside_the_method(name):
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_setup_shares_every_option_but_the_methods(name):
-    def shared(script_name):
-        params = inspect.signature(function_object(script_name, "setup")).parameters.values()
-        return [(p.name, p.annotation if p.name not in OWN_DEFAULTS else None,
-                 p.default if p.name not in OWN_DEFAULTS else None)
-                for p in params if p.name not in METHOD_ARGUMENTS[script_name]]
-
-    assert shared(name) == shared(REFERENCE)
-    # the method's own arguments come in one block, after `resume`, as in lora.py
-    names = list(inspect.signature(function_object(name, "setup")).parameters)
+    assert shared_options(name, METHOD_ARGUMENTS[name], OWN_DEFAULTS) == \
+        shared_options(REFERENCE, METHOD_ARGUMENTS[REFERENCE], OWN_DEFAULTS)
+    # the method's own options come in one block, after `resume`, as in lora.py
+    names = [flat for flat, *_ in options(name)]
     i = names.index("resume") + 1
     assert names[i:i + len(METHOD_ARGUMENTS[name])] == METHOD_ARGUMENTS[name]
+    # the same groups, in the same order, as lora.py's (full and adapter: no LoRA)
+    groups = [p for p, v in inspect.signature(function_object(name, "setup")).parameters.items() if is_group(v.default)]
+    assert groups == [g for g in GROUPS if name in ("lora", "qlora") or g != "lora"]
 
 
-@pytest.mark.parametrize("name", [REFERENCE, *SCRIPTS])
+@pytest.mark.parametrize("name", [REFERENCE, *SCRIPTS, "classify", "dpo", "grpo"])
 def test_setup_documents_every_option_and_main_takes_them_all(name):
+    """setup()'s Args list every option in order (a group, then each field as `group.field: [--flat] ...`: the help
+    jsonargparse shows for --group.field), and setup() hands main() every argument, groups whole: no locals()."""
     setup, main = function_object(name, "setup"), function_object(name, "main")
     params = list(inspect.signature(setup).parameters)
-    documented = re.findall(r"^        (\w+):", inspect.getdoc(setup).replace("\n", "\n    "), re.M)
-    assert documented == params, f"finetune/{name}.py: setup()'s Args do not list its arguments in order"
-    assert list(inspect.signature(main).parameters) == ["fabric", *params]
+    documented = re.findall(r"^        ([\w.]+):", inspect.getdoc(setup).replace("\n", "\n    "), re.M)
+    expected = []
+    for p in params:
+        default = inspect.signature(setup).parameters[p].default
+        expected += [p] + ([f"{p}.{f.name}" for f in dataclasses.fields(default)] if is_group(default) else [])
+    assert documented == expected, f"finetune/{name}.py: setup()'s Args do not list its options in order"
+    from lora_lab.args import flag_help
+
+    helps = flag_help(setup)
+    for flat, flag, _, _ in options(name):
+        if "." in flag:  # the flat flag that still works is named first in its help
+            assert helps[flag].startswith(f"[--{flat}] "), (name, flag, helps[flag])
+    assert list(inspect.signature(main).parameters) == ["fabric", *[p for p in params if p != "plan"]]
+    call = functions(script(name)[1])["setup"].body[-1].value
+    assert ast.unparse(call) == f"main({', '.join(['fabric', *[p for p in params if p != 'plan']])})"
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -199,6 +241,11 @@ def test_same_functions_in_the_same_order_and_same_training_imports(name):
     for function in ("fit", "save"):
         ours = [renamed(name, a) for a in inspect.signature(function_object(name, function)).parameters]
         assert ours == list(inspect.signature(function_object(REFERENCE, function)).parameters)
+    # fit() takes the groups: fabric, the model, optimizer and data, the state, what is saved, and lora.py's
+    # train / eval / log (no flat hyperparameters)
+    assert list(inspect.signature(function_object(REFERENCE, "fit")).parameters) == [
+        "fabric", "model", "gpt", "optimizer", "train_dl", "val_dl", "state", "lora_config", "hparams", "out_dir",
+        "train", "eval", "log"]
 
 
 def renamed(name: str, text: str) -> str:
@@ -299,23 +346,21 @@ def test_classify_trains_with_loras_loop(function):
 
 
 def test_classify_shares_loras_options_and_shape():
-    def params(name):
-        return list(inspect.signature(function_object(name, "setup")).parameters.values())
-
-    ours = {p.name: p for p in params("classify")}
-    shared = [p for p in params(REFERENCE) if p.name in ours]
+    ours = {flat: (flag, kind, default) for flat, flag, kind, default in options("classify")}
+    shared = [o for o in options(REFERENCE) if o[0] in ours]
     # every option of lora.py but the LoRA ones that have no meaning here and the generation / prompt ones
-    assert {p.name for p in params(REFERENCE)} - set(ours) == {"use_rslora", "use_dora", "lora_plus_ratio",
-                                                               "prompt_style", "mask_prompt", "eval_samples",
-                                                               # raw text has no labels
-                                                               "blank_line_docs",
-                                                               # PiSSA / OLoRA / LoftQ change the base, which
-                                                               # load_classifier does not rebuild (not wired yet)
-                                                               "lora_init", "loftq_iter"}
-    assert [p.name for p in shared] == [n for n in ours if n in {p.name for p in shared}]  # same order
-    for p in shared:
-        if p.name not in CLASSIFY_OWN_DEFAULTS:
-            assert (ours[p.name].annotation, ours[p.name].default) == (p.annotation, p.default), p.name
+    assert {o[0] for o in options(REFERENCE)} - set(ours) == {"use_rslora", "use_dora", "lora_plus_ratio",
+                                                              "prompt_style", "mask_prompt", "eval_samples",
+                                                              # raw text has no labels
+                                                              "blank_line_docs",
+                                                              # PiSSA / OLoRA / LoftQ change the base, which
+                                                              # load_classifier does not rebuild (not wired yet)
+                                                              "lora_init", "loftq_iter"}
+    assert [o[0] for o in shared] == [n for n in ours if n in {o[0] for o in shared}]  # same order
+    for flat, flag, kind, default in shared:
+        assert ours[flat][0] == flag, flat  # the same nested flag
+        if flat not in CLASSIFY_OWN_DEFAULTS:
+            assert ours[flat][1:] == (kind, default), flat
     order = [f for f in functions(script("classify")[1]) if f in ORDER + ["evaluate"]]
     assert order == ["setup", "main", "fit", "not_finite", "validate", "evaluate", "save"]
     for function in ("fit", "save"):
@@ -323,13 +368,17 @@ def test_classify_shares_loras_options_and_shape():
         assert ours_args == list(inspect.signature(function_object(REFERENCE, function)).parameters)
 
 
+def setup_body(name: str, skip=()) -> str:
+    """setup()'s statements but the docstring, the call of main() (test_setup_documents_every_option...) and those
+    starting with `skip`."""
+    source = script_source(name)
+    return "\n".join(ast.dump(stmt) for stmt in functions(script(name)[1])["setup"].body[1:-1]
+                     if not (ast.get_source_segment(source, stmt) or "").startswith(skip))
+
+
 def test_classify_setup_is_loras():
     """setup() checks the arguments and fetches the default model first, then starts Fabric, as lora.py's."""
-    def body(name):
-        node = functions(script(name)[1])["setup"]
-        return "\n".join(ast.dump(stmt) for stmt in node.body[1:])  # without the docstring
-
-    assert body("classify") == body(REFERENCE)
+    assert setup_body("classify") == setup_body(REFERENCE)
 
 
 def renamed_classify(text: str) -> str:
@@ -353,22 +402,18 @@ DPO_OWN_DEFAULTS = OWN_DEFAULTS | {"data", "eval_samples"}
 
 
 def test_dpo_setup_shares_every_option_but_its_own():
-    def shared(script_name, own):
-        params = inspect.signature(function_object(script_name, "setup")).parameters.values()
-        return [(p.name, p.annotation if p.name not in DPO_OWN_DEFAULTS else None,
-                 p.default if p.name not in DPO_OWN_DEFAULTS else None)
-                for p in params if p.name not in own and p.name not in DPO_DROPPED]
-
-    assert shared(DPO, DPO_ARGUMENTS) == shared(REFERENCE, METHOD_ARGUMENTS[REFERENCE])
-    names = list(inspect.signature(function_object(DPO, "setup")).parameters)
+    assert shared_options(DPO, DPO_ARGUMENTS, DPO_OWN_DEFAULTS, DPO_DROPPED) == \
+        shared_options(REFERENCE, METHOD_ARGUMENTS[REFERENCE], DPO_OWN_DEFAULTS, DPO_DROPPED)
+    names = [flat for flat, *_ in options(DPO)]
     i = names.index("resume") + 1
     assert names[i:i + len(DPO_ARGUMENTS)] == DPO_ARGUMENTS
-    test_setup_documents_every_option_and_main_takes_them_all(DPO)
+    assert setup_body(DPO) == setup_body(REFERENCE)
 
 
 def test_dpo_same_functions_order_imports_and_shared_plumbing():
     order = [f for f in functions(script(DPO)[1]) if f in ORDER]
-    assert order == [f for f in ORDER if f != "evaluate_json"]  # its before/after is generate_samples + validate
+    # its before/after is generate_samples + validate; pairs are loaded in main (get_preference_dataloaders)
+    assert order == [f for f in ORDER if f not in ("evaluate_json", "load_data")]
 
     def training_imports(script_name):
         return sorted(a.name for node in script(script_name)[1].body if isinstance(node, ast.ImportFrom)
@@ -385,7 +430,7 @@ def test_dpo_same_functions_order_imports_and_shared_plumbing():
 # but these (each side's own loss, its metrics and its lines that print them) is in dpo.py's, in the same order
 DPO_FIT_OWN = ["metrics = MetricsLog(", "val = None", "sums: dict", "logps, n_tokens = answer_logps(",
                "chosen, rejected = logps.chunk(2)", "out = preference_loss(", "micro_loss = out[", "add_metrics(sums",
-               "step, train = ", 'fabric.print(f"step {step}/{max_steps}', 'row = {"step": step', "val = validate(",
+               "step, means = ", 'fabric.print(f"step {step}/{max_steps}', 'row = {"step": step', "val = validate(",
                'row.update({f"val_{k}"', 'fabric.print(f"step {step}: held-out', 'fabric.print(f"Trainable parameters']
 LORA_FIT_OWN = ["metrics = MetricsLog(", "val_loss = None", "loss_sum = 0.0", 'loss = model(batch["input_ids"]',
                 "loss_sum += loss.item()", "step, train_loss = ", "if fabric.world_size > 1:  # the loss of the global",
@@ -399,14 +444,13 @@ def test_dpo_trains_with_loras_loop_and_plumbing():
                 classify_normalised("fit", REFERENCE, LORA_FIT_OWN), "finetune/dpo.py fit()")
     fit = ast.get_source_segment(script_source(DPO), functions(script(DPO)[1])["fit"])
     # the statements dropped above still carry lora.py's plumbing
-    for line in ('logger_name=hparams["logger_name"]', "hparams=hparams, fields=COLUMNS",
+    for line in ("logger_name=log.logger_name", "hparams=hparams, fields=COLUMNS",
                  'batch.get("segment_ids")', "neftune_alpha)", "flops.format(throughput.elapsed())",
                  "flops.summary(throughput.elapsed())"):
         assert line in fit, line
     ours = list(inspect.signature(function_object(DPO, "fit")).parameters)
     theirs = list(inspect.signature(function_object(REFERENCE, "fit")).parameters)
-    i = theirs.index("neftune_alpha") + 1
-    assert ours == theirs[:i] + ["beta", "loss"] + theirs[i:]
+    assert ours == theirs + ["beta", "loss"]
 
 
 def test_dpo_compiles_and_checks_as_lora_does():
@@ -416,7 +460,7 @@ def test_dpo_compiles_and_checks_as_lora_does():
 
     for statement in ("check_args(locals())", "checkpoint_dir = ensure_checkpoint(checkpoint_dir)"):
         assert statement in lines(DPO, "setup") and statement in lines(REFERENCE, "setup")
-    compile_line = "if compile:  # torch.compile each block for training (lora_lab/compile.py)"
+    compile_line = "if train.compile:  # torch.compile each block for training (lora_lab/compile.py)"
     assert any(s.startswith(compile_line) for s in lines(REFERENCE, "main"))
     assert any(s.startswith(compile_line) and "compile_blocks(gpt)" in s for s in lines(DPO, "main"))
 
@@ -427,22 +471,29 @@ def test_dpo_compiles_and_checks_as_lora_does():
 GRPO = "grpo"
 RENAMES[GRPO] = []
 METHOD_STATEMENTS[GRPO] = []
-GRPO_ARGUMENTS = ["adapter_dir", "reward", "reward_weights", "num_generations", "max_completion_length",
-                  "temperature", "top_p", "top_k", "beta", "epsilon", "epsilon_high", "loss_type", "scale_rewards",
-                  "num_iterations", "quantize", "nf4_blocksize", "double_quant",
-                  *[a for a in METHOD_ARGUMENTS["lora"] if a not in ("lora_init", "loftq_iter")]]
+GRPO_ARGUMENTS = ["adapter_dir", "quantize", "nf4_blocksize", "double_quant",
+                  # its `grpo` group (lora_lab/args.py GRPOArgs), then the `lora` group as lora.py's
+                  "reward", "reward_weights", "num_generations", "max_completion_length", "temperature", "top_p",
+                  "top_k", "beta", "epsilon", "epsilon_high", "loss_type", "scale_rewards", "num_iterations",
+                  *METHOD_ARGUMENTS["lora"]]
 # lora.py's options that mean nothing here (every other one, compile, MFU, trackers, max_time included, grpo.py
 # takes as lora.py does):
 GRPO_DROPPED = {"mask_prompt",  # only the completion tokens are ever scored: the prompt is always context
                 "blank_line_docs",  # raw text has no prompts to answer
                 "packing",  # a step's completions are scored in right-padded micro-batches, each trimmed to its
                             # longest row; packing them is not implemented (no flag that does nothing)
-                "neftune_alpha",  # noise on the policy pass only would make it score another function than the
-                                  # sampling, old-policy and reference passes (TRL's GRPOTrainer has no NEFTune)
-                "lora_init", "loftq_iter",  # pissa / olora / loftq move W's principal part into A, B: the base
-                # with the LoRA switched off is then not the starting model, so GRPO's reference would need the swap
-                # path for every start; not wired yet (a fresh adapter starts as lora.py's default, kaiming)
                 "plan"}  # the memory planner (lora_lab/plan.py) has no model of GRPO's sampling batch and KV cache
+# Options of the shared groups (TrainArgs, LoRAArgs) that grpo.py takes but refuses unless left at lora.py's default,
+# with the reason (lora_lab/checks.py check_args, before anything slow):
+GRPO_REFUSED = {
+    # noise on the policy pass only would make it score another function than the sampling, old-policy and
+    # reference passes (TRL's GRPOTrainer has no NEFTune)
+    "neftune_alpha": (5.0, "GRPO has no NEFTune"),
+    # pissa / olora / loftq move W's principal part into A, B: the base with the LoRA switched off is then not the
+    # starting model, so GRPO's reference would need the swap path for every start; not wired yet (a fresh adapter
+    # starts as lora.py's default, kaiming; --loftq_iter only means something with loftq)
+    "lora_init": ("pissa", "GRPO starts a fresh adapter as kaiming only"),
+}
 # shared options with another default here: eval_samples (each answer is printed with its reward: 3, as dpo.py)
 GRPO_OWN_DEFAULTS = OWN_DEFAULTS | {"eval_samples"}
 
@@ -450,44 +501,38 @@ GRPO_OWN_DEFAULTS = OWN_DEFAULTS | {"eval_samples"}
 # their start; every OTHER line of lora.py's main() and fit() is in grpo.py's, word for word.
 GRPO_REPLACES = {
     "main": [
-        # the signature (GRPO's own arguments; no blank_line_docs, mask_prompt, packing, neftune_alpha)
-        "blank_line_docs: bool", "lora_r: int, lora_alpha", "use_rslora: bool, use_dora", "max_seq_length: int, mask",
-        "max_steps: Optional[int], epochs", "weight_decay: float, warmup", "columns: Optional[dict],", "activation_checkpointing: bool, compile",
-        "eval_iters: int, eval_samples", "precision: str, peak_flops", "loftq_iter: int, prompt_style",
-        # no data mix to record: the prompts come from one source
-        "if fabric.is_global_zero:", "write_mix_record(out_dir, data_stats)", "plan: bool) -> None:",
+        # the signature (its `grpo` group, PromptDataArgs: no blank_line_docs, mask_prompt, packing)
+        "train: TrainArgs, eval: EvalArgs, log: LogArgs, hardware",
+        # the batch is checked in prompts per device below (check_grpo_settings), not in micro-batches
+        "check_run(fabric, checkpoint_dir, out_dir, resume, train.batch_size",
+        # prompts, not tokenized answers: load_instructions + prompt_rows, no data loader (step_prompts picks
+        # them), no data mix to record; max_steps counts prompts per step and num_iterations
+        "tokenizer, style, train_dl, val_dl, data_stats = load_data(", "train = replace(train, max_steps=max(1,",
         # data parallel only: sampling with generate_batch needs the whole model on each device, so grpo.py makes
         # its Fabric with L.Fabric (no FSDP2 sharding: make_fabric, setup_module, report_shards, sharded states)
         "model = fabric.setup_module(model)", "report_shards(fabric, gpt)",
-        "optimizer = fabric.setup_optimizers(", "weight_decay=weight_decay, betas=(0.9, 0.95)))",
+        "optimizer = fabric.setup_optimizers(", "weight_decay=train.weight_decay, betas=(0.9, 0.95)))",
         "if is_sharded(gpt):", "load_sharded_state(fabric, gpt, optimizer",
-        # no --lora_init (GRPO_DROPPED): a fresh adapter starts as lora.py's default
-        "prompt_style=style.name, init=init_config(", "started = time.perf_counter()", "init_lora(model, lora_init",
-        'if lora_init != "kaiming":', 'fabric.print(f"--lora_init {lora_init}',
-        # a step is batch_size completions, num_generations per prompt: check_grpo_settings, no grad_accum
-        "if fabric.world_size > 1 and batch_size %", 'raise LoraLabError(f"batch_size={batch_size} is not',
-        'f"{micro_batch_size * fabric.world_size}")', "grad_accum = max(1,",
-        # prompts, not tokenized answers: load_instructions + prompt_rows, no data loader (step_prompts picks them)
-        "style = PromptStyle.from_checkpoint(checkpoint_dir, prompt_style)", "train_dl, val_dl, data_stats =",
-        "data, tokenizer, style, max_seq_length", "val_data=val_data, n_train", "bucket_by_length=True, pad_id=",
-        "blank_line_docs=blank_line_docs)", "max_steps = max(1, math.ceil(epochs * data_stats",
-        # the model section: an SFT adapter may be continued (as dpo.py), its LoRAConfig says trained_with grpo
-        "inject_lora(model, r=lora_r", "use_rslora=use_rslora, use_dora=use_dora)",
-        'fabric.print(f"LoRA r={lora_r}', 'f"parameters of {total:,}',
+        # the model section: an SFT adapter may be continued (as dpo.py), its LoRAConfig says trained_with grpo; no
+        # --lora_init but kaiming (GRPO_REFUSED): a fresh adapter starts as lora.py's default
+        "prompt_style=style.name, init=init_config(", "started = time.perf_counter()", "init_lora(model, lora.init",
+        'if lora.init != "kaiming":', 'fabric.print(f"--lora_init {lora.init}',
+        "inject_lora(model, r=lora.r", "use_rslora=lora.rslora, use_dora=lora.dora)",
+        'fabric.print(f"LoRA r={lora.r}', 'f"parameters of {total:,}',
         # no sampler state to resume (the prompt order is a function of the step)
         'state = {"step": 0, "micro_batches": 0', 'train_dl.batch_sampler.load_state_dict(',
         # before / after: the held-out reward of greedy answers (validate), not evaluate_json
         "eval_rows = val_dl.dataset.rows", "if eval_rows and not resume:", 'state["json_before"] = {k: v for k',
         'if k in ("valid_json", "exact_keys", "all_correct")}', 'before = state.get("json_before")', "if before:",
-        "fit(fabric, model, gpt, optimizer, train_dl", "learning_rate, warmup_steps, min_lr, grad_clip, neftune",
-        "eval_iters, save_interval, log_interval)", "if eval_rows and not state.get(", "after = evaluate_json(",
+        "fit(fabric, model, gpt, optimizer, train_dl", "if eval_rows and not state.get(", "after = evaluate_json(",
         'fabric.print(f"JSON before -> after', "f\"{after['valid_json']", "f\"exact keys {before", "f\"all values right"],
     "fit": [
-        "learning_rate, warmup_steps, min_lr, grad_clip, neftune_alpha", "save_interval, log_interval) -> None:",
+        "eval: EvalArgs, log: LogArgs) -> None:",  # fit(..., train, eval, log, grpo, tokenizer, rewards, sampling, ...)
         "hparams=hparams)",  # MetricsLog(..., fields=columns): TRL's names
         # each step samples (rollout), then its micro-batches are split_batch(rollout) instead of a data stream
-        "batches = micro_batches(", "val_loss = None", "loss_sum = 0.0", "for i in range(grad_accum):",
-        "batch = next(batches)", "with fabric.no_backward_sync(model, enabled=i < grad_accum - 1):",
+        "grad_accum = train.grad_accum(", "batches = micro_batches(", "val_loss = None", "loss_sum = 0.0",
+        "for i in range(grad_accum):", "batch = next(batches)",
+        "with fabric.no_backward_sync(model, enabled=i < grad_accum - 1):",
         # the GRPO loss in place of the next-token loss; its metric sums in place of loss_sum
         'loss = model(batch["input_ids"], labels=', 'segment_ids=batch.get("segment_ids"))',
         "fabric.backward(loss / grad_accum)", "loss_sum += loss.item()",
@@ -495,7 +540,7 @@ GRPO_REPLACES = {
         "step, train_loss = ", "train_loss = fabric.all_reduce(", 'fabric.print(f"step {step}/{max_steps} | loss',
         'row = {"step": step, "train_loss"', '"tokens_per_sec": throughput.tokens_per_sec()}',
         # validation: the held-out reward of greedy answers
-        "if val_dl is not None and (step % eval_interval", "val_loss = validate(", "row.update(val_loss=",
+        "if val_dl is not None and (step % eval.interval", "val_loss = validate(", "row.update(val_loss=",
         'fabric.print(f"step {step}: val loss', "metrics.log(row)",
         "save(fabric, gpt, optimizer, train_dl, state",  # no data loader to save the position of
         # the final line adds the sampling time and speed, and the held-out reward
@@ -512,26 +557,24 @@ def code_lines(name: str, function: str) -> list[str]:
 
 
 def test_grpo_setup_shares_every_option_but_its_own():
-    def shared(script_name, own):
-        params = inspect.signature(function_object(script_name, "setup")).parameters.values()
-        return [(p.name, p.annotation if p.name not in GRPO_OWN_DEFAULTS else None,
-                 p.default if p.name not in GRPO_OWN_DEFAULTS else None)
-                for p in params if p.name not in own and p.name not in GRPO_DROPPED]
-
-    assert shared(GRPO, GRPO_ARGUMENTS) == shared(REFERENCE, METHOD_ARGUMENTS[REFERENCE])
-    names = list(inspect.signature(function_object(GRPO, "setup")).parameters)
+    assert shared_options(GRPO, GRPO_ARGUMENTS, GRPO_OWN_DEFAULTS, GRPO_DROPPED) == \
+        shared_options(REFERENCE, METHOD_ARGUMENTS[REFERENCE], GRPO_OWN_DEFAULTS, GRPO_DROPPED)
+    names = [flat for flat, *_ in options(GRPO)]
     i = names.index("resume") + 1
     assert names[i:i + len(GRPO_ARGUMENTS)] == GRPO_ARGUMENTS
     # dropout off by default (TRL's disable_dropout): the sampling, old and reference passes see the same function
-    assert inspect.signature(function_object(GRPO, "setup")).parameters["lora_dropout"].default == 0.0
-    test_setup_documents_every_option_and_main_takes_them_all(GRPO)
+    assert dict((flat, default) for flat, _, _, default in options(GRPO))["lora_dropout"] == 0.0
+    # setup() checks, fetches the default model, starts Fabric and calls main, as lora.py's
+    assert setup_body(GRPO, skip=("if plan:", "fabric = ")) == setup_body(REFERENCE, skip=("if plan:", "fabric = "))
 
-    def body(name):  # setup() checks, fetches the default model, starts Fabric and calls main, as lora.py's
-        source = script_source(name)
-        return "\n".join(ast.dump(stmt) for stmt in functions(script(name)[1])["setup"].body[1:]
-                         if not (ast.get_source_segment(source, stmt) or "").startswith(("if plan:", "fabric = ")))
 
-    assert body(GRPO) == body(REFERENCE)
+def test_grpo_refuses_the_shared_options_it_does_not_support(tmp_path):
+    from lora_lab.args import call_flat
+    from lora_lab.utils import LoraLabError
+
+    for flat, (value, message) in GRPO_REFUSED.items():
+        with pytest.raises(LoraLabError, match=message):  # checked first: the checkpoint is never read
+            call_flat(function_object(GRPO, "setup"), checkpoint_dir=tmp_path / "missing", **{flat: value})
 
 
 @pytest.mark.parametrize("function", ["main", "fit"])
@@ -548,7 +591,8 @@ def test_grpo_has_every_line_of_loras_but_the_methods(function):
 
 def test_grpo_same_functions_order_and_shared_plumbing():
     order = [f for f in functions(script(GRPO)[1]) if f in ORDER]
-    assert order == [f for f in ORDER if f != "evaluate_json"]  # its before/after is validate's held-out reward
+    # its before/after is validate's held-out reward; prompts are loaded in main (load_instructions, prompt_rows)
+    assert order == [f for f in ORDER if f not in ("evaluate_json", "load_data")]
     assert_same(normalised(GRPO, "not_finite"), normalised(REFERENCE, "not_finite"), "finetune/grpo.py not_finite()")
     # save(): lora.py's without the data loader's position (no train_dl: the prompt order is a function of the step)
     # (lora.py's sharded branch aside: grpo.py trains data-parallel only)

@@ -15,6 +15,7 @@ from lora_lab.data import get_dataloaders
 from lora_lab.data.text import pack, read_documents, split_blank_lines, split_stream, token_stream
 from lora_lab.tokenizer import Tokenizer
 from lora_lab.utils import LoraLabError
+from lora_lab.args import call_flat
 from tiny_checkpoint import SMOL_TOKENIZER, write_tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -102,7 +103,7 @@ def test_every_finetune_script_trains_on_raw_text(script, corpus, tmp_path, tmp_
     ft = importlib.import_module(f"finetune.{script}")
     out = tmp_path / "out"
     own = {"adapter_start_layer": 0} if script == "adapter" else {}  # the tiny model has 2 layers
-    ft.setup(checkpoint_dir=ckpt, data=str(corpus), out_dir=out, blank_line_docs=True, max_steps=2, batch_size=2,
+    call_flat(ft.setup, checkpoint_dir=ckpt, data=str(corpus), out_dir=out, blank_line_docs=True, max_steps=2, batch_size=2,
              micro_batch_size=2, max_seq_length=64, eval_interval=2, eval_iters=1, log_interval=1, eval_samples=0,
              **own)
     rows = (out / "metrics.csv").read_text().splitlines()
@@ -137,7 +138,7 @@ def test_lora_on_tinyshakespeare_lowers_held_out_perplexity(tmp_path):
 
     before = ppl(base.model)
     del base
-    ft.setup(checkpoint_dir=ckpt, data=str(text), out_dir=tmp_path / "lora", max_steps=8, batch_size=4,
+    call_flat(ft.setup, checkpoint_dir=ckpt, data=str(text), out_dir=tmp_path / "lora", max_steps=8, batch_size=4,
              micro_batch_size=4, max_seq_length=L, learning_rate=2e-3, warmup_steps=2, lora_r=8,
              lora_targets="all", eval_interval=1000, eval_iters=1, log_interval=4, eval_samples=0)
     after = ppl(load_model(ckpt, tmp_path / "lora").model)
