@@ -54,7 +54,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from lora_lab import GPT, Config, Tokenizer
 from lora_lab.args import DataArgs, EvalArgs, HardwareArgs, LogArgs, TrainArgs, run_record, with_precision
 from lora_lab.checks import check_args
-from lora_lab.checkpoint import save_checkpoint
+from lora_lab.checkpoint import load_config, save_checkpoint
 from lora_lab.compile import compile_blocks
 from lora_lab.data import get_dataloaders
 from lora_lab.data.json_extraction import evaluate_extractions
@@ -78,6 +78,7 @@ def setup(
     out_dir: Path = Path("out/finetune/full"),
     resume: bool = False,
     optimizer: Literal["adamw", "adafactor", "sgd"] = "adamw",
+    router_aux_loss_coef: float = 0.0,
     data: DataArgs = DataArgs(source="json_extraction", max_seq_length=512, mask_prompt=True),
     train: TrainArgs = TrainArgs(batch_size=16, micro_batch_size=4, learning_rate=None, weight_decay=0.0),
     eval: EvalArgs = EvalArgs(interval=25, iters=100, samples=10),
@@ -97,6 +98,9 @@ def setup(
         resume: continue the interrupted run in out_dir exactly where it stopped.
         optimizer: adamw (two moments per weight), sgd (with momentum 0.9: one) or adafactor (factored second moment, no
             first: almost no state; torch.optim.Adafactor). The module docstring has the memory table.
+        router_aux_loss_coef: a mixture-of-experts model only: add this times the load-balancing loss (Switch
+            Transformer's, as transformers computes it) to the training loss, so that the router keeps every expert
+            in use (Qwen3-MoE was trained with 0.001; 0 = off).
         data: the training data.
         data.source: [--data] a built-in dataset name or a local .json/.jsonl/.csv file of instruction/input/output
             rows.
@@ -164,10 +168,12 @@ def setup(
     hardware = with_precision(hardware, on_gpu="bf16-mixed")
     fabric = make_fabric(hardware.devices, hardware.num_nodes, hardware.strategy, hardware.precision)  # fsdp: FSDP2
     fabric.launch()
-    main(fabric, checkpoint_dir, out_dir, resume, optimizer, data, train, eval, log, hardware, seed)
+    main(fabric, checkpoint_dir, out_dir, resume, optimizer, router_aux_loss_coef, data, train, eval, log, hardware,
+         seed)
 
 
-def main(fabric: L.Fabric, checkpoint_dir: Path, out_dir: Path, resume: bool, optimizer: str, data: DataArgs,
+def main(fabric: L.Fabric, checkpoint_dir: Path, out_dir: Path, resume: bool, optimizer: str,
+         router_aux_loss_coef: float, data: DataArgs,
          train: TrainArgs, eval: EvalArgs, log: LogArgs, hardware: HardwareArgs, seed: int) -> None:
     hparams = run_record(locals())  # the flat arguments, for hparams.yaml and the resume state
     out_dir = Path(out_dir)
@@ -177,6 +183,9 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, out_dir: Path, resume: bool, op
         raise LoraLabError(f"--optimizer {optimizer!r}: use one of {', '.join(DEFAULT_LEARNING_RATES)}")
     if train.learning_rate is None:
         train = replace(train, learning_rate=DEFAULT_LEARNING_RATES[optimizer])
+    if router_aux_loss_coef and not load_config(checkpoint_dir).n_expert:
+        raise LoraLabError(f"--router_aux_loss_coef {router_aux_loss_coef}: {checkpoint_dir} is not a "
+                           "mixture-of-experts model (it has no router to balance): leave it at 0")
     fabric.seed_everything(seed)
     tokenizer, style, train_dl, val_dl, data_stats = load_data(fabric, checkpoint_dir, out_dir, data, train, seed)
     if train.max_steps is None:
@@ -192,6 +201,7 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, out_dir: Path, resume: bool, op
         # float32 master weights, even from a bfloat16 checkpoint: Fabric casts the weights only for *-true precisions
         model.float()
     model.activation_checkpointing = train.activation_checkpointing
+    model.router_aux_loss_coef = router_aux_loss_coef  # MoE: + coef * load-balancing loss while training
     trainable, total = count_parameters(model)
     fabric.print(f"Full fine-tuning with {optimizer}: {trainable:,} trainable parameters of {total:,} "
                  f"({100 * trainable / total:.2f}%)")

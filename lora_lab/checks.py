@@ -27,7 +27,7 @@ AT_LEAST_ONE = ("lora_r", "batch_size", "micro_batch_size", "max_steps", "max_se
                 "max_new_tokens", "top_k", "nf4_blocksize")
 AT_LEAST_ZERO = ("warmup_steps", "eval_samples")
 POSITIVE = ("epochs", "learning_rate", "lora_alpha", "lora_plus_ratio")
-NON_NEGATIVE = ("weight_decay", "min_lr", "grad_clip", "neftune_alpha", "temperature")
+NON_NEGATIVE = ("weight_decay", "min_lr", "grad_clip", "neftune_alpha", "temperature", "router_aux_loss_coef")
 
 
 def check_args(args: Mapping[str, Any]) -> None:

@@ -48,6 +48,10 @@ class GPT(nn.Module):
         self.uniform_layers = config.uniform_layers  # False: each layer gets its own (cos, sin, mask), see forward
         # recompute each block's activations in the backward pass instead of storing them (less memory, ~30% slower)
         self.activation_checkpointing = False
+        # mixture of experts: the training loss adds coef * load_balancing_loss (Switch Transformer's auxiliary loss,
+        # as transformers adds router_aux_loss_coef * aux_loss) so that the router keeps every expert in use;
+        # finetune/full.py's --router_aux_loss_coef sets it; 0 (the default) leaves the loss as it is
+        self.router_aux_loss_coef = 0.0
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: Union[str, Path], device=None, dtype=None) -> "GPT":
@@ -142,7 +146,10 @@ class GPT(nn.Module):
             return x
         head = self.lm_head if self.config.final_softcap is None else SoftCapped(self.lm_head, self.config.final_softcap)
         if labels is not None:
-            return next_token_loss(head, x, labels, loss_chunk_size)
+            loss = next_token_loss(head, x, labels, loss_chunk_size)
+            if self.router_aux_loss_coef and self.training:  # validation losses stay the plain next-token loss
+                loss = loss + self.router_aux_loss_coef * load_balancing_loss(self)
+            return loss
         if logits_at is not None:
             return head(x[logits_at])  # (n, vocab_size)
         return head(x)  # (B, T, vocab_size)

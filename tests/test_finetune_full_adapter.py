@@ -479,3 +479,20 @@ def test_real_finetune_lowers_validation_loss(method, smollm2, base_val_loss, tm
           f"{base_val_loss:.4f} (base) -> {val[0]:.4f} (step 4) -> {val[1]:.4f} (step 8)")
     assert len(val) == 2 and val[1] < val[0] < base_val_loss
     assert val[1] < 0.6 * base_val_loss
+
+
+def test_router_aux_loss_coef_on_a_mixture_of_experts_only(tmp_path):
+    """--router_aux_loss_coef adds coef x the load-balancing loss to full fine-tuning's loss on a mixture-of-experts
+    model (the first step's loss, same weights and batch, is larger by coef x the balancing loss: k = 2 when the
+    load is even, up to E x k); on a dense model it is one line, before any data or model is loaded."""
+    tok = require_asset(SMOL_TOKENIZER)
+    moe = write_tiny_checkpoint(tmp_path / "moe", tok, n_expert=4, n_expert_per_token=2, moe_intermediate_size=16)
+    first = {}
+    for coef in (0.0, 1.0):
+        out = run_full(moe, tmp_path / f"out{coef}", max_steps=1, router_aux_loss_coef=coef, neftune_alpha=0.0)
+        first[coef] = float(metrics(out)[0]["train_loss"])
+    assert 1.0 < first[1.0] - first[0.0] < 8.0
+    dense = write_tiny_checkpoint(tmp_path / "dense", tok)
+    with pytest.raises(LoraLabError, match="not a mixture-of-experts model"):
+        run_full(dense, tmp_path / "out_dense", router_aux_loss_coef=0.001)
+    assert not (tmp_path / "out_dense").exists()

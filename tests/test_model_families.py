@@ -218,14 +218,25 @@ def test_moe_lora_on_experts_trains_with_the_router_frozen():
     assert torch.equal(model.blocks[0].mlp.router.weight, router)
 
 
-def test_moe_full_finetuning_gets_the_balancing_gradient():
+def test_router_aux_loss_coef_adds_the_balancing_loss_while_training():
+    """model.router_aux_loss_coef (finetune/full.py --router_aux_loss_coef): the training loss is the next-token loss
+    plus coef x the load-balancing loss, whose gradient reaches the router; a validation loss stays the plain one."""
     config = config_from_hf(tiny_hf_config("qwen3_moe").to_dict())
     torch.manual_seed(0)
     model = GPT(config)
     x = tokens()
-    loss = model(x, labels=x) + 0.001 * load_balancing_loss(model)
+    with torch.no_grad():
+        plain = model(x, labels=x)
+        aux = load_balancing_loss(model)
+    model.router_aux_loss_coef = 0.5
+    loss = model(x, labels=x)
+    torch.testing.assert_close(loss, plain + 0.5 * aux, rtol=0, atol=1e-6)
+    assert aux > 0.5  # so the sum above is not the plain loss within tolerance
     loss.backward()
     assert model.blocks[0].mlp.router.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, labels=x), plain, rtol=0, atol=1e-6)
 
 
 def test_moe_nf4_experts_equal_bitsandbytes():

@@ -47,7 +47,7 @@ METHOD_STATEMENTS = {
     "qlora": ["lora_targets = normalize_targets(", "if isinstance(nf4_blocksize, bool)",
               'load_lora_state_dict(gpt, saved["lora"]', 'optimizer.load_state_dict(saved["optimizer"])'],
     "full": ["if optimizer not in DEFAULT_LEARNING_RATES:", "if train.learning_rate is None:",
-             "load_full_state(gpt, optimizer, saved"],
+             "if router_aux_loss_coef and not load_config(", "load_full_state(gpt, optimizer, saved"],
     "adapter": ["check_adapter_settings(", 'load_adapter_state_dict(gpt, saved["adapter"]',
                 'optimizer.load_state_dict(saved["optimizer"])'],
 }
@@ -59,7 +59,7 @@ METHOD_ARGUMENTS = {
              "lora_init", "loftq_iter"],
     "qlora": ["quantize", "nf4_blocksize", "double_quant", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
               "use_rslora", "use_dora", "lora_plus_ratio", "lora_init", "loftq_iter"],
-    "full": ["optimizer"],
+    "full": ["optimizer", "router_aux_loss_coef"],
     "adapter": ["adapter_prompt_length", "adapter_start_layer", "adapter_version"],
 }
 # shared arguments whose default (or type) suits each method differently
