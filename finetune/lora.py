@@ -35,6 +35,7 @@ from lora_lab.data.json_extraction import evaluate_extractions
 from lora_lab.data.mix import write_mix_record
 from lora_lab.distributed import (SHARDS_DIR, gathered, is_sharded, load_sharded_state, make_fabric,
                                   optimizer_state, report_shards, save_sharded_state)
+from lora_lab.eva import eva_init
 from lora_lab.formats.download import ensure_checkpoint
 from lora_lab.flops import FlopsMeter
 from lora_lab.generate import peak_memory_bytes, reset_peak_memory
@@ -125,8 +126,9 @@ def setup(
         lora_init: where A, B (and the base) start (lora_lab/lora_init.py): kaiming (A Kaiming-uniform, B = 0),
             gaussian (A ~ N(0, 1/r^2)), pissa / pissa_niter_N (the adapter holds W's r principal singular directions,
             the base the rest; N: randomized SVD's power iterations), olora (QR), loftq (a quantized base only:
-            alternate NF4 and SVD so that base + adapter is closest to W). pissa / olora / loftq save the adapter
-            converted to rank 2r against the untouched base.
+            alternate NF4 and SVD so that base + adapter is closest to W), eva (A = each layer's principal input
+            directions on the first training batches, B = 0). pissa / olora / loftq save the adapter converted to
+            rank 2r against the untouched base.
         loftq_iter: --lora_init loftq: alternating quantize / SVD steps.
         prompt_style: how prompts are wrapped (default: the base model's own).
         max_seq_length: longer samples are cut (and counted).
@@ -245,6 +247,9 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data: str, out_dir: Path, val_d
     gpt = model  # the plain module, for generation and saving
     model = fabric.setup_module(model)  # fsdp shards it here, so the optimizer is made after, for the shards
     report_shards(fabric, gpt)  # fsdp: the parameter bytes each rank holds
+    if lora_init == "eva" and not resume:  # A = each layer's principal input directions on the training data, B = 0
+        eva = eva_init(gpt, train_dl)  # lora_lab/eva.py; train_dl and the RNG are left as they were
+        fabric.print(f"--lora_init eva: {eva['seconds']:.2f} s ({eva['batches']} micro-batches)")
     if lora_plus_ratio:
         param_groups = lora_plus_param_groups(model, learning_rate, ratio=lora_plus_ratio, weight_decay=weight_decay)
     else:
