@@ -464,6 +464,7 @@ GRPO_REPLACES = {
         # no --lora_init (GRPO_DROPPED): a fresh adapter starts as lora.py's default
         "prompt_style=style.name, init=init_config(", "started = time.perf_counter()", "init_lora(model, lora_init",
         'if lora_init != "kaiming":', 'fabric.print(f"--lora_init {lora_init}',
+        'if lora_init == "eva" and not resume:', "eva = eva_init(gpt, train_dl)", 'fabric.print(f"--lora_init eva:',
         # a step is batch_size completions, num_generations per prompt: check_grpo_settings, no grad_accum
         "if fabric.world_size > 1 and batch_size %", 'raise LoraLabError(f"batch_size={batch_size} is not',
         'f"{micro_batch_size * fabric.world_size}")', "grad_accum = max(1,",
