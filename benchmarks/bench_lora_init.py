@@ -117,7 +117,7 @@ def main(checkpoint_dir: Path, inits: str = "kaiming,loftq,pissa", max_steps: in
         for init in names:
             printed = io.StringIO()
             started = time.perf_counter()
-            with contextlib.redirect_stdout(printed):
+            with contextlib.redirect_stdout(Tee(printed, sys.stderr)):  # the run's lines on stderr as they come
                 qlora.setup(checkpoint_dir=checkpoint_dir, out_dir=Path(tmp) / init, data="json_extraction",
                             lora_init=init, loftq_iter=loftq_iter, lora_r=lora_r, lora_alpha=2.0 * lora_r,
                             lora_targets=lora_targets, max_steps=max_steps, eval_interval=eval_interval,
@@ -127,10 +127,10 @@ def main(checkpoint_dir: Path, inits: str = "kaiming,loftq,pissa", max_steps: in
             with open(Path(tmp) / init / "metrics.csv") as f:
                 losses = {int(r["step"]): float(r["val_loss"]) for r in csv.DictReader(f) if r.get("val_loss")}
             json_line = re.search(r"all values right (\d+)% -> (\d+)%", printed.getvalue())
-            init_line = re.search(r"--lora_init \S+: ([\d.]+) s", printed.getvalue())
+            init_line = ([None] + re.findall(r"--lora_init \S+: ([\d.]+) s", printed.getvalue()))[-1]  # eva: the last
             rows[init] = dict(losses=losses, json=json_line.groups() if json_line else ("?", "?"),
                               minutes=(time.perf_counter() - started) / 60,
-                              init_seconds=float(init_line.group(1)) if init_line else None)
+                              init_seconds=float(init_line) if init_line else None)
             print(f"{init}: done in {rows[init]['minutes']:.1f} min: {rows[init]}", file=sys.stderr, flush=True)
     steps = sorted(next(iter(rows.values()))["losses"])
     print(f"QLoRA on {checkpoint_dir}, r={lora_r} on {lora_targets}, {max_steps} steps of batch {batch_size}, "
@@ -148,6 +148,22 @@ def main(checkpoint_dir: Path, inits: str = "kaiming,loftq,pissa", max_steps: in
             c = costs[init]
             line += f" {c['step0_error']:.4f} | {c['peak_rise'] / 2**20:.0f} MiB |"
         print(line)
+
+
+class Tee(io.TextIOBase):
+    """Writes to several streams."""
+
+    def __init__(self, *streams) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
 
 
 def _env() -> dict:

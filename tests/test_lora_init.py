@@ -513,3 +513,35 @@ def test_finetune_qlora_eva(tiny_ckpt, tmp_path, capsys, one_thread):
     x = torch.randint(0, 200, (1, 12), generator=torch.Generator().manual_seed(0))
     trained = rebuilt_from_train_state(tiny_ckpt, tmp_path / "out", "eva", dict(blocksize=32, double_quant=False))
     assert torch.equal(logits(load_lora_model(None, tmp_path / "out", merge=False), x), logits(trained, x))
+
+
+# ---- classifiers (lora_lab/classifier.py): the residual base rebuilt on load ---------------------------------
+@pytest.mark.parametrize("init,nf4", [("olora", None), ("loftq", dict(NF4, double_quant=True))])
+def test_classifier_with_a_base_changing_init_loads_as_trained(base, tmp_path, init, nf4):
+    """finetune/classify.py's lora / qlora with --lora_init: head, LoRA on the float weights, init_lora (NF4 bases
+    for qlora), quantize_nf4; what load_classifier rebuilds from the untouched checkpoint is the trained classifier."""
+    from lora_lab.classifier import ClassifierConfig, add_classification_head, load_classifier, save_classifier
+
+    model = GPT.from_checkpoint(base)
+    add_classification_head(model, 3)
+    inject_lora(model, r=R, alpha=ALPHA, targets=TARGETS)
+    init_lora(model, init, nf4=nf4, loftq_iter=2)
+    if nf4:
+        quantize_nf4(model, **nf4)
+    with torch.no_grad():  # "trained": the adapters and the head moved
+        for p in [p for n, p in model.named_parameters() if "lora_" in n] + [model.lm_head.weight]:
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    x = idx()
+    trained = logits(model.eval(), x)
+    config = ClassifierConfig(labels=["a", "b", "c"], method="qlora" if nf4 else "lora", base_model=str(base),
+                              base_config=model.config.to_dict(), base_quantization=getattr(model, "base_quantization",
+                                                                                            None),
+                              lora=dict(r=R, alpha=ALPHA, dropout=0.0, targets=TARGETS, init=init_config(init, 2)))
+    save_classifier(tmp_path / "clf", model, config)
+    loaded, saved = load_classifier(tmp_path / "clf")
+    assert saved.lora["init"]["method"] == init and load_lora(tmp_path / "clf")[0].r == 2 * R  # PEFT's pair: converted
+    if nf4:
+        assert saved.lora["init"]["base_offset"] == "lora_base.safetensors"
+        assert torch.equal(logits(loaded, x), trained)  # NF4(W - L1 R1) + the rank-r adapter, bit for bit
+    else:
+        assert_float32_close(logits(loaded, x), trained)
