@@ -545,3 +545,15 @@ def test_classifier_with_a_base_changing_init_loads_as_trained(base, tmp_path, i
         assert torch.equal(logits(loaded, x), trained)  # NF4(W - L1 R1) + the rank-r adapter, bit for bit
     else:
         assert_float32_close(logits(loaded, x), trained)
+
+
+def test_classifier_lora_init_checks():
+    """finetune/classify.py's --lora_init (checks.py, before anything loads): LoRA methods only, and no eva."""
+    from lora_lab.checks import check_args
+
+    check_args(dict(label_column="label", method="qlora", lora_init="loftq", loftq_iter=2))
+    for args, fragment in [(dict(method="head", lora_init="pissa"), "use it with --method lora or qlora"),
+                           (dict(method="lora", lora_init="eva"), "one label per text"),
+                           (dict(method="lora", lora_init="loftq"), "only helps a quantized base")]:
+        with pytest.raises(LoraLabError, match=fragment):
+            check_args(dict(args, label_column="label"))
