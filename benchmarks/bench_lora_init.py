@@ -112,6 +112,7 @@ def main(checkpoint_dir: Path, inits: str = "kaiming,loftq,pissa", max_steps: in
                              capture_output=True, text=True, check=True, env={"PYTHONPATH": str(ROOT), **_env()})
         costs[init] = eval(out.stdout.strip().splitlines()[-1], {})  # our own dict literal
         print(f"{init}: init {costs[init]}", file=sys.stderr, flush=True)
+    json_rows = held_out_json_rows(checkpoint_dir, batch_size, n_train, n_val, seed)[:eval_samples]
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for init in names:
@@ -122,13 +123,13 @@ def main(checkpoint_dir: Path, inits: str = "kaiming,loftq,pissa", max_steps: in
                             lora_init=init, loftq_iter=loftq_iter, lora_r=lora_r, lora_alpha=2.0 * lora_r,
                             lora_targets=lora_targets, max_steps=max_steps, eval_interval=eval_interval,
                             batch_size=batch_size, micro_batch_size=batch_size, n_train=n_train, n_val=n_val,
-                            eval_samples=eval_samples, learning_rate=learning_rate, warmup_steps=2,
+                            eval_samples=0, learning_rate=learning_rate, warmup_steps=2,
                             max_seq_length=256, seed=seed, eval_iters=100)
             with open(Path(tmp) / init / "metrics.csv") as f:
                 losses = {int(r["step"]): float(r["val_loss"]) for r in csv.DictReader(f) if r.get("val_loss")}
-            json_line = re.search(r"all values right (\d+)% -> (\d+)%", printed.getvalue())
+            json_score = json_after_training(Path(tmp) / init, json_rows)
             init_line = ([None] + re.findall(r"--lora_init \S+: ([\d.]+) s", printed.getvalue()))[-1]  # eva: the last
-            rows[init] = dict(losses=losses, json=json_line.groups() if json_line else ("?", "?"),
+            rows[init] = dict(losses=losses, json=json_score,
                               minutes=(time.perf_counter() - started) / 60,
                               init_seconds=float(init_line) if init_line else None)
             print(f"{init}: done in {rows[init]['minutes']:.1f} min: {rows[init]}", file=sys.stderr, flush=True)
@@ -136,18 +137,51 @@ def main(checkpoint_dir: Path, inits: str = "kaiming,loftq,pissa", max_steps: in
     print(f"QLoRA on {checkpoint_dir}, r={lora_r} on {lora_targets}, {max_steps} steps of batch {batch_size}, "
           f"lr {learning_rate}, seed {seed}, NF4 blocks of 64 + double quantization")
     extra = " step-0 distance from W | init peak memory rise |" if memory else ""
-    print("| --lora_init | " + " | ".join(f"val loss @{s}" for s in steps) + " | JSON all values right | "
+    print("| --lora_init | " + " | ".join(f"val loss @{s}" for s in steps) +
+          f" | JSON all values right ({len(json_rows)} held-out prompts) | "
           "init time |" + extra)
     print("| --- " * (len(steps) + 3 + 2 * memory) + "|")
     for init in names:
         r = rows[init]
         seconds = f"{r['init_seconds']:.1f} s" if r["init_seconds"] is not None else "-"
         line = (f"| {init} | " + " | ".join(f"{r['losses'][s]:.4f}" for s in steps) +
-                f" | {r['json'][0]}% -> {r['json'][1]}% | {seconds} |")
+                f" | {r['json']['all_correct']:.0%} | {seconds} |")
         if memory:
             c = costs[init]
             line += f" {c['step0_error']:.4f} | {c['peak_rise'] / 2**20:.0f} MiB |"
         print(line)
+
+
+def held_out_json_rows(checkpoint_dir: Path, batch_size: int, n_train: int, n_val: int, seed: int) -> list[dict]:
+    """The validation rows finetune/qlora.py holds out of json_extraction with these settings."""
+    from lora_lab import Tokenizer
+    from lora_lab.data import get_dataloaders
+    from lora_lab.prompts import PromptStyle
+
+    tokenizer = Tokenizer(checkpoint_dir)
+    _, val_dl, _ = get_dataloaders("json_extraction", tokenizer, PromptStyle.from_checkpoint(checkpoint_dir, None),
+                                   max_seq_length=256, micro_batch_size=batch_size, seed=seed, n_train=n_train,
+                                   n_val=n_val, verbose=False)
+    return list(val_dl.dataset.rows)
+
+
+def json_after_training(adapter_dir: Path, json_rows: list[dict]) -> dict:
+    """Greedy answers of the trained QLoRA model to the held-out prompts, scored as finetune/qlora.py does. The
+    model is the NF4 base + adapter merged into float32 weights (lora_lab.adapted.load_lora_model: the same model
+    to 1e-4 in the logits), because generating on NF4 dequantizes every weight at every token: minutes per answer
+    on a CPU."""
+    from lora_lab import Tokenizer
+    from lora_lab.adapted import load_lora_model
+    from lora_lab.data.json_extraction import evaluate_extractions
+    from lora_lab.lora import load_lora
+    from lora_lab.prompts import PromptStyle
+    from lora_lab.training import generate_answers
+
+    config, _ = load_lora(adapter_dir)
+    model = load_lora_model(None, adapter_dir, merge=True, dtype=torch.float32)
+    style = PromptStyle.from_checkpoint(config.base_model, config.prompt_style)
+    answers = generate_answers(model, Tokenizer(config.base_model), style, json_rows, max_new_tokens=64)
+    return evaluate_extractions(answers, [r["output"] for r in json_rows])
 
 
 class Tee(io.TextIOBase):
