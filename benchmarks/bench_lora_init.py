@@ -69,8 +69,8 @@ def step0_table(checkpoint_dir: Path, inits: list[str], r: int, targets: str, lo
         init_lora(model, init, nf4=dict(blocksize=64, double_quant=True), loftq_iter=loftq_iter)
         seconds = time.thread_time() - started
         with torch.no_grad():
-            d = [float((weights[n] - (m.base_weight(torch.float32) + m.delta_weight().float())).norm() / weights[n].norm())
-                 for n, m in lora_modules(model)]
+            d = [float((weights[n] - (m.base_weight(torch.float32) + m.delta_weight().float())).norm()
+                       / weights[n].norm()) for n, m in lora_modules(model)]
         name = f"{init} --loftq_iter {loftq_iter}" if init == "loftq" else init
         print(f"| {name} | {sum(d) / len(d):.4f} | {seconds:.1f} s |", flush=True)
 
