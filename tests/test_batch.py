@@ -14,9 +14,8 @@ import sys
 
 import pytest
 
-from test_use_adapter import LLAMA, make_adapter, make_base, run_in_process
+from test_use_adapter import make_adapter, make_tokenized_base, run_in_process
 
-from lora_lab.config import Config
 from lora_lab.serve.batch import InputRows, OutputFile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,12 +26,8 @@ N_NEW = 8
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    from conftest import require_asset
-
-    tok = require_asset("models/smollm2-135m-instruct")
     tmp = tmp_path_factory.mktemp("batch")
-    config = Config(name="tiny", **dict(LLAMA, vocab_size=49152, block_size=128), prompt_style="chatml")
-    base = make_base(tmp / "base", config, tokenizer_dir=tok)
+    base = make_tokenized_base(tmp / "base", block_size=128)
     make_adapter(base, tmp / "adapters" / "qv4", ["query", "value"], r=4, prompt_style="chatml")
     make_adapter(base, tmp / "adapters" / "mlp2", ["mlp", "lm_head"], r=2, prompt_style="plain")
     return tmp

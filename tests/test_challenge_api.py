@@ -17,9 +17,8 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from test_serve import free_port  # noqa: E402
-from test_use_adapter import LLAMA, make_adapter, make_base, run_in_process  # noqa: E402
+from test_use_adapter import make_adapter, make_tokenized_base, run_in_process  # noqa: E402
 
-from lora_lab.config import Config  # noqa: E402
 from lora_lab.serve.server import ModelServer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,12 +28,8 @@ N_NEW = 8
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    from conftest import require_asset
-
-    tok = require_asset("models/smollm2-135m-instruct")
     tmp = tmp_path_factory.mktemp("challenge")
-    config = Config(name="tiny", **dict(LLAMA, vocab_size=49152, block_size=96), prompt_style="chatml")
-    make_base(tmp / "base", config, tokenizer_dir=tok)
+    make_tokenized_base(tmp / "base")
     make_adapter(tmp / "base", tmp / "qv4", ["query", "value"], r=4, prompt_style="chatml")
     return tmp
 

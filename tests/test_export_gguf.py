@@ -1,6 +1,7 @@
 """GGUF export (lora_lab/formats/gguf_export.py, gguf_adapter.py), checked by llama.cpp itself through llama-cpp-python, and by our importer.
 
-- For a tiny random model of each exported family (with a real tokenizer: SmolLM2's byte-level BPE, or Llama 2's
+- For a tiny random model of each exported family (Gemma 2 / 3, Phi-4-mini, OLMo 2, SmolLM3 and Qwen3-MoE too; with
+  a real tokenizer: SmolLM2's byte-level BPE, or Llama 2's
   SentencePiece model) llama.cpp loads our F32 file and gives our logits (per-family tolerance below), the same
   greedy tokens, and the same token ids as our tokenizer; the same for SmolLM2-135M-Instruct, whose Q8_0 file
   also gives our first 32 greedy tokens on the "capital of France" prompt.
@@ -58,6 +59,42 @@ FAMILIES = {
                    rope_base=1e6, norm_eps=1e-6), SMOL, "qwen2", 2e-4),
     "qwen3": (dict(_base, n_head=4, n_query_groups=2, head_size=24, intermediate_size=96, qk_norm="head",
                    tie_embeddings=True, rope_base=1e6, norm_eps=1e-6, prompt_style="chatml"), SMOL, "qwen3", 2e-4),
+    # the 2024-25 families: each with the per-layer patterns llama.cpp hard-codes (Gemma 2's alternating windows,
+    # Gemma 3's 5 sliding : 1 global with RoPE base 10000 on the sliding layers, SmolLM3's RoPE-less 4th layers),
+    # windows shorter than the 24 test tokens, small soft-caps so that they bite
+    "gemma2": (dict(_base, n_layer=4, n_head=4, n_query_groups=2, head_size=24, intermediate_size=96,
+                    norm_unit_offset=True, mlp_class="geglu", gelu_approximate="tanh", tie_embeddings=True,
+                    scale_embeddings=True, norm_eps=1e-6, post_norms=True, attn_softcap=2.0, final_softcap=3.0,
+                    attn_scale_base=24, sliding_window=5, global_layers=[1, 3]), SMOL, "gemma2", 5e-3),
+    "gemma3": (dict(_base, n_layer=7, n_head=4, n_query_groups=2, head_size=24, intermediate_size=96,
+                    norm_unit_offset=True, mlp_class="geglu", gelu_approximate="tanh", tie_embeddings=True,
+                    scale_embeddings=True, norm_eps=1e-6, post_norms=True, qk_norm="head", sliding_window=5,
+                    global_layers=[5], rope_base=1e6, rope_local_base=10000.0,
+                    rope_scaling=dict(rope_type="linear", factor=4.0)), SMOL, "gemma3", 5e-3),
+    # Phi-4-mini: 3/4 of each head rotates, LongRoPE beyond an original 16 positions (llama.cpp takes the long
+    # factors when its context exceeds that, we when the pass does: both do for the 24 test tokens)
+    "phi4mini": (dict(_base, n_head=4, n_query_groups=2, intermediate_size=96, rotary_percentage=0.75,
+                      tie_embeddings=True, rope_scaling=dict(rope_type="longrope", original_max_seq_len=16,
+                                                             short_factor=[1.0, 1.2, 1.5, 2.0, 2.5, 3.0],
+                                                             long_factor=[1.0, 1.5, 2.0, 3.0, 4.0, 6.0],
+                                                             attention_factor=1.19)), SMOL, "phi3", 2e-4),
+    "olmo2": (dict(_base, n_layer=3, n_head=4, n_query_groups=2, intermediate_size=96, pre_norms=False,
+                   post_norms=True, qk_norm="all", norm_eps=1e-6, rope_base=5e5), SMOL, "olmo2", 2e-4),
+    # OLMo 3: 3 sliding : 1 global layers, YaRN on the global one; Qwen3 with YaRN (its long-context setting)
+    "olmo3": (dict(_base, n_layer=4, n_head=4, n_query_groups=2, intermediate_size=96, pre_norms=False,
+                   post_norms=True, qk_norm="all", norm_eps=1e-6, rope_base=5e5, rope_local_base=5e5, sliding_window=5,
+                   global_layers=[3], rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_seq_len=8,
+                                                        beta_fast=16.0, beta_slow=2.0, truncate=True,
+                                                        attention_factor=1.1386)), SMOL, "olmo2", 2e-4),
+    "qwen3_yarn": (dict(_base, n_head=4, n_query_groups=2, head_size=24, intermediate_size=96, qk_norm="head",
+                        rope_base=1e6, norm_eps=1e-6, rope_scaling=dict(
+                            rope_type="yarn", factor=4.0, original_max_seq_len=8, beta_fast=32.0, beta_slow=1.0,
+                            truncate=True, attention_factor=1.1386)), SMOL, "qwen3", 2e-4),
+    "smollm3": (dict(_base, n_layer=4, n_head=4, n_query_groups=2, intermediate_size=96, tie_embeddings=True,
+                     nope_layers=[3], rope_base=5e6), SMOL, "smollm3", 2e-4),
+    "qwen3moe": (dict(_base, n_head=4, n_query_groups=2, head_size=24, intermediate_size=96, qk_norm="head",
+                      n_expert=4, n_expert_per_token=2, moe_intermediate_size=32, norm_topk_prob=True, rope_base=1e6,
+                      norm_eps=1e-6), SMOL, "qwen3moe", 2e-4),
     "gemma": (dict(_base, n_head=4, n_query_groups=1, head_size=32, intermediate_size=96, norm_unit_offset=True,
                    mlp_class="geglu", gelu_approximate="tanh", tie_embeddings=True, scale_embeddings=True,
                    norm_eps=1e-6), SMOL, "gemma", 5e-3),
@@ -313,6 +350,10 @@ ADAPTERS = {  # name -> (family, LoRAConfig kwargs)
     "qwen2_qkv": ("qwen2", dict(r=4, alpha=8.0, targets=["query", "key", "value", "projection"])),
     "pythia_fused_qv": ("pythia", dict(r=4, alpha=8.0, targets=["query", "value", "mlp"])),
     "falcon_fused_all": ("falcon40b", dict(r=2, alpha=4.0, targets=["all"], use_rslora=True)),
+    # the 2024-25 families: Phi-3's fused qkv and [gate; up], Qwen3-MoE's stacked experts, Gemma 3's block
+    "phi4mini_all": ("phi4mini", dict(r=4, alpha=8.0, targets=["all"])),  # tied lm_head: phi3 writes output
+    "qwen3moe_experts": ("qwen3moe", dict(r=4, alpha=8.0, targets=["query", "value", "experts"])),
+    "gemma3_blocks": ("gemma3", dict(r=4, alpha=8.0, targets=["query", "key", "value", "projection", "mlp"])),
 }
 
 

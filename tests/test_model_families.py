@@ -281,12 +281,68 @@ def test_moe_flops_count_the_chosen_experts_only():
     assert training_flops(moe).per_token == training_flops(dense).per_token
 
 
-@pytest.mark.parametrize("name", [n for n in NEW_FAMILIES if n not in ("phi3", "qwen3_sliding")])
-def test_gguf_export_refuses_what_llama_cpp_would_run_as_another_model(name):
-    """Phi-3-mini-4k is Mistral-shaped (llama) and a plain Qwen3 is llama.cpp's qwen3 (tests/test_export_gguf.py);
-    the others' switches (YaRN on the tiny qwen3 included) have no GGUF architecture here yet."""
-    from lora_lab.formats.gguf_names import gguf_architecture
+# tiny HF config -> the llama.cpp architecture it exports as, or why it is refused (tests/test_export_gguf.py runs
+# each exported architecture in llama.cpp)
+GGUF_ARCH = {"gemma3": "gemma3", "phi4mini": "phi3", "phi3": "llama", "olmo2": "olmo2", "smollm3": "smollm3",
+             "qwen3": "qwen3", "olmo3": "olmo2", "qwen3_sliding": "sliding and global layers",
+             "gemma2": "gemma2 scales queries by 12\\*\\*-0.5 for 4 layers, not by 20",
+             "qwen3_moe": "qwen3moe has experts on every layer"}
+
+
+@pytest.mark.parametrize("name", NEW_FAMILIES)
+def test_gguf_architecture_of_each_family_or_one_line_why_not(name):
+    """What llama.cpp would run as another model is refused in one line: Qwen3's per-layer windows (llama.cpp's
+    qwen3 has none), a Gemma 2 query scale llama.cpp does not derive, a Qwen3-MoE with dense layers."""
+    from lora_lab.formats.gguf_names import ARCHS, gguf_architecture
     from lora_lab.utils import LoraLabError
 
-    with pytest.raises(LoraLabError, match="cannot be exported to GGUF"):
-        gguf_architecture(config_from_hf(tiny_hf_config(name).to_dict()))
+    config = config_from_hf(tiny_hf_config(name).to_dict())
+    if GGUF_ARCH[name] in ARCHS:
+        assert gguf_architecture(config).name == GGUF_ARCH[name]
+    else:
+        with pytest.raises(LoraLabError, match=f"cannot be exported to GGUF: .*{GGUF_ARCH[name]}") as e:
+            gguf_architecture(config)
+        assert "\n" not in str(e.value)
+
+
+def test_gemma3_image_text_folder_converts_to_its_text_model(tmp_path, capsys):
+    """Gemma 3 4b and larger are Gemma3ForConditionalGeneration: text_config nested, the decoder under
+    language_model.*, a vision tower beside it. convert takes the text model (one line says the rest is dropped) and
+    our logits equal transformers' for a text-only prompt."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from hf_tiny import TINY_HF, perturb_
+
+    text = TINY_HF["gemma3"][1]
+    hf_config = Gemma3Config(text_config=dict(text), vision_config=dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+        patch_size=14), mm_tokens_per_image=4, boi_token_index=VOCAB - 8, eoi_token_index=VOCAB - 7,
+        image_token_index=VOCAB - 6)
+    torch.manual_seed(0)
+    hf_model = perturb_(Gemma3ForConditionalGeneration(hf_config)).eval()
+    hf_model.save_pretrained(tmp_path / "hf")
+    config = convert_hf_checkpoint(tmp_path / "hf", tmp_path / "ours")
+    note = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(note) == 1 and "Gemma3ForConditionalGeneration" in note[0] and "vision tower" in note[0]
+    assert config.extra["hf_architecture"] == "Gemma3ForCausalLM" and config.global_layers == [5]
+    idx = tokens()
+    with torch.no_grad():
+        theirs = hf_model(input_ids=idx).logits
+        ours = GPT.from_checkpoint(tmp_path / "ours").eval()(idx)
+    close(ours, theirs)
+
+
+def test_every_released_size_of_the_new_families_has_a_gguf_architecture():
+    """The named configs (the published config.json values) fit what llama.cpp fixes: Gemma 2 / 3's window
+    patterns and query scales (27B: n_embd / n_head), SmolLM3's NoPE layers, Qwen3-MoE's all-MoE layers."""
+    from lora_lab.config import name_to_config
+    from lora_lab.formats.gguf_names import gguf_architecture
+
+    expected = {"Qwen3-8B": "qwen3", "Qwen3-30B-A3B": "qwen3moe", "Qwen3-235B-A22B-Base": "qwen3moe",
+                "gemma-2-2b": "gemma2", "gemma-2-27b-it": "gemma2", "gemma-3-270m-it": "gemma3",
+                "gemma-3-4b-pt": "gemma3", "gemma-3-27b-it": "gemma3", "Phi-3-mini-4k-instruct": "llama",
+                "OLMo-2-1124-13B-Instruct": "olmo2", "SmolLM3-3B": "smollm3"}
+    assert {n: gguf_architecture(Config.from_name(n)).name for n in expected} == expected
+    families = ("Qwen3", "gemma-2-", "gemma-3-", "OLMo-2", "SmolLM3")
+    for name in (n for n in name_to_config if n.startswith(families)):
+        gguf_architecture(Config.from_name(name))  # none refused

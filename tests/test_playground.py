@@ -18,9 +18,8 @@ httpx = pytest.importorskip("httpx")
 
 from playground_browser import Browser, missing, text_of  # noqa: E402
 from test_serve import LiveServer  # noqa: E402
-from test_use_adapter import LLAMA, make_adapter, make_base  # noqa: E402
+from test_use_adapter import make_adapter, make_tokenized_base  # noqa: E402
 
-from lora_lab.config import Config  # noqa: E402
 from lora_lab.serve.server import ModelServer  # noqa: E402
 
 N_NEW = 10
@@ -28,12 +27,8 @@ N_NEW = 10
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    from conftest import require_asset
-
-    tok = require_asset("models/smollm2-135m-instruct")
     tmp = tmp_path_factory.mktemp("playground")
-    config = Config(name="tiny", **dict(LLAMA, vocab_size=49152, block_size=96), prompt_style="chatml")
-    base = make_base(tmp / "base", config, tokenizer_dir=tok)
+    base = make_tokenized_base(tmp / "base")
     make_adapter(base, tmp / "qv4", ["query", "value"], r=4, prompt_style="chatml")
     # loaded from the page later: run-time loading reads only below --adapters_root (a folder that is not itself
     # an adapter, so /v1/models does not list it before it is loaded)

@@ -24,9 +24,8 @@ import torch
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from test_use_adapter import LLAMA, make_adapter, make_base, run_in_process  # noqa: E402
+from test_use_adapter import make_adapter, make_tokenized_base, run_in_process  # noqa: E402
 
-from lora_lab.config import Config  # noqa: E402
 from lora_lab.lora import LoRALinear  # noqa: E402
 from lora_lab.serve.multi_lora import AdapterBank, MultiLoRALinear  # noqa: E402
 from lora_lab.serve.server import ModelServer  # noqa: E402
@@ -45,19 +44,14 @@ N_NEW = 10
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    from conftest import require_asset
-
-    tok = require_asset("models/smollm2-135m-instruct")
     tmp = tmp_path_factory.mktemp("serve")
-    config = Config(name="tiny", **dict(LLAMA, vocab_size=49152, block_size=96), prompt_style="chatml")
-    base = make_base(tmp / "base", config, tokenizer_dir=tok)
+    base = make_tokenized_base(tmp / "base")
     for name, (targets, r, extra) in ADAPTERS.items():
         make_adapter(base, tmp / "adapters" / name, targets, r=r, **extra)
     from lora_lab.formats.peft import export_peft
 
     export_peft(tmp / "adapters" / "qv4", tmp / "peft_qv4")  # the same adapter in PEFT's format
-    other = make_base(tmp / "other", Config(name="other", **dict(LLAMA, n_embd=48, vocab_size=49152)),
-                      tokenizer_dir=tok)
+    other = make_tokenized_base(tmp / "other", name="other", n_embd=48, block_size=64, prompt_style="plain")
     make_adapter(other, tmp / "misfit", ["query"])  # trained on a base of other shapes
     return tmp
 

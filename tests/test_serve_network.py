@@ -20,9 +20,9 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("httpx")
 
 import httpx  # noqa: E402
-from test_serve import ADAPTERS, LLAMA, N_NEW, PROMPTS, LiveServer, engine_answers, make_adapter, make_base  # noqa
+from test_serve import ADAPTERS, N_NEW, PROMPTS, LiveServer, engine_answers  # noqa: E402
+from test_use_adapter import make_adapter, make_tokenized_base  # noqa: E402
 
-from lora_lab.config import Config  # noqa: E402
 from lora_lab.serve import adapters as adapters_module  # noqa: E402
 from lora_lab.serve.adapters import AdapterLimits, PathRefused, confine, open_below, read_adapter  # noqa: E402
 from lora_lab.serve.app import ServeOptions  # noqa: E402
@@ -36,20 +36,15 @@ KEYS = ("key-one-0123456789", "key-two-9876543210")
 def netdir(tmp_path_factory):
     """base/, root/ (the adapters the server may read: qv4, all8, mlp2, dora4, and PEFT's export of qv4),
     outside/ (adapters it must not read, a misfit among them)."""
-    from conftest import require_asset
-
-    tok = require_asset("models/smollm2-135m-instruct")
     tmp = tmp_path_factory.mktemp("serve_net")
-    config = Config(name="tiny", **dict(LLAMA, vocab_size=49152, block_size=96), prompt_style="chatml")
-    base = make_base(tmp / "base", config, tokenizer_dir=tok)
+    base = make_tokenized_base(tmp / "base")
     for name, (targets, r, extra) in ADAPTERS.items():
         make_adapter(base, tmp / "root" / name, targets, r=r, **extra)
     from lora_lab.formats.peft import export_peft
 
     export_peft(tmp / "root" / "qv4", tmp / "root" / "peft_qv4")
     shutil.copytree(tmp / "root" / "qv4", tmp / "outside" / "qv4")
-    other = make_base(tmp / "other", Config(name="other", **dict(LLAMA, n_embd=48, vocab_size=49152)),
-                      tokenizer_dir=tok)
+    other = make_tokenized_base(tmp / "other", name="other", n_embd=48, block_size=64, prompt_style="plain")
     make_adapter(other, tmp / "outside" / "misfit", ["query"])
     return tmp
 

@@ -52,6 +52,15 @@ def make_base(path, config: Config, tokenizer_dir=None, seed: int = 0, scale: fl
     return path
 
 
+def make_tokenized_base(path, name: str = "tiny", **fields):
+    """A tiny random LLAMA base that speaks SmolLM2's tokenizer (what a server, batch or playground test serves);
+    `fields` change its Config (block_size 96 and the chatml prompt style unless given)."""
+    from conftest import require_asset
+
+    config = Config(name=name, **{**LLAMA, "vocab_size": 49152, "block_size": 96, "prompt_style": "chatml", **fields})
+    return make_base(path, config, tokenizer_dir=require_asset("models/smollm2-135m-instruct"))
+
+
 def make_adapter(base_dir, adapter_dir, targets, r=4, alpha=8.0, use_rslora=False, use_dora=False,
                  prompt_style="plain") -> GPT:
     """Save an adapter with non-zero B (and moved DoRA magnitudes) for base_dir; return base + adapter, unmerged."""

@@ -10,9 +10,12 @@ W x + (alpha / r) B (A x) with r read from A. Three facts make our adapter exact
   - a row permutation P of W (llama's Q/K reordering, lora_lab/formats/gguf_names.py) commutes with LoRA:
     P (W + s B A) = P W + s (P B) A, so only B's rows are permuted;
   - rsLoRA scales by alpha / sqrt(r): writing alpha' = alpha · sqrt(r) gives alpha' / r = alpha / sqrt(r);
-  - a LoRA on some of q, k, v of a fused attn_qkv is a LoRA of rank k·r on the fused matrix (k adapted parts):
+  - a LoRA on some of q, k, v of a fused attn_qkv (or of gate, up of Phi-3's ffn_up) is a LoRA of rank k·r on the
+    fused matrix (k adapted parts):
     A' = [A_q; A_v] (k r × in), B' = the blocks B_q, B_v on their rows and zeros elsewhere (lora_lab/formats/peft.py
     explains it for PEFT); llama.cpp scales it by alpha' / (k r), so B' is multiplied by k.
+Qwen3-MoE's experts are stacked per layer in the base file, and so are their LoRA pairs: lora_a (n_expert, r, in),
+lora_b (n_expert, out, r), which llama.cpp applies to the experts each token is routed to.
 DoRA rescales each row by m / ||W + s B A||, which llama.cpp's adapter cannot do: merge such adapters instead.
 The Modelfile's TEMPLATE and stops come from the adapter's prompt style (lora_lab/prompts.py).
 
@@ -32,7 +35,8 @@ from lora_lab.adapted import adapter_kind
 from lora_lab.checkpoint import load_config
 from lora_lab.config import Config
 from lora_lab.formats.gguf_export import write_gguf_file
-from lora_lab.formats.gguf_names import QKV, Arch, gguf_architecture, gguf_module_name, halves_to_interleaved
+from lora_lab.formats.gguf_names import (GATE_UP, QKV, Arch, gguf_architecture, gguf_module_name,
+                                         halves_to_interleaved)
 from lora_lab.lora import base_checkpoint_dir, check_adapter_fits, load_lora
 from lora_lab.prompts import prompt_styles
 from lora_lab.utils import LoraLabError, PathLike, atomic_write_text
@@ -45,7 +49,7 @@ def gguf_adapter_tensors(lora_config, adapter: dict[str, torch.Tensor], config: 
         raise LoraLabError("DoRA adapters cannot be applied by llama.cpp (its LoRA adds s·B A; DoRA also rescales "
                            "every row): merge it instead, `python -m lora_lab.merge_lora --adapter_dir DIR --to gguf "
                            "--out_dir merged.gguf`")
-    if "lm_head" in lora_config.targets and config.tie_embeddings:
+    if "lm_head" in lora_config.targets and config.tie_embeddings and not arch.output_required:
         raise LoraLabError("a LoRA on a tied lm_head has no separate output.weight to apply to in llama.cpp: merge "
                            "it instead, `python -m lora_lab.merge_lora --adapter_dir DIR --to gguf --out_dir "
                            "merged.gguf`")
@@ -53,30 +57,42 @@ def gguf_adapter_tensors(lora_config, adapter: dict[str, torch.Tensor], config: 
     alpha = lora_config.alpha * math.sqrt(r) if lora_config.use_rslora else lora_config.alpha  # alpha'/r = scaling
     modules = sorted({k.rsplit(".", 1)[0] for k in adapter}, key=_module_order)
     out: list[tuple[str, torch.Tensor]] = []
-    fused: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    fused: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}  # attn_qkv / ffn_up -> part -> (A, B)
+    experts: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # ffn_*_exps -> expert -> (A, B)
     for module in modules:
         A, B = adapter[f"{module}.lora_A"].float(), adapter[f"{module}.lora_B"].float()  # (r, in), (out, r)
         last = module.rsplit(".", 1)[-1]
         name = gguf_module_name(module, config, arch)
-        if arch.fused_qkv and last in QKV:
+        if ".mlp.experts." in module:
+            experts.setdefault(name, {})[int(module.split(".")[-2])] = (A, B)
+            continue
+        if (arch.fused_qkv and last in QKV) or (arch.fused_gate_up and last in GATE_UP):
             fused.setdefault(name, {})[last] = (A, B)
             continue
         if arch.permute_qk and last in ("q_proj", "k_proj"):
             B = halves_to_interleaved(B, config.n_head if last == "q_proj" else config.n_query_groups)
         out += [(f"{name}.weight.lora_a", A), (f"{name}.weight.lora_b", B)]
     hs = config.head_size
-    rows = {"q_proj": config.n_head * hs, "k_proj": config.n_query_groups * hs, "v_proj": config.n_query_groups * hs}
+    rows = {"q_proj": config.n_head * hs, "k_proj": config.n_query_groups * hs, "v_proj": config.n_query_groups * hs,
+            "gate_proj": config.intermediate_size, "up_proj": config.intermediate_size}
     for name, parts in fused.items():
+        order = QKV if any(p in QKV for p in parts) else GATE_UP
         k = len(parts)
-        A = torch.cat([parts[p][0] for p in QKV if p in parts])  # (k r, in)
-        B = torch.zeros(sum(rows.values()), k * r)  # (out_q + out_k + out_v, k r)
+        A = torch.cat([parts[p][0] for p in order if p in parts])  # (k r, in)
+        B = torch.zeros(sum(rows[p] for p in order), k * r)  # (rows of the fused matrix, k r)
         row, col = 0, 0
-        for p in QKV:
+        for p in order:
             if p in parts:
                 B[row:row + rows[p], col:col + r] = parts[p][1] * k  # llama.cpp scales by alpha' / (k r)
                 col += r
             row += rows[p]
         out += [(f"{name}.weight.lora_a", A), (f"{name}.weight.lora_b", B)]
+    for name, by_expert in experts.items():  # stacked as the experts are: (n_expert, r, in), (n_expert, out, r)
+        if len(by_expert) != config.n_expert:
+            raise LoraLabError(f"a LoRA on {len(by_expert)} of the {config.n_expert} experts of {name}: llama.cpp "
+                               f"adapts a layer's stacked experts together; merge it instead (merge_lora --to gguf)")
+        out += [(f"{name}.weight.lora_a", torch.stack([by_expert[e][0] for e in range(config.n_expert)])),
+                (f"{name}.weight.lora_b", torch.stack([by_expert[e][1] for e in range(config.n_expert)]))]
     return alpha, out
 
 

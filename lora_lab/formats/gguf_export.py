@@ -10,11 +10,15 @@ A GGUF file is key/value metadata (`llama.block_count`, `tokenizer.ggml.tokens`,
 and named tensors (`token_embd.weight`, `blk.0.attn_q.weight`, ...) in a ggml type. GGUF lists a tensor's dims
 innermost first, so a PyTorch (out, in) weight is written as it is and llama.cpp reads it as ne = [in, out].
 This file is the inverse of lora_lab/formats/gguf_import.py. The names, the architecture a Config maps to and the
-layouts llama.cpp wants (Q/K rows interleaved for llama, Gemma's 1 + w norms, fused attn_qkv for GPT-NeoX and
-Falcon, Falcon-40B's norms) are lora_lab/formats/gguf_names.py's; Llama 3.1 RoPE scaling adds the `rope_freqs`
-tensor, the factor each frequency's wavelength is multiplied by.
+layouts llama.cpp wants (Q/K rows interleaved for llama and smollm3, Gemma's 1 + w norms, fused attn_qkv for
+GPT-NeoX, Falcon and Phi-3, Phi-3's fused [gate; up], Qwen3-MoE's experts stacked per layer, Falcon-40B's norms)
+are lora_lab/formats/gguf_names.py's; Llama 3.1 RoPE scaling adds the `rope_freqs` tensor, the factor each
+frequency's wavelength is multiplied by, and Phi-3's LongRoPE the `rope_factors_short` / `rope_factors_long`
+divisors. Per-architecture keys: soft-caps and window (gemma2), window and linear RoPE scaling (gemma3), LongRoPE's
+attention factor and original context (phi3), expert counts and width (qwen3moe).
 
-Weight types (--outtype): norms, biases and rope_freqs stay F32 (as in llama.cpp's converter); matrices are
+Weight types (--outtype): norms, biases, RoPE factors and the MoE router stay F32 (as in llama.cpp's converter);
+matrices (and stacked experts) are
 F32, F16, BF16 or, block-quantized in numpy by `gguf.quants`, Q8_0 (32 int8 + one f16 scale per block) or
 Q4_0 (32 4-bit + one scale). With q4_0 the embedding and output matrices are Q8_0 (they suffer most from 4 bits,
 which is why llama-quantize keeps them wider too). A matrix whose rows are not a multiple of 32 falls back to F16.
@@ -37,8 +41,8 @@ import torch
 
 from lora_lab.checkpoint import WEIGHTS_FILE, load_config
 from lora_lab.config import Config
-from lora_lab.formats.gguf_names import (LLAMA3_SPLIT, QKV, QWEN2_SPLIT, Arch, gguf_architecture, gguf_module_name,
-                                         halves_to_interleaved)
+from lora_lab.formats.gguf_names import (GATE_UP, LLAMA3_SPLIT, QKV, QWEN2_SPLIT, Arch, gguf_architecture,
+                                         gguf_module_name, halves_to_interleaved)
 from lora_lab.formats.sp_vocab import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, is_byte_piece
 from lora_lab.model import llama3_scale
 from lora_lab.progress import progress as show_progress
@@ -69,14 +73,26 @@ def tensor_plan(config: Config, arch: Arch, weights: "Weights") -> list[TensorPl
         module, suffix = name.rsplit(".", 1)
         gname = f"{gguf_module_name(module, config, arch)}.{suffix}"
         last = module.rsplit(".", 1)[-1]
+        parent = module.rsplit(".", 1)[0]
+        # several of our tensors in one of llama.cpp's: [Q; K; V] rows, Phi-3's [gate; up] rows, or a layer's experts
+        # stacked along a new first dim (expert e at index e)
+        parts = None
         if arch.fused_qkv and last in QKV:
+            parts, stack = [f"{parent}.{p}.{suffix}" for p in QKV], False
+        elif arch.fused_gate_up and last in GATE_UP and ".experts." not in module:
+            parts, stack = [f"{parent}.{p}.{suffix}" for p in GATE_UP], False
+        elif ".mlp.experts." in module:
+            block = module.split(".mlp.experts.")[0]
+            parts, stack = [f"{block}.mlp.experts.{e}.{last}.{suffix}" for e in range(config.n_expert)], True
+        if parts is not None:
             if gname in fused_done:
                 continue
             fused_done.add(gname)
-            parts = [f"{module.rsplit('.', 1)[0]}.{p}.{suffix}" for p in QKV]
-            shape = (sum(weights.shape(p)[0] for p in parts), *weights.shape(parts[0])[1:])
-            plans.append(TensorPlan(gname, shape, lambda parts=parts: torch.cat([weights.load(p) for p in parts]),
-                                    len(shape) == 2))
+            first = weights.shape(parts[0])
+            shape = (len(parts), *first) if stack else (sum(weights.shape(p)[0] for p in parts), *first[1:])
+            join = torch.stack if stack else torch.cat
+            plans.append(TensorPlan(gname, shape, lambda parts=parts, join=join: join([weights.load(p) for p in parts]),
+                                    len(shape) >= 2))
             continue
 
         def load(name=name, last=last) -> torch.Tensor:
@@ -88,13 +104,19 @@ def tensor_plan(config: Config, arch: Arch, weights: "Weights") -> list[TensorPl
             return w
 
         shape = tuple(weights.shape(name))
-        plans.append(TensorPlan(gname, shape, load, len(shape) == 2))
+        # the router stays F32 (as in llama.cpp's converter): a rounding there changes which experts are chosen
+        plans.append(TensorPlan(gname, shape, load, len(shape) == 2 and last != "router"))
     if config.tie_embeddings and arch.output_required:  # a file of its own for the shared matrix
         plans.append(TensorPlan("output.weight", tuple(weights.shape("wte.weight")),
                                 lambda: weights.load("wte.weight"), True))
     if arch.output_bias_required and "lm_head.bias" not in weights.keys():
         plans.append(TensorPlan("output.bias", (config.vocab_size,), lambda: torch.zeros(config.vocab_size), False))
-    if config.rope_scaling is not None:  # Llama 3.1: per-frequency wavelength factors
+    rope_type = (config.rope_scaling or {}).get("rope_type")
+    if rope_type == "longrope":  # Phi-3 / 4: the divisors of each frequency, below and beyond the original context
+        for which in ("long", "short"):
+            factors = torch.tensor(config.rope_scaling[f"{which}_factor"], dtype=torch.float32)
+            plans.append(TensorPlan(f"rope_factors_{which}.weight", tuple(factors.shape), lambda f=factors: f, False))
+    if config.rope_scaling is not None and rope_type is None:  # Llama 3.1: per-frequency wavelength factors
         n = config.rope_n_elem
         inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, n, 2, dtype=torch.float64) / n))  # (n/2,)
         factors = (inv_freq / llama3_scale(inv_freq, **config.rope_scaling)).float()
@@ -325,7 +347,12 @@ def write_gguf_model(config: Config, weights: Union[PathLike, Mapping[str, torch
     vocab = tokenizer_metadata(tokenizer_dir, config.vocab_size)  # checked before the slow part
     template = gguf_chat_template(tokenizer_dir, config.prompt_style)
     plans = tensor_plan(config, arch, weights)
-    if config.sliding_window is not None:
+    if (config.rope_scaling or {}).get("rope_type") == "longrope":
+        print(f"note: llama.cpp takes LongRoPE's long factors when its context (n_ctx) exceeds "
+              f"{config.rope_scaling['original_max_seq_len']} tokens, we (as transformers) when the sequence does: "
+              f"run it with n_ctx <= {config.rope_scaling['original_max_seq_len']} for short prompts' exact outputs",
+              file=sys.stderr)
+    if config.sliding_window is not None and arch.name not in ("gemma2", "gemma3", "olmo2"):
         print(f"note: llama.cpp's {arch.name} architecture has no sliding window: the exported model attends to "
               f"the whole context, so it matches ours for the first {config.sliding_window} tokens",
               file=sys.stderr)
@@ -351,9 +378,33 @@ def write_gguf_model(config: Config, weights: Union[PathLike, Mapping[str, torch
             w.add_layer_norm_rms_eps(c.norm_eps)
         if arch.name == "gptneox":
             w.add_parallel_residual(c.parallel_residual)
-        if c.rope_scaling is not None:
-            w.add_uint32(f"{arch.name}.rope.scaling.original_context_length",
-                         int(c.rope_scaling["original_max_seq_len"]))
+        scaling, rope_type = c.rope_scaling or {}, (c.rope_scaling or {}).get("rope_type")
+        if c.rope_scaling is not None and rope_type in (None, "longrope"):
+            w.add_rope_scaling_orig_ctx_len(int(scaling["original_max_seq_len"]))
+        if rope_type == "longrope":  # the long / short factors are tensors; cos and sin are scaled by this
+            w.add_rope_scaling_attn_factors(float(scaling["attention_factor"]))
+        if rope_type == "linear":  # Gemma 3's global layers
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(scaling["factor"]))
+        if rope_type == "yarn":  # Qwen3's long context, OLMo 3's global layers
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(float(scaling["factor"]))
+            w.add_rope_scaling_orig_ctx_len(int(scaling["original_max_seq_len"]))
+            w.add_rope_scaling_yarn_attn_factor(float(scaling["attention_factor"]))
+            w.add_rope_scaling_yarn_beta_fast(float(scaling.get("beta_fast", 32.0)))
+            w.add_rope_scaling_yarn_beta_slow(float(scaling.get("beta_slow", 1.0)))
+        if arch.name in ("gemma2", "gemma3", "phi3"):  # phi3: 0 is "none" (llama.cpp ignores Phi's window anyway)
+            w.add_sliding_window(c.sliding_window or 0)
+        if arch.name == "olmo2" and c.sliding_window is not None:  # OLMo 3: which layers slide
+            w.add_sliding_window(c.sliding_window)
+            w.add_sliding_window_pattern([c.window_at(i) is not None for i in range(c.n_layer)])
+        if arch.name == "gemma2":
+            w.add_attn_logit_softcapping(float(c.attn_softcap))
+            w.add_final_logit_softcapping(float(c.final_softcap))
+        if c.n_expert:
+            w.add_expert_count(c.n_expert)
+            w.add_expert_used_count(c.n_expert_per_token)
+            w.add_expert_feed_forward_length(c.moe_intermediate_size)
         w.add_file_type(gguf.LlamaFileType[FILE_TYPES[outtype]])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.add_tokenizer_model(vocab["model"])

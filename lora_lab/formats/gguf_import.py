@@ -9,8 +9,11 @@ What llama.cpp changes on the way in that we undo (the names and layouts: lora_l
     rotate-half RoPE layout to llama.cpp's interleaved-pairs layout: `interleaved_to_halves` (gguf_names.py)
     is its exact inverse.
   - Gemma's RMSNorm scales by (1 + weight); llama.cpp stores 1 + weight. We store the weight.
-  - GPT-NeoX and Falcon (and Phi-2, optionally) fuse q, k and v into one attn_qkv matrix, [Q; K; V] rows; we split
-    it. Falcon-40B's attn_norm is the MLP's norm and attn_norm_2 the attention's.
+  - GPT-NeoX, Falcon and Phi-3 (and Phi-2, optionally) fuse q, k and v into one attn_qkv matrix, [Q; K; V] rows; we
+    split it, and Phi-3's ffn_up [gate; up] too. Falcon-40B's attn_norm is the MLP's norm and attn_norm_2 the
+    attention's. Qwen3-MoE's experts are stacked per layer (ffn_*_exps): expert e is index e.
+  - What llama.cpp fixes rather than stores (Gemma 2 / 3 window patterns and query scale, Gemma 3's local RoPE base,
+    SmolLM3's RoPE-less 4th layers) is set in the Config as llama.cpp computes it.
 
 Dequantized weights are what llama.cpp computes with, so the converted model matches the GGUF model, not the
 original unquantized checkpoint.
@@ -42,6 +45,7 @@ from lora_lab.utils import LoraLabError, atomic_write_text
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 SUPPORTED_ARCHS = tuple(ARCHS)
+ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")  # read into the Config
 
 
 class _Meta:
@@ -139,8 +143,32 @@ def config_from_gguf(meta: _Meta, tensors: dict, path: Path) -> Config:
     )
     if arch == "gemma":
         kw.update(norm_unit_offset=True, mlp_class="geglu", gelu_approximate="tanh", scale_embeddings=True)
-    if arch == "qwen3":
+    if arch in ("qwen3", "qwen3moe"):
         kw.update(qk_norm="head")
+    n_layer = kw["n_layer"]
+    if arch == "qwen3moe":
+        kw.update(n_expert=meta.need(f"{arch}.expert_count"), n_expert_per_token=meta.need(f"{arch}.expert_used_count"),
+                  moe_intermediate_size=meta.need(f"{arch}.expert_feed_forward_length"), norm_topk_prob=True)
+    if arch in ("gemma2", "gemma3"):  # the per-layer patterns and query scale llama.cpp fixes (gguf_names.py)
+        step, big = (2, 46) if arch == "gemma2" else (6, 62)
+        kw.update(norm_unit_offset=True, mlp_class="geglu", gelu_approximate="tanh", scale_embeddings=True,
+                  post_norms=True, global_layers=[i for i in range(n_layer) if (i + 1) % step == 0],
+                  attn_scale_base=float(n_embd / n_head if n_layer == big else head_size))
+        if arch == "gemma2":
+            kw.update(attn_softcap=float(meta.need(f"{arch}.attn_logit_softcapping")),
+                      final_softcap=float(meta.need(f"{arch}.final_logit_softcapping")))
+        else:
+            kw.update(qk_norm="head", rope_local_base=10000.0)
+    if arch == "olmo2":
+        kw.update(pre_norms=False, post_norms=True, qk_norm="all")
+        pattern = meta.get(f"{arch}.attention.sliding_window_pattern")
+        if kw["sliding_window"] and isinstance(pattern, list):  # OLMo 3: these slide, with the base unscaled
+            kw.update(global_layers=[i for i, slides in enumerate(pattern) if not slides],
+                      rope_local_base=kw["rope_base"])
+    if arch == "smollm3":
+        kw.update(nope_layers=[i for i in range(n_layer) if (i + 1) % 4 == 0])
+    if arch == "phi3":
+        kw.update(sliding_window=kw["sliding_window"] or None)  # 0: none
     if ARCHS[arch].layer_norm:
         kw.update(norm_class="LayerNorm", norm_eps=float(meta.need(f"{arch}.attention.layer_norm_epsilon")),
                   mlp_class="gelu", parallel_residual=True, attn_qkv_bias=None,
@@ -152,9 +180,25 @@ def config_from_gguf(meta: _Meta, tensors: dict, path: Path) -> Config:
         else:
             kw.update(shared_attention_norm="blk.0.attn_norm_2.weight" not in tensors)
     scaling = meta.get(f"{arch}.rope.scaling.type")
-    if scaling not in (None, "none"):
+    if scaling == "linear" and arch == "gemma3":  # the global layers' positions / factor
+        kw["rope_scaling"] = dict(rope_type="linear", factor=float(meta.need(f"{arch}.rope.scaling.factor")))
+    elif scaling == "yarn" and arch in ("qwen3", "olmo2"):  # Qwen3's long context, OLMo 3
+        key = f"{arch}.rope.scaling"
+        kw["rope_scaling"] = dict(
+            rope_type="yarn", factor=float(meta.need(f"{key}.factor")),
+            original_max_seq_len=int(meta.need(f"{key}.original_context_length")),
+            beta_fast=float(meta.get(f"{key}.yarn_beta_fast", 32.0)), beta_slow=float(meta.get(f"{key}.yarn_beta_slow", 1.0)),
+            truncate=True, attention_factor=float(meta.get(f"{key}.yarn_attn_factor", 1.0)))
+    elif scaling not in (None, "none"):
         raise LoraLabError(f"{path}: RoPE scaling {scaling!r} is not supported (only Llama 3's, stored as the "
-                           f"rope_freqs tensor)")
+                           f"rope_freqs tensor, LongRoPE's factor tensors, Gemma 3's linear and Qwen3 / OLMo 3's "
+                           f"YaRN)")
+    if "rope_factors_long.weight" in tensors:  # Phi-3 / 4's LongRoPE
+        kw["rope_scaling"] = dict(
+            rope_type="longrope", short_factor=dequantize(tensors["rope_factors_short.weight"], path).tolist(),
+            long_factor=dequantize(tensors["rope_factors_long.weight"], path).tolist(),
+            original_max_seq_len=int(meta.need(f"{arch}.rope.scaling.original_context_length")),
+            attention_factor=float(meta.get(f"{arch}.rope.scaling.attn_factor", 1.0)))
     if "rope_freqs.weight" in tensors:
         kw["rope_scaling"] = llama3_scaling_from_factors(
             dequantize(tensors["rope_freqs.weight"], path), kw["rope_base"], int(rope_dim),
@@ -235,7 +279,7 @@ def convert_gguf(gguf_path: Union[str, Path], out_dir: Union[str, Path], tokeniz
 
     # check every name and type before the (slow) dequantization
     for t in reader.tensors:
-        if t.name == "rope_freqs.weight":
+        if t.name in ROPE_TENSORS:
             continue
         if gguf_name_to_ours(t.name) is None:
             raise LoraLabError(f"{path}: tensor {t.name} has no counterpart in our {config.extra['gguf_architecture']} "
@@ -246,7 +290,7 @@ def convert_gguf(gguf_path: Union[str, Path], out_dir: Union[str, Path], tokeniz
     falcon40b = arch == "falcon" and not config.shared_attention_norm
     state_dict = {}
     for t in progress(reader.tensors, desc=f"Converting {path.name}", unit="tensor"):
-        if t.name == "rope_freqs.weight":
+        if t.name in ROPE_TENSORS:
             continue
         name = gguf_name_to_ours(t.name)
         if falcon40b and ".norm_1." in name and ".attn_norm." in t.name:
@@ -258,10 +302,20 @@ def convert_gguf(gguf_path: Union[str, Path], out_dir: Union[str, Path], tokeniz
             for part, x in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
                 state_dict[name.replace(".qkv.", f".{part}.")] = x.clone().to(dtype)
             continue
+        if ARCHS[arch].fused_gate_up and ".mlp.up_proj." in name:  # Phi-3's [gate; up] rows
+            gate, up = w.chunk(2)
+            state_dict[name.replace(".up_proj.", ".gate_proj.")] = gate.clone().to(dtype)
+            state_dict[name] = up.clone().to(dtype)
+            continue
+        if ".mlp.experts." in name:  # (n_expert, out, in): expert e at index e
+            block, proj = name.split(".mlp.experts.")
+            for e, x in enumerate(w):
+                state_dict[f"{block}.mlp.experts.{e}.{proj}"] = x.clone().to(dtype)
+            continue
         if ARCHS[arch].permute_qk and (".attn.q_proj." in name or ".attn.k_proj." in name):
             n = config.n_head if ".q_proj." in name else config.n_query_groups
             w = interleaved_to_halves(w, n)  # (n * hs, C) back to rotate-half order
-        if ARCHS[arch].norm_plus_one and name.endswith(("norm_1.weight", "norm_2.weight", "norm_f.weight")):
+        if ARCHS[arch].norm_plus_one and "norm" in name.rsplit(".", 2)[-2]:
             w = w - 1  # llama.cpp stores Gemma's (1 + weight)
         state_dict[name] = w.to(dtype)
 

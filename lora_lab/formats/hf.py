@@ -30,6 +30,7 @@ import math
 import pickle
 import re
 import shutil
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
@@ -49,6 +50,11 @@ EXTRA_TOKENIZER_FILES = ("chat_template.jinja",)
 # buffers some checkpoints carry that are not weights (we compute them)
 IGNORED_HF_TENSORS = re.compile(r"(rotary_emb\.inv_freq|\.attention\.bias|\.attention\.masked_bias)$")
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# image-text models whose text decoder is one of our families: config.json nests it in text_config and the weights
+# sit under language_model.* (vision_tower.* and multi_modal_projector.* are dropped: lora_lab is text-only)
+MULTIMODAL = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
+_LANGUAGE_MODEL_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                            ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -852,11 +858,39 @@ def _architecture(hf_config: dict) -> str:
     return arch
 
 
+def text_config_of(hf_config: dict) -> dict:
+    """An image-text model's config.json (Gemma3ForConditionalGeneration) -> its text decoder's, as the text-only
+    architecture's config.json would have it (token ids and tying from the top level where the text part lacks
+    them)."""
+    arch = hf_config["architectures"][0]
+    text = dict(hf_config.get("text_config") or {})
+    if not text:
+        raise LoraLabError(f"a {arch} config.json without text_config: download the model's config.json again")
+    family = FAMILIES[MULTIMODAL[arch]]
+    text.update(architectures=[family.architecture], model_type=family.model_type)
+    for key in (*TOKEN_ID_KEYS, "tie_word_embeddings"):
+        if text.get(key) is None and hf_config.get(key) is not None:
+            text[key] = hf_config[key]
+    return text
+
+
+def language_model_name(hf_name: str) -> Optional[str]:
+    """An image-text model's tensor name -> the text-only model's (`language_model.model.layers.0...` ->
+    `model.layers.0...`), None for the vision tower and projector."""
+    for prefix, to in _LANGUAGE_MODEL_PREFIXES:
+        if hf_name.startswith(prefix):
+            return to + hf_name[len(prefix):]
+    return None
+
+
 def config_from_hf(hf_config: dict, name: str = "", chat_template: Optional[str] = None) -> Config:
     """Our `Config` for a Hugging Face config.json dict (`chat_template` sets prompt_style when given).
 
     Raises LoraLabError for an architecture or a feature we do not support (without naming the file: callers
     that read one add its name)."""
+    multimodal = (hf_config.get("architectures") or [None])[0]
+    if multimodal in MULTIMODAL:
+        hf_config = text_config_of(hf_config)
     family = FAMILIES[_architecture(hf_config)]
     hf = {**family.defaults, **hf_config}
     if "hidden_size" not in hf and "n_embed" in hf:  # Falcon's old name for it
@@ -871,6 +905,8 @@ def config_from_hf(hf_config: dict, name: str = "", chat_template: Optional[str]
     except KeyError as e:
         raise LoraLabError(f"{e.args[0]} is missing from the config") from None
     extra = {"hf_architecture": family.architecture}
+    if multimodal in MULTIMODAL:
+        extra["hf_multimodal_architecture"] = multimodal  # converted text-only
     extra.update({k: hf_config[k] for k in TOKEN_ID_KEYS if hf_config.get(k) is not None})
     if family.architecture == "FalconForCausalLM":
         extra["hf_new_decoder_architecture"] = bool(hf["new_decoder_architecture"])
@@ -1107,11 +1143,19 @@ def convert_hf_checkpoint(hf_dir: PathLike, out_dir: PathLike, dtype: Union[str,
     aliases = {f"{a}.{s}": f"{b}.{s}" for a, b in family.aliases.items() for s in ("weight", "bias")}
     tied_head = {f"{family.names['lm_head']}.weight", "lm_head.weight"} if config.tie_embeddings else set()
     config_path = hf_dir / "config.json"
+    multimodal = config.extra.get("hf_multimodal_architecture")
+    dropped = 0
 
     state_dict: dict[str, torch.Tensor] = {}
     for path in hf_weight_files(hf_dir):
         for hf_name, tensor in progress(iter_hf_tensors(path), total=_tensor_count(path), desc=f"Converting {path.name}",
                                         unit="tensor"):
+            if multimodal:
+                text_name = language_model_name(hf_name)
+                if text_name is None:  # the vision tower and projector
+                    dropped += 1
+                    continue
+                hf_name = text_name
             name = aliases.get(hf_name, hf_name)
             if name not in targets:
                 if name in tied_head or IGNORED_HF_TENSORS.search(name):
@@ -1136,6 +1180,9 @@ def convert_hf_checkpoint(hf_dir: PathLike, out_dir: PathLike, dtype: Union[str,
         raise LoraLabError(f"{hf_dir}: the weight files lack {len(missing)} tensors that {config_path.name} "
                            f"implies (e.g. {', '.join(dict.fromkeys(missing[:3]))}): download the model again")
     config.hf_repo = hf_repo or config.hf_repo  # (the Hub id it was downloaded from: PEFT exports record it)
+    if multimodal:
+        print(f"note: {hf_dir.name} is a {multimodal}: its text model is converted ({family.architecture}), the "
+              f"vision tower and projector ({dropped} tensors) are dropped", file=sys.stderr)
     save_checkpoint(out_dir, config, state_dict, tokenizer_dir=hf_dir)
     _copy_extra_tokenizer_files(hf_dir, out_dir)
     return config
