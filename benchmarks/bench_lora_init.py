@@ -1,12 +1,13 @@
 """QLoRA from different starting points (--lora_init): the same data, steps, rank and seed; only the init differs.
 
     python benchmarks/bench_lora_init.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
-    python benchmarks/bench_lora_init.py --checkpoint_dir DIR --inits kaiming,loftq,pissa --max_steps 24
+    python benchmarks/bench_lora_init.py --checkpoint_dir DIR --inits kaiming,eva,pissa,loftq --max_steps 24
     python benchmarks/bench_lora_init.py --checkpoint_dir DIR --step0 true --inits kaiming,loftq,pissa,pissa_niter_4
 
 Each init trains with finetune/qlora.py (in this process, one after the other) on the built-in JSON task, and the
 table gives the validation loss at each --eval_interval, the share of held-out prompts whose greedy answer has all
-JSON values right (before -> after), and the init's one-off cost: its time (as the script prints it) and how far
+JSON values right after training (on the trained model merged into float32 weights: json_after_training), and the
+init's one-off cost: its time (as the script prints it; eva: its pass over the training batches) and how far
 it raises the process's peak memory (VmHWM, Linux; measured apart, in a fresh process per init, so that the
 training runs do not hide it). Before training, the step-0 distance of each LoRA layer from the checkpoint's W,
 ||W - (W_base + s B A)|| / ||W|| summed over layers, shows what the init starts from (0 for pissa on a float base;
