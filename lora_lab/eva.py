@@ -36,12 +36,13 @@ PEFT's EvaConfig(rho=1). Also not here: `use_label_mask=False` (our batches mark
 gathering the inputs of several processes (refused with more than one device).
 
 Checked in tests/test_lora_init.py:
-    A equals PEFT's initialize_lora_eva_weights (EvaConfig(rho=1)) on the same
-    model and batches; B = 0, step 0 is the base; shared inputs share A; the
-    trained adapter saves, reloads, and PEFT gives our logits from our export     test_eva_equals_peft_and_saves_as_a_plain_lora
-    the loader's position is restored; too few trained tokens: one line          test_eva_leaves_the_loader_where_it_was_and_...
-    finetune/qlora.py --lora_init eva                                             test_finetune_qlora_eva
-    eva refused for dpo, several devices, classifiers (lora_lab/checks.py)        test_script_refusals_..., test_classifier_lora_init_checks
+    A equals PEFT's initialize_lora_eva_weights (EvaConfig(rho=1)) on the same model and batches; B = 0, step 0
+    is the base; shared inputs share A; the trained adapter saves, reloads, and PEFT gives our logits from our
+    export                                                  test_eva_equals_peft_and_saves_as_a_plain_lora
+    the loader's position is restored; too few trained tokens: one line
+                                                            test_eva_leaves_the_loader_where_it_was_and_refuses_...
+    finetune/qlora.py --lora_init eva                       test_finetune_qlora_eva
+    refused for dpo, several devices, classifiers           test_script_refusals_..., test_classifier_lora_init_checks
 """
 
 from __future__ import annotations
