@@ -57,6 +57,7 @@ import torch.nn as nn
 
 from lora_lab.lora import lora_modules
 from lora_lab.model import IGNORE_INDEX
+from lora_lab.progress import progress
 from lora_lab.utils import LoraLabError
 
 SVD_SEED = 42  # torch.svd_lowrank draws a random start: a fixed seed makes EVA deterministic (PEFT's seed)
@@ -142,7 +143,10 @@ def eva_init(model: nn.Module, batches: Iterable[dict], tau: float = 0.99, white
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             stream = itertools.chain.from_iterable(itertools.repeat(batches))  # starts over when it runs out
-            for batch in stream:
+            def settled() -> str:
+                return f"{sum(s.converged for s in svds.values())} of {len(svds)} decompositions settled"
+
+            for batch in progress(stream, desc="EVA", unit="forward", postfix=settled):
                 if read == max_batches or (svds and all(s.converged for s in svds.values())):
                     break
                 read += 1
