@@ -95,7 +95,8 @@ def main(checkpoint_dir: Path, inits: str = "kaiming,loftq,pissa", max_steps: in
         learning_rate: peak learning rate.
         seed: the same for every run.
         step0: only print each init's step-0 distance from W and its CPU time (no training).
-        memory: also measure each init's time and peak-memory rise in a fresh process (one more model load each).
+        memory: also measure each init's time and peak-memory rise in a fresh process (one more model load each;
+            eva: only its init_lora part, as kaiming: its pass over the data needs the script's batches).
         one: internal: measure only this init's time and memory, print it, exit.
     """
     if one:
