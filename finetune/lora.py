@@ -36,6 +36,7 @@ from lora_lab.data.json_extraction import evaluate_extractions
 from lora_lab.data.mix import write_mix_record
 from lora_lab.distributed import (SHARDS_DIR, gathered, is_sharded, load_sharded_state, make_fabric,
                                   optimizer_state, report_shards, save_sharded_state)
+from lora_lab.eva import eva_init
 from lora_lab.formats.download import ensure_checkpoint
 from lora_lab.flops import FlopsMeter
 from lora_lab.generate import peak_memory_bytes, reset_peak_memory
@@ -84,8 +85,9 @@ def setup(
         lora.init: [--lora_init] where A, B (and the base) start (lora_lab/lora_init.py): kaiming (A
             Kaiming-uniform, B = 0), gaussian (A ~ N(0, 1/r^2)), pissa / pissa_niter_N (the adapter holds W's r
             principal singular directions, the base the rest; N: randomized SVD's power iterations), olora (QR),
-            loftq (a quantized base only: alternate NF4 and SVD so that base + adapter is closest to W). pissa /
-            olora / loftq save the adapter converted to rank 2r against the untouched base.
+            loftq (a quantized base only: alternate NF4 and SVD so that base + adapter is closest to W), eva (A =
+            each layer's principal input directions on the first training batches, B = 0). pissa / olora / loftq
+            save the adapter converted to rank 2r against the untouched base.
         lora.loftq_iter: [--loftq_iter] --lora.init loftq: alternating quantize / SVD steps.
         data: the training data.
         data.source: [--data] a built-in dataset name or a local .json/.jsonl/.csv file of instruction/input/output
@@ -188,6 +190,9 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, out_dir: Path, resume: bool, lo
     gpt = model  # the plain module, for generation and saving
     model = fabric.setup_module(model)  # fsdp shards it here, so the optimizer is made after, for the shards
     report_shards(fabric, gpt)  # fsdp: the parameter bytes each rank holds
+    if lora.init == "eva" and not resume:  # A = each layer's principal input directions on the training data, B = 0
+        eva = eva_init(gpt, train_dl)  # lora_lab/eva.py; train_dl and the RNG are left as they were
+        fabric.print(f"--lora_init eva: {eva['seconds']:.2f} s ({eva['batches']} micro-batches)")
     if lora.lora_plus_ratio:
         param_groups = lora_plus_param_groups(model, train.learning_rate, ratio=lora.lora_plus_ratio,
                                               weight_decay=train.weight_decay)

@@ -62,6 +62,18 @@ def check_args(args: Mapping[str, Any]) -> None:
 
         quantized = args.get("quantize") == "nf4" or args.get("method") == "qlora"
         check_lora_init(args["lora_init"], quantized, bool(args.get("use_dora")), args.get("loftq_iter", 1))
+        if "label_column" in args and args["lora_init"] != "kaiming" and args.get("method") not in ("lora", "qlora"):
+            raise LoraLabError(f"--lora_init {args['lora_init']} initialises LoRA adapters: use it with --method lora "
+                               f"or qlora")
+        if args["lora_init"] == "eva" and "label_column" in args:
+            raise LoraLabError("--lora_init eva reads token labels (which tokens train), a classifier has one label "
+                               "per text: use pissa, olora or loftq here")
+        if args["lora_init"] == "eva" and "beta" in args:
+            raise LoraLabError("--lora_init eva reads instruction batches (input_ids, labels), not preference pairs: "
+                               "use it with finetune/lora.py or qlora.py")
+        if args["lora_init"] == "eva" and (args.get("devices") or 1) * (args.get("num_nodes") or 1) > 1:
+            raise LoraLabError("--lora_init eva runs on one device (it does not gather the inputs of several): "
+                               "use --devices 1, or another --lora_init")
     if args.get("precision") is not None:
         check_precision(args["precision"], training="max_steps" in args)
     if "logger_name" in args:

@@ -49,7 +49,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -60,7 +60,8 @@ import torch.nn.functional as F
 from lora_lab.adapted import load_base
 from lora_lab.checkpoint import copy_tokenizer_files, load_config, read_adapter_files, save_adapter_files
 from lora_lab.config import Config
-from lora_lab.lora import LoRAConfig, save_lora
+from lora_lab.lora import LoRAConfig, load_lora, save_lora
+from lora_lab.lora_init import BASE_CHANGING, BASE_OFFSET_FILE, residual_base, save_trained_lora
 from lora_lab.model import GPT
 from lora_lab.utils import LoraLabError, atomic_path, atomic_write_text
 
@@ -286,10 +287,19 @@ def save_classifier(out_dir: Union[str, Path], model: nn.Module, config: Classif
     """classifier_config.json + classifier.safetensors (+ the tokenizer files, + LoRA's own pair for lora/qlora,
     which `python -m lora_lab.export_peft` reads), each written atomically."""
     out_dir = Path(out_dir)
+    record = getattr(model, "lora_init_record", None)  # lora_init.init_lora's: set after pissa / olora / loftq
+    if config.lora is not None and record:
+        # the LoRA pair converted against the untouched checkpoint (rank 2r; + lora_base.safetensors when the base
+        # was W minus a low-rank product), as finetune/lora.py saves it; classifier.safetensors keeps the rank-r
+        # A, B as trained, for load_classifier to put back on the rebuilt residual base
+        save_trained_lora(out_dir, model, config.lora_config(), record)
+        if any(".offset_" in k for k in record):
+            config = replace(config, lora=dict(config.lora, init=dict(config.lora.get("init") or {},
+                                                                         base_offset=BASE_OFFSET_FILE)))
+    elif config.lora is not None:
+        save_lora(out_dir, model, config.lora_config())
     save_adapter_files(out_dir, trained_state_dict(model), config.to_dict(), CLASSIFIER_WEIGHTS_FILE,
                        CLASSIFIER_CONFIG_FILE)
-    if config.lora is not None:
-        save_lora(out_dir, model, config.lora_config())
     if tokenizer_dir is not None:
         copy_tokenizer_files(tokenizer_dir, out_dir)
     return out_dir
@@ -311,6 +321,7 @@ def load_classifier(model_dir: Union[str, Path], checkpoint_dir: Union[str, Path
     model_dir = Path(model_dir)
     config, tensors = read_classifier(model_dir)
     base_config = Config.from_dict(config.base_config)
+    lora = config.lora_config()
     if config.method == "full":
         with torch.device("meta"):
             model = GPT(base_config)
@@ -320,9 +331,16 @@ def load_classifier(model_dir: Union[str, Path], checkpoint_dir: Union[str, Path
             raise LoraLabError(f"{model_dir}: its base model {base_dir} does not exist here: pass --checkpoint_dir")
         if load_config(base_dir).to_dict() != base_config.to_dict():
             raise LoraLabError(f"{model_dir} was trained on another base model than {base_dir} (the configs differ)")
-        model = load_base(base_dir, nf4=config.base_quantization)  # qlora: the NF4 base rebuilt as trained
+        residual = None
+        if lora is not None and (lora.init or {}).get("method") in BASE_CHANGING:  # pissa / olora / loftq
+            if config.base_quantization:  # the NF4 residual base it trained on, bit for bit, + the rank-r A, B
+                residual = residual_base(model_dir, lora)
+            else:  # a float base: the LoRA pair converted against the untouched W (rank 2r) is the trained model
+                lora, converted = load_lora(model_dir)
+                tensors = {**{k: v for k, v in tensors.items() if ".lora_" not in k}, **converted}
+        model = load_base(base_dir, nf4=config.base_quantization,  # qlora: the NF4 base rebuilt as trained
+                          before_quantize=residual)
     add_classification_head(model, len(config.labels), bias=config.head_bias)  # on the meta device for `full`
-    lora = config.lora_config()
     if lora is not None:
         lora.inject(model)
     load_trained_state_dict(model, tensors, model_dir / CLASSIFIER_WEIGHTS_FILE, complete=config.method == "full")

@@ -17,6 +17,9 @@ W is the checkpoint's weight (out × in), everything is computed in float32:
                      Q_t = NF4(W - L_{t-1} R_{t-1})     (L_0 R_0 = 0)
                      L_t R_t = best rank-r approximation of W - Q_t (SVD, split as sqrt(S) to each side)
                  then W_base = Q_T (stored in NF4: the 4-bit base of QLoRA) and s B A = L_T R_T.
+    eva          data-driven (Paischer et al. 2024): A = the r leading principal components of the layer's inputs
+                 on the first training batches, B = 0, W_base = W. It needs the data, so init_lora leaves A as
+                 kaiming does and the script then calls lora_lab.eva.eva_init(model, batches) (lora_lab/eva.py).
 
 Step 0. For pissa and olora, W_base + s B A = (W - s B A) + s B A = W: the model starts exactly at the checkpoint
 (in float32, to rounding; tests/test_lora_init.py checks it). Plain QLoRA starts at NF4(W) and its first job is to
@@ -79,7 +82,7 @@ from lora_lab.lora import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, LoRAConfig
 from lora_lab.nf4 import NF4Linear, dequantize_nf4, move_nf4_weight, quantize_nf4
 from lora_lab.utils import LoraLabError, atomic_path
 
-LORA_INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_N", "olora", "loftq")
+LORA_INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_N", "olora", "loftq", "eva")
 BASE_CHANGING = ("pissa", "olora", "loftq")  # inits whose W_base is not the checkpoint: saved converted
 BASE_OFFSET_FILE = "lora_base.safetensors"
 

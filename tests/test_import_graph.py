@@ -144,8 +144,8 @@ def test_the_cycle_finder_finds_function_level_and_relative_imports(tmp_path):
 # prompts) and stands on three small utilities only; formats/ reads and writes files and never reaches into
 # training, evaluation or serving. A core module that imported a format, the trainer or the server would make
 # `from lora_lab.lora import ...` pull in FastAPI, lm-eval or GGUF code.
-CORE = {"lora_lab.model", "lora_lab.config", "lora_lab.lora", "lora_lab.lora_init", "lora_lab.nf4", "lora_lab.adapter",
-        "lora_lab.tokenizer", "lora_lab.prompts"}
+CORE = {"lora_lab.model", "lora_lab.config", "lora_lab.lora", "lora_lab.lora_init", "lora_lab.eva", "lora_lab.nf4",
+        "lora_lab.adapter", "lora_lab.tokenizer", "lora_lab.prompts"}
 UNDER_CORE = {"lora_lab", "lora_lab.utils", "lora_lab.args", "lora_lab.checkpoint", "lora_lab.progress"}
 ABOVE_FORMATS = ("lora_lab.training", "lora_lab.evaluate", "lora_lab.serve", "lora_lab.data", "lora_lab.checks",
                  "lora_lab.loggers", "lora_lab.plot", "lora_lab.compile", "lora_lab.flops", "lora_lab.dpo")

@@ -281,7 +281,7 @@ def model_scaling(model):
 # ---- refusals -------------------------------------------------------------------------------------------------
 def test_bad_inits_are_one_line():
     assert parse_lora_init("pissa_niter_16") == {"method": "pissa", "niter": 16}
-    for bad, fragment in [("eva", "use one of"), ("pissa_niter_N", "use one of"), ("pissa_niter_0", "at least 1"),
+    for bad, fragment in [("eva2", "use one of"), ("pissa_niter_N", "use one of"), ("pissa_niter_0", "at least 1"),
                           ("PiSSA", "use one of")]:
         with pytest.raises(LoraLabError, match=fragment):
             parse_lora_init(bad)
@@ -356,7 +356,11 @@ def test_script_refusals_are_one_line_before_loading(tiny_ckpt, tmp_path):
     with pytest.raises(LoraLabError, match="only helps a quantized base"):
         call_flat(ft.setup, checkpoint_dir=tmp_path / "missing", lora_init="loftq")  # checked before the checkpoint is read
     with pytest.raises(LoraLabError, match="use one of kaiming, gaussian, pissa"):
-        call_flat(qft.setup, checkpoint_dir=tmp_path / "missing", lora_init="eva")
+        call_flat(qft.setup, checkpoint_dir=tmp_path / "missing", lora_init="evaa")
+    with pytest.raises(LoraLabError, match="runs on one device"):
+        call_flat(qft.setup, checkpoint_dir=tmp_path / "missing", lora_init="eva", devices=2)
+    with pytest.raises(LoraLabError, match="not preference pairs"):
+        call_flat(dpo.setup, checkpoint_dir=tmp_path / "missing", lora_init="eva")
     with pytest.raises(LoraLabError, match="--loftq_iter 0"):
         call_flat(qft.setup, checkpoint_dir=tmp_path / "missing", lora_init="loftq", loftq_iter=0)
     with pytest.raises(LoraLabError, match="DoRA"):
@@ -404,3 +408,153 @@ def test_finetune_dpo_with_pissa_saves_the_converted_adapter(tiny_ckpt, tmp_path
     from lora_lab.training import TRAIN_STATE_FILE, load_train_state
     load_lora_state_dict(model, load_train_state(tmp_path / "out" / TRAIN_STATE_FILE)["lora"])
     assert_float32_close(logits(load_lora_model(None, tmp_path / "out"), x), logits(model, x))
+
+
+# ---- EVA: A from the training inputs (lora_lab/eva.py) ------------------------------------------------------
+def eva_batches():
+    """Three micro-batches of 2 x 16 tokens; the first 5 of each row are 'prompt' (not trained: left out)."""
+    g = torch.Generator().manual_seed(11)
+    batches = []
+    for _ in range(3):
+        x = torch.randint(0, 96, (2, 16), generator=g)
+        labels = x.clone()
+        labels[:, :5] = -100
+        batches.append({"input_ids": x, "labels": labels})
+    return batches
+
+
+def test_eva_equals_peft_and_saves_as_a_plain_lora(base, tmp_path):
+    peft = pytest.importorskip("peft")
+    from lora_lab.eva import eva_init
+    from lora_lab.formats.peft import export_peft
+
+    batches = eva_batches()
+    reference = peft_model(base, "eva", eva_config=peft.EvaConfig(rho=1.0))  # rho 1: every layer keeps rank r
+    peft.initialize_lora_eva_weights(reference, dataloader=[dict(b, attention_mask=torch.ones_like(b["input_ids"]))
+                                                            for b in batches], show_progress_bar=False)
+    model = ours(base)
+    x = idx()
+    expected = logits(GPT.from_checkpoint(base).eval(), x)
+    rng = torch.get_rng_state()
+    stats = eva_init(model, batches)
+    assert torch.equal(torch.get_rng_state(), rng) and stats["not_converged"] == [] and stats["batches"] > 3
+    layers = list(lora_modules(model))
+    for (name, layer), (A_ref, B_ref, _) in zip(layers, peft_layers(reference), strict=True):
+        assert torch.equal(layer.lora_B, B_ref) and float(B_ref.abs().max()) == 0, name
+        close(layer.lora_A.detach(), A_ref, rel=1e-4)  # the same signs: both make each row's largest entry positive
+    # layers that read the same input (query, value; gate, up) got the same A, orthonormal rows
+    assert torch.equal(model.blocks[0].attn.q_proj.lora_A, model.blocks[0].attn.v_proj.lora_A)
+    A = model.blocks[1].mlp.down_proj.lora_A.detach()
+    close(A @ A.t(), torch.eye(R))
+    assert_float32_close(logits(model, x), expected)  # step 0: the base model (B = 0)
+
+    # trained, it is an ordinary LoRA: saved as it is, loaded back, and PEFT gives our logits from our export
+    train_a_little(model)
+    trained = logits(model, x)
+    config = LoRAConfig(r=R, alpha=ALPHA, targets=TARGETS, base_model=str(base), base_config=model.config.to_dict(),
+                        init=init_config("eva"))
+    save_trained_lora(tmp_path / "adapter", model, config)
+    saved, _ = load_lora(tmp_path / "adapter")
+    assert (saved.r, saved.init) == (R, {"method": "eva"})
+    assert_float32_close(logits(load_lora_model(None, tmp_path / "adapter"), x), trained)
+    from transformers import AutoModelForCausalLM
+
+    export_peft(tmp_path / "adapter", tmp_path / "peft")
+    hf = AutoModelForCausalLM.from_pretrained(base.parent / "base-hf", dtype=torch.float32,
+                                              attn_implementation="eager").eval()
+    with torch.no_grad():
+        got = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()(input_ids=x).logits
+    assert_float32_close(got, trained)
+
+
+class StatefulBatches(list):
+    """A list of batches with a batch sampler whose position a DataLoader would advance."""
+
+    class Sampler:
+        position = 0
+
+        def state_dict(self):
+            return {"position": self.position}
+
+        def load_state_dict(self, state):
+            self.position = state["position"]
+
+    def __init__(self, batches):
+        super().__init__(batches)
+        self.batch_sampler = self.Sampler()
+
+    def __iter__(self):
+        for b in super().__iter__():
+            self.batch_sampler.position += 1
+            yield b
+
+
+def test_eva_leaves_the_loader_where_it_was_and_refuses_too_few_tokens(base):
+    from lora_lab.eva import eva_init
+
+    batches = StatefulBatches(eva_batches())
+    model = ours(base)
+    assert eva_init(model, batches, max_batches=4)["batches"] == 4 and batches.batch_sampler.position == 0
+    for b in batches:
+        b["labels"][:, 1:] = -100  # one trained token per row: fewer than r
+    with pytest.raises(LoraLabError, match="fewer trained tokens than r"):
+        eva_init(ours(base), batches)
+
+
+def test_finetune_qlora_eva(tiny_ckpt, tmp_path, capsys, one_thread):
+    import finetune.qlora as ft
+
+    ft.setup(checkpoint_dir=tiny_ckpt, out_dir=tmp_path / "out", lora_init="eva", nf4_blocksize=32,
+             double_quant=False, **SCRIPT_RUN)
+    assert "--lora_init eva: " in capsys.readouterr().out
+    config, tensors = load_lora(tmp_path / "out")
+    assert (config.r, config.init) == (4, {"method": "eva"})
+    norms = [t.norm(dim=1) for k, t in tensors.items() if k.endswith("lora_A")]  # EVA's rows: unit vectors (Kaiming's
+    assert all(((n > 0.8) & (n < 1.2)).all() for n in norms)  # ~0.58), moved little by 2 steps
+    x = torch.randint(0, 200, (1, 12), generator=torch.Generator().manual_seed(0))
+    trained = rebuilt_from_train_state(tiny_ckpt, tmp_path / "out", "eva", dict(blocksize=32, double_quant=False))
+    assert torch.equal(logits(load_lora_model(None, tmp_path / "out", merge=False), x), logits(trained, x))
+
+
+# ---- classifiers (lora_lab/classifier.py): the residual base rebuilt on load ---------------------------------
+@pytest.mark.parametrize("init,nf4", [("olora", None), ("loftq", dict(NF4, double_quant=True))])
+def test_classifier_with_a_base_changing_init_loads_as_trained(base, tmp_path, init, nf4):
+    """finetune/classify.py's lora / qlora with --lora_init: head, LoRA on the float weights, init_lora (NF4 bases
+    for qlora), quantize_nf4; what load_classifier rebuilds from the untouched checkpoint is the trained classifier."""
+    from lora_lab.classifier import ClassifierConfig, add_classification_head, load_classifier, save_classifier
+
+    model = GPT.from_checkpoint(base)
+    add_classification_head(model, 3)
+    inject_lora(model, r=R, alpha=ALPHA, targets=TARGETS)
+    init_lora(model, init, nf4=nf4, loftq_iter=2)
+    if nf4:
+        quantize_nf4(model, **nf4)
+    with torch.no_grad():  # "trained": the adapters and the head moved
+        for p in [p for n, p in model.named_parameters() if "lora_" in n] + [model.lm_head.weight]:
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    x = idx()
+    trained = logits(model.eval(), x)
+    config = ClassifierConfig(labels=["a", "b", "c"], method="qlora" if nf4 else "lora", base_model=str(base),
+                              base_config=model.config.to_dict(), base_quantization=getattr(model, "base_quantization",
+                                                                                            None),
+                              lora=dict(r=R, alpha=ALPHA, dropout=0.0, targets=TARGETS, init=init_config(init, 2)))
+    save_classifier(tmp_path / "clf", model, config)
+    loaded, saved = load_classifier(tmp_path / "clf")
+    assert saved.lora["init"]["method"] == init and load_lora(tmp_path / "clf")[0].r == 2 * R  # PEFT's pair: converted
+    if nf4:
+        assert saved.lora["init"]["base_offset"] == "lora_base.safetensors"
+        assert torch.equal(logits(loaded, x), trained)  # NF4(W - L1 R1) + the rank-r adapter, bit for bit
+    else:
+        assert_float32_close(logits(loaded, x), trained)
+
+
+def test_classifier_lora_init_checks():
+    """finetune/classify.py's --lora_init (checks.py, before anything loads): LoRA methods only, and no eva."""
+    from lora_lab.checks import check_args
+
+    check_args(dict(label_column="label", method="qlora", lora_init="loftq", loftq_iter=2))
+    for args, fragment in [(dict(method="head", lora_init="pissa"), "use it with --method lora or qlora"),
+                           (dict(method="lora", lora_init="eva"), "one label per text"),
+                           (dict(method="lora", lora_init="loftq"), "only helps a quantized base")]:
+        with pytest.raises(LoraLabError, match=fragment):
+            check_args(dict(args, label_column="label"))

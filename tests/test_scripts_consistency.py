@@ -517,6 +517,7 @@ GRPO_REPLACES = {
         # --lora_init but kaiming (GRPO_REFUSED): a fresh adapter starts as lora.py's default
         "prompt_style=style.name, init=init_config(", "started = time.perf_counter()", "init_lora(model, lora.init",
         'if lora.init != "kaiming":', 'fabric.print(f"--lora_init {lora.init}',
+        'if lora.init == "eva" and not resume:', "eva = eva_init(gpt, train_dl)", 'fabric.print(f"--lora_init eva:',
         "inject_lora(model, r=lora.r", "use_rslora=lora.rslora, use_dora=lora.dora)",
         'fabric.print(f"LoRA r={lora.r}', 'f"parameters of {total:,}',
         # no sampler state to resume (the prompt order is a function of the step)
