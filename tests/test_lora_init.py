@@ -504,8 +504,8 @@ def test_eva_leaves_the_loader_where_it_was_and_refuses_too_few_tokens(base):
 def test_finetune_qlora_eva(tiny_ckpt, tmp_path, capsys, one_thread):
     import finetune.qlora as ft
 
-    ft.setup(checkpoint_dir=tiny_ckpt, out_dir=tmp_path / "out", lora_init="eva", nf4_blocksize=32,
-             double_quant=False, **SCRIPT_RUN)
+    call_flat(ft.setup, checkpoint_dir=tiny_ckpt, out_dir=tmp_path / "out", lora_init="eva", nf4_blocksize=32,
+              double_quant=False, **SCRIPT_RUN)
     assert "--lora_init eva: " in capsys.readouterr().out
     config, tensors = load_lora(tmp_path / "out")
     assert (config.r, config.init) == (4, {"method": "eva"})
