@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_lab import GPT, Tokenizer
-from lora_lab.args import (HardwareArgs, LabelledDataArgs, LoRALayers, LogArgs, TrainArgs, ValidateArgs, run_record,
+from lora_lab.args import (ClassifierLoRAArgs, HardwareArgs, LabelledDataArgs, LogArgs, TrainArgs, ValidateArgs, run_record,
                            with_precision)
 from lora_lab.checks import check_args
 from lora_lab.classifier import (METHODS, POOLINGS, ClassifierConfig, add_classification_head, classification_scores,
@@ -48,7 +48,8 @@ from lora_lab.formats.download import ensure_checkpoint
 from lora_lab.flops import FlopsMeter
 from lora_lab.generate import peak_memory_bytes, reset_peak_memory
 from lora_lab.lora import count_parameters, inject_lora, mark_only_lora_trainable, normalize_targets
-from lora_lab.nf4 import quantize_nf4
+from lora_lab.lora_init import init_config, init_lora
+from lora_lab.nf4 import nf4_settings, quantize_nf4
 from lora_lab.plan import plan_script
 from lora_lab.training import (TRAIN_STATE_FILE, LRSchedule, MetricsLog, StopRequest, Throughput, check_run,
                                format_seconds,
@@ -68,8 +69,9 @@ def setup(
     pool: Literal["last", "mean"] = "last",
     features_l2: float = 1e-2,
     head_learning_rate: Optional[float] = None,
-    lora: LoRALayers = LoRALayers(r=8, alpha=16.0, dropout=0.05,
-                                  targets=("query", "key", "value", "projection", "mlp")),
+    lora: ClassifierLoRAArgs = ClassifierLoRAArgs(r=8, alpha=16.0, dropout=0.05,
+                                                  targets=("query", "key", "value", "projection", "mlp"),
+                                                  init="kaiming"),
     data: LabelledDataArgs = LabelledDataArgs(source="data.csv", text_column="text", label_column="label",
                                               max_seq_length=256),
     train: TrainArgs = TrainArgs(batch_size=16, micro_batch_size=8, learning_rate=None, weight_decay=0.0),
@@ -101,6 +103,10 @@ def setup(
         lora.dropout: [--lora_dropout] dropout on the LoRA branch's input.
         lora.targets: [--lora_targets] layers to adapt (default every linear layer of the blocks): query, key, value,
             projection, mlp.
+        lora.init: [--lora_init] where A, B (and the base) start (lora_lab/lora_init.py): kaiming (A
+            Kaiming-uniform, B = 0), gaussian, pissa / pissa_niter_N, olora, loftq (--method qlora only); the saved
+            classifier loads back on the base it trained on (load_classifier rebuilds the residual).
+        lora.loftq_iter: [--loftq_iter] --lora.init loftq: alternating quantize / SVD steps.
         data: the labelled texts: the file, its columns and classes, the held-out splits.
         data.source: [--data] a .csv / .json / .jsonl file of labelled texts.
         data.val_data: [--val_data] a separate validation file (default: a held-out share of `data`, --val_split).
@@ -170,7 +176,7 @@ def setup(
 
 
 def main(fabric: L.Fabric, checkpoint_dir: Path, out_dir: Path, resume: bool, method: str, trainable_blocks: int,
-         pool: str, features_l2: float, head_learning_rate: Optional[float], lora: LoRALayers, data: LabelledDataArgs,
+         pool: str, features_l2: float, head_learning_rate: Optional[float], lora: ClassifierLoRAArgs, data: LabelledDataArgs,
          train: TrainArgs, eval: ValidateArgs, log: LogArgs, hardware: HardwareArgs, seed: int) -> None:
     hparams = run_record(locals())  # the flat arguments, for hparams.yaml and the resume state
     out_dir = Path(out_dir)
@@ -202,11 +208,15 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, out_dir: Path, resume: bool, me
 
     # ---- the model: load the base, swap lm_head for a classification head, decide what trains ----------------
     model = GPT.from_checkpoint(checkpoint_dir)
-    if method == "qlora":
-        quantize_nf4(model)  # every nn.Linear of the blocks -> NF4 (4-bit, frozen); the new head below stays float
     add_classification_head(model, len(rows.labels), bias=method == "features")  # lm_head -> score (n_embd -> labels)
     if method in ("lora", "qlora"):
+        # LoRA first, on the float weights: the init reads W (pissa / olora / loftq change it) and, for qlora,
+        # stores each LoRA layer's base in NF4 (as finetune/qlora.py); quantize_nf4 below does the other layers
         inject_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, targets=lora_targets)
+        init_lora(model, lora.init, nf4=nf4_settings() if method == "qlora" else None, loftq_iter=lora.loftq_iter,
+                  device=fabric.device)
+    if method == "qlora":
+        quantize_nf4(model)  # every other nn.Linear of the blocks -> NF4 (4-bit, frozen); the head stays float
     # what trains, one line per method; every other parameter stays frozen, bit for bit
     model.requires_grad_(False)
     if method == "head":
@@ -225,7 +235,8 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, out_dir: Path, resume: bool, me
         labels=rows.labels, pooling=pool, method=method,
         trainable_blocks=trainable_blocks if method == "blocks" else None, base_model=str(checkpoint_dir),
         base_config=base_config.to_dict(), max_seq_length=data.max_seq_length, head_bias=method == "features",
-        lora=dict(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, targets=list(lora_targets))
+        lora=dict(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, targets=list(lora_targets),
+                  init=init_config(lora.init, lora.loftq_iter))
         if method in ("lora", "qlora") else None,
         base_quantization=getattr(model, "base_quantization", None),  # what quantize_nf4 used (qlora), else None
         pad_id=pad_id, text_column=text_column, label_column=label_column)

@@ -37,6 +37,14 @@ class LoRALayers:
 
 
 @dataclass(frozen=True)
+class ClassifierLoRAArgs(LoRALayers):
+    """LoRA's shape and where it starts (finetune/classify.py's --method lora / qlora)."""
+    init: str = "kaiming"
+    loftq_iter: int = 1
+    FLAT: ClassVar[dict[str, str]] = {**LoRALayers.FLAT, "init": "lora_init"}
+
+
+@dataclass(frozen=True)
 class LoRAArgs(LoRALayers):
     """LoRA: which layers get an update, its rank and scale, its variant, where it starts."""
     rslora: bool = False

@@ -194,6 +194,31 @@ def test_each_method_trains_only_what_it_says_and_reloads_identically(method, ti
     assert scores["test"]["n"] == 16 and len(scores["test"]["confusion"]) == 2
 
 
+@pytest.mark.parametrize("method,init", [("qlora", "pissa"), ("lora", "olora")])
+def test_lora_init_classifier_reloads_as_trained(method, init, tiny_ckpt, reviews, tmp_path, monkeypatch):
+    """--lora_init on a classifier: the base it trains on is W minus the adapter's start (NF4 of it for qlora);
+    load_classifier rebuilds it, so the saved classifier predicts as the trained one (qlora: bit for bit; lora:
+    through the rank-2r pair converted against the untouched W, to float rounding)."""
+    saves = capture_saves(monkeypatch)
+    out = run(tiny_ckpt, reviews, tmp_path / method, method, lora_init=init, max_steps=2)
+    model, _ = saves[-1]
+    loaded, config = load_classifier(out)
+    assert config.lora["init"]["method"] == init
+    tok = Tokenizer(tiny_ckpt)
+    batch = collate_texts([{"input_ids": tok.encode(t)} for t in ("the film was great", "awful", "a plot and dull")])
+    model.eval()
+    with torch.no_grad():
+        ours = classify(loaded, batch["input_ids"], batch["attention_mask"])
+        trained = classify(model, batch["input_ids"], batch["attention_mask"])
+    if method == "qlora":
+        assert torch.equal(ours, trained)
+    else:
+        torch.testing.assert_close(ours, trained, rtol=1e-4, atol=1e-5)
+    plain = load_classifier(run(tiny_ckpt, reviews, tmp_path / "kaiming", method, max_steps=2))[0]
+    with torch.no_grad():  # not the kaiming run's: the init did change where training started
+        assert not torch.allclose(classify(plain, batch["input_ids"], batch["attention_mask"]), trained, atol=1e-4)
+
+
 def test_time_budget_stop_then_resume_is_exact(tiny_ckpt, reviews, tmp_path, capsys):
     """--max_time 0 stops after step 1 (saving the resume state); --resume then ends bit for bit where the
     uninterrupted run ends (LoRA dropout 0.1: the saved random state matters)."""

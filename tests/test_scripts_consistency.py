@@ -352,10 +352,7 @@ def test_classify_shares_loras_options_and_shape():
     assert {o[0] for o in options(REFERENCE)} - set(ours) == {"use_rslora", "use_dora", "lora_plus_ratio",
                                                               "prompt_style", "mask_prompt", "eval_samples",
                                                               # raw text has no labels
-                                                              "blank_line_docs",
-                                                              # PiSSA / OLoRA / LoftQ change the base, which
-                                                              # load_classifier does not rebuild (not wired yet)
-                                                              "lora_init", "loftq_iter"}
+                                                              "blank_line_docs"}
     assert [o[0] for o in shared] == [n for n in ours if n in {o[0] for o in shared}]  # same order
     for flat, flag, kind, default in shared:
         assert ours[flat][0] == flag, flat  # the same nested flag
