@@ -102,7 +102,7 @@ def setup(
         lora.alpha: [--lora_alpha] the update is scaled by lora_alpha / lora_r.
         lora.dropout: [--lora_dropout] dropout on the LoRA branch's input.
         lora.targets: [--lora_targets] layers to adapt (default every linear layer of the blocks): query, key, value,
-            projection, mlp.
+            projection, mlp, experts (a mixture of experts' expert projections).
         lora.init: [--lora_init] where A, B (and the base) start (lora_lab/lora_init.py): kaiming (A
             Kaiming-uniform, B = 0), gaussian, pissa / pissa_niter_N, olora, loftq (--method qlora only); the saved
             classifier loads back on the base it trained on (load_classifier rebuilds the residual).

@@ -131,7 +131,7 @@ def setup(
         lora.dropout: [--lora_dropout] dropout on the LoRA branch's input (0: the sampling and training passes see one
             function).
         lora.targets: [--lora_targets] layers to adapt (a fresh adapter only): query, key, value, projection, mlp,
-            lm_head, or all.
+            lm_head, experts (a mixture of experts' expert projections), or all.
         lora.rslora: [--use_rslora] scale by alpha / sqrt(r) instead of alpha / r (a fresh adapter only).
         lora.dora: [--use_dora] DoRA (weight-decomposed LoRA) (a fresh adapter only).
         lora.lora_plus_ratio: [--lora_plus_ratio] LoRA+: B learns this many times faster than A (e.g. 16).

@@ -91,8 +91,8 @@ def setup(
         lora.r: [--lora_r] rank of the update B A.
         lora.alpha: [--lora_alpha] the update is scaled by alpha / r.
         lora.dropout: [--lora_dropout] dropout on the LoRA branch's input.
-        lora.targets: [--lora_targets] layers to adapt: query, key, value, projection, mlp, lm_head, or all (one, a
-            list [query,mlp], or query,mlp).
+        lora.targets: [--lora_targets] layers to adapt: query, key, value, projection, mlp, lm_head, experts (each
+            expert's projections in a mixture of experts), or all (one, a list [query,mlp], or query,mlp).
         lora.rslora: [--use_rslora] scale by alpha / sqrt(r) instead of alpha / r.
         lora.dora: [--use_dora] DoRA (weight-decomposed LoRA).
         lora.lora_plus_ratio: [--lora_plus_ratio] LoRA+: B learns this many times faster than A (e.g. 16).
