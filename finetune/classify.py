@@ -160,7 +160,7 @@ def setup(
             or a CPU probe).
         hardware.devices: [--devices] devices per node (data parallel over them).
         hardware.num_nodes: [--num_nodes] nodes, as Fabric launches them.
-        hardware.strategy: [--strategy] auto or ddp.
+        hardware.strategy: [--strategy] auto or ddp (fsdp: not for classifiers yet).
         seed: seeds the held-out split, data order, initialisation and dropout.
         plan: print the memory this run needs per device (python -m lora_lab.plan) and exit.
     """
