@@ -6,7 +6,6 @@ A tiny random Llama (weights x3: no near-ties in greedy decoding) with SmolLM2's
 served by uvicorn on 127.0.0.1.
 """
 
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,7 +15,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from test_serve import free_port  # noqa: E402
+from test_serve import LiveServer  # noqa: E402
 from test_use_adapter import make_adapter, make_tokenized_base, run_in_process  # noqa: E402
 
 from lora_lab.serve.server import ModelServer  # noqa: E402
@@ -34,37 +33,25 @@ def workdir(tmp_path_factory):
     return tmp
 
 
-class Live:
-    """create_app(server) plus the challenge's router, on uvicorn in a thread on a free loopback port."""
+class Live(LiveServer):
+    """create_app(server) plus the challenge's router, served as test_serve's LiveServer serves the app."""
 
     def __init__(self, server, model) -> None:
-        import uvicorn
-
         from lora_lab.serve.app import create_app
         from lora_lab.serve.challenge import challenge_router
 
-        self.server = server
         app = create_app(server)
         app.include_router(challenge_router(server, model))
-        port = free_port()
-        self.uvicorn = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                                     timeout_graceful_shutdown=5))
-        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.uvicorn.started:
-            assert time.time() < deadline and self.thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.05)
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+        super().__init__(server, app=app)
+        self.server = server
+        self.http = httpx.Client(base_url=self.url, timeout=120)
 
     def post(self, path, body):
         return self.http.post(path, json=body)
 
     def stop(self) -> None:
         self.http.close()
-        self.uvicorn.should_exit = True
-        self.thread.join(30)
-        self.server.engine.shutdown()
+        super().stop()
 
 
 @pytest.fixture(scope="module")

@@ -179,17 +179,18 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """uvicorn serving create_app(server) in a thread, on a free loopback port."""
+    """uvicorn serving create_app(server) (or `app`, made around it) in a thread, on a free loopback port."""
 
-    def __init__(self, server, options=None) -> None:
+    def __init__(self, server, options=None, app=None) -> None:
         import uvicorn
 
         from lora_lab.serve.app import create_app
 
         self.model_server = server
         self.port = free_port()
-        self.uvicorn = uvicorn.Server(uvicorn.Config(create_app(server, options), host="127.0.0.1", port=self.port,
-                                                     log_level="warning", timeout_graceful_shutdown=5))
+        app = create_app(server, options) if app is None else app
+        self.uvicorn = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                     timeout_graceful_shutdown=5))
         self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 30
