@@ -31,6 +31,7 @@ Memory: each side in its own fresh subprocess, with the model loaded, LoRA injec
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -45,7 +46,9 @@ import torch
 from lora_lab.flops import peak_flops_of, training_flops
 from lora_lab.utils import LoraLabError, cli
 
-SMOLLM2_CONFIG = Path(__file__).resolve().parents[1].parent / "shared/assets/models/smollm2-135m-instruct/config.json"
+# the shared assets as the tests find them: $LORA_LAB_ASSETS, else ../shared/assets beside the repository
+ASSETS = Path(os.environ.get("LORA_LAB_ASSETS", Path(__file__).resolve().parents[1].parent / "shared" / "assets"))
+SMOLLM2_CONFIG = ASSETS / "models/smollm2-135m-instruct/config.json"
 # PEFT's module names for our LoRA roles (Llama layout)
 PEFT_TARGETS = {"query": "q_proj", "key": "k_proj", "value": "v_proj", "projection": "o_proj"}
 SIDES = ("ours", "peft")

@@ -17,6 +17,7 @@ what to read on a noisy machine, not absolute times. With --threads 1 the clock 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +29,9 @@ from lora_lab import GPT
 from lora_lab.flops import peak_flops_of, training_flops
 from lora_lab.generate import generate
 
-SMOLLM2_CONFIG = Path(__file__).resolve().parents[1].parent / "shared/assets/models/smollm2-135m-instruct/config.json"
+# the shared assets as the tests find them: $LORA_LAB_ASSETS, else ../shared/assets beside the repository
+ASSETS = Path(os.environ.get("LORA_LAB_ASSETS", Path(__file__).resolve().parents[1].parent / "shared" / "assets"))
+SMOLLM2_CONFIG = ASSETS / "models/smollm2-135m-instruct/config.json"
 
 
 def clock() -> float:
