@@ -80,9 +80,10 @@ def progress(iterable: Iterable[T], total: Optional[int] = None, desc: str = "",
 
 def _line(desc: str, done: int, total: Optional[int], unit: str, elapsed: float, finished: bool = False) -> str:
     head = f"{desc}: " if desc else ""
+    units = unit + ("es" if unit.endswith(("s", "sh", "ch", "x")) else "s")  # batches, steps, samples
     if finished:
-        return f"{head}done, {done} {unit}s in {_clock(elapsed)}"
+        return f"{head}done, {done} {units} in {_clock(elapsed)}"
     if total:
         eta = elapsed / done * (total - done)
-        return f"{head}{done}/{total} {unit}s ({100 * done / total:.0f}%), {_clock(elapsed)} elapsed, ETA {_clock(eta)}"
-    return f"{head}{done} {unit}s, {_clock(elapsed)} elapsed"
+        return f"{head}{done}/{total} {units} ({100 * done / total:.0f}%), {_clock(elapsed)} elapsed, ETA {_clock(eta)}"
+    return f"{head}{done} {units}, {_clock(elapsed)} elapsed"

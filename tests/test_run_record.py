@@ -220,6 +220,9 @@ def test_progress_lines_when_not_a_terminal(monkeypatch):
     assert lines[0].startswith("Scoring: 1/3 prompts (33%), 0:00 elapsed, ETA")
     assert lines[1].startswith("Scoring: 2/3 prompts (67%)")
     assert lines[-1].startswith("Scoring: done, 3 prompts in 0:00") and len(lines) == 3
+    from lora_lab.progress import _line
+
+    assert _line("ll", 2, 9, "batch", 1.0).startswith("ll: 2/9 batches (22%)")  # not "batchs"
     monkeypatch.setenv("LORA_LAB_PROGRESS_INTERVAL", "3600")  # a short loop prints nothing at all
     out = io.StringIO()
     assert list(progress(range(3), file=out)) == [0, 1, 2] and out.getvalue() == ""
