@@ -17,7 +17,6 @@ what to read on a noisy machine, not absolute times. With --threads 1 the clock 
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -29,9 +28,7 @@ from lora_lab import GPT
 from lora_lab.flops import peak_flops_of, training_flops
 from lora_lab.generate import generate
 
-# the shared assets as the tests find them: $LORA_LAB_ASSETS, else ../shared/assets beside the repository
-ASSETS = Path(os.environ.get("LORA_LAB_ASSETS", Path(__file__).resolve().parents[1].parent / "shared" / "assets"))
-SMOLLM2_CONFIG = ASSETS / "models/smollm2-135m-instruct/config.json"
+from bench_lora import SMOLLM2_CONFIG  # noqa: E402  (the shared assets, found as the tests find them)
 
 
 def clock() -> float:
