@@ -43,7 +43,8 @@ from lora_lab.classifier import (METHODS, POOLINGS, ClassifierConfig, add_classi
                                  logistic_regression, save_classifier, trained_state_dict)
 from lora_lab.compile import compile_blocks
 from lora_lab.data.classification import classification_dataloaders, load_classification
-from lora_lab.distributed import make_fabric
+from lora_lab.distributed import (SHARDS_DIR, gathered, is_sharded, load_sharded_state, make_fabric,
+                                  optimizer_state, report_shards, save_sharded_state)
 from lora_lab.formats.download import ensure_checkpoint
 from lora_lab.flops import FlopsMeter
 from lora_lab.generate import peak_memory_bytes, reset_peak_memory
@@ -160,7 +161,7 @@ def setup(
             or a CPU probe).
         hardware.devices: [--devices] devices per node (data parallel over them).
         hardware.num_nodes: [--num_nodes] nodes, as Fabric launches them.
-        hardware.strategy: [--strategy] auto or ddp (fsdp: not for classifiers yet).
+        hardware.strategy: [--strategy] auto, ddp, or fsdp to shard the model over GPUs (not --method features).
         seed: seeds the held-out split, data order, initialisation and dropout.
         plan: print the memory this run needs per device (python -m lora_lab.plan) and exit.
     """
@@ -250,22 +251,26 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, out_dir: Path, resume: bool, me
         fit_features(fabric, gpt, train_dl, classifier_config, features_l2, out_dir)
         state = {"step": 0}
     else:
-        # the new head learns at head_learning_rate, the pretrained weights that train at learning_rate
-        pretrained = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("lm_head.")]
-        param_groups = ([{"params": pretrained}] if pretrained else []) + [
-            {"params": list(model.lm_head.parameters()), "lr_ratio": head_learning_rate / train.learning_rate}]
-        optimizer = torch.optim.AdamW(param_groups, lr=train.learning_rate, weight_decay=train.weight_decay,
-                                      betas=(0.9, 0.95))
         gpt = model  # the plain module, for evaluation and saving
-        model, optimizer = fabric.setup(model, optimizer)
+        model = fabric.setup_module(model)  # fsdp shards it here, so the optimizer is made after, for the shards
+        report_shards(fabric, gpt)  # fsdp: the parameter bytes each rank holds
+        # the new head learns at head_learning_rate, the pretrained weights that train at learning_rate
+        pretrained = [p for n, p in gpt.named_parameters() if p.requires_grad and not n.startswith("lm_head.")]
+        param_groups = ([{"params": pretrained}] if pretrained else []) + [
+            {"params": list(gpt.lm_head.parameters()), "lr_ratio": head_learning_rate / train.learning_rate}]
+        optimizer = fabric.setup_optimizers(torch.optim.AdamW(param_groups, lr=train.learning_rate,
+                                                               weight_decay=train.weight_decay, betas=(0.9, 0.95)))
 
         state = {"step": 0, "micro_batches": 0, "tokens": 0}
         if train.compile:  # torch.compile each block for training (lora_lab/compile.py)
             compile_blocks(gpt)
         if resume:
             saved = load_train_state(out_dir / TRAIN_STATE_FILE)
-            load_trained_state_dict(gpt, saved["trained"], out_dir / TRAIN_STATE_FILE)
-            optimizer.load_state_dict(saved["optimizer"])
+            if is_sharded(gpt):  # fsdp: every rank reads its own shard back
+                load_sharded_state(fabric, gpt, optimizer, out_dir / SHARDS_DIR)
+            else:
+                load_trained_state_dict(gpt, saved["trained"], out_dir / TRAIN_STATE_FILE)
+                optimizer.load_state_dict(saved["optimizer"])
             train_dl.batch_sampler.load_state_dict(saved["sampler"])
             set_rng_state(saved["rng"])
             state.update(saved["counters"])
@@ -445,16 +450,19 @@ def evaluate(fabric, gpt, loader, classifier_config, split: str) -> dict:
 
 def save(fabric, gpt, optimizer, train_dl, state, classifier_config, hparams, out_dir) -> None:
     """The classifier (for generate/classify.py and the exports) and the resume state, each written atomically."""
-    if fabric.is_global_zero:
-        save_classifier(out_dir, gpt, classifier_config, tokenizer_dir=classifier_config.base_model)
-        save_train_state(out_dir / TRAIN_STATE_FILE, {
-            "trained": trained_state_dict(gpt),
-            "optimizer": optimizer.state_dict(),
-            "sampler": train_dl.batch_sampler.state_dict(),
-            "rng": rng_state(),
-            "counters": {k: v for k, v in state.items() if k != "stopped"},
-            "hparams": hparams,
-        })
+    if is_sharded(gpt):  # fsdp: each rank writes its shard of the resume state
+        save_sharded_state(fabric, gpt, optimizer, out_dir / SHARDS_DIR)
+    with gathered(fabric, gpt):  # fsdp: the whole trainable part on rank 0, for the one file
+        if fabric.is_global_zero:
+            save_classifier(out_dir, gpt, classifier_config, tokenizer_dir=classifier_config.base_model)
+            save_train_state(out_dir / TRAIN_STATE_FILE, {
+                "trained": trained_state_dict(gpt),
+                "optimizer": optimizer_state(gpt, optimizer),  # None under fsdp: it is in the shards
+                "sampler": train_dl.batch_sampler.state_dict(),
+                "rng": rng_state(),
+                "counters": {k: v for k, v in state.items() if k != "stopped"},
+                "hparams": hparams,
+            })
     fabric.barrier()
 
 

@@ -371,8 +371,9 @@ def test_bad_input_is_one_line_each(tiny_ckpt, reviews, tmp_path, capsys):
     msg = one_line_error(capsys, tiny_ckpt, tmp_path / "o6", "--data", str(reviews), "--method", "blocks",
                          "--trainable_blocks", "5")
     assert "--trainable_blocks 5" in msg
-    msg = one_line_error(capsys, tiny_ckpt, tmp_path / "o7", "--data", str(reviews), "--strategy", "fsdp")
-    assert "--strategy fsdp" in msg and "not sharded yet" in msg and not (tmp_path / "o7").exists()
+    msg = one_line_error(capsys, tiny_ckpt, tmp_path / "o7", "--data", str(reviews), "--strategy", "fsdp",
+                         "--method", "features")
+    assert "--strategy fsdp with --method features" in msg and not (tmp_path / "o7").exists()
 
 
 def test_labels_keep_their_order_and_other_labels_are_left_out(tmp_path):
