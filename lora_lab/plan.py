@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from lora_lab.adapter import inject_adapter, mark_only_adapter_trainable
 from lora_lab.args import flatten
+from lora_lab.classifier import add_classification_head
 from lora_lab.config import Config, name_to_config
 from lora_lab.flops import PEAK_FLOPS, training_flops
 from lora_lab.lora import inject_lora, mark_only_lora_trainable, normalize_targets
@@ -63,6 +64,7 @@ GPUS: dict[str, tuple[int, str]] = {
     "T4": (15360, "T4"),
 }
 METHODS = ("lora", "qlora", "full", "adapter")
+CLASSIFIER_METHODS = ("head", "blocks", "lora", "qlora", "full")  # finetune/classify.py's that train (--num_labels)
 LOSS_CHUNK = 1024  # GPT.forward's loss_chunk_size
 GPU_RESERVE_FIXED, GPU_RESERVE_SHARE = 1 * GiB, 0.05
 
@@ -116,13 +118,20 @@ def resolve_config(model: Union[str, Path]) -> tuple[Config, str]:
 def build_meta_model(config: Config, method: str, precision: str = "32-true", lora_r: int = 8,
                      lora_alpha: float = 16.0, lora_dropout: float = 0.05, lora_targets=("query", "value"),
                      nf4_blocksize: int = 64, double_quant: bool = True, adapter_prompt_length: int = 10,
-                     adapter_start_layer: int = 2, adapter_version: int = 1) -> GPT:
+                     adapter_start_layer: int = 2, adapter_version: int = 1, num_labels: Optional[int] = None,
+                     trainable_blocks: int = 2) -> GPT:
     """The model the script would train, with the method applied, on the meta device: shapes, dtypes and which
-    parameters train, and no memory."""
-    if method not in METHODS:
-        raise LoraLabError(f"--method {method!r}: use one of {', '.join(METHODS)}")
+    parameters train, and no memory. num_labels: a classifier (finetune/classify.py), whose lm_head is a trained
+    Linear(n_embd, num_labels); its methods head and blocks (the last trainable_blocks) too."""
+    methods = METHODS if num_labels is None else CLASSIFIER_METHODS
+    if method not in methods:
+        hint = (" (head and blocks are a classifier's: add --num_labels K)" if method in CLASSIFIER_METHODS
+                else " (a classifier's methods)" if num_labels is not None else "")
+        raise LoraLabError(f"--method {method!r}: use one of {', '.join(methods)}{hint}")
     with torch.device("meta"):
         model = GPT(config)
+        if num_labels is not None:
+            add_classification_head(model, num_labels)  # lm_head -> score (n_embd -> num_labels), as classify.py
     model.to(param_dtype(precision))
     if method == "qlora":
         quantize_nf4(model, blocksize=nf4_blocksize, double_quant=double_quant)  # meta: empty 4-bit shells
@@ -133,6 +142,12 @@ def build_meta_model(config: Config, method: str, precision: str = "32-true", lo
     elif method == "adapter":
         inject_adapter(model, adapter_prompt_length, adapter_start_layer, version=adapter_version)
         mark_only_adapter_trainable(model)
+    if num_labels is not None and method != "full":  # what classify.py trains besides LoRA: the head (+ blocks)
+        if method in ("head", "blocks"):
+            model.requires_grad_(False)
+        trained = [*model.blocks[-trainable_blocks:], model.norm_f] if method == "blocks" else []
+        for module in [*trained, model.lm_head]:
+            module.requires_grad_(True)
     return model
 
 
@@ -220,9 +235,10 @@ def saved_activation_bytes(model: GPT, batch: int, seq_len: int, dtype: torch.dt
 
 def loss_bytes(model: GPT, n_targets: int, dtype: torch.dtype) -> int:
     """The fused loss's memory at its peak: the hidden states' gradient (n, C), one chunk's float32 logits /
-    gradient (chunk, vocab) plus its copy in the head's dtype, and the head's own gradient buffer if it trains."""
+    gradient (chunk, vocab) plus its copy in the head's dtype, and the head's own gradient buffer if it trains.
+    (A classifier's head has num_labels outputs in place of the vocabulary.)"""
     head = model.lm_head
-    vocab, C = model.config.vocab_size, model.config.n_embd
+    vocab, C = head.out_features, model.config.n_embd
     chunk = min(LOSS_CHUNK, n_targets)
     head_dtype = head.weight.dtype if head.weight.is_floating_point() else dtype
     total = 2 * n_targets * C * dtype.itemsize  # the selected hidden rows (n, C) and their gradient
@@ -237,14 +253,16 @@ def plan_memory(model: Union[str, Path, Config], method: str, micro_batch_size: 
                 activation_checkpointing: bool = False, gpu: Optional[str] = None, lora_r: int = 8,
                 lora_alpha: float = 16.0, lora_dropout: float = 0.05, lora_targets=("query", "value"),
                 nf4_blocksize: int = 64, double_quant: bool = True, adapter_prompt_length: int = 10,
-                adapter_start_layer: int = 2, adapter_version: int = 1) -> Plan:
-    """The per-device plan of a training run (see the module docstring for each row)."""
+                adapter_start_layer: int = 2, adapter_version: int = 1, num_labels: Optional[int] = None,
+                trainable_blocks: int = 2) -> Plan:
+    """The per-device plan of a training run (see the module docstring for each row); num_labels: of a classifier
+    (finetune/classify.py), with its methods head and blocks besides lora, qlora and full."""
     if gpu is not None and gpu not in GPUS:
         raise LoraLabError(f"--gpu {gpu!r}: use one of {', '.join(GPUS)}")
     if strategy not in ("auto", "ddp", "fsdp"):
         raise LoraLabError(f"--strategy {strategy!r}: use auto, ddp or fsdp")
     for name, value in (("micro_batch_size", micro_batch_size), ("max_seq_length", max_seq_length),
-                        ("devices", devices)):
+                        ("devices", devices), ("num_labels", num_labels or 2), ("trainable_blocks", trainable_blocks)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise LoraLabError(f"--{name} {value!r}: use a whole number >= 1")
     if isinstance(model, Config):
@@ -255,7 +273,8 @@ def plan_memory(model: Union[str, Path, Config], method: str, micro_batch_size: 
         raise LoraLabError(f"--max_seq_length {max_seq_length} is longer than {label}'s block_size "
                            f"{config.block_size}")
     gpt = build_meta_model(config, method, precision, lora_r, lora_alpha, lora_dropout, lora_targets,
-                           nf4_blocksize, double_quant, adapter_prompt_length, adapter_start_layer, adapter_version)
+                           nf4_blocksize, double_quant, adapter_prompt_length, adapter_start_layer, adapter_version,
+                           num_labels, trainable_blocks)
     act = compute_dtype(precision)
     sharded = strategy == "fsdp" and devices > 1
     shard = devices if sharded else 1
@@ -292,7 +311,10 @@ def plan_memory(model: Union[str, Path, Config], method: str, micro_batch_size: 
     # what the blocks save grows linearly with the micro batch: two traces give it for every size
     (saved1, block1), (saved2, block2) = saved_at(1), saved_at(2)
     what = {"lora": f"LoRA r={lora_r}", "qlora": f"QLoRA r={lora_r}", "full": "full fine-tuning",
-            "adapter": f"LLaMA-Adapter v{adapter_version}"}[method]
+            "adapter": f"LLaMA-Adapter v{adapter_version}", "head": "head only",
+            "blocks": f"the last {trainable_blocks} block{'s' if trainable_blocks != 1 else ''}"}[method]
+    if num_labels is not None:
+        what = f"classifier ({num_labels} labels), {what}"
     flops = training_flops(gpt).per_token_at(max_seq_length)
     n_total += sum(m.in_features * m.out_features for m in gpt.modules() if getattr(m, "quant_type", None) == "nf4")
 
@@ -352,18 +374,19 @@ def format_plan(plan: Plan, largest: Optional[int] = None, mfu: float = 0.4) -> 
     return "\n".join(lines)
 
 
-def plan(model: str, method: Literal["lora", "qlora", "full", "adapter"] = "lora", micro_batch_size: int = 1,
+def plan(model: str, method: Literal["lora", "qlora", "full", "adapter", "head", "blocks"] = "lora", micro_batch_size: int = 1,
          max_seq_length: int = 2048, devices: int = 1, strategy: Literal["auto", "ddp", "fsdp"] = "auto",
          precision: str = "bf16-true", activation_checkpointing: bool = False, gpu: Optional[str] = None,
          lora_r: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 0.05,
          lora_targets: Union[tuple[str, ...], str] = ("query", "value"), nf4_blocksize: int = 64,
          double_quant: bool = True, adapter_prompt_length: int = 10, adapter_start_layer: int = 2,
-         adapter_version: int = 1, mfu: float = 0.4) -> Plan:
+         adapter_version: int = 1, num_labels: Optional[int] = None, trainable_blocks: int = 2,
+         mfu: float = 0.4) -> Plan:
     """Print the per-device memory of a fine-tuning run, whether it fits --gpu, and the throughput at --mfu.
 
     Args:
         model: a model name (lora_lab.config, e.g. Mistral-7B-v0.1) or a lora_lab checkpoint folder.
-        method: lora, qlora, full or adapter.
+        method: lora, qlora, full or adapter (and a classifier's head or blocks, with --num_labels).
         micro_batch_size: samples per forward/backward pass on one device.
         max_seq_length: tokens per sample (planned at full length: the worst case).
         devices: devices in all (data parallel; with --strategy fsdp the weights are sharded over them).
@@ -374,6 +397,8 @@ def plan(model: str, method: Literal["lora", "qlora", "full", "adapter"] = "lora
         lora_r: LoRA rank. lora_alpha, lora_dropout, lora_targets: as in finetune/lora.py.
         nf4_blocksize: QLoRA: weights per absmax. double_quant: QLoRA: quantize the absmax too.
         adapter_prompt_length, adapter_start_layer, adapter_version: as in finetune/adapter.py.
+        num_labels: plan a classifier of this many labels (finetune/classify.py: lm_head becomes a Linear(n_embd,
+            num_labels) that trains); --method then also head or blocks. trainable_blocks: --method blocks's.
         mfu: the model FLOPs utilisation the tokens/s figure assumes (0.4: a well-fed GPU; each run prints its own).
     """
     result = plan_memory(model, method, micro_batch_size, max_seq_length, devices=devices, strategy=strategy,
@@ -381,7 +406,7 @@ def plan(model: str, method: Literal["lora", "qlora", "full", "adapter"] = "lora
                          lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets,
                          nf4_blocksize=nf4_blocksize, double_quant=double_quant,
                          adapter_prompt_length=adapter_prompt_length, adapter_start_layer=adapter_start_layer,
-                         adapter_version=adapter_version)
+                         adapter_version=adapter_version, num_labels=num_labels, trainable_blocks=trainable_blocks)
     largest = None
     if gpu is not None:
         largest = largest_micro_batch(result)
@@ -397,13 +422,16 @@ def plan_script(args: dict, script_file: str) -> None:
     def get(name, default):
         return default if args.get(name) is None else args[name]
 
-    method, batch = script, get("micro_batch_size", 1)
+    method, batch, num_labels = script, get("micro_batch_size", 1), None
     if script == "dpo":  # LoRA on the policy; chosen and rejected answers go through the model together
         method, batch = "lora", 2 * batch
     elif script == "classify":
         method = get("method", "head")
-        if method not in ("lora", "qlora", "full"):
-            raise LoraLabError(f"--plan covers classify's lora, qlora and full methods, not --method {method}")
+        if method not in CLASSIFIER_METHODS:
+            raise LoraLabError(f"--plan covers classify's {', '.join(CLASSIFIER_METHODS)} methods, not --method "
+                               f"{method} (it trains nothing: its memory is one forward pass)")
+        labels = args.get("labels")  # the classes, when given; else planned as two (the head is tiny either way)
+        num_labels = len(labels.split(",") if isinstance(labels, str) else labels) if labels else 2
     precision = get("precision", "bf16-true" if torch.cuda.is_available() else "32-true")
     plan(str(get("checkpoint_dir", "")), method, batch, get("max_seq_length", 2048),
          devices=get("devices", 1) * get("num_nodes", 1), strategy=get("strategy", "auto"), precision=precision,
@@ -411,7 +439,8 @@ def plan_script(args: dict, script_file: str) -> None:
          lora_alpha=get("lora_alpha", 16.0), lora_dropout=get("lora_dropout", 0.0),
          lora_targets=get("lora_targets", ("query", "value")), nf4_blocksize=get("nf4_blocksize", 64),
          double_quant=get("double_quant", True), adapter_prompt_length=get("adapter_prompt_length", 10),
-         adapter_start_layer=get("adapter_start_layer", 2), adapter_version=get("adapter_version", 1))
+         adapter_start_layer=get("adapter_start_layer", 2), adapter_version=get("adapter_version", 1),
+         num_labels=num_labels, trainable_blocks=get("trainable_blocks", 2))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from conftest import ROOT
+from lora_lab.classifier import add_classification_head
 from lora_lab.config import Config
+from lora_lab.lora import inject_lora, mark_only_lora_trainable
+from lora_lab.model import GPT
 from lora_lab.plan import build_meta_model, plan_memory, tensor_bytes
 from lora_lab.utils import LoraLabError
 from lora_lab.args import call_flat
@@ -30,6 +33,33 @@ def test_parameter_bytes_are_exact(method):
         t.numel() * t.element_size() for t in {id(t): t for t in [*real.parameters(), *real.buffers()]}.values())
     trainable = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
     assert trainable(meta) == trainable(real) > 0
+
+
+@pytest.mark.parametrize("method", ["head", "blocks", "lora", "full"])
+def test_classifier_plan_is_the_classifier(method):
+    """--num_labels: the planned model is finetune/classify.py's, lm_head swapped for a 3-label head that trains,
+    with exactly the bytes and the trainable parameters of the classifier it builds."""
+    config = Config(**CONFIG)
+    real = GPT(config)
+    add_classification_head(real, 3)
+    if method == "lora":
+        inject_lora(real, r=8, alpha=16, targets=["query", "value", "mlp"])
+    real.requires_grad_(method == "full")  # classify.py's lines that decide what trains
+    if method == "lora":
+        mark_only_lora_trainable(real)
+    for module in ([real.blocks[-1], real.norm_f] if method == "blocks" else []) + [real.lm_head]:
+        module.requires_grad_(True)
+    meta = build_meta_model(config, method, "32-true", lora_targets=["query", "value", "mlp"], num_labels=3,
+                            trainable_blocks=1)
+    assert tensor_bytes(meta) == tensor_bytes(real)
+    assert meta.lm_head.out_features == 3
+    trainable = lambda m: {n: p.numel() for n, p in m.named_parameters() if p.requires_grad}  # noqa: E731
+    assert trainable(meta) == trainable(real)
+    head = plan_memory(config, "head", 4, 128, precision="32-true", num_labels=3)
+    blocks = plan_memory(config, "blocks", 4, 128, precision="32-true", num_labels=3, trainable_blocks=1)
+    # a frozen model below the head saves nothing for a backward pass; the last block's activations do
+    assert head.rows["activations (saved for backward)"] < blocks.rows["activations (saved for backward)"]
+    assert head.trainable == config.n_embd * 3
 
 
 # (method, micro batch, tokens, activation checkpointing): a spread of what dominates the peak
@@ -101,4 +131,19 @@ def test_finetune_plan_flag_prints_the_same_table(script, method, tiny_ckpt, cap
     expected = plan_memory(tiny_ckpt, method, 2, 64, precision="32-true",
                            **({"lora_dropout": 0.05} if "lora" in method else extra))
     assert expected.title in printed
+    assert f"{expected.total / 2**30:>9.2f}" in printed
+
+
+def test_classify_plan_flag_plans_the_classifier(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """`finetune/classify.py --plan`: the classifier of its --labels (three here) and --method, not a language model."""
+    import finetune.classify as module
+
+    monkeypatch.setattr(module, "main", lambda *a, **k: pytest.fail("--plan must not train"))
+    data = tmp_path / "texts.csv"
+    data.write_text("text,label\na fine film,good\na dull one,bad\nso so,meh\n")
+    call_flat(module.setup, checkpoint_dir=tiny_ckpt, data=str(data), labels="bad,meh,good", method="blocks",
+              trainable_blocks=1, plan=True, micro_batch_size=2, max_seq_length=64, precision="32-true")
+    printed = capsys.readouterr().out
+    expected = plan_memory(tiny_ckpt, "blocks", 2, 64, precision="32-true", num_labels=3, trainable_blocks=1)
+    assert "classifier (3 labels), the last 1 block," in expected.title and expected.title in printed
     assert f"{expected.total / 2**30:>9.2f}" in printed
