@@ -2,6 +2,9 @@
 
     python tests/plan_measure.py METHOD BATCH SEQ_LEN [ckpt]   -> prints "measured BYTES"
 
+METHOD: lora, qlora, full, adapter, or a classifier's classify-lora / classify-blocks (3 labels, the last block;
+trained as finetune/classify.py does: the class logits read at each text's last token, cross-entropy).
+
 The peak is the process's resident set (VmHWM) over a steady-state training step (the second one: AdamW's state
 exists), minus the resident set before the model was built. glibc is told (by the test, MALLOC_MMAP_THRESHOLD_)
 to map every allocation of 16 KiB or more on its own, so freed tensors leave the resident set at once and the
@@ -17,6 +20,7 @@ from lora_lab.config import Config
 from lora_lab.model import GPT
 from lora_lab.plan import build_meta_model  # noqa: F401  (the same method set-up as the planner's)
 from lora_lab.adapter import inject_adapter, mark_only_adapter_trainable
+from lora_lab.classifier import add_classification_head, classify
 from lora_lab.lora import inject_lora, mark_only_lora_trainable
 from lora_lab.nf4 import quantize_nf4
 
@@ -34,6 +38,18 @@ def rss(field: str) -> int:
 
 def build(config: Config, method: str, ckpt: bool) -> GPT:
     model = GPT(config)
+    if method.startswith("classify-"):  # finetune/classify.py's model and what trains
+        add_classification_head(model, 3)
+        method = method.removeprefix("classify-")
+        if method == "lora":
+            inject_lora(model, r=8, alpha=16, dropout=0.05, targets=["query", "value", "mlp"])
+        model.requires_grad_(False)
+        if method == "lora":
+            mark_only_lora_trainable(model)
+        for module in ([model.blocks[-1], model.norm_f] if method == "blocks" else []) + [model.lm_head]:
+            module.requires_grad_(True)
+        model.activation_checkpointing = ckpt
+        return model
     if method == "qlora":
         quantize_nf4(model)
     if method in ("lora", "qlora"):
@@ -48,7 +64,11 @@ def build(config: Config, method: str, ckpt: bool) -> GPT:
 
 def step(model, optimizer, idx, micro_batches=2):
     for _ in range(micro_batches):  # gradients accumulate, as in the scripts (batch_size > micro_batch_size)
-        loss = model(idx, labels=idx)
+        if model.lm_head.out_features == 3:  # a classifier: one label per text
+            logits = classify(model, idx, torch.ones_like(idx))  # (B, 3)
+            loss = torch.nn.functional.cross_entropy(logits, torch.arange(len(idx)) % 3)
+        else:
+            loss = model(idx, labels=idx)
         loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -63,7 +63,8 @@ def test_classifier_plan_is_the_classifier(method):
 
 
 # (method, micro batch, tokens, activation checkpointing): a spread of what dominates the peak
-CASES = [("lora", 4, 256, False), ("full", 4, 256, False), ("qlora", 2, 384, True),
+CASES = [("lora", 4, 256, False), ("full", 4, 256, False), ("qlora", 2, 384, True), ("classify-blocks", 4, 256, False),
+         ("classify-lora", 4, 256, False),
          pytest.param("adapter", 2, 256, False, marks=pytest.mark.slow),
          pytest.param("lora", 4, 256, True, marks=pytest.mark.slow)]
 
@@ -77,8 +78,10 @@ def test_prediction_matches_measured_peak(method, batch, seq_len, ckpt):
                          + (["ckpt"] if ckpt else []), capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     measured = int(out.stdout.split()[-1])
-    planned = plan_memory(Config(**CONFIG), method, batch, seq_len, precision="32-true",
-                          activation_checkpointing=ckpt, lora_targets=["query", "value", "mlp"], lora_dropout=0.05)
+    classifier = dict(num_labels=3, trainable_blocks=1) if method.startswith("classify-") else {}
+    planned = plan_memory(Config(**CONFIG), method.removeprefix("classify-"), batch, seq_len, precision="32-true",
+                          activation_checkpointing=ckpt, lora_targets=["query", "value", "mlp"], lora_dropout=0.05,
+                          **classifier)
     assert abs(planned.total - measured) / measured < 0.10, (planned.rows, measured)
 
 
