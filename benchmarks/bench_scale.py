@@ -9,9 +9,14 @@ Each (side, processes) runs in its own `torchrun --nproc_per_node N` job. Per ra
 model (no weights to download), LoRA r 8 on query and value, a micro batch of --micro_batch_size x --seq_len random
 tokens, AdamW; one warm-up step, then --steps timed steps. Reported:
   tokens/s     all ranks' tokens over the timed steps' wall time (rank 0's clock, after a barrier);
-  per rank     the largest over the ranks of: CUDA max_memory_allocated, or on the CPU the growth of the peak
-               resident set (VmHWM) over the process before the model was built; and the parameter bytes the
-               rank holds (its shards, or the whole model when replicated).
+  per rank     the largest over the ranks of the peak memory of a training step: CUDA max_memory_allocated over
+               the timed steps; on the CPU, in a second job of the same shape, the peak resident set (VmHWM,
+               reset after the warm-up) of a step over the process's before the model was built, with glibc told
+               to return every freed block of 16 KiB or more at once (MALLOC_MMAP_THRESHOLD_, as
+               tests/plan_measure.py) so that the figure is the live tensors' (that setting slows every step, so
+               the timed job runs without it); and the parameter bytes the rank holds (its shards, or the whole
+               model when replicated). The model is built whole on each rank before it is sharded: that moment is not in
+               the figure (the finetune scripts load the checkpoint the same way; see tutorials/multi_gpu.md).
 Ours: lora_lab's GPT with --strategy fsdp (lora_lab/distributed.py: every block a unit, LoRA in units of its own)
 for N > 1, one plain process for N = 1. Peer: transformers' LlamaForCausalLM + peft's LoRA, prepared by
 accelerate with its FSDP2 plugin (LlamaDecoderLayer units). accelerate has no FSDP on the CPU: there its
@@ -136,12 +141,23 @@ def timed(step, barrier, device, base: int, local_param_bytes: int, rank: int, a
 
     step()  # warm-up (allocations, kernels)
     barrier()
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for _ in range(ARGS.steps):
         step()
     barrier()
     seconds = time.perf_counter() - start
-    memory = torch.cuda.max_memory_allocated(device) if torch.device(device).type == "cuda" else peak_rss() - base
+    if cuda:
+        memory = torch.cuda.max_memory_allocated(device)
+    elif os.environ.get("MALLOC_MMAP_THRESHOLD_"):  # the memory job: one more step, its peak
+        with open("/proc/self/clear_refs", "w") as f:  # VmHWM := the current resident set
+            f.write("5")
+        step()
+        memory = peak_rss() - base
+    else:  # the timed job: its memory figure is not the live tensors' (glibc keeps freed blocks)
+        memory = 0
     n = int(os.environ.get("WORLD_SIZE", "1"))
     mine = torch.zeros(2 * n, dtype=torch.float64, device=device)
     mine[rank], mine[n + rank] = memory, local_param_bytes
@@ -157,7 +173,16 @@ def free_port() -> int:
 
 
 def run(side: str, n: int, argv: list[str]) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    """One torchrun job of N processes; on the CPU a second one for the memory figure (see the docstring)."""
+    result = job(side, n, argv)
+    if not result["memory"]:
+        result["memory"] = job(side, n, argv, {"MALLOC_MMAP_THRESHOLD_": "16384"})["memory"]
+    return result
+
+
+def job(side: str, n: int, argv: list[str], extra_env: dict | None = None) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           **(extra_env or {})}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), __file__,
                           "--worker", side, *argv], capture_output=True, text=True, env=env, timeout=3600)
@@ -192,14 +217,14 @@ def main(argv=None) -> list[dict]:
     rows = []
     print(f"LoRA r 8 on query, value | {ARGS.n_layer} layers x {ARGS.n_embd} | micro batch {ARGS.micro_batch_size} x "
           f"{ARGS.seq_len} tokens per rank | {ARGS.precision} | {ARGS.steps} timed steps")
-    print(f"{'processes':>9} {'side':<22} {'tokens/s':>10} {'per-rank memory MiB':>20} {'per-rank params MiB':>20}")
+    print(f"{'processes':>9} {'side':<28} {'tokens/s':>10} {'per-rank memory MiB':>20} {'per-rank params MiB':>20}")
     for n in [int(x) for x in ARGS.processes.split(",")]:
         for side in ("ours", "peer"):
             r = run(side, n, forward)
             label = "lora_lab" + (" fsdp" if n > 1 else "") if side == "ours" else \
                 "transformers+peft" + (f" {r.get('mode', '').lower()}" if n > 1 else "")
             rows.append({"processes": n, "side": side, **r})
-            print(f"{n:>9} {label:<22} {r['tokens_per_s']:>10,.0f} {r['memory'] / 2**20:>20.1f} "
+            print(f"{n:>9} {label:<28} {r['tokens_per_s']:>10,.0f} {r['memory'] / 2**20:>20.1f} "
                   f"{r['params'] / 2**20:>20.2f}", flush=True)
     return rows
 

@@ -10,8 +10,11 @@ What each row is, per device (the memory of one training step at steady state):
   - weights: every parameter and buffer of the model with the method applied, built on the meta device from the
     real Config (no memory, no weights read), so the bytes are exact: NF4 4-bit codes, their absmax and double-
     quantization state, and the 16/32-bit rest (embeddings, norms, lm_head). Under --strategy fsdp each device
-    holds 1/N of them (lora_lab/distributed.py shards every parameter, the NF4 codes included), plus the all-
-    gathered full weights of the unit being computed and of the one prefetched next ("fsdp gather").
+    holds 1/N of them (lora_lab/distributed.py shards every parameter, the NF4 codes included), plus what is
+    all-gathered whole ("fsdp gather"): the root unit (embeddings, final norm, head: FSDP2 keeps the root whole
+    from its forward to its backward), and around the block being computed (whole), the next one prefetched: its
+    all-gather output buffer, the copy of it into the block's whole parameters, and the all-gather input (one
+    shard): 3 + 1/N blocks. Measured on this CPU (gloo, 2 processes; tests/test_plan.py) within a few %.
   - gradients: of the trainable parameters only (frozen ones have none; FSDP units keep them apart), held across
     the micro-batches of a step while they accumulate; DDP keeps a second copy in its all-reduce buckets.
   - optimizer state: AdamW's two moments, in the parameters' dtype.
@@ -293,9 +296,14 @@ def plan_memory(model: Union[str, Path, Config], method: str, micro_batch_size: 
     if precision.endswith("-mixed"):  # autocast keeps a 16-bit copy of each weight it casts for a matmul
         fixed["autocast 16-bit weight copies"] = train_bytes // 2 // shard
     if sharded:
-        block_bytes = max(sum(t.numel() * t.element_size() for t in list(b.parameters()) + list(b.buffers()))
-                          for b in gpt.blocks)
-        fixed["fsdp gather (2 units: current + prefetched)"] = 2 * block_bytes
+        def nbytes(tensors) -> int:
+            return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+
+        in_blocks = {id(t) for b in gpt.blocks for t in [*b.parameters(), *b.buffers()]}
+        fixed["fsdp gather: root unit (embeddings, head), whole all step"] = nbytes(
+            t for t in [*gpt.parameters(), *gpt.buffers()] if id(t) not in in_blocks)
+        block_bytes = max(nbytes([*b.parameters(), *b.buffers()]) for b in gpt.blocks)
+        fixed["fsdp gather: blocks (current + next: buffer, copy)"] = int((3 + 1 / devices) * block_bytes)
     fixed["gradients (trainable only)"] = train_bytes // shard
     if strategy == "ddp" and devices > 1:
         fixed["ddp gradient buckets"] = train_bytes

@@ -1,9 +1,11 @@
 """Measure the peak memory of one training step on this CPU, for tests/test_plan.py (run as a subprocess).
 
-    python tests/plan_measure.py METHOD BATCH SEQ_LEN [ckpt]   -> prints "measured BYTES"
+    python tests/plan_measure.py METHOD BATCH SEQ_LEN [ckpt] [fsdp=N]   -> prints "measured BYTES"
 
 METHOD: lora, qlora, full, adapter, or a classifier's classify-lora / classify-blocks (3 labels, the last block;
 trained as finetune/classify.py does: the class logits read at each text's last token, cross-entropy).
+fsdp=N: N processes (Fabric launches them, gloo) shard the model as --strategy fsdp does; the figure is the largest
+rank's.
 
 The peak is the process's resident set (VmHWM) over a steady-state training step (the second one: AdamW's state
 exists), minus the resident set before the model was built. glibc is told (by the test, MALLOC_MMAP_THRESHOLD_)
@@ -62,33 +64,52 @@ def build(config: Config, method: str, ckpt: bool) -> GPT:
     return model
 
 
-def step(model, optimizer, idx, micro_batches=2):
+def step(model, optimizer, idx, micro_batches=2, backward=lambda loss: loss.backward(), classifier=False):
     for _ in range(micro_batches):  # gradients accumulate, as in the scripts (batch_size > micro_batch_size)
-        if model.lm_head.out_features == 3:  # a classifier: one label per text
+        if classifier:  # one label per text
             logits = classify(model, idx, torch.ones_like(idx))  # (B, 3)
             loss = torch.nn.functional.cross_entropy(logits, torch.arange(len(idx)) % 3)
         else:
             loss = model(idx, labels=idx)
-        loss.backward()
+        backward(loss)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
-def main(method: str, batch: int, seq_len: int, ckpt: bool) -> None:
+def main(method: str, batch: int, seq_len: int, ckpt: bool, devices: int = 1) -> None:
+    fabric = None
+    if devices > 1:
+        from lora_lab.distributed import make_fabric
+
+        fabric = make_fabric(devices, 1, "fsdp", "32-true")
+        fabric.launch()
     torch.manual_seed(0)
     tiny = build(Config(**{**CONFIG, "n_layer": 3, "vocab_size": 256}), method, ckpt)
-    step(tiny, torch.optim.AdamW([p for p in tiny.parameters() if p.requires_grad]), torch.randint(0, 256, (1, 16)))
+    step(tiny, torch.optim.AdamW([p for p in tiny.parameters() if p.requires_grad]), torch.randint(0, 256, (1, 16)),
+         classifier=method.startswith("classify-"))
     del tiny
     idx = torch.randint(0, CONFIG["vocab_size"], (batch, seq_len))
     base = rss("VmRSS")
     model = build(Config(**CONFIG), method, ckpt)
+    run = {}
+    if fabric is not None:  # shard it (every block a unit, ...), then the optimizer over the shards
+        model = fabric.setup_module(model)
+        run = {"backward": fabric.backward}
+    run["classifier"] = method.startswith("classify-")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    step(model, optimizer, idx)
+    step(model, optimizer, idx, **run)
     with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current resident set
         f.write("5")
-    step(model, optimizer, idx)
-    print("measured", rss("VmHWM") - base)
+    step(model, optimizer, idx, **run)
+    measured = rss("VmHWM") - base
+    if fabric is not None:  # the largest rank's
+        measured = int(fabric.all_reduce(torch.tensor(float(measured)), reduce_op="max").item())
+        if fabric.global_rank:
+            return
+    print("measured", measured)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), len(sys.argv) > 4)
+    flags = sys.argv[4:]
+    devices = next((int(f.split("=")[1]) for f in flags if f.startswith("fsdp=")), 1)
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), "ckpt" in flags, devices)

@@ -62,25 +62,30 @@ def test_classifier_plan_is_the_classifier(method):
     assert head.trainable == config.n_embd * 3
 
 
-# (method, micro batch, tokens, activation checkpointing): a spread of what dominates the peak
-CASES = [("lora", 4, 256, False), ("full", 4, 256, False), ("qlora", 2, 384, True), ("classify-blocks", 4, 256, False),
-         ("classify-lora", 4, 256, False),
-         pytest.param("adapter", 2, 256, False, marks=pytest.mark.slow),
-         pytest.param("lora", 4, 256, True, marks=pytest.mark.slow)]
+# (method, micro batch, tokens, activation checkpointing, processes under --strategy fsdp): a spread of what
+# dominates the peak
+CASES = [("lora", 4, 256, False, 1), ("full", 4, 256, False, 1), ("qlora", 2, 384, True, 1),
+         ("classify-blocks", 4, 256, False, 1), ("classify-lora", 4, 256, False, 1), ("full", 2, 256, False, 2),
+         pytest.param("qlora", 2, 384, True, 2, marks=pytest.mark.slow),
+         pytest.param("lora", 4, 256, False, 2, marks=pytest.mark.slow),
+         pytest.param("adapter", 2, 256, False, 1, marks=pytest.mark.slow),
+         pytest.param("lora", 4, 256, True, 1, marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize("method,batch,seq_len,ckpt", CASES)
-def test_prediction_matches_measured_peak(method, batch, seq_len, ckpt):
-    """Weights + gradients + optimizer state + activations + transient, as planned, against the peak resident
-    memory of a steady-state training step (2 micro-batches accumulated, then AdamW) measured in a fresh process."""
+@pytest.mark.parametrize("method,batch,seq_len,ckpt,devices", CASES)
+def test_prediction_matches_measured_peak(method, batch, seq_len, ckpt, devices):
+    """Weights + gradients + optimizer state + activations + transient (+ under fsdp the gathered units), as
+    planned, against the peak resident memory of a steady-state training step (2 micro-batches accumulated, then
+    AdamW) measured in a fresh process (or the largest of the fsdp ranks)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "16384"}
     out = subprocess.run([sys.executable, str(ROOT / "tests" / "plan_measure.py"), method, str(batch), str(seq_len)]
-                         + (["ckpt"] if ckpt else []), capture_output=True, text=True, env=env, timeout=300)
+                         + (["ckpt"] if ckpt else []) + ([f"fsdp={devices}"] if devices > 1 else []),
+                         capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     measured = int(out.stdout.split()[-1])
     classifier = dict(num_labels=3, trainable_blocks=1) if method.startswith("classify-") else {}
     planned = plan_memory(Config(**CONFIG), method.removeprefix("classify-"), batch, seq_len, precision="32-true",
-                          activation_checkpointing=ckpt, lora_targets=["query", "value", "mlp"], lora_dropout=0.05,
+                          devices=devices, strategy="fsdp" if devices > 1 else "auto", activation_checkpointing=ckpt, lora_targets=["query", "value", "mlp"], lora_dropout=0.05,
                           **classifier)
     assert abs(planned.total - measured) / measured < 0.10, (planned.rows, measured)
 
