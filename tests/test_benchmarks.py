@@ -86,3 +86,21 @@ def test_profile_model_times_every_aten_call_by_shapes():
     assert timer.calls[("mm", ((8, 16), (16, 4)))] == 2
     assert timer.calls[("relu", ((8, 4),))] == 1 and timer.calls[("sum", ((8, 4),))] == 1
     assert all(s >= 0 for s in timer.seconds.values()) and set(timer.seconds) == set(timer.calls)
+
+
+@pytest.mark.slow
+def test_bench_scale_tiny(capsys):
+    """benchmarks/bench_scale.py on a tiny shape, 1 and 2 processes (torchrun, gloo): ours shards the parameters
+    in two under fsdp, the peer (accelerate on the CPU: DDP) keeps them whole; every row has its figures."""
+    import bench_scale
+
+    rows = bench_scale.main(["--processes", "1,2", "--steps", "1", "--n_layer", "2", "--n_embd", "64",
+                             "--intermediate_size", "128", "--n_head", "4", "--n_query_groups", "2",
+                             "--vocab_size", "256", "--seq_len", "32"])
+    out = capsys.readouterr().out
+    by = {(r["processes"], r["side"]): r for r in rows}
+    assert set(by) == {(1, "ours"), (1, "peer"), (2, "ours"), (2, "peer")}
+    assert by[2, "ours"]["params"] == by[1, "ours"]["params"] / 2 == by[1, "peer"]["params"] / 2
+    assert by[2, "peer"]["params"] == by[1, "peer"]["params"] and by[2, "peer"]["mode"] == "MULTI_CPU"
+    assert all(r["tokens_per_s"] > 0 and r["memory"] > 0 for r in rows)
+    assert "lora_lab fsdp" in out and "transformers+peft multi_cpu" in out
