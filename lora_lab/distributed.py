@@ -10,7 +10,10 @@ communication is torch's and Fabric's: the all-gathers and reduce-scatters of fu
 torch.distributed.checkpoint for the shards.
 
 How the model is cut (shard_model):
-  - every transformer block is its own unit, and so is the rest (embeddings, final norm, head) at the root;
+  - every transformer block is its own unit, and so is the rest (final norm, head) at the root; an embedding not
+    tied to the head is a unit of its own too: FSDP2 keeps the root whole from its forward to its backward, while
+    the embedding is whole only while it looks the tokens up (a 128k x 4096 vocabulary: 1 GiB in bf16 that each
+    device then does not hold all step). A tied embedding is the head's weight and stays at the root;
   - inside a unit, trainable and frozen parameters never share one: a block with LoRA becomes a frozen unit (its
     norms and base weights) and a trainable unit (the LoRA matrices of its layers), so the gradients, their
     reduce-scatter and the optimizer state are those of the trainable parameters only (LitGPT #1417: one FSDP1
@@ -147,7 +150,9 @@ def shard_model(model: nn.Module, device_mesh, mp_policy=None) -> nn.Module:
     nf4_as_parameters(model)
     for block in model.blocks:
         shard_unit(block, mesh, mp_policy)
-    shard_unit(model, mesh, mp_policy)
+    if getattr(model.lm_head, "weight", None) is not model.wte.weight:  # untied: whole only for the lookup
+        shard_unit(model.wte, mesh, mp_policy)
+    shard_unit(model, mesh, mp_policy)  # the root: the final norm, the head (the loss reads its weight directly)
     return model
 
 

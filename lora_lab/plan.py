@@ -11,8 +11,9 @@ What each row is, per device (the memory of one training step at steady state):
     real Config (no memory, no weights read), so the bytes are exact: NF4 4-bit codes, their absmax and double-
     quantization state, and the 16/32-bit rest (embeddings, norms, lm_head). Under --strategy fsdp each device
     holds 1/N of them (lora_lab/distributed.py shards every parameter, the NF4 codes included), plus what is
-    all-gathered whole ("fsdp gather"): the root unit (embeddings, final norm, head: FSDP2 keeps the root whole
-    from its forward to its backward), and around the block being computed (whole), the next one prefetched: its
+    all-gathered whole ("fsdp gather"): the root unit (final norm, head, and a tied embedding: FSDP2 keeps the
+    root whole from its forward to its backward; an untied embedding is a unit of its own, whole only for its
+    lookup), and around the block being computed (whole), the next one prefetched: its
     all-gather output buffer, the copy of it into the block's whole parameters, and the all-gather input (one
     shard): 3 + 1/N blocks. Measured on this CPU (gloo, 2 processes; tests/test_plan.py) within a few %.
   - gradients: of the trainable parameters only (frozen ones have none; FSDP units keep them apart), held across
@@ -299,9 +300,11 @@ def plan_memory(model: Union[str, Path, Config], method: str, micro_batch_size: 
         def nbytes(tensors) -> int:
             return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
 
-        in_blocks = {id(t) for b in gpt.blocks for t in [*b.parameters(), *b.buffers()]}
-        fixed["fsdp gather: root unit (embeddings, head), whole all step"] = nbytes(
-            t for t in [*gpt.parameters(), *gpt.buffers()] if id(t) not in in_blocks)
+        elsewhere = {id(t) for b in gpt.blocks for t in [*b.parameters(), *b.buffers()]}
+        if getattr(gpt.lm_head, "weight", None) is not gpt.wte.weight:  # an untied embedding: a unit of its own
+            elsewhere.add(id(gpt.wte.weight))
+        fixed["fsdp gather: root unit (head, norm), whole all step"] = nbytes(
+            t for t in [*gpt.parameters(), *gpt.buffers()] if id(t) not in elsewhere)
         block_bytes = max(nbytes([*b.parameters(), *b.buffers()]) for b in gpt.blocks)
         fixed["fsdp gather: blocks (current + next: buffer, copy)"] = int((3 + 1 / devices) * block_bytes)
     fixed["gradients (trainable only)"] = train_bytes // shard

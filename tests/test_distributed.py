@@ -194,7 +194,8 @@ def test_fsdp_classifier_equals_one_process_and_resumes_exactly(tiny_ckpt, tmp_p
     classify(tiny_ckpt, tmp_path / "one" / "out", "lora")
     many = tmp_path / "many" / "out"
     first = classify(tiny_ckpt, many, "lora", "--devices", "2", "--strategy", "fsdp", "--max_time", "0")
-    assert "FSDP: 6 units; parameter bytes per rank" in first  # 2 blocks x (frozen, LoRA) + the root's 2
+    # 2 blocks x (frozen, LoRA), the embedding (untied from the head by the classifier), the root (frozen, head)
+    assert "FSDP: 7 units; parameter bytes per rank" in first
     assert (many / "train_state.shards").is_dir() and [r["step"] for r in metrics(many)] == ["1"]
     second = classify(tiny_ckpt, many, "lora", "--devices", "2", "--strategy", "fsdp", "--resume")
     assert "Resuming from step 1 of 3" in second
