@@ -57,7 +57,7 @@ from lora_lab.dpo import (METRICS, add_metrics, answer_logps, check_dpo_settings
                           preference_loss, reference_logps)
 from lora_lab.flops import FlopsMeter
 from lora_lab.generate import peak_memory_bytes, reset_peak_memory
-from lora_lab.lora import (LoRAConfig, check_adapter_fits, count_parameters, inject_lora, load_lora,
+from lora_lab.lora import (LoRAConfig, adapted_roles, check_adapter_fits, count_parameters, inject_lora, load_lora,
                            load_lora_state_dict, lora_plus_param_groups, lora_state_dict, mark_only_lora_trainable,
                            normalize_targets)
 from lora_lab.lora_init import init_config, init_lora, save_trained_lora
@@ -249,7 +249,7 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, out_dir: Path, resume: bool, ad
     model.activation_checkpointing = train.activation_checkpointing
     trainable, total = count_parameters(model)
     fabric.print(f"DPO ({loss}, beta={beta}) on LoRA r={lora_config.r} alpha={lora_config.alpha} on "
-                 f"{', '.join(lora_config.targets)}" + (f" continuing {adapter_dir}" if sft_config else "") +
+                 f"{', '.join(adapted_roles(model))}" + (f" continuing {adapter_dir}" if sft_config else "") +
                  f"{' (NF4 base)' if quantize else ''}: {trainable:,} trainable parameters of {total:,} "
                  f"({100 * trainable / total:.2f}%)")
 

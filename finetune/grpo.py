@@ -55,7 +55,7 @@ from lora_lab.generate import generate_batch, peak_memory_bytes, reset_peak_memo
 from lora_lab.grpo import (check_grpo_settings, completion_logps, group_advantages, grpo_loss, length_metrics,
                            masked_mean, pack_completions, reference_context, reward_metrics, token_weights)
 from lora_lab.lora_init import save_trained_lora
-from lora_lab.lora import (LoRAConfig, check_adapter_fits, count_parameters, inject_lora, load_lora,
+from lora_lab.lora import (LoRAConfig, adapted_roles, check_adapter_fits, count_parameters, inject_lora, load_lora,
                            load_lora_state_dict, lora_plus_param_groups, lora_state_dict, mark_only_lora_trainable,
                            normalize_targets)
 from lora_lab.model import IGNORE_INDEX
@@ -268,7 +268,7 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, out_dir: Path, resume: bool, ad
     trainable, total = count_parameters(model)
     fabric.print(f"GRPO ({grpo.loss_type}, beta={grpo.beta}, {grpo.num_generations} completions per prompt, reward "
                  f"{' + '.join(f'{w:g} {n}' for w, n in zip(weights.tolist(), reward_names))}) on LoRA "
-                 f"r={lora_config.r} alpha={lora_config.alpha} on {', '.join(lora_config.targets)}"
+                 f"r={lora_config.r} alpha={lora_config.alpha} on {', '.join(adapted_roles(model))}"
                  + (f" continuing {adapter_dir}" if sft_config else "") + f"{' (NF4 base)' if quantize else ''}: "
                  f"{trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)")
 

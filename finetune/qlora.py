@@ -47,8 +47,8 @@ from lora_lab.eva import eva_init
 from lora_lab.formats.download import ensure_checkpoint
 from lora_lab.flops import FlopsMeter
 from lora_lab.generate import peak_memory_bytes, reset_peak_memory
-from lora_lab.lora import (LoRAConfig, count_parameters, inject_lora, load_lora_state_dict, lora_plus_param_groups,
-                           lora_state_dict, mark_only_lora_trainable, normalize_targets)
+from lora_lab.lora import (LoRAConfig, adapted_roles, count_parameters, inject_lora, load_lora_state_dict,
+                           lora_plus_param_groups, lora_state_dict, mark_only_lora_trainable, normalize_targets)
 from lora_lab.lora_init import init_config, init_lora, save_trained_lora
 from lora_lab.nf4 import model_size_report, nf4_settings, quantize_nf4
 from lora_lab.plan import plan_script
@@ -210,7 +210,7 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, out_dir: Path, resume: bool, qu
     mark_only_lora_trainable(model)
     model.activation_checkpointing = train.activation_checkpointing
     trainable, total = count_parameters(model)
-    fabric.print(f"QLoRA r={lora.r} alpha={lora.alpha} on {', '.join(lora_config.targets)}: {trainable:,} trainable "
+    fabric.print(f"QLoRA r={lora.r} alpha={lora.alpha} on {', '.join(adapted_roles(model))}: {trainable:,} trainable "
                  f"parameters of {total:,} ({100 * trainable / total:.2f}%)")
 
     gpt = model  # the plain module, for generation and saving

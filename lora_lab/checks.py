@@ -222,8 +222,9 @@ def check_classification_args(args: Mapping[str, Any]) -> None:
                                   or (flag == "head_learning_rate" and value == 0) or value != value):
             raise LoraLabError(f"--{flag} {value!r}: use a number {'> 0' if flag == 'head_learning_rate' else '>= 0'}")
     if args.get("strategy") == "fsdp" and args.get("method") == "features":
-        raise LoraLabError("--strategy fsdp with --method features: the features method trains nothing to shard; run "
-                           "it with --strategy auto or ddp (or shard a training method: head, blocks, lora, qlora, full)")
+        raise LoraLabError("--strategy fsdp with --method features: the features method trains nothing to shard; "
+                           "run it with --strategy auto or ddp (or shard a training method: head, blocks, lora, qlora, "
+                           "full)")
     labels = args.get("labels")
     if labels is not None:
         names = labels.split(",") if isinstance(labels, str) else [str(name) for name in labels]

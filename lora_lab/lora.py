@@ -332,6 +332,13 @@ def role_of(module_name: str) -> Optional[str]:
     return next((role for role, layers in ROLE_LAYERS.items() if last in layers), None)
 
 
+def adapted_roles(model: nn.Module) -> list[str]:
+    """The roles that have LoRA layers in `model`, in canonical order: what `--lora_targets all` came to on it
+    (no experts on a dense model), for the scripts' start-up line."""
+    found = {role_of(name) for name, _ in lora_modules(model)}
+    return [role for role in ROLES if role in found]
+
+
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):

@@ -15,6 +15,7 @@ from lora_lab.config import Config
 from lora_lab.lora import (
     LoRAConfig,
     LoRALinear,
+    adapted_roles,
     count_parameters,
     inject_lora,
     load_lora,
@@ -585,3 +586,14 @@ def test_lora_plus_param_groups():
     assert len(grouped) == len(trainable) and {id(p) for p in grouped} == {id(p) for p in trainable}
     opt = torch.optim.AdamW(groups)
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 16e-3]
+
+
+def test_adapted_roles_say_what_all_came_to_on_the_model():
+    """`--lora_targets all` on a dense model adapts no experts (there are none), and the scripts' start-up line
+    says so; on a mixture of experts the experts' projections are adapted too."""
+    common = dict(n_layer=2, n_embd=32, n_head=4, vocab_size=64, block_size=32)
+    dense = inject_lora(GPT(Config(**common, intermediate_size=48)), targets="all")
+    assert adapted_roles(dense) == ["query", "key", "value", "projection", "mlp", "lm_head"]
+    moe = inject_lora(GPT(Config(**common, n_expert=4, n_expert_per_token=2, moe_intermediate_size=24)),
+                      targets=["value", "experts"])
+    assert adapted_roles(moe) == ["value", "experts"]

@@ -394,12 +394,6 @@ def _read_olmo3(hf: dict) -> dict:
     return kw
 
 
-def _read_phi3(hf: dict) -> dict:
-    kw = _read_llama_like(hf)
-    kw.update(_mlp_from_act(hf["hidden_act"], gated=True), sliding_window=hf["sliding_window"])
-    return kw
-
-
 def _read_olmo2(hf: dict) -> dict:
     kw = _read_llama_like(hf)
     kw.update(_mlp_from_act(hf["hidden_act"], gated=True), **_attention_bias(hf), pre_norms=False, post_norms=True,
@@ -829,7 +823,8 @@ FAMILIES: dict[str, Family] = {f.architecture: f for f in [
                 attn_logit_softcapping=None, final_logit_softcapping=None), _read_gemma3, _write_gemma3),
     Family("Phi3ForCausalLM", "phi3", PHI3_NAMES,
            dict(_LLAMA_DEFAULTS, max_position_embeddings=4096, rms_norm_eps=1e-5, intermediate_size=8192,
-                sliding_window=None), _read_phi3, _write_phi3, fused_layout="stacked"),
+                sliding_window=None), _read_mistral, _write_phi3,  # (its config reads as Mistral's)
+           fused_layout="stacked"),
     Family("Olmo2ForCausalLM", "olmo2", OLMO2_NAMES, dict(_LLAMA_DEFAULTS, rms_norm_eps=1e-5),
            _read_olmo2, _write_olmo2),
     Family("Olmo3ForCausalLM", "olmo3", OLMO2_NAMES,
