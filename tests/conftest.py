@@ -20,9 +20,10 @@ sys.path.insert(0, str(ROOT))  # finetune/ and generate/ scripts import as modul
 # one, and every process it starts, computes on cores / N threads, not on all of them each (oversubscribed OpenMP
 # threads wait on one another and slow every test down)
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, len(os.sched_getaffinity(0)) // _WORKERS)  # this worker's share of the cores: all of them alone
 if _WORKERS > 1:
-    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+    torch.set_num_threads(THREADS)
 
 
 def assets_dir() -> Path:

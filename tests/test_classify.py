@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import finetune.classify as ft
-from conftest import ROOT, require_asset
+from conftest import ROOT, THREADS, require_asset
 from lora_lab.classifier import (CLASSIFIER_WEIGHTS_FILE, add_classification_head,
                                  classification_scores, classify, load_classifier, pool)
 from lora_lab.config import Config
@@ -405,7 +405,7 @@ def test_real_reviews_short_run_beats_the_majority_class(tmp_path):
             writer = csv.DictWriter(f, fieldnames=["text", "label", "movie"])
             writer.writeheader()
             writer.writerows(part)
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)  # this worker's share of the cores (conftest.py)
     call_flat(ft.setup, checkpoint_dir=tmp_path / "smol", data=str(tmp_path / "train.csv"), test_data=str(tmp_path / "test.csv"),
              out_dir=tmp_path / "out", method="features", labels="fresh,rotten", max_seq_length=64, val_split=0.0)
     scores = json.loads((tmp_path / "out" / ft.SCORES_FILE).read_text())["test"]

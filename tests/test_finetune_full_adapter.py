@@ -23,7 +23,7 @@ import finetune.adapter as fa
 import finetune.full as ff
 import generate.adapter as gen_adapter
 import generate.full as gen_full
-from conftest import ROOT, require_asset
+from conftest import ROOT, THREADS, require_asset
 from lora_lab.adapter import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, AdapterConfig, load_adapter,
                               load_adapter_state_dict)
 from lora_lab.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_config, load_state_dict, save_checkpoint
@@ -455,7 +455,7 @@ def base_val_loss(smollm2):
 @pytest.fixture
 def all_threads():
     threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)  # the tiny tests run on one thread; these want them all
+    torch.set_num_threads(THREADS)  # the tiny tests run on one thread; these want this worker's cores
     yield
     torch.set_num_threads(threads)
 

@@ -24,7 +24,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import DataLoader
 
 import finetune.lora as ft
-from conftest import ROOT, require_asset
+from conftest import ROOT, THREADS, require_asset
 from lora_lab.args import call_flat
 from lora_lab.checkpoint import load_config
 from lora_lab.data import ShuffledBatchSampler
@@ -491,7 +491,7 @@ def test_real_finetune_learns_json_extraction(smollm2, tmp_path, monkeypatch):
     original = ft.evaluate_json
     monkeypatch.setattr(ft, "evaluate_json", evaluate_json)
     threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)  # the tiny tests above run on one thread; this one wants them all
+    torch.set_num_threads(THREADS)  # the tiny tests above run on one thread; this one wants this worker's cores
     t0 = time.perf_counter()
     try:
         out = run(smollm2, tmp_path / "out", n_train=200, n_val=8, eval_samples=8, max_steps=12, batch_size=8,

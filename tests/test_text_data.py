@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from conftest import require_asset
+from conftest import THREADS, require_asset
 from lora_lab.data import get_dataloaders
 from lora_lab.data.text import pack, read_documents, split_blank_lines, split_stream, token_stream
 from lora_lab.tokenizer import Tokenizer
@@ -127,7 +127,7 @@ def test_lora_on_tinyshakespeare_lowers_held_out_perplexity(tmp_path):
     ckpt = tmp_path / "smol"
     subprocess.run([sys.executable, "-m", "lora_lab.convert", str(gguf), str(ckpt)], check=True, cwd=ROOT,
                    capture_output=True, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)  # this worker's share of the cores (conftest.py)
     L = 128
     base = load_model(ckpt)
     held_out = split_stream(token_stream(read_documents(text), base.tokenizer), L, 0.05)[1][:1024]
