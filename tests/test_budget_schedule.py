@@ -125,7 +125,11 @@ def check_ends_at_budget(out):
     end = saved["elapsed"] + saved["reserve"]  # the last step's end, plus the time kept for validating and saving
     assert BUDGET - 2 * step_max <= end <= BUDGET + step_max, (saved, end)
     rows = lrs_of(out)
-    assert rows[-1][1] == pytest.approx(RUN["min_lr"]) and rows[0][1] > RUN["min_lr"]
+    # at the floor: exactly when the step times hold steady; when the last step runs slower than the mean the
+    # schedule had planned one more, so the last rate is the cosine's one-but-last, a hair above the floor (seen
+    # once under load: 1.028e-4 for 1e-4, 0.03 % of the way to the peak 1e-2)
+    assert 0 <= rows[-1][1] - RUN["min_lr"] <= 0.01 * (RUN["learning_rate"] - RUN["min_lr"])
+    assert rows[0][1] > RUN["min_lr"]
     assert len(rows) >= 4  # (a loaded CPU may allow few steps in the budget)
     return rows
 
