@@ -73,6 +73,17 @@ def _seed():
 
 
 @pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct as a lora_lab checkpoint (converted from the shared GGUF), once per test module."""
+    from lora_lab.formats.gguf_import import convert_gguf
+
+    folder = require_asset("models/smollm2-135m-instruct")
+    out = tmp_path_factory.mktemp("smollm2") / "ckpt"
+    convert_gguf(folder / "SmolLM2-135M-Instruct.Q4_1.gguf", out, tokenizer_dir=folder)
+    return out
+
+
+@pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     """A tiny random Llama checkpoint with SmolLM2's real tokenizer, once per test module."""
     from tiny_checkpoint import SMOL_TOKENIZER, write_tiny_checkpoint

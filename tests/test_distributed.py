@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, require_asset
+from conftest import ROOT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -309,16 +309,6 @@ def test_two_nodes_equal_two_processes_on_one_node(tiny_ckpt, tmp_path, single):
 # ------------------------------------------------------------------------------------------------------------
 # the real model: SmolLM2-135M QLoRA over 2 ranks
 # ------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    from lora_lab.formats.gguf_import import convert_gguf
-
-    folder = require_asset("models/smollm2-135m-instruct")
-    out = tmp_path_factory.mktemp("smollm2") / "ckpt"
-    convert_gguf(folder / "SmolLM2-135M-Instruct.Q4_1.gguf", out, tokenizer_dir=folder)
-    return out
-
-
 @pytest.mark.slow
 def test_fsdp_qlora_of_smollm2_equals_one_process(smollm2, tmp_path):
     """SmolLM2-135M-Instruct, NF4 base and LoRA on every linear layer sharded over 2 ranks, each holding half of

@@ -426,16 +426,6 @@ REAL = dict(data="json_extraction", n_train=200, n_val=16, eval_samples=0, max_s
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    from lora_lab.formats.gguf_import import convert_gguf
-
-    folder = require_asset("models/smollm2-135m-instruct")
-    out = tmp_path_factory.mktemp("smollm2") / "ckpt"
-    convert_gguf(folder / "SmolLM2-135M-Instruct.Q4_1.gguf", out, tokenizer_dir=folder)
-    return out
-
-
-@pytest.fixture(scope="module")
 def base_val_loss(smollm2):
     """The untrained model's loss on the same validation batches the runs validate on."""
     import lightning as L

@@ -24,7 +24,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import DataLoader
 
 import finetune.lora as ft
-from conftest import ROOT, THREADS, require_asset
+from conftest import ROOT, THREADS
 from lora_lab.args import call_flat
 from lora_lab.checkpoint import load_config
 from lora_lab.data import ShuffledBatchSampler
@@ -468,16 +468,6 @@ def test_two_process_ddp_resume(tiny_ckpt, tmp_path, single_device_run):
 # ------------------------------------------------------------------------------------------------------------
 # 5. the real thing: SmolLM2-135M-Instruct learns the JSON task on a CPU in a few minutes
 # ------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    from lora_lab.formats.gguf_import import convert_gguf
-
-    folder = require_asset("models/smollm2-135m-instruct")
-    out = tmp_path_factory.mktemp("smollm2") / "ckpt"
-    convert_gguf(folder / "SmolLM2-135M-Instruct.Q4_1.gguf", out, tokenizer_dir=folder)
-    return out
-
-
 @pytest.mark.slow
 def test_real_finetune_learns_json_extraction(smollm2, tmp_path, monkeypatch):
     """12 steps of batch 8 (96 samples) on a CPU: the validation loss falls and the greedy answers to held-out
